@@ -1,0 +1,612 @@
+"""Evaluation data: find, load and batch labelled images for scoring a model.
+
+Three on-disk forms are accepted (see :func:`load_dataset`):
+
+* an ImageFolder directory, ``<root>/<class>/<img>`` or ``<root>/<split>/<class>/<img>``;
+* a tar archive (``.tar``, ``.tar.gz``, ``.tgz``) of ``[<split>/]<class>/<img>``, read
+  into memory without extracting anything to disk;
+* a torchvision CIFAR-10 download (``cifar-10-batches-py`` or its parent directory).
+
+Images that cannot be decoded never raise: the dataset returns ``(None, path)`` and
+the loader's collate function drops them and lists them in ``Batch.skipped``, so an
+evaluation can report exactly what it did not score.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pickle
+import re
+import tarfile
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "CIFAR10_CLASSES",
+    "Batch",
+    "DataError",
+    "LabeledImages",
+    "describe_search",
+    "eval_transform",
+    "find_default_cifar10",
+    "load_dataset",
+    "make_loader",
+]
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+CIFAR10_CLASSES: tuple[str, ...] = (
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+)
+
+# Same list as torchvision's ImageFolder (plus .jfif), compared case-insensitively.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+# Folder names that mark a split level rather than a class level.
+_SPLIT_NAMES = ("train", "val", "test", "validation")
+# Which folder names may serve a requested split, in order of preference.
+_SPLIT_ALIASES = {
+    "val": ("val", "test", "validation"),
+    "validation": ("validation", "val", "test"),
+    "test": ("test", "val", "validation"),
+    "train": ("train",),
+}
+_WNID = re.compile(r"n\d{8}")
+_ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+ACCEPTED_LAYOUTS = (
+    "an ImageFolder directory (<root>/<class>/<img> or <root>/<split>/<class>/<img>), "
+    "a .tar/.tar.gz/.tgz archive of <split>/<class>/<img> or <class>/<img>, "
+    "or a torchvision CIFAR-10 download (the cifar-10-batches-py directory or its parent)"
+)
+
+# Where this file lives in a source checkout: src/leanvit/data.py -> repo root.
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+_CIFAR_ARCHIVE = "cifar10-jpeg.tar.gz"
+_CIFAR_BATCHES = "cifar-10-batches-py"
+
+
+class DataError(ValueError):
+    """A user-facing data problem: the message says what was expected and where we looked."""
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+class _ToRGB:
+    """Convert any PIL mode (L, P, RGBA, CMYK...) to RGB; a class so it pickles for workers."""
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return img if img.mode == "RGB" else img.convert("RGB")
+
+    def __repr__(self) -> str:
+        return "ToRGB()"
+
+
+class _Compose:
+    """Minimal picklable composition (avoids depending on torchvision's Compose repr/API)."""
+
+    def __init__(self, *fns: Callable):
+        self.fns = fns
+
+    def __call__(self, x):
+        for fn in self.fns:
+            x = fn(x)
+        return x
+
+    def __repr__(self) -> str:
+        return "Compose(" + ", ".join(map(repr, self.fns)) + ")"
+
+
+def _unwrap_model(model: Any) -> Any:
+    """Find the object carrying timm's pretrained_cfg (a wrapper may hold the timm model)."""
+    for _ in range(3):
+        if getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None):
+            return model
+        inner = getattr(model, "model", None) or getattr(model, "module", None)
+        if inner is None:
+            break
+        model = inner
+    return None
+
+
+def eval_transform(model_or_cfg: Any) -> Callable[[Image.Image], torch.Tensor]:
+    """Evaluation preprocessing (resize, centre crop, normalise) from timm's data config.
+
+    ``model_or_cfg`` is a timm model (its ``pretrained_cfg`` is used) or a dict with
+    ``input_size``/``mean``/``std``/``crop_pct``/``interpolation`` (missing keys get
+    timm's defaults). Images are converted to RGB first, so grayscale input works.
+    """
+    from timm.data import create_transform, resolve_data_config
+
+    if isinstance(model_or_cfg, Mapping):
+        cfg = resolve_data_config(pretrained_cfg=dict(model_or_cfg))
+    else:
+        model = _unwrap_model(model_or_cfg)
+        if model is None:
+            # timm would silently fall back to ImageNet defaults; say so.
+            warnings.warn(
+                f"{type(model_or_cfg).__name__} has no timm pretrained_cfg; "
+                "using timm's default ImageNet preprocessing (224x224)",
+                stacklevel=2,
+            )
+            cfg = resolve_data_config({})
+        else:
+            cfg = resolve_data_config(model=model)
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    tf = create_transform(**{k: cfg[k] for k in keys if k in cfg}, is_training=False)
+    return _Compose(_ToRGB(), tf)
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+_warned: set[str] = set()
+
+
+def _warn_bad(path: str, err: BaseException) -> None:
+    # Once per path per process: a re-run over the same data should not flood the log.
+    if path not in _warned:
+        _warned.add(path)
+        warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=3)
+
+
+def _decode(src: Union[str, bytes]) -> Image.Image:
+    """Open and fully decode an image (so truncated files fail here, not in the transform)."""
+    with Image.open(src if isinstance(src, str) else io.BytesIO(src)) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+class LabeledImages(Dataset):
+    """Images with integer labels; ``dataset[i]`` is ``(image, label)`` or ``(None, path)``.
+
+    Built by :func:`load_dataset`. Images come from files on disk, from bytes held in
+    memory (tar archives) or from a uint8 array (CIFAR pickles); they are decoded lazily
+    per item. ``image`` is the transform's output, or the RGB PIL image if there is no
+    transform. An image that cannot be read gives ``(None, path)`` and a warning.
+    """
+
+    def __init__(
+        self,
+        paths: list[str],
+        targets: list[int],
+        classes: list[str],
+        root: str,
+        *,
+        transform: Optional[Callable] = None,
+        blobs: Optional[list[bytes]] = None,
+        array: Optional[np.ndarray] = None,
+        split: Optional[str] = None,
+    ):
+        n = len(paths)
+        if len(targets) != n or (blobs is not None and len(blobs) != n) or (array is not None and len(array) != n):
+            raise ValueError("paths, targets and image storage must have the same length")
+        self.paths = paths
+        self.targets = targets
+        self.classes = classes
+        self.root = root
+        self.split = split
+        self.transform = transform
+        self._blobs = blobs
+        self._array = array
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def path(self, i: int) -> str:
+        """Where item ``i`` came from (a file, ``archive:member`` or ``batch_file[row]``)."""
+        return self.paths[i]
+
+    def __getitem__(self, i: int):
+        i = range(len(self))[i]  # bounds check + negative indices
+        try:
+            if self._array is not None:
+                img = Image.fromarray(self._array[i])  # HWC uint8, already RGB
+            elif self._blobs is not None:
+                img = _decode(self._blobs[i])
+            else:
+                img = _decode(self.paths[i])
+        except Exception as err:  # corrupt, truncated, unreadable: report, never raise
+            _warn_bad(self.paths[i], err)
+            return None, self.paths[i]
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[i]
+
+    def __repr__(self) -> str:
+        return (f"LabeledImages({len(self)} images, {len(self.classes)} classes, "
+                f"split={self.split!r}, root={self.root!r})")
+
+
+# --------------------------------------------------------------------------- labels & subsets
+
+
+def _label_map(classes: list[str], num_classes: Optional[int], where: str) -> list[int]:
+    """Label for each class index; maps ImageNet wnids into a 1000-way model's output space."""
+    k = len(classes)
+    if num_classes is None or num_classes == k:
+        return list(range(k))
+    if num_classes == 1000 and all(_WNID.fullmatch(c) for c in classes):
+        from timm.data import ImageNetInfo
+
+        index = {w: i for i, w in enumerate(ImageNetInfo().label_names())}
+        unknown = [c for c in classes if c not in index]
+        if unknown:
+            raise DataError(f"{where}: class folders {unknown[:5]} are not ImageNet-1k wnids")
+        return [index[c] for c in classes]
+    shown = ", ".join(classes[:5]) + (", ..." if k > 5 else "")
+    raise DataError(
+        f"data set at {where} has {k} classes ({shown}) but the model predicts "
+        f"num_classes={num_classes}; use data with the model's classes (ImageNet wnid "
+        f"folders n######## are accepted for a 1000-class model)"
+    )
+
+
+def _balanced_subset(class_idx: list[int], limit: Optional[int], seed: int) -> list[int]:
+    """Indices of a deterministic subset of ``limit`` items spread evenly over classes.
+
+    Each class's items are shuffled with ``seed``, then classes are taken round-robin, so
+    even ``limit == number of classes`` sees every class once. Returned in index order.
+    """
+    n = len(class_idx)
+    if limit is None or limit >= n:
+        return list(range(n))
+    if limit < 1:
+        raise DataError(f"limit must be a positive number of images, got {limit}")
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, c in enumerate(class_idx):
+        by_class.setdefault(c, []).append(i)
+    order = [by_class[c] for c in sorted(by_class)]
+    order = [list(rng.permutation(ix)) for ix in order]
+    rng.shuffle(order)  # which classes get the extra item when limit % K != 0
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < limit:
+        for ix in order:
+            if depth < len(ix):
+                picked.append(int(ix[depth]))
+                if len(picked) == limit:
+                    break
+        depth += 1
+    return sorted(picked)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _is_image_name(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    # "._x.jpg" are macOS resource forks, not images.
+    return not base.startswith(".") and base.lower().endswith(IMG_EXTENSIONS)
+
+
+def _choose_split(available: set[str], split: str, where: str) -> str:
+    for name in _SPLIT_ALIASES.get(split, (split,)):
+        if name in available:
+            return name
+    raise DataError(
+        f"{where} holds the splits {sorted(available)} but none for split={split!r} "
+        f"(looked for {list(_SPLIT_ALIASES.get(split, (split,)))})"
+    )
+
+
+def _load_tar(path: Path, split: str, num_classes, limit, seed, transform) -> LabeledImages:
+    """Read one split of a tar archive into memory (no extraction); decode lazily later."""
+    where = str(path)
+    try:
+        tf = tarfile.open(path, "r:*")
+    except (tarfile.TarError, OSError) as err:
+        raise DataError(f"{where} is not a readable tar archive ({err}); expected {ACCEPTED_LAYOUTS}") from err
+    with tf:
+        members = [m for m in tf.getmembers() if m.isfile() and _is_image_name(m.name)]
+        parts = [m.name.lstrip("./").split("/") if m.name.startswith("./") else m.name.split("/")
+                 for m in members]
+        # Drop a single wrapper directory (e.g. "imagenette2/val/<class>/<img>").
+        while parts and all(len(p) >= 3 for p in parts) and len({p[0] for p in parts}) == 1 \
+                and parts[0][0] not in _SPLIT_NAMES:
+            parts = [p[1:] for p in parts]
+        if any(len(p) >= 3 and p[0] in _SPLIT_NAMES for p in parts):
+            chosen = _choose_split({p[0] for p in parts if len(p) >= 3}, split, where)
+            keep = [(m, p[1]) for m, p in zip(members, parts) if len(p) >= 3 and p[0] == chosen]
+            root = f"{where}:{chosen}/"
+        else:
+            chosen = None
+            keep = [(m, p[0]) for m, p in zip(members, parts) if len(p) >= 2]
+            root = where
+        if not keep:
+            raise DataError(f"{where} contains no images in <split>/<class>/<img> or <class>/<img> "
+                            f"layout (found {len(members)} image files); expected {ACCEPTED_LAYOUTS}")
+        keep.sort(key=lambda mc: (mc[1], mc[0].name))
+        classes = sorted({c for _, c in keep})
+        cidx = {c: i for i, c in enumerate(classes)}
+        class_idx = [cidx[c] for _, c in keep]
+        labels = _label_map(classes, num_classes, root)  # fail before reading the bytes
+        sel = _balanced_subset(class_idx, limit, seed)
+        # Read in archive order: a gzip stream can only seek forward cheaply.
+        blobs: dict[int, bytes] = {}
+        for i in sorted(sel, key=lambda i: keep[i][0].offset_data):
+            f = tf.extractfile(keep[i][0])
+            blobs[i] = f.read() if f is not None else b""
+    return LabeledImages(
+        paths=[f"{where}:{keep[i][0].name}" for i in sel],
+        targets=[labels[class_idx[i]] for i in sel],
+        classes=classes, root=root, transform=transform,
+        blobs=[blobs[i] for i in sel], split=chosen or split,
+    )
+
+
+def _cifar_batches_dir(d: Path) -> Optional[Path]:
+    """The torchvision CIFAR-10 directory at or directly under ``d``, if any."""
+    for cand in (d, d / _CIFAR_BATCHES):
+        if cand.is_dir() and ((cand / "test_batch").is_file() or (cand / "data_batch_1").is_file()):
+            return cand
+    return None
+
+
+def _unpickle(f: Path) -> dict:
+    # The official files are Python 2 pickles holding numpy arrays: latin1 is what numpy
+    # needs for those, as in torchvision. (Pickles run code: only load files you trust.)
+    with open(f, "rb") as fh:
+        d = pickle.load(fh, encoding="latin1")
+    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in d.items()}
+
+
+def _load_cifar_batches(d: Path, split: str, num_classes, limit, seed, transform) -> LabeledImages:
+    """torchvision's CIFAR-10 python format: 'train' -> data_batch_1..5, 'test'/'val' -> test_batch."""
+    if split == "train":
+        files = sorted(d.glob("data_batch_[0-9]*"))
+    elif split in _SPLIT_ALIASES:
+        files = [d / "test_batch"] if (d / "test_batch").is_file() else []
+    else:
+        files = []
+    if not files:
+        raise DataError(f"{d} has no CIFAR-10 batch file for split={split!r} "
+                        "(expected data_batch_1..5 for 'train', test_batch for 'test'/'val')")
+    arrays, labels, paths = [], [], []
+    for f in files:
+        try:
+            b = _unpickle(f)
+            data = np.asarray(b["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            lab = [int(x) for x in b.get("labels", b.get("fine_labels", []))]
+        except Exception as err:
+            raise DataError(f"{f} is not a CIFAR-10 batch (a pickled dict with 'data' uint8 "
+                            f"(N, 3072) and 'labels'): {err}") from err
+        if len(lab) != len(data):
+            raise DataError(f"{f}: {len(data)} images but {len(lab)} labels")
+        arrays.append(data.transpose(0, 2, 3, 1))  # -> NHWC for PIL
+        labels += lab
+        paths += [f"{f}[{j}]" for j in range(len(data))]
+    classes = list(CIFAR10_CLASSES)
+    meta = d / "batches.meta"
+    if meta.is_file():
+        try:
+            classes = [str(c) for c in _unpickle(meta)["label_names"]]
+        except Exception:
+            log.warning("could not read class names from %s; using the CIFAR-10 names", meta)
+    if labels and max(labels) >= len(classes):
+        raise DataError(f"{d}: label {max(labels)} out of range for {len(classes)} classes")
+    label_of = _label_map(classes, num_classes, str(d))
+    sel = _balanced_subset(labels, limit, seed)
+    array = np.concatenate(arrays)[sel]
+    return LabeledImages(
+        paths=[paths[i] for i in sel], targets=[label_of[labels[i]] for i in sel],
+        classes=classes, root=str(d), transform=transform, array=np.ascontiguousarray(array),
+        split=split,
+    )
+
+
+def _has_subdirs(d: Path) -> bool:
+    return any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(d))
+
+
+def _load_folder(root: Path, split: str, num_classes, limit, seed, transform) -> LabeledImages:
+    """ImageFolder layout, either at ``root`` or under ``root/<split>``."""
+    top = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    split_dirs = {n for n in top if n in _SPLIT_NAMES and _has_subdirs(root / n)}
+    base, chosen = root, None
+    if split_dirs:
+        chosen = _choose_split(split_dirs, split, str(root))
+        base = root / chosen
+        top = sorted(e.name for e in os.scandir(base) if e.is_dir() and not e.name.startswith("."))
+    items: list[tuple[str, int]] = []
+    for ci, cls in enumerate(top):
+        for dirpath, dirnames, filenames in os.walk(base / cls, followlinks=True):
+            dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+            items += [(os.path.join(dirpath, fn), ci) for fn in sorted(filenames) if _is_image_name(fn)]
+    if not items:
+        loose = [n for n in os.listdir(base) if _is_image_name(n)]
+        archives = [n for n in os.listdir(base) if n.lower().endswith(_ARCHIVE_SUFFIXES)]
+        hint = ""
+        if loose:
+            hint = f" ({len(loose)} images lie directly in it: put them in one folder per class)"
+        elif archives:
+            hint = f" (it holds the archive(s) {archives[:3]}: pass the archive's path)"
+        raise DataError(f"no images found in {base}{hint}; expected {ACCEPTED_LAYOUTS}")
+    classes = top
+    class_idx = [c for _, c in items]
+    labels = _label_map(classes, num_classes, str(base))
+    sel = _balanced_subset(class_idx, limit, seed)
+    return LabeledImages(
+        paths=[items[i][0] for i in sel], targets=[labels[class_idx[i]] for i in sel],
+        classes=classes, root=str(base), transform=transform, split=chosen or split,
+    )
+
+
+def load_dataset(
+    path: Optional[PathLike],
+    *,
+    split: str = "val",
+    transform: Optional[Callable] = None,
+    num_classes: Optional[int] = None,
+    limit: Optional[int] = None,
+    seed: int = 0,
+) -> LabeledImages:
+    """Load a labelled image set from a folder, a tar archive or a torchvision CIFAR-10 dir.
+
+    ``path=None`` uses :func:`find_default_cifar10`. Labels are sorted class-folder
+    indices; if ``num_classes`` differs from the number of classes, ImageNet wnid
+    folders are mapped to ImageNet-1k indices for a 1000-class model, anything else
+    raises :class:`DataError`. ``limit`` keeps a seeded, class-balanced subset.
+    For split ``'val'`` a ``test`` folder is accepted (and vice versa).
+    """
+    if path is None:
+        found = find_default_cifar10()
+        if found is None:
+            raise DataError("no CIFAR-10 found; looked in:\n" + describe_search()
+                            + "\npass --data PATH (an ImageFolder dir, a tar of <split>/<class>/<img>, "
+                              "or a torchvision cifar-10-batches-py dir)")
+        path = found
+    p = Path(os.fspath(path)).expanduser()
+    args = (split, num_classes, limit, seed, transform)
+    if not p.exists():
+        raise DataError(f"data path {p} does not exist; expected {ACCEPTED_LAYOUTS}")
+    if p.is_file():
+        if not tarfile.is_tarfile(p):
+            raise DataError(f"{p} is a file but not a tar archive; expected {ACCEPTED_LAYOUTS}")
+        return _load_tar(p, *args)
+    if p.is_dir():
+        batches = _cifar_batches_dir(p)
+        if batches is not None:
+            return _load_cifar_batches(batches, *args)
+        return _load_folder(p, *args)
+    raise DataError(f"{p} is neither a file nor a directory; expected {ACCEPTED_LAYOUTS}")
+
+
+# --------------------------------------------------------------------------- batching
+
+
+@dataclass
+class Batch:
+    """A collated batch. ``skipped`` lists unreadable images dropped from it.
+
+    ``len(batch)`` is the number of images kept (may be 0: then ``images`` has shape
+    ``(0, 3, 0, 0)``, as the size of images that could not be read is unknown).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        return Batch(self.images.to(device, non_blocking=non_blocking),
+                     self.labels.to(device, non_blocking=non_blocking), self.skipped)
+
+
+def _as_tensor(img) -> torch.Tensor:
+    if isinstance(img, torch.Tensor):
+        return img
+    if isinstance(img, Image.Image):  # no transform: uint8 CHW, as torchvision's pil_to_tensor
+        return torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+    return torch.as_tensor(img)
+
+
+def collate(items: list) -> Batch:
+    """Stack good ``(image, label)`` items; ``(None, path)`` items go to ``Batch.skipped``.
+
+    A module-level function so DataLoader workers can pickle it.
+    """
+    good = [(x, y) for x, y in items if x is not None]
+    skipped = [y for x, y in items if x is None]
+    labels = torch.tensor([y for _, y in good], dtype=torch.long)
+    if not good:
+        return Batch(torch.empty((0, 3, 0, 0)), labels, skipped)
+    imgs = [_as_tensor(x) for x, _ in good]
+    try:
+        images = torch.stack(imgs)
+    except RuntimeError as err:
+        sizes = sorted({tuple(t.shape) for t in imgs})
+        raise DataError(f"images in a batch differ in shape {sizes[:4]}; give load_dataset a "
+                        f"transform (e.g. eval_transform(model)) that resizes them") from err
+    return Batch(images, labels, skipped)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int = 64,
+    num_workers: Optional[int] = None,
+    shuffle: bool = False,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
+    """DataLoader yielding :class:`Batch` objects; unreadable images are skipped, not fatal.
+
+    ``num_workers`` defaults to ``min(2, cpu_count)``; ``0`` loads in this process.
+    ``seed`` fixes the shuffle order (and the workers' base seed).
+    """
+    if num_workers is None:
+        num_workers = min(2, os.cpu_count() or 1)
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+        collate_fn=collate, drop_last=drop_last, generator=gen, persistent_workers=False,
+    )
+
+
+# --------------------------------------------------------------------------- default location
+
+
+def _search_candidates() -> list[Path]:
+    """Places :func:`find_default_cifar10` looks, in order (duplicates removed)."""
+    cands: list[Path] = []
+    env = os.environ.get("LEANVIT_DATA")
+    if env:
+        e = Path(env).expanduser()
+        # A directory holding the archive counts as the archive itself.
+        if (e / _CIFAR_ARCHIVE).is_file():
+            cands.append(e / _CIFAR_ARCHIVE)
+        cands.append(e)
+    cwd = Path.cwd()
+    cands += [
+        cwd / "data" / _CIFAR_ARCHIVE,
+        cwd.parent / "shared" / "data" / _CIFAR_ARCHIVE,
+        _REPO_ROOT / "data" / _CIFAR_ARCHIVE,
+        _REPO_ROOT.parent / "shared" / "data" / _CIFAR_ARCHIVE,
+        Path.home() / ".cache" / "leanvit" / _CIFAR_ARCHIVE,
+        cwd / "data" / _CIFAR_BATCHES,
+        Path.home() / "data" / _CIFAR_BATCHES,
+        Path.home() / ".cache" / "torchvision" / _CIFAR_BATCHES,
+    ]
+    seen, out = set(), []
+    for c in cands:
+        key = os.path.abspath(c)
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+def find_default_cifar10() -> Optional[str]:
+    """First existing CIFAR-10 location ($LEANVIT_DATA, ./data, ../shared/data, ~/.cache...)."""
+    for c in _search_candidates():
+        if c.exists():
+            return str(c)
+    return None
+
+
+def describe_search() -> str:
+    """Human-readable list of the places :func:`find_default_cifar10` looks."""
+    lines = []
+    if not os.environ.get("LEANVIT_DATA"):
+        lines.append("  - $LEANVIT_DATA (not set)")
+    for c in _search_candidates():
+        lines.append(f"  - {c}" + ("" if c.exists() else " (missing)"))
+    return "\n".join(lines)

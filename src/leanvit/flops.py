@@ -1,0 +1,70 @@
+"""Multiply-accumulates of what actually ran, counted analytically from the executed token counts.
+
+Counted as the token-reduction papers do ("GFLOPs" there are GMACs): the patch embedding, every
+linear layer, ``2·N²·d`` per attention (QKᵀ and AV) and the head. Norms, activations, softmax
+and the methods' own scoring are not counted (see ``leanvit bench`` for the decision overhead).
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
+
+from .runtime import LeanViT
+
+
+def linear_macs(module: nn.Module) -> int:
+    """MACs per token of all linear layers in ``module``."""
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def embed_macs(model: nn.Module, images: Tensor) -> int:
+    """MACs of the patch embedding (any stem) for one image, measured on the executed graph."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.patch_embed(images[:1])
+    return counter.get_total_flops() // 2
+
+
+def macs_per_image(runner: LeanViT, trace: List[dict], images: Tensor, padded: bool = False) -> Tensor:
+    """(B,) MACs of each image from a trace of :meth:`LeanViT.tracing`.
+
+    ``padded=False`` counts each image's own tokens (what the image needs); ``padded=True``
+    counts what the ragged batch executed, padding included.
+    """
+    m = runner.model
+    total = torch.full((images.shape[0],), float(embed_macs(m, images)), dtype=torch.float64)
+    for rec in trace:
+        blk = m.blocks[rec["layer"]]
+        n_attn = float(rec["attn_width"]) if padded else rec["attn_tokens"].double().cpu()
+        n_mlp = float(rec["mlp_width"]) if padded else rec["mlp_tokens"].double().cpu()
+        total += n_attn * linear_macs(blk.attn) + 2 * n_attn * n_attn * blk.attn.attn_dim
+        total += n_mlp * linear_macs(blk.mlp)
+    head = linear_macs(m.head) + (linear_macs(m.head_dist) if hasattr(m, "head_dist") else 0)
+    return total + head + linear_macs(m.fc_norm)
+
+
+def as_runner(module: nn.Module) -> LeanViT:
+    if isinstance(module, LeanViT):
+        return module
+    from . import adapt
+    return adapt(module, "none")
+
+
+def count_macs(module: nn.Module, images: Tensor, padded: bool = False) -> float:
+    """GMACs per image (the mean over the batch when images differ) of ``module`` on ``images``.
+
+    ``module`` is a model from :func:`leanvit.adapt` or a plain timm VisionTransformer (counted
+    dense). Runs one forward in eval mode without gradients.
+    """
+    runner = as_runner(module)
+    was_training = runner.training
+    runner.eval()
+    try:
+        with torch.no_grad(), runner.tracing() as trace:
+            runner(images)
+    finally:
+        runner.train(was_training)
+    return float(macs_per_image(runner, trace, images, padded).mean()) / 1e9

@@ -1,0 +1,50 @@
+import torch
+
+from ..tokens import keep_mask
+from .base import OptionError, Reduction, check_layers, check_rate, register
+
+
+@register
+class ATS(Reduction):
+    """Adaptive Token Sampling: inverse-transform sampling of the significance-score CDF.
+
+    At each layer ``K-1`` evenly spaced points of the CDF pick patches; duplicates collapse, so
+    every image keeps its own number of tokens (a ragged batch, padded to its maximum).
+    ``tokens``: K-1 as a fraction of the current patches (float in (0, 1]) or a count (int).
+    """
+
+    name = "ats"
+
+    def __init__(self, tokens=1.0, layers="3-"):
+        self.tokens, self.layers = tokens, layers
+        if isinstance(tokens, bool) or not isinstance(tokens, (int, float)) or tokens <= 0 \
+                or (isinstance(tokens, float) and tokens > 1):
+            raise OptionError(f"ats: tokens must be a fraction in (0, 1] or a positive count, got {tokens!r}")
+
+    def bind(self, info):
+        super().bind(info)
+        layers = self.layers
+        if layers == "3-":  # the ATS paper's stages 3..11, for any depth
+            layers = range(min(3, info.depth - 1), info.depth)
+        self.layers = check_layers("ats", layers, info.depth)
+
+    def decision_layers(self):
+        return self.layers
+
+    def reduce(self, layer, state, attn):
+        n = state.n_patches
+        k = int(round(self.tokens * n)) if isinstance(self.tokens, float) else min(int(self.tokens), n)
+        k = max(k, 1)  # even k = n drops tokens: likely ones are sampled several times
+        scores = attn.significance
+        if state.valid is not None:
+            scores = scores * state.valid[:, state.n_prefix:]
+        cdf = scores.cumsum(dim=1)
+        cdf = cdf / cdf[:, -1:]
+        points = (torch.arange(k, device=cdf.device, dtype=cdf.dtype) + 0.5) / k
+        picked = torch.searchsorted(cdf.contiguous(), points.expand(state.batch, k).contiguous(), right=True)
+        keep = torch.zeros_like(scores, dtype=torch.bool)
+        keep.scatter_(1, picked.clamp_max(n - 1), True)
+        return keep_mask(state, keep)
+
+    def extra_repr(self):
+        return f"tokens={self.tokens}, layers={self.layers}"

@@ -1,0 +1,147 @@
+"""What a token-reduction method is: an object asked, at its decision layers, to reduce the tokens.
+
+A method reads what it needs from the block's attention (:class:`AttentionView`, computed on
+demand so unused scores cost nothing) and returns a new :class:`~leanvit.tokens.TokenState`.
+Methods register themselves by name; options are validated when the method is built.
+"""
+from __future__ import annotations
+
+import abc
+import inspect
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Type
+
+import torch
+from torch import Tensor
+
+from ..tokens import TokenState
+
+
+class OptionError(ValueError):
+    """A method option is unknown or out of range."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a method may need to know about the model it is bound to."""
+
+    depth: int
+    n_prefix: int
+    n_tokens: int  # at the input, including prefix tokens
+    num_heads: int
+    embed_dim: int
+
+
+class AttentionView:
+    """The block's attention, as a decision may read it. Everything is computed lazily."""
+
+    def __init__(self, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], n_prefix: int):
+        self.q, self.k, self.v, self.bias, self.n_prefix = q, k, v, bias, n_prefix
+
+    @cached_property
+    def cls_attn(self) -> Tensor:
+        """(B, H, N) post-softmax attention of the CLS query, with the block's bias."""
+        q, k = self.q[:, :, :1], self.k
+        logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        if self.bias is not None:
+            logits = logits + self.bias
+        return logits.softmax(dim=-1)[:, :, 0]
+
+    @cached_property
+    def key_mean(self) -> Tensor:
+        """(B, N, D) keys averaged over heads: ToMe's similarity metric."""
+        return self.k.mean(dim=1)
+
+    @cached_property
+    def v_norm(self) -> Tensor:
+        """(B, N) L2 norm of each token's value vector over all heads."""
+        return self.v.transpose(1, 2).flatten(2).norm(dim=-1)
+
+    @cached_property
+    def significance(self) -> Tensor:
+        """(B, n_patches) ATS significance (sum over heads of CLS attention) x ||V||, summing to 1."""
+        p = self.n_prefix
+        s = self.cls_attn.sum(dim=1)[:, p:] * self.v_norm[:, p:]
+        return s / s.sum(dim=1, keepdim=True)
+
+
+class Reduction(abc.ABC):
+    """Base class of every method. Subclasses set ``name`` and implement ``reduce``."""
+
+    name: str = ""
+
+    def bind(self, info: ModelInfo) -> None:
+        """Check the options against the model; called once by :func:`leanvit.adapt`."""
+        self.info = info
+
+    @abc.abstractmethod
+    def decision_layers(self) -> Iterable[int]:
+        """Blocks after whose attention this method reduces tokens."""
+
+    def begin(self, batch: int) -> None:
+        """Called at the start of every forward."""
+
+    @abc.abstractmethod
+    def reduce(self, layer: int, state: TokenState, attn: AttentionView) -> TokenState:
+        """The reduced tokens; the block's MLP and every later block see only these."""
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+REGISTRY: Dict[str, Type[Reduction]] = {}
+
+
+def register(cls: Type[Reduction]) -> Type[Reduction]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_methods() -> List[str]:
+    return sorted(REGISTRY)
+
+
+def build_method(name: str, **options) -> Reduction:
+    """Build a registered method, rejecting unknown options with the list of known ones."""
+    if name not in REGISTRY:
+        raise OptionError(f"unknown method {name!r}; known methods: {', '.join(list_methods())}")
+    cls = REGISTRY[name]
+    params = inspect.signature(cls.__init__).parameters
+    known = [p for p in params if p != "self"]
+    unknown = [o for o in options if o not in known]
+    if unknown:
+        raise OptionError(f"method {name!r} has no option {', '.join(map(repr, unknown))}; "
+                          f"its options are: {', '.join(known) or '(none)'}")
+    return cls(**options)
+
+
+# --- option checks shared by methods ---------------------------------------------------------
+def check_layers(name: str, layers: Iterable[int], depth: int) -> Tuple[int, ...]:
+    try:
+        layers = tuple(sorted({int(l) for l in layers}))
+    except (TypeError, ValueError):
+        raise OptionError(f"{name}: layers must be a list of block indices, got {layers!r}") from None
+    bad = [l for l in layers if not 0 <= l < depth]
+    if bad:
+        raise OptionError(f"{name}: layers {bad} out of range for a model with {depth} blocks (0..{depth - 1})")
+    return layers
+
+
+def check_rate(name: str, option: str, value, low: float = 0.0, high: float = 1.0) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise OptionError(f"{name}: {option} must be a number, got {value!r}") from None
+    if not low < value <= high:
+        raise OptionError(f"{name}: {option} must be in ({low}, {high}], got {value}")
+    return value
+
+
+def check_int(name: str, option: str, value, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < low:
+        raise OptionError(f"{name}: {option} must be an integer >= {low}, got {value!r}")
+    return int(value)

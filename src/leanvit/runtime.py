@@ -1,0 +1,176 @@
+"""One block runner for any timm VisionTransformer, with decision points between attention and MLP.
+
+Every block runs as timm's pre-norm ``Block`` does, with attention through
+``F.scaled_dot_product_attention`` and an additive mask carrying the log-size of merged tokens
+and the padding of ragged batches. At a method's decision layers the method sees the block's
+attention and returns the reduced tokens, which the block's MLP and all later blocks run on.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from .methods.base import AttentionView, ModelInfo, Reduction
+from .tokens import TokenState
+
+SUPPORTED_POOLS = ("token", "avg", "max", "avgmax")
+
+
+class UnsupportedModelError(ValueError):
+    """The model has a part leanvit's runtime does not run; the message names it."""
+
+
+def check_supported(model: nn.Module) -> None:
+    """Refuse, naming the part, anything the block runner would otherwise silently bypass."""
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedModelError(
+            f"leanvit adapts timm VisionTransformer models (ViT, DeiT, DeiT-III, ...); got {type(model).__name__}")
+    if getattr(model, "attn_pool", None) is not None or model.global_pool not in SUPPORTED_POOLS:
+        raise UnsupportedModelError(
+            f"global_pool={model.global_pool!r} (attention pooling) is not supported; "
+            f"leanvit pools with one of {SUPPORTED_POOLS}")
+    for i, blk in enumerate(model.blocks):
+        if type(blk).forward is not Block.forward:
+            raise UnsupportedModelError(
+                f"block {i} is {type(blk).__name__}; leanvit runs timm's pre-norm Block only")
+        if type(blk.attn).forward is not Attention.forward:
+            raise UnsupportedModelError(
+                f"block {i} attention is {type(blk.attn).__name__}; leanvit runs timm's Attention only")
+        for name, m in blk.mlp.named_modules():
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                raise UnsupportedModelError(
+                    f"block {i} mlp.{name} is a convolution; leanvit needs a token-wise MLP")
+
+
+class LeanViT(nn.Module):
+    """A timm VisionTransformer run block by block with a token-reduction method plugged in.
+
+    The wrapped model is shared, not copied or modified: it stays usable on its own.
+    """
+
+    def __init__(self, model: VisionTransformer, method: Reduction):
+        super().__init__()
+        check_supported(model)
+        self.model = model
+        self.method = method
+        self.n_prefix = model.num_prefix_tokens
+        method.bind(ModelInfo(
+            depth=len(model.blocks), n_prefix=self.n_prefix,
+            n_tokens=model.patch_embed.num_patches + self.n_prefix,
+            num_heads=model.blocks[0].attn.num_heads if len(model.blocks) else 0,
+            embed_dim=model.embed_dim))
+        self.decision_layers = frozenset(method.decision_layers())
+        self.track_source = False  # set True to record which input tokens each token stands for
+        self._trace: Optional[List[dict]] = None
+        self.last_state: Optional[TokenState] = None  # final tokens of the last forward when tracing
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        return getattr(self.model, "pretrained_cfg", {})
+
+    # --- forward ---------------------------------------------------------------------------
+    def forward(self, images: Tensor) -> Tensor:
+        state = self.embed(images)
+        for i, blk in enumerate(self.model.blocks):
+            state = self.run_block(i, blk, state)
+        if self._trace is not None:
+            self.last_state = state
+        return self.head(state)
+
+    def embed(self, images: Tensor) -> TokenState:
+        self._check_images(images)
+        m = self.model
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+        source = None
+        if self.track_source:
+            source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1)
+        self.method.begin(x.shape[0])
+        return TokenState(x=x, n_prefix=self.n_prefix, source=source)
+
+    def run_block(self, index: int, blk: Block, state: TokenState) -> TokenState:
+        """timm's Block.forward, with the method's decision between attention and MLP."""
+        attn = blk.attn
+        x = state.x
+        B, N, C = x.shape
+        h = blk.norm1(x)
+        gate = attn.gate(h).sigmoid() if attn.gate is not None else None
+        q, k, v = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        bias = state.attn_bias()
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if self.training else 0.0)
+        o = attn.norm(o.transpose(1, 2).reshape(B, N, attn.attn_dim))
+        if gate is not None:
+            o = o * gate
+        o = attn.proj_drop(attn.proj(o))
+        state = state.replace(x=x + blk.drop_path1(blk.ls1(o)))
+        counts_in = state.counts() if self._trace is not None else None
+
+        if index in self.decision_layers:
+            state = self.method.reduce(index, state, AttentionView(q, k, v, bias, self.n_prefix))
+
+        x = state.x
+        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        if self._trace is not None:
+            self._trace.append(dict(layer=index, attn_tokens=counts_in, attn_width=N,
+                                    mlp_tokens=state.counts(), mlp_width=x.shape[1]))
+        return state.replace(x=x)
+
+    def head(self, state: TokenState) -> Tensor:
+        m = self.model
+        x = m.norm(state.x)
+        if m.global_pool == "token":  # CLS (and distillation) token: timm's own head
+            return m.forward_head(x)
+        p = 0 if m.pool_include_prefix else self.n_prefix
+        x = x[:, p:]
+        valid = None if state.valid is None else state.valid[:, p:]
+        if m.global_pool in ("avg", "avgmax"):
+            # mean over the input patches: merged tokens weigh by their size, padding by zero
+            w = state.sizes()[:, p:]
+            if valid is not None:
+                w = w * valid
+            avg = (x * w[..., None]).sum(1) / w.sum(1, keepdim=True)
+        if m.global_pool in ("max", "avgmax"):
+            mx = x if valid is None else x.masked_fill(~valid[..., None], float("-inf"))
+            mx = mx.amax(dim=1)
+        pooled = {"avg": lambda: avg, "max": lambda: mx, "avgmax": lambda: 0.5 * (avg + mx)}[m.global_pool]()
+        return m.head(m.head_drop(m.fc_norm(pooled)))
+
+    def _check_images(self, images: Tensor) -> None:
+        pe = self.model.patch_embed
+        if not isinstance(images, Tensor) or images.dim() != 4:
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"expected a batch of images (B, C, H, W), got {shape}")
+        in_chans = pe.proj.in_channels if hasattr(pe, "proj") and hasattr(pe.proj, "in_channels") else None
+        if in_chans is not None and images.shape[1] != in_chans:
+            raise ValueError(f"the model expects {in_chans}-channel images, got {images.shape[1]} channels")
+        if getattr(pe, "img_size", None) is not None and getattr(pe, "strict_img_size", True) \
+                and not getattr(self.model, "dynamic_img_size", False):
+            want = tuple(pe.img_size)
+            if tuple(images.shape[-2:]) != want:
+                raise ValueError(
+                    f"the model expects {want[0]}x{want[1]} images, got {images.shape[-2]}x{images.shape[-1]}; "
+                    f"preprocess with leanvit.data.eval_transform(model) (it reads the model's pretrained config)")
+
+    # --- tracing (used by count_macs and token maps) ---------------------------------------
+    @contextlib.contextmanager
+    def tracing(self, track_source: bool = False) -> Iterator[List[dict]]:
+        """Record, per block, the tokens attention and MLP ran on (and sources if asked)."""
+        trace: List[dict] = []
+        old = self._trace, self.track_source
+        self._trace, self.track_source = trace, track_source or self.track_source
+        try:
+            yield trace
+        finally:
+            self._trace, self.track_source = old
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}"

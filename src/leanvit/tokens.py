@@ -1,0 +1,231 @@
+"""The token state every method works on, and the pure tensor operations that reduce it.
+
+All operations return a new :class:`TokenState`; every per-token tensor (features, sizes,
+validity, sources) goes through the same index, so bookkeeping cannot drift from features.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TokenState:
+    """Tokens of a batch between two blocks.
+
+    x:        (B, N, C) features. The first ``n_prefix`` tokens (CLS, distillation, register
+              tokens) are never pruned or merged and always stay in front, in their order.
+    size:     (B, N) how many input tokens each token stands for; ``None`` while all are 1.
+              Attention adds ``log(size)`` to its logits (proportional attention).
+    valid:    (B, N) bool, ``None`` while every token is real. Ragged batches (per-image token
+              counts) are padded to the batch maximum; padding is masked out of attention.
+    source:   (B, N, N0) 0/1 map of which input tokens each token stands for; only when tracking.
+    """
+
+    x: Tensor
+    n_prefix: int
+    size: Optional[Tensor] = None
+    valid: Optional[Tensor] = None
+    source: Optional[Tensor] = None
+
+    @property
+    def batch(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def n_patches(self) -> int:
+        """Reducible tokens per image (padded width for ragged batches)."""
+        return self.x.shape[1] - self.n_prefix
+
+    def replace(self, **changes) -> "TokenState":
+        return replace(self, **changes)
+
+    def counts(self) -> Tensor:
+        """(B,) real tokens per image."""
+        if self.valid is None:
+            return torch.full((self.batch,), self.n_tokens, dtype=torch.long, device=self.x.device)
+        return self.valid.sum(1)
+
+    def attn_bias(self) -> Optional[Tensor]:
+        """Additive (B, 1, 1, N) attention mask: log-size of each key, -inf for padding."""
+        bias = None
+        if self.size is not None:
+            bias = self.size.log().to(self.x.dtype)
+        if self.valid is not None:
+            bias = torch.zeros_like(self.x[..., 0]) if bias is None else bias
+            bias = bias.masked_fill(~self.valid, float("-inf"))
+        return None if bias is None else bias[:, None, None, :]
+
+    def sizes(self) -> Tensor:
+        """(B, N) sizes, materialised."""
+        return self.size if self.size is not None else self.x.new_ones(self.x.shape[:2])
+
+    # --- re-indexing -------------------------------------------------------------------------
+    def gather(self, idx: Tensor) -> "TokenState":
+        """Keep tokens ``idx`` (B, K), in that order."""
+        return self.replace(
+            x=_take(self.x, idx),
+            size=None if self.size is None else self.size.gather(1, idx),
+            valid=None if self.valid is None else self.valid.gather(1, idx),
+            source=None if self.source is None else _take(self.source, idx),
+        )
+
+    def select_images(self, rows: Tensor) -> "TokenState":
+        """The sub-batch of images ``rows``."""
+        return self.replace(
+            x=self.x[rows],
+            size=None if self.size is None else self.size[rows],
+            valid=None if self.valid is None else self.valid[rows],
+            source=None if self.source is None else self.source[rows],
+        )
+
+    @staticmethod
+    def combine(parts: Sequence[Tuple[Tensor, "TokenState"]], batch: int) -> "TokenState":
+        """Put sub-batches (rows, state) with equal token counts back into one batch in order."""
+        first = parts[0][1]
+        x = first.x.new_empty((batch,) + first.x.shape[1:])
+        any_size = any(p.size is not None for _, p in parts)
+        any_valid = any(p.valid is not None for _, p in parts)
+        size = x.new_empty(x.shape[:2]) if any_size else None
+        valid = torch.empty(x.shape[:2], dtype=torch.bool, device=x.device) if any_valid else None
+        source = None
+        if first.source is not None:
+            source = first.source.new_empty((batch,) + first.source.shape[1:])
+        for rows, part in parts:
+            x[rows] = part.x
+            if size is not None:
+                size[rows] = part.sizes()
+            if valid is not None:
+                valid[rows] = part.valid if part.valid is not None else True
+            if source is not None:
+                source[rows] = part.source
+        return first.replace(x=x, size=size, valid=valid, source=source)
+
+
+def _take(t: Tensor, idx: Tensor) -> Tensor:
+    """Gather along dim 1 of a (B, N, ...) tensor with (B, K) indices."""
+    expand = idx.reshape(idx.shape + (1,) * (t.dim() - 2)).expand(idx.shape + t.shape[2:])
+    return t.gather(1, expand)
+
+
+# --- pruning --------------------------------------------------------------------------------
+def keep_top(state: TokenState, scores: Tensor, k: int) -> TokenState:
+    """Keep the prefix and the ``k`` patches with the highest ``scores`` (B, n_patches).
+
+    Survivors are ordered by descending score after the prefix, as EViT and PPT do (later
+    bipartite splits depend on token order).
+    """
+    p = state.n_prefix
+    if state.valid is not None:  # padding never survives
+        scores = scores.masked_fill(~state.valid[:, p:], float("-inf"))
+    top = scores.topk(k, dim=1, largest=True, sorted=True).indices + p
+    prefix = torch.arange(p, device=top.device).expand(state.batch, p)
+    return state.gather(torch.cat([prefix, top], dim=1))
+
+
+def keep_mask(state: TokenState, keep: Tensor) -> TokenState:
+    """Keep, per image, the patches where ``keep`` (B, n_patches) is True (ragged result).
+
+    Kept tokens stay in their order; images with fewer tokens are padded to the batch maximum.
+    """
+    p = state.n_prefix
+    if state.valid is not None:
+        keep = keep & state.valid[:, p:]
+    full = torch.cat([keep.new_ones(state.batch, p), keep], dim=1)
+    counts = full.sum(1)
+    width = int(counts.max())
+    # stable sort puts kept tokens first, in their original order
+    order = torch.sort((~full).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    out = state.gather(order)
+    if bool((counts == width).all()):
+        return out.replace(valid=None)
+    valid = torch.arange(width, device=counts.device)[None, :] < counts[:, None]
+    return out.replace(valid=valid)
+
+
+def fuse_rest(state: TokenState, scores: Tensor, k: int) -> TokenState:
+    """EViT: keep the top ``k`` patches; the others become one extra token, their sum weighted by
+    ``scores`` (not renormalised, as in EViT). The fused token counts as an ordinary token (size 1)
+    but its source is every patch it absorbed."""
+    if state.valid is not None:
+        raise ValueError("EViT fusion on a ragged batch is not supported")
+    p = state.n_prefix
+    order = scores.argsort(dim=1, descending=True) + p
+    kept, dropped = order[:, :k], order[:, k:]
+    prefix = torch.arange(p, device=order.device).expand(state.batch, p)
+    out = state.gather(torch.cat([prefix, kept], dim=1))
+    w = scores.gather(1, dropped - p)
+    fused = (_take(state.x, dropped) * w[..., None]).sum(1, keepdim=True)
+    size = None if out.size is None else torch.cat([out.size, out.size.new_ones(state.batch, 1)], 1)
+    source = None
+    if state.source is not None:
+        source = torch.cat([out.source, _take(state.source, dropped).sum(1, keepdim=True)], 1)
+    return out.replace(x=torch.cat([out.x, fused], dim=1), size=size, source=source)
+
+
+# --- merging --------------------------------------------------------------------------------
+def bipartite_soft_matching(metric: Tensor, r: int, n_prefix: int) -> Callable[[Tensor, str], Tensor]:
+    """ToMe's bipartite soft matching over a (B, N, D) metric.
+
+    Tokens alternate into A (even positions) and B (odd). Each A token picks its most similar B
+    token (cosine); the ``r`` best-matched A tokens merge into their partners. Prefix tokens
+    never merge away and never absorb. Returns ``merge(t, mode)`` that applies the same merge to
+    any (B, N, ...) tensor; output order: prefix, unmerged A (index order), then B.
+    """
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    scores = a @ b.transpose(-1, -2)
+    pa, pb = (n_prefix + 1) // 2, n_prefix // 2  # prefix tokens that landed in A / in B
+    scores[:, :pa, :] = float("-inf")
+    scores[:, :, :pb] = float("-inf")
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+    unm_idx = edge_idx[:, r:].sort(dim=1).values  # A's prefix sorts first: -inf, then index order
+    src_idx = edge_idx[:, :r]
+    dst_idx = node_idx[..., None].gather(1, src_idx)
+
+    def merge(t: Tensor, mode: str = "sum") -> Tensor:
+        ta, tb = t[:, ::2], t[:, 1::2]
+        tail = t.shape[2:]
+        unm = ta.gather(1, unm_idx.reshape(unm_idx.shape[:2] + (1,) * len(tail)).expand(-1, -1, *tail))
+        src = ta.gather(1, src_idx.reshape(src_idx.shape[:2] + (1,) * len(tail)).expand(-1, -1, *tail))
+        dst_index = dst_idx.reshape(dst_idx.shape[:2] + (1,) * len(tail)).expand(-1, -1, *tail)
+        tb = tb.scatter_reduce(1, dst_index, src, reduce=mode)
+        if n_prefix <= 1:
+            return torch.cat([unm, tb], dim=1)
+        # put the prefix back in its original interleaved order (e.g. CLS, distillation token)
+        prefix = [unm[:, i // 2 : i // 2 + 1] if i % 2 == 0 else tb[:, i // 2 : i // 2 + 1] for i in range(n_prefix)]
+        return torch.cat(prefix + [unm[:, pa:], tb[:, pb:]], dim=1)
+
+    return merge
+
+
+def merge_tokens(state: TokenState, metric: Tensor, r: int) -> TokenState:
+    """Merge ``r`` tokens by bipartite soft matching, as a size-weighted average; sizes add."""
+    if state.valid is not None:
+        raise ValueError("merging on a ragged (padded) batch is not supported")
+    if r <= 0:
+        return state
+    merge = bipartite_soft_matching(metric, r, state.n_prefix)
+    size = state.sizes()
+    x = merge(state.x * size[..., None], "sum")
+    size = merge(size, "sum")
+    source = None if state.source is None else merge(state.source, "sum")
+    return state.replace(x=x / size[..., None], size=size, source=source)
+
+
+def max_merge(n_tokens: int, n_prefix: int) -> int:
+    """The most tokens one bipartite step can remove: half of the reducible ones."""
+    return max((n_tokens - n_prefix) // 2, 0)
+
+
+def ceil_keep(rate: float, n: int) -> int:
+    return int(math.ceil(rate * n))
