@@ -143,7 +143,7 @@ def eval_transform(model_or_cfg: Any) -> Callable[[Image.Image], torch.Tensor]:
                 "using timm's default ImageNet preprocessing (224x224)",
                 stacklevel=2,
             )
-            cfg = resolve_data_config({})
+            cfg = resolve_data_config(model=model_or_cfg)
         else:
             cfg = resolve_data_config(model=model)
     keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
@@ -263,10 +263,10 @@ def _balanced_subset(class_idx: list[int], limit: Optional[int], seed: int) -> l
     even ``limit == number of classes`` sees every class once. Returned in index order.
     """
     n = len(class_idx)
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be a positive number of images, got {limit}")
     if limit is None or limit >= n:
         return list(range(n))
-    if limit < 1:
-        raise DataError(f"limit must be a positive number of images, got {limit}")
     rng = np.random.default_rng(seed)
     by_class: dict[int, list[int]] = {}
     for i, c in enumerate(class_idx):
@@ -295,6 +295,11 @@ def _is_image_name(name: str) -> bool:
     return not base.startswith(".") and base.lower().endswith(IMG_EXTENSIONS)
 
 
+def _member_parts(name: str) -> list[str]:
+    """'./val/cls/x.jpg' -> ['val', 'cls', 'x.jpg']."""
+    return [p for p in name.split("/") if p not in ("", ".")]
+
+
 def _choose_split(available: set[str], split: str, where: str) -> str:
     for name in _SPLIT_ALIASES.get(split, (split,)):
         if name in available:
@@ -314,8 +319,7 @@ def _load_tar(path: Path, split: str, num_classes, limit, seed, transform) -> La
         raise DataError(f"{where} is not a readable tar archive ({err}); expected {ACCEPTED_LAYOUTS}") from err
     with tf:
         members = [m for m in tf.getmembers() if m.isfile() and _is_image_name(m.name)]
-        parts = [m.name.lstrip("./").split("/") if m.name.startswith("./") else m.name.split("/")
-                 for m in members]
+        parts = [_member_parts(m.name) for m in members]
         # Drop a single wrapper directory (e.g. "imagenette2/val/<class>/<img>").
         while parts and all(len(p) >= 3 for p in parts) and len({p[0] for p in parts}) == 1 \
                 and parts[0][0] not in _SPLIT_NAMES:
@@ -395,7 +399,8 @@ def _load_cifar_batches(d: Path, split: str, num_classes, limit, seed, transform
     meta = d / "batches.meta"
     if meta.is_file():
         try:
-            classes = [str(c) for c in _unpickle(meta)["label_names"]]
+            names = _unpickle(meta)["label_names"]
+            classes = [c.decode() if isinstance(c, bytes) else str(c) for c in names]
         except Exception:
             log.warning("could not read class names from %s; using the CIFAR-10 names", meta)
     if labels and max(labels) >= len(classes):
@@ -476,7 +481,11 @@ def load_dataset(
     if not p.exists():
         raise DataError(f"data path {p} does not exist; expected {ACCEPTED_LAYOUTS}")
     if p.is_file():
-        if not tarfile.is_tarfile(p):
+        try:
+            is_tar = tarfile.is_tarfile(p)
+        except OSError as err:  # e.g. permission denied
+            raise DataError(f"cannot read {p}: {err}") from err
+        if not is_tar:
             raise DataError(f"{p} is a file but not a tar archive; expected {ACCEPTED_LAYOUTS}")
         return _load_tar(p, *args)
     if p.is_dir():

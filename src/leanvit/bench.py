@@ -1,0 +1,104 @@
+"""Throughput of the dense model against token-reduction methods, measured in one run.
+
+For every method three forwards are timed, interleaved repeat by repeat so that drift of the
+machine hits all alike: the dense model, the method, and the method's *floor*: a forward that
+keeps random tokens at exactly the token counts the method produced (no scoring, sorting or
+policy). ``method - floor`` is the cost of the decision itself.
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from tqdm import tqdm
+
+from . import adapt
+from .flops import count_macs
+from .runtime import LeanViT
+
+
+def token_schedule(runner: LeanViT, images: torch.Tensor) -> List[int]:
+    """Tokens (padded width) after each block, as the method ran on ``images``."""
+    with torch.inference_mode(), runner.tracing() as trace:
+        runner(images)
+    return [rec["mlp_width"] for rec in trace]
+
+
+def _time(runner: LeanViT, images: torch.Tensor) -> float:
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        runner(images)
+        return time.perf_counter() - t0
+
+
+def benchmark(model: torch.nn.Module, methods: Sequence[Tuple[str, str, dict]], images: torch.Tensor,
+              repeats: int = 5, warmup: int = 1, threads: Optional[int] = None,
+              progress: bool = True) -> dict:
+    """Images/s of dense vs each ``(label, method, options)`` on the batch ``images``.
+
+    Returns a JSON-ready dict: settings, and per method the median images/s, speedup over dense,
+    GMACs, GMACs ratio, efficiency (speedup / GMACs ratio), the floor's speed and the decision
+    overhead in ms per batch and as a fraction of the method's time.
+    """
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    if threads:
+        torch.set_num_threads(threads)
+    model = model.eval()
+    dense = adapt(model, "none")
+    runners: Dict[str, LeanViT] = {"dense": dense}
+    macs = {"dense": count_macs(dense, images)}
+    for label, name, opts in methods:
+        runner = adapt(model, name, **opts)
+        runners[label] = runner
+        macs[label] = count_macs(runner, images)
+        sched = token_schedule(runner, images)
+        runners[label + " floor"] = adapt(model, "random", schedule=sched)
+    times: Dict[str, List[float]] = {k: [] for k in runners}
+    total = (warmup + repeats) * len(runners)
+    with tqdm(total=total, desc="bench", unit="forward", disable=not progress) as bar:
+        for i in range(warmup + repeats):
+            for label, runner in runners.items():
+                t = _time(runner, images)
+                if i >= warmup:
+                    times[label].append(t)
+                bar.update()
+    batch = images.shape[0]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out = dict(
+        settings=dict(threads=torch.get_num_threads(), batch_size=batch, input_size=list(images.shape[1:]),
+                      repeats=repeats, warmup=warmup, statistic="median", torch=torch.__version__,
+                      machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
+                      date=time.strftime("%Y-%m-%d")),
+        dense=dict(images_per_second=batch / med["dense"], gmacs=macs["dense"], seconds=times["dense"]),
+        methods={},
+    )
+    for label, name, opts in methods:
+        t, floor = med[label], med[label + " floor"]
+        speedup = med["dense"] / t
+        ratio = macs["dense"] / macs[label]
+        out["methods"][label] = dict(
+            method=name, options=opts, images_per_second=batch / t, speedup=speedup,
+            gmacs=macs[label], gmacs_ratio=ratio, efficiency=speedup / ratio,
+            floor_images_per_second=batch / floor, floor_speedup=med["dense"] / floor,
+            decision_overhead_ms=1000 * (t - floor), decision_overhead_fraction=(t - floor) / t,
+            seconds=times[label], floor_seconds=times[label + " floor"])
+    return out
+
+
+def format_table(result: dict) -> str:
+    s = result["settings"]
+    lines = [f"threads={s['threads']} batch={s['batch_size']} input={'x'.join(map(str, s['input_size']))} "
+             f"median of {s['repeats']} (warm-up {s['warmup']})",
+             f"{'method':<22}{'GMACs':>8}{'img/s':>9}{'speedup':>9}{'GMACs x':>9}{'eff.':>7}"
+             f"{'floor x':>9}{'decide ms':>11}"]
+    d = result["dense"]
+    lines.append(f"{'dense':<22}{d['gmacs']:>8.3f}{d['images_per_second']:>9.1f}{1:>9.2f}{1:>9.2f}")
+    for label, m in result["methods"].items():
+        lines.append(f"{label:<22}{m['gmacs']:>8.3f}{m['images_per_second']:>9.1f}{m['speedup']:>9.2f}"
+                     f"{m['gmacs_ratio']:>9.2f}{m['efficiency']:>7.2f}{m['floor_speedup']:>9.2f}"
+                     f"{m['decision_overhead_ms']:>11.1f}")
+    return "\n".join(lines)

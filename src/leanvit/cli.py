@@ -1,0 +1,200 @@
+"""The ``leanvit`` command line: eval, bench, methods, models, demo."""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Tuple
+
+import torch
+
+EPILOG = "Method options: --opt key=value (repeatable), e.g. --method ppt --opt r=50 --opt layers=3,6,9"
+
+
+def parse_value(text: str):
+    """'50' -> 50, '0.7' -> 0.7, '3,6,9' -> (3, 6, 9), 'true' -> True, anything else stays a string."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_options(pairs: List[str]) -> dict:
+    opts = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"option {pair!r} is not key=value")
+        key, value = pair.split("=", 1)
+        opts[key.strip()] = parse_value(value)
+    return opts
+
+
+def parse_method_spec(spec: str) -> Tuple[str, str, dict]:
+    """'ppt:r=50:layers=3,6,9' -> (label, 'ppt', {'r': 50, 'layers': (3, 6, 9)})."""
+    name, *pairs = spec.split(":")
+    return spec, name, parse_options(pairs)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a timm model name or a leanvit reference model")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", help="local weights (.safetensors or torch file)")
+    src.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs network)")
+    p.add_argument("--num-classes", type=int, help="classifier size (default: from the checkpoint or the model)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _load(args):
+    from .models import create_model
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return create_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                        num_classes=args.num_classes)
+
+
+def cmd_eval(args) -> int:
+    import leanvit
+    from .data import eval_transform, load_dataset, make_loader
+    from .evaluate import evaluate
+    model = _load(args)
+    method = leanvit.adapt(model, args.method, **parse_options(args.opt))
+    dataset = load_dataset(args.data, split=args.split, transform=eval_transform(model),
+                           num_classes=model.num_classes, limit=args.limit)
+    loader = make_loader(dataset, batch_size=args.batch_size, num_workers=args.workers)
+    runners = {"dense": leanvit.adapt(model, "none")}
+    if args.method != "none":
+        runners[args.method] = method
+    results = evaluate(runners, loader, desc=f"eval {args.model}")
+    dense = results["dense"]
+    print(f"model {args.model}  data {dataset.root} ({args.split}, {dense.n_images} images, "
+          f"{dense.skipped} unreadable skipped)  threads {torch.get_num_threads()}  batch {args.batch_size}")
+    print(f"{'method':<12}{'top-1 %':>9}{'delta':>8}{'GMACs':>9}{'img/s':>9}")
+    for name, r in results.items():
+        print(f"{name:<12}{r.top1:>9.2f}{r.top1 - dense.top1:>+8.2f}{r.gmacs:>9.3f}{r.images_per_second:>9.1f}")
+        if "prune_fraction_per_layer" in r.extra:
+            mix = ", ".join(f"L{l}: {100 * f:.0f}% prune" for l, f in r.extra["prune_fraction_per_layer"].items())
+            print(f"{'':<12}policy mix  {mix}")
+    main_result = results[args.method if args.method != "none" else "dense"]
+    if args.json:
+        payload = dict(main_result.to_dict(), model=args.model, data=str(dataset.root), split=args.split,
+                       options=parse_options(args.opt), batch_size=args.batch_size,
+                       threads=torch.get_num_threads(), dense=dense.to_dict())
+        _write_json(args.json, payload)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import benchmark, format_table
+    model = _load(args)
+    size = args.input_size or list(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    if args.data:
+        from .data import eval_transform, load_dataset, make_loader
+        ds = load_dataset(args.data, split=args.split, transform=eval_transform(model), limit=args.batch_size)
+        images = next(iter(make_loader(ds, batch_size=args.batch_size, num_workers=0))).images
+        if images.shape[0] < args.batch_size:
+            raise ValueError(f"{args.data} has only {images.shape[0]} readable images; need --batch-size")
+    else:
+        images = torch.randn(args.batch_size, *size, generator=torch.Generator().manual_seed(0))
+    methods = [parse_method_spec(s) for s in args.methods]
+    result = benchmark(model, methods, images, repeats=args.repeats, warmup=args.warmup, threads=args.threads)
+    result["settings"].update(model=args.model, data=args.data or "gaussian noise")
+    print(format_table(result))
+    if args.json:
+        _write_json(args.json, result)
+    return 0
+
+
+def cmd_methods(args) -> int:
+    import leanvit
+    from .methods.base import REGISTRY
+    for name in leanvit.list_methods():
+        doc = (REGISTRY[name].__doc__ or "").strip().splitlines()[0]
+        print(f"{name:<10}{doc}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .models import list_models
+    names = list_models()
+    print("\n".join(names) if names else "no reference model shipped yet; any timm ViT name works with --model")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .models import list_models
+    if not list_models():
+        print("leanvit demo: the reference model is not trained yet (see the issue 'reference models').\n"
+              "Meanwhile try: leanvit eval --model deit_tiny_patch16_224 --data DIR --method ppt --opt r=50")
+        return 1
+    raise SystemExit("leanvit demo: reference models found but the demo is not wired to them yet")
+
+
+def _write_json(path: str, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="leanvit", description="Cheaper Vision Transformers per image.",
+                                     epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("eval", help="top-1, GMACs and images/s of the dense model and a method", epilog=EPILOG)
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="ImageFolder dir, tar of <split>/<class>/<img>, or cifar-10-batches-py")
+    p.add_argument("--split", default="val", help="split folder inside --data (default val; test also accepted)")
+    p.add_argument("--method", default="none", help="a method from `leanvit methods`")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=None, help="data loading processes")
+    p.add_argument("--limit", type=int, default=None, help="evaluate a seeded subset of this many images")
+    p.add_argument("--json", help="write the result as JSON here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="throughput of dense vs methods (median of repeats)")
+    _add_model_args(p)
+    p.add_argument("--methods", nargs="+", required=True, metavar="SPEC",
+                   help="method specs name:key=value:..., e.g. tome:r=13 evit:keep_rate=0.7 ppt:r=50")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
+    p.add_argument("--data", help="take the batch from this data set instead of noise")
+    p.add_argument("--split", default="val")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--json", help="write the result as JSON here")
+    p.set_defaults(func=cmd_bench)
+
+    sub.add_parser("methods", help="list the token-reduction methods").set_defaults(func=cmd_methods)
+    sub.add_parser("models", help="list leanvit's reference models").set_defaults(func=cmd_models)
+    sub.add_parser("demo", help="the reference model against every method").set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    from .data import DataError
+    from .methods.base import OptionError
+    from .models import ModelError
+    from .runtime import UnsupportedModelError
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (DataError, OptionError, ModelError, UnsupportedModelError, ValueError) as e:
+        print(f"leanvit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("leanvit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Building models by name: leanvit's reference models and every timm ViT, from a checkpoint or
+pretrained weights."""
+from __future__ import annotations
+
+import difflib
+import os
+import socket
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import timm
+
+HUB_HOST = "huggingface.co"
+
+
+class ModelError(ValueError):
+    """Unknown model name, unreadable checkpoint or unavailable pretrained weights."""
+
+
+def list_models() -> List[str]:
+    """leanvit's own reference models (trained and shipped with the package)."""
+    from . import zoo
+    return zoo.list_models()
+
+
+def read_state_dict(path: str) -> dict:
+    """A state dict from a safetensors file or a torch checkpoint (``model``/``state_dict`` keys ok)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"checkpoint {path} does not exist")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(p))
+        else:
+            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, wrong format
+        raise ModelError(f"cannot read checkpoint {path}: {e}") from None
+    for key in ("model_ema", "model", "state_dict"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ModelError(f"{path} holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
+    try:
+        socket.getaddrinfo(HUB_HOST, 443)
+        return True
+    except OSError:
+        return False
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def create_model(name: str, *, checkpoint: Optional[str] = None, pretrained: bool = False,
+                 num_classes: Optional[int] = None, **kwargs) -> nn.Module:
+    """A model in eval mode: a leanvit reference model or a timm model, with its weights.
+
+    ``checkpoint``: a local safetensors / torch file (its head decides ``num_classes`` unless
+    given). ``pretrained``: timm's pretrained weights (needs the network or a filled HF cache).
+    """
+    from . import zoo
+    if checkpoint and pretrained:
+        raise ModelError("pass either --checkpoint or --pretrained, not both")
+    if name in zoo.list_models():
+        if pretrained:
+            raise ModelError(f"{name} is a leanvit reference model: it loads its shipped weights, "
+                             "--pretrained does not apply")
+        model = zoo.load_model(name, checkpoint=checkpoint)
+        return model.eval()
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models() + zoo.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ModelError(f"unknown model {name!r}{hint} (see leanvit.list_models() and timm.list_models())")
+    if checkpoint:
+        sd = read_state_dict(checkpoint)
+        if num_classes is None and "head.weight" in sd:
+            num_classes = sd["head.weight"].shape[0]
+        model = _timm_create(name, num_classes=num_classes, **kwargs)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ModelError(f"checkpoint {checkpoint} does not fit {name}: "
+                             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        return model.eval()
+    if pretrained:
+        if not _hub_reachable():
+            raise ModelError(
+                f"cannot download pretrained weights for {name}: the model hub is not reachable "
+                "(no network). Download the weights where you have a network, then pass the file "
+                "with --checkpoint PATH (python: create_model(name, checkpoint=PATH)).")
+        try:
+            return _timm_create(name, pretrained=True, num_classes=num_classes, **kwargs).eval()
+        except Exception as e:
+            raise ModelError(f"could not load pretrained weights for {name}: {e}. "
+                             "Pass a local file with --checkpoint PATH instead.") from None
+    return _timm_create(name, num_classes=num_classes, **kwargs).eval()
+
+
+def _timm_create(name, num_classes=None, **kwargs):
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    return timm.create_model(name, **kwargs)
