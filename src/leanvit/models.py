@@ -86,7 +86,10 @@ def create_model(name: str, *, checkpoint: Optional[str] = None, pretrained: boo
         if num_classes is None and "head.weight" in sd:
             num_classes = sd["head.weight"].shape[0]
         model = _timm_create(name, num_classes=num_classes, **kwargs)
-        missing, unexpected = model.load_state_dict(sd, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise ModelError(f"checkpoint {checkpoint} does not fit {name}: {e}") from None
         if missing or unexpected:
             raise ModelError(f"checkpoint {checkpoint} does not fit {name}: "
                              f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "

@@ -1,0 +1,89 @@
+"""Shared fixtures for the leanvit core tests: small random-weight timm ViTs, seeded.
+
+Every model here is built with random weights (never ``pretrained=True``). Random ViTs have
+near-uniform attention, so :func:`sharpen` scales the qkv weights up to make attention (and
+therefore every method's decisions) far from uniform.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import timm
+import torch
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
+
+import leanvit
+
+torch.set_num_threads(2)
+
+SMALL = dict(img_size=32, patch_size=4, embed_dim=64, depth=12, num_heads=4, num_classes=10)
+N_SMALL = (32 // 4) ** 2 + 1  # 65 tokens: 64 patches + CLS
+
+
+def seed_all(seed: int = 0) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    seed_all(0)
+    yield
+
+
+def sharpen(model: torch.nn.Module, factor: float = 4.0) -> torch.nn.Module:
+    """Scale every block's qkv weights so attention is peaked and decisions are non-trivial."""
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight.mul_(factor)
+    return model
+
+
+def small_vit(seed: int = 0, distilled: bool = False, sharp: float = 0.0, **overrides) -> VisionTransformer:
+    """A 32x32 / patch 4 ViT (65 tokens), depth 12, width 64, 4 heads, in eval mode."""
+    seed_all(seed)
+    kw = dict(SMALL)
+    kw.update(overrides)
+    cls = VisionTransformerDistilled if distilled else VisionTransformer
+    model = cls(**kw).eval()
+    if sharp:
+        sharpen(model, sharp)
+    return model
+
+
+def images(batch: int, size=32, seed: int = 1, chans: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    h, w = (size, size) if isinstance(size, int) else size
+    return torch.randn(batch, chans, h, w, generator=g)
+
+
+def run_traced(f, x, track_source: bool = True):
+    """Eval forward under tracing: (logits, trace, last_state)."""
+    with torch.no_grad(), f.tracing(track_source=track_source) as trace:
+        y = f(x)
+    return y, trace, f.last_state
+
+
+def mlp_counts(trace):
+    """(depth, B) tokens the MLP of each block ran on (per image)."""
+    return torch.stack([rec["mlp_tokens"] for rec in trace]).tolist()
+
+
+_DEIT_CACHE = {}
+
+
+def deit(size: str) -> torch.nn.Module:
+    """deit_{tiny,small,base}_patch16_224 with random weights, cached for the session, eval mode."""
+    if size not in _DEIT_CACHE:
+        seed_all(0)
+        _DEIT_CACHE[size] = timm.create_model(f"deit_{size}_patch16_224", pretrained=False)
+    return _DEIT_CACHE[size].eval()
+
+
+@pytest.fixture
+def x224():
+    return images(1, 224, seed=3)
