@@ -15,7 +15,9 @@ import torch
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
-import leanvit
+from leanvit import Reduction
+from leanvit.methods.base import AttentionView
+from leanvit.tokens import keep_mask
 
 torch.set_num_threads(2)
 
@@ -87,3 +89,23 @@ def deit(size: str) -> torch.nn.Module:
 @pytest.fixture
 def x224():
     return images(1, 224, seed=3)
+
+
+class AboveMean(Reduction):
+    """Test method: keep, per image, the patches whose significance is above that image's mean.
+
+    A deterministic per-image decision that makes batches ragged, so the padded (masked) batch
+    can be compared with each image alone (a batch of 1 has no padding)."""
+
+    name = "test-above-mean"
+
+    def __init__(self, layers):
+        self.layers = tuple(layers)
+
+    def decision_layers(self):
+        return self.layers
+
+    def reduce(self, layer, state, attn: AttentionView):
+        s = attn.significance  # zero on padding, sums to 1 over the real patches
+        n = (state.counts() - state.n_prefix).to(s.dtype)
+        return keep_mask(state, s >= 1.0 / n[:, None])

@@ -66,11 +66,12 @@ class LeanViT(nn.Module):
             depth=len(model.blocks), n_prefix=self.n_prefix,
             n_tokens=model.patch_embed.num_patches + self.n_prefix,
             num_heads=model.blocks[0].attn.num_heads if len(model.blocks) else 0,
-            embed_dim=model.embed_dim))
+            embed_dim=model.embed_dim, has_cls=model.cls_token is not None))
         self.decision_layers = frozenset(method.decision_layers())
         self.track_source = False  # set True to record which input tokens each token stands for
         self._trace: Optional[List[dict]] = None
         self.last_state: Optional[TokenState] = None  # final tokens of the last forward when tracing
+        self.train(model.training)  # a wrapper of an eval-mode model starts in eval mode
 
     @property
     def pretrained_cfg(self) -> dict:

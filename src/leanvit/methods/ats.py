@@ -1,7 +1,7 @@
 import torch
 
 from ..tokens import keep_mask
-from .base import OptionError, Reduction, check_layers, check_rate, register
+from .base import OptionError, Reduction, check_layers, check_rate, register, require_cls
 
 
 @register
@@ -23,6 +23,7 @@ class ATS(Reduction):
 
     def bind(self, info):
         super().bind(info)
+        require_cls("ats", info)
         layers = self.layers
         if layers == "3-":  # the ATS paper's stages 3..11, for any depth
             layers = range(min(3, info.depth - 1), info.depth)
@@ -32,18 +33,23 @@ class ATS(Reduction):
         return self.layers
 
     def reduce(self, layer, state, attn):
-        n = state.n_patches
-        k = int(round(self.tokens * n)) if isinstance(self.tokens, float) else min(int(self.tokens), n)
-        k = max(k, 1)  # even k = n drops tokens: likely ones are sampled several times
+        n = state.counts() - state.n_prefix  # (B,) each image's own patches
+        if isinstance(self.tokens, float):
+            k = (self.tokens * n).round().long()
+        else:
+            k = n.clamp(max=int(self.tokens))
+        k = k.clamp(min=1)  # even k = n drops tokens: likely ones are sampled several times
         scores = attn.significance
         if state.valid is not None:
             scores = scores * state.valid[:, state.n_prefix:]
         cdf = scores.cumsum(dim=1)
         cdf = cdf / cdf[:, -1:]
-        points = (torch.arange(k, device=cdf.device, dtype=cdf.dtype) + 0.5) / k
-        picked = torch.searchsorted(cdf.contiguous(), points.expand(state.batch, k).contiguous(), right=True)
+        j = torch.arange(int(k.max()), device=cdf.device)
+        points = (j.to(cdf.dtype) + 0.5) / k[:, None]
+        points = torch.where(j < k[:, None], points, points[:, :1])  # surplus points repeat the first
+        picked = torch.searchsorted(cdf.contiguous(), points.contiguous(), right=True)
         keep = torch.zeros_like(scores, dtype=torch.bool)
-        keep.scatter_(1, picked.clamp_max(n - 1), True)
+        keep.scatter_(1, picked.clamp_max(state.n_patches - 1), True)
         return keep_mask(state, keep)
 
     def extra_repr(self):

@@ -31,6 +31,7 @@ class ModelInfo:
     n_tokens: int  # at the input, including prefix tokens
     num_heads: int
     embed_dim: int
+    has_cls: bool = True  # a CLS token at index 0
 
 
 class AttentionView:
@@ -139,6 +140,18 @@ def check_rate(name: str, option: str, value, low: float = 0.0, high: float = 1.
     if not low < value <= high:
         raise OptionError(f"{name}: {option} must be in ({low}, {high}], got {value}")
     return value
+
+
+def check_number(name: str, option: str, value, low: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
+        raise OptionError(f"{name}: {option} must be a number >= {low}, got {value!r}")
+    return float(value)
+
+
+def require_cls(name: str, info: ModelInfo) -> None:
+    """Methods scoring tokens by the CLS token's attention need one."""
+    if not info.has_cls:
+        raise OptionError(f"{name} scores tokens by the CLS token's attention, but this model has no CLS token")
 
 
 def check_int(name: str, option: str, value, low: int = 0) -> int:

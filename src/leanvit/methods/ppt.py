@@ -1,7 +1,7 @@
 import torch
 
 from ..tokens import TokenState, keep_top, max_merge, merge_tokens
-from .base import Reduction, check_int, check_layers, check_rate, register
+from .base import Reduction, check_int, check_layers, check_number, register, require_cls
 
 
 @register
@@ -28,11 +28,12 @@ class PPT(Reduction):
 
     def bind(self, info):
         super().bind(info)
+        require_cls("ppt", info)
         self.layers = check_layers("ppt", self.layers, info.depth)
         if self.threshold_option == "scaled":
             self.threshold = self.PAPER_THRESHOLD * (196 / (info.n_tokens - info.n_prefix)) ** 2
         else:
-            self.threshold = check_rate("ppt", "threshold", self.threshold_option, 0.0, float("inf"))
+            self.threshold = check_number("ppt", "threshold", self.threshold_option, low=0.0)
 
     def reset_stats(self):
         self.prune_counts, self.seen_counts = {}, {}
