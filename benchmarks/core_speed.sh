@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${DATA:-../shared/data/imagenette-val-224.tar}"
 python -m leanvit bench --model deit_small_patch16_224 \
-    --methods tome:r=13 evit:keep_rate=0.7 ppt:r=50 ats random:keep_rate=0.7 \
+    --methods tome:r=13 evit:keep_rate=0.7 ppt:r=50 ppt:r=50:threshold=2e-5 ats random:keep_rate=0.7 \
     --batch-size 32 --threads 2 --repeats 7 --warmup 2 --data "$DATA" \
-    --json benchmarks/results/core_speed.json
+    --json benchmarks/results/core_speed.json 2> benchmarks/results/core_speed.log

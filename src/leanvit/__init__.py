@@ -6,10 +6,13 @@
     logits = fast(images)
     leanvit.count_macs(fast, images)   # GMACs per image of what ran
 """
+from . import archs  # noqa: F401  (registers the reference architectures with timm)
 from .flops import count_macs
 from .methods import OptionError, Reduction, build_method, list_methods, register
 from .runtime import LeanViT, UnsupportedModelError
 from .tokens import TokenState
+from .models import create_model, list_models
+from .zoo import load_model
 
 __version__ = "0.1.0"
 
@@ -32,5 +35,5 @@ def adapt(model, method="none", **options) -> LeanViT:
     return LeanViT(model, method)
 
 
-__all__ = ["adapt", "count_macs", "list_methods", "register", "build_method", "LeanViT", "Reduction",
+__all__ = ["adapt", "count_macs", "create_model", "list_models", "load_model", "list_methods", "register", "build_method", "LeanViT", "Reduction",
            "TokenState", "OptionError", "UnsupportedModelError"]

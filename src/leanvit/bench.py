@@ -8,6 +8,7 @@ policy). ``method - floor`` is the cost of the decision itself.
 from __future__ import annotations
 
 import platform
+import random
 import statistics
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -27,7 +28,7 @@ def token_schedule(runner: LeanViT, images: torch.Tensor) -> List[int]:
     return [rec["mlp_width"] for rec in trace]
 
 
-def _time(runner: LeanViT, images: torch.Tensor) -> float:
+def _time(runner: torch.nn.Module, images: torch.Tensor) -> float:
     with torch.inference_mode():
         t0 = time.perf_counter()
         runner(images)
@@ -49,20 +50,26 @@ def benchmark(model: torch.nn.Module, methods: Sequence[Tuple[str, str, dict]], 
         torch.set_num_threads(threads)
     model = model.eval()
     dense = adapt(model, "none")
-    runners: Dict[str, LeanViT] = {"dense": dense}
+    runners: Dict[str, torch.nn.Module] = {"timm": model, "dense": dense}  # timm's own forward: the reference
     macs = {"dense": count_macs(dense, images)}
+    policy = {}
     for label, name, opts in methods:
         runner = adapt(model, name, **opts)
         runners[label] = runner
         macs[label] = count_macs(runner, images)
+        if hasattr(runner.method, "prune_fraction"):  # PPT: which images pruned rather than pooled
+            policy[label] = runner.method.prune_fraction()
         sched = token_schedule(runner, images)
         runners[label + " floor"] = adapt(model, "random", schedule=sched)
     times: Dict[str, List[float]] = {k: [] for k in runners}
     total = (warmup + repeats) * len(runners)
     with tqdm(total=total, desc="bench", unit="forward", disable=not progress) as bar:
+        order = list(runners)
+        shuffle = random.Random(0).shuffle
         for i in range(warmup + repeats):
-            for label, runner in runners.items():
-                t = _time(runner, images)
+            shuffle(order)
+            for label in order:
+                t = _time(runners[label], images)
                 if i >= warmup:
                     times[label].append(t)
                 bar.update()
@@ -73,7 +80,8 @@ def benchmark(model: torch.nn.Module, methods: Sequence[Tuple[str, str, dict]], 
                       repeats=repeats, warmup=warmup, statistic="median", torch=torch.__version__,
                       machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
                       date=time.strftime("%Y-%m-%d")),
-        dense=dict(images_per_second=batch / med["dense"], gmacs=macs["dense"], seconds=times["dense"]),
+        dense=dict(images_per_second=batch / med["dense"], gmacs=macs["dense"], seconds=times["dense"],
+                   timm_images_per_second=batch / med["timm"], timm_seconds=times["timm"]),
         methods={},
     )
     for label, name, opts in methods:
@@ -86,6 +94,8 @@ def benchmark(model: torch.nn.Module, methods: Sequence[Tuple[str, str, dict]], 
             floor_images_per_second=batch / floor, floor_speedup=med["dense"] / floor,
             decision_overhead_ms=1000 * (t - floor), decision_overhead_fraction=(t - floor) / t,
             seconds=times[label], floor_seconds=times[label + " floor"])
+        if label in policy:
+            out["methods"][label]["prune_fraction_per_layer"] = policy[label]
     return out
 
 
@@ -96,7 +106,9 @@ def format_table(result: dict) -> str:
              f"{'method':<22}{'GMACs':>8}{'img/s':>9}{'speedup':>9}{'GMACs x':>9}{'eff.':>7}"
              f"{'floor x':>9}{'decide ms':>11}"]
     d = result["dense"]
-    lines.append(f"{'dense':<22}{d['gmacs']:>8.3f}{d['images_per_second']:>9.1f}{1:>9.2f}{1:>9.2f}")
+    lines.append(f"{'timm forward':<22}{d['gmacs']:>8.3f}{d['timm_images_per_second']:>9.1f}"
+                 f"{d['timm_images_per_second'] / d['images_per_second']:>9.2f}{1:>9.2f}")
+    lines.append(f"{'dense (leanvit)':<22}{d['gmacs']:>8.3f}{d['images_per_second']:>9.1f}{1:>9.2f}{1:>9.2f}")
     for label, m in result["methods"].items():
         lines.append(f"{label:<22}{m['gmacs']:>8.3f}{m['images_per_second']:>9.1f}{m['speedup']:>9.2f}"
                      f"{m['gmacs_ratio']:>9.2f}{m['efficiency']:>7.2f}{m['floor_speedup']:>9.2f}"

@@ -54,6 +54,7 @@ def _load(args):
     from .models import create_model
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.manual_seed(0)  # models without weights (tests, speed) get the same random weights every run
     return create_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
                         num_classes=args.num_classes)
 
@@ -107,6 +108,31 @@ def cmd_bench(args) -> int:
     print(format_table(result))
     if args.json:
         _write_json(args.json, result)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import TrainConfig, train
+    cfg = TrainConfig(model=args.model, out=args.out, data=args.data, epochs=args.epochs, batch_size=args.batch_size,
+                      lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+                      label_smoothing=args.label_smoothing, drop_path=args.drop_path, seed=args.seed,
+                      checkpoint=args.checkpoint, pretrained=args.pretrained, num_classes=args.num_classes,
+                      method=args.method, options=parse_options(args.opt), workers=args.workers,
+                      save_every=args.save_every, train_split=args.train_split, eval_split=args.eval_split,
+                      limit_train=args.limit_train, limit_eval=args.limit_eval, max_steps=args.max_steps)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log_path = Path(args.out) / "train.log"
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a") as f:
+            f.write(line + "\n")
+
+    metrics = train(cfg, log=log)
+    if int(os.environ.get("RANK", "0")) == 0:
+        log(f"done: top-1 {metrics['top1']:.2f}% after {metrics['steps']} steps; weights in {Path(args.out) / 'final.safetensors'}")
     return 0
 
 
@@ -173,6 +199,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--json", help="write the result as JSON here")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("train", help="train or fine-tune a ViT (resumable; torchrun for data-parallel)",
+                       epilog="Re-running the same command resumes from OUT/last.pt. " + EPILOG)
+    _add_model_args(p)
+    p.add_argument("--out", required=True, help="run directory: checkpoints, log, final weights, metrics")
+    p.add_argument("--data", help="training data (default: CIFAR-10 from the standard locations)")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--eval-split", default="test")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=128, help="global batch size over all processes")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--min-lr", type=float, default=1e-5)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--drop-path", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--method", default="none", help="train with this reduction method active (fine-tuning)")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--workers", type=int, default=1, help="data loading processes")
+    p.add_argument("--save-every", type=int, default=100, help="steps between resumable checkpoints")
+    p.add_argument("--limit-train", type=int)
+    p.add_argument("--limit-eval", type=int)
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule still spans --epochs)")
+    p.set_defaults(func=cmd_train)
 
     sub.add_parser("methods", help="list the token-reduction methods").set_defaults(func=cmd_methods)
     sub.add_parser("models", help="list leanvit's reference models").set_defaults(func=cmd_models)

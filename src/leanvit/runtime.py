@@ -117,6 +117,7 @@ class LeanViT(nn.Module):
 
         if index in self.decision_layers:
             state = self.method.reduce(index, state, AttentionView(q, k, v, bias, self.n_prefix))
+        del q, k, v, o  # free the attention buffers before the MLP allocates its own
 
         x = state.x
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
@@ -150,7 +151,9 @@ class LeanViT(nn.Module):
         if not isinstance(images, Tensor) or images.dim() != 4:
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise ValueError(f"expected a batch of images (B, C, H, W), got {shape}")
-        in_chans = pe.proj.in_channels if hasattr(pe, "proj") and hasattr(pe.proj, "in_channels") else None
+        in_chans = getattr(pe, "in_chans", None)  # HybridEmbed (conv stems) records it
+        if in_chans is None and isinstance(getattr(pe, "proj", None), nn.Conv2d):
+            in_chans = pe.proj.in_channels  # PatchEmbed
         if in_chans is not None and images.shape[1] != in_chans:
             raise ValueError(f"the model expects {in_chans}-channel images, got {images.shape[1]} channels")
         if getattr(pe, "img_size", None) is not None and getattr(pe, "strict_img_size", True) \

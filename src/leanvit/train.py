@@ -1,0 +1,300 @@
+"""Supervised training and fine-tuning of a timm ViT (optionally with a reduction method active).
+
+Resumable: a checkpoint (model, optimizer, step, RNG state) is written atomically every
+``save_every`` steps and at the end of every epoch; restarting the same command continues from
+it. The data order is a seeded permutation per epoch and every image's augmentation is seeded
+by (seed, epoch, index), so a resumed run sees exactly the batches the uninterrupted run would.
+Under ``torchrun`` it trains data-parallel (DDP: gloo on CPU, nccl on GPU), each process on its
+shard of every epoch's permutation.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from .data import collate, eval_transform, load_dataset, make_loader
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    out: str
+    data: Optional[str] = None  # None: CIFAR-10 from the default locations
+    epochs: int = 30
+    batch_size: int = 128  # global, over all processes
+    lr: float = 2e-3  # at batch_size
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    drop_path: float = 0.0
+    seed: int = 0
+    checkpoint: Optional[str] = None  # initial weights
+    pretrained: bool = False
+    num_classes: Optional[int] = None
+    method: str = "none"  # train/fine-tune with this reduction method active
+    options: dict = field(default_factory=dict)
+    workers: int = 1
+    save_every: int = 100  # steps between resumable checkpoints
+    train_split: str = "train"
+    eval_split: str = "test"
+    limit_train: Optional[int] = None
+    limit_eval: Optional[int] = None
+    max_steps: Optional[int] = None  # stop early (tests, smoke runs); the schedule still spans all epochs
+
+
+# --- data -------------------------------------------------------------------------------------
+def train_transform(cfg: dict):
+    """Crop+flip augmentation at the model's input size: pad-and-crop for small images (CIFAR),
+    timm's random-resized-crop pipeline otherwise."""
+    import torchvision.transforms as T
+    from timm.data import create_transform
+    size = cfg["input_size"][-1]
+    if size <= 64:
+        return T.Compose([T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip(), T.ToTensor(),
+                          T.Normalize(cfg["mean"], cfg["std"])])
+    return create_transform(cfg["input_size"], is_training=True, mean=cfg["mean"], std=cfg["std"],
+                            interpolation=cfg.get("interpolation", "bicubic"), hflip=0.5)
+
+
+class SeededAugment(Dataset):
+    """Applies the dataset's random transform with a seed of (seed, epoch, index), so batches are
+    the same whether a run was interrupted or not, and whatever worker loads them."""
+
+    def __init__(self, base, seed: int):
+        self.base, self.seed, self.epoch = base, seed, 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i))
+            return self.base[i]
+
+
+def epoch_indices(n: int, seed: int, epoch: int, rank: int, world: int, batch: int) -> list:
+    """This process's share of the epoch's permutation, cut to whole batches on every process."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+    per_rank = (n // world) // batch * batch
+    return perm[rank::world][:per_rank]
+
+
+# --- schedule, checkpoints ------------------------------------------------------------------------
+def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(total - warmup, 1)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+# --- distributed ----------------------------------------------------------------------------------
+def _dist_setup():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, world
+
+
+def _all_sum(values):
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+# --- the loop -------------------------------------------------------------------------------------
+def evaluate_top1(model, loader) -> float:
+    model.eval()
+    correct = total = 0
+    with torch.inference_mode():
+        for batch in loader:
+            if len(batch) == 0:
+                continue
+            correct += int((model(batch.images).argmax(1) == batch.labels).sum())
+            total += batch.images.shape[0]
+    correct, total = _all_sum([correct, total])
+    model.train()
+    return 100.0 * correct / max(total, 1)
+
+
+def train(cfg: TrainConfig, log=print) -> dict:
+    """Train (or resume) per ``cfg``; returns the final metrics (also in ``out/metrics.json``)."""
+    import leanvit
+    from .models import create_model
+    rank, world = _dist_setup()
+    is_main = rank == 0
+    out = Path(cfg.out)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+
+    kwargs = {"drop_path_rate": cfg.drop_path} if cfg.drop_path else {}
+    model = create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained,
+                         num_classes=cfg.num_classes, **kwargs)
+    data_cfg = eval_transform_cfg(model)
+    train_set = load_dataset(cfg.data, split=cfg.train_split, transform=train_transform(data_cfg),
+                             num_classes=model.num_classes, limit=cfg.limit_train, seed=cfg.seed)
+    eval_set = load_dataset(cfg.data, split=cfg.eval_split, transform=eval_transform(model),
+                            num_classes=model.num_classes, limit=cfg.limit_eval, seed=cfg.seed)
+    if len(train_set) and len(set(train_set.targets)) > model.num_classes:
+        raise ValueError(f"data has {len(set(train_set.targets))} classes, the model {model.num_classes}")
+    runner = leanvit.adapt(model, cfg.method, **cfg.options)
+    runner.train()
+    net = torch.nn.parallel.DistributedDataParallel(runner) if world > 1 else runner
+
+    per_rank_batch = cfg.batch_size // world
+    if per_rank_batch < 1 or cfg.batch_size % world:
+        raise ValueError(f"batch size {cfg.batch_size} must be a multiple of the {world} processes")
+    steps_per_epoch = (len(train_set) // world) // per_rank_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size}")
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "token" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n and "token" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+
+    state_path = out / "last.pt"
+    step, history = 0, []
+    if state_path.is_file():
+        ckpt = torch.load(state_path, map_location="cpu", weights_only=False)
+        saved = {k: v for k, v in ckpt["config"].items() if k not in ("max_steps", "workers", "save_every")}
+        mine = {k: v for k, v in asdict(cfg).items() if k not in ("max_steps", "workers", "save_every")}
+        if saved != mine:
+            diff = {k: (saved.get(k), mine.get(k)) for k in mine if saved.get(k) != mine.get(k)}
+            raise ValueError(f"{state_path} was written by a different configuration {diff}; "
+                             "use another --out or delete it to start over")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, history = ckpt["step"], ckpt["history"]
+        _set_rng_state(ckpt["rng"])
+        if is_main:
+            log(f"resumed from {state_path} at step {step}/{total_steps}")
+
+    def save():
+        if is_main:
+            atomic_save(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step,
+                             history=history, config=asdict(cfg), rng=_rng_state()), state_path)
+
+    eval_loader = make_loader(_shard(eval_set, rank, world), batch_size=256, num_workers=0)
+    augmented = SeededAugment(train_set, cfg.seed)
+    stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    bar = tqdm(total=stop_at, initial=min(step, stop_at), desc="train", unit="step", disable=not is_main,
+               dynamic_ncols=True)
+    t_start = time.time()
+    while step < stop_at:
+        epoch, skip = divmod(step, steps_per_epoch)
+        augmented.epoch = epoch
+        idx = epoch_indices(len(train_set), cfg.seed, epoch, rank, world, per_rank_batch)[skip * per_rank_batch:]
+        loader = DataLoader(Subset(augmented, idx), batch_size=per_rank_batch, shuffle=False, drop_last=True,
+                            collate_fn=collate, num_workers=cfg.workers, persistent_workers=False,
+                            generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG alone
+        run_loss = run_n = 0.0
+        for batch in loader:
+            lr = lr_at(step, total_steps, warmup, cfg.lr, cfg.min_lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss = F.cross_entropy(net(batch.images), batch.labels, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            run_loss, run_n = run_loss + loss.item(), run_n + 1
+            bar.update()
+            bar.set_postfix(epoch=epoch, loss=f"{run_loss / run_n:.3f}", lr=f"{lr:.2e}")
+            if step % cfg.save_every == 0 and step % steps_per_epoch:  # epoch ends save after eval
+                save()
+            if step >= stop_at or step % steps_per_epoch == 0:
+                break
+        if step % steps_per_epoch == 0:  # epoch finished: evaluate, log, checkpoint
+            top1 = evaluate_top1(runner, eval_loader)
+            history.append(dict(epoch=epoch + 1, step=step, train_loss=run_loss / max(run_n, 1), top1=top1,
+                                elapsed_s=round(time.time() - t_start, 1)))
+            if is_main:
+                log(json.dumps(history[-1]))
+            save()
+    bar.close()
+    save()
+    metrics = dict(steps=step, total_steps=total_steps, epochs_done=step / steps_per_epoch, history=history,
+                   config=asdict(cfg), world_size=world)
+    metrics["top1"] = history[-1]["top1"] if history and history[-1]["step"] == step else evaluate_top1(runner, eval_loader)
+    if world > 1:  # the replicas must hold identical weights
+        metrics["replica_max_abs_diff"] = _replica_diff(model)
+    if is_main:
+        export_weights(model, out / "final.safetensors")
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    if dist.is_initialized():
+        dist.barrier()
+    return metrics
+
+
+def _shard(dataset, rank, world):
+    return dataset if world == 1 else Subset(dataset, list(range(rank, len(dataset), world)))
+
+
+def _replica_diff(model) -> float:
+    """Largest difference between any process's weights and process 0's. BatchNorm statistics are
+    local to each process after its last step; DDP takes process 0's (it broadcasts them at every
+    forward), so they are synced first and the check is on the parameters."""
+    for b in model.buffers():
+        dist.broadcast(b, src=0)
+    worst = 0.0
+    for p in model.state_dict().values():
+        ref = p.detach().clone()
+        dist.broadcast(ref, src=0)
+        if p.numel():
+            worst = max(worst, float((ref - p).abs().max()))
+    t = torch.tensor([worst], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def eval_transform_cfg(model) -> dict:
+    from timm.data import resolve_data_config
+    return resolve_data_config({}, model=model)
+
+
+def export_weights(model, path: Path, half: bool = False) -> None:
+    """Weights as safetensors (fp16 if ``half``), written atomically."""
+    from safetensors.torch import save_file
+    sd = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(sd, str(tmp))
+    os.replace(tmp, path)

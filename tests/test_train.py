@@ -1,0 +1,82 @@
+"""Training: seeded, resumable with the same result, atomic checkpoints, torchrun data-parallel."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from leanvit.train import TrainConfig, epoch_indices, lr_at, train
+
+CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+pytestmark = pytest.mark.skipif(not CIFAR.is_file(), reason="offline CIFAR-10 in ../shared/data not present")
+
+SMALL = dict(model="vit12_convstem_w96_cifar", data=str(CIFAR), epochs=2, batch_size=16, limit_train=64,
+             limit_eval=32, workers=0, save_every=3, lr=1e-3, warmup_epochs=0.5)
+
+
+def weights(out):
+    return load_file(str(Path(out) / "final.safetensors"))
+
+
+def test_schedule_and_sharding():
+    assert lr_at(0, 100, 10, 1.0, 0.0) == pytest.approx(0.1)
+    assert lr_at(9, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
+    assert lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+    a = epoch_indices(50, 0, 3, 0, 2, 4)
+    b = epoch_indices(50, 0, 3, 1, 2, 4)
+    assert len(a) == len(b) == 24 and not set(a) & set(b)
+    assert epoch_indices(50, 0, 3, 0, 1, 4) != epoch_indices(50, 0, 4, 0, 1, 4)  # new order every epoch
+
+
+def test_resume_gives_the_same_result(tmp_path):
+    full = train(TrainConfig(out=str(tmp_path / "full"), **SMALL), log=lambda s: None)
+    part = tmp_path / "part"
+    first = train(TrainConfig(out=str(part), max_steps=5, **SMALL), log=lambda s: None)  # killed mid epoch 2
+    assert first["steps"] == 5 and (part / "last.pt").is_file()
+    assert not list(part.glob("*.tmp"))  # writes are atomic
+    resumed = train(TrainConfig(out=str(part), **SMALL), log=lambda s: None)
+    assert resumed["steps"] == full["steps"] == 8
+    wf, wr = weights(tmp_path / "full"), weights(part)
+    assert wf.keys() == wr.keys()
+    for k in wf:
+        torch.testing.assert_close(wr[k], wf[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert [h["top1"] for h in resumed["history"]] == [h["top1"] for h in full["history"]]
+    assert len(full["history"]) == 2 and all("train_loss" in h for h in full["history"])
+
+
+def test_resume_refuses_another_configuration(tmp_path):
+    train(TrainConfig(out=str(tmp_path), max_steps=1, **SMALL), log=lambda s: None)
+    with pytest.raises(ValueError, match="different configuration"):
+        train(TrainConfig(out=str(tmp_path), **dict(SMALL, lr=5e-4)), log=lambda s: None)
+
+
+def test_training_learns_and_finetunes_with_a_method(tmp_path):
+    """A few steps with PPT active: the loss is finite and the weights move; eval runs with PPT."""
+    cfg = TrainConfig(out=str(tmp_path), method="ppt", options={"r": 8, "threshold": "scaled"},
+                      **dict(SMALL, epochs=1))
+    m = train(cfg, log=lambda s: None)
+    assert m["steps"] == 4 and 0.0 <= m["top1"] <= 100.0
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path).values())
+    assert m["history"][0]["train_loss"] < 5.0
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_torchrun_two_processes_keep_identical_replicas(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "leanvit", "train",
+           "--model", SMALL["model"], "--data", SMALL["data"], "--out", str(out), "--epochs", "1",
+           "--batch-size", "16", "--limit-train", "64", "--limit-eval", "32", "--workers", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 4  # 64 images / 16 per step
+    assert metrics["replica_max_abs_diff"] == 0.0
+    log = (out / "train.log").read_text()
+    assert log.count("done: top-1") == 1  # only rank 0 logs
