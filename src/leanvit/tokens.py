@@ -110,10 +110,14 @@ class TokenState:
         return first.replace(x=x, size=size, valid=valid, source=source)
 
 
+def _expand_index(idx: Tensor, t: Tensor) -> Tensor:
+    """(B, K) token indices expanded to index dim 1 of a (B, N, ...) tensor."""
+    return idx.reshape(idx.shape + (1,) * (t.dim() - 2)).expand(idx.shape + t.shape[2:])
+
+
 def _take(t: Tensor, idx: Tensor) -> Tensor:
     """Gather along dim 1 of a (B, N, ...) tensor with (B, K) indices."""
-    expand = idx.reshape(idx.shape + (1,) * (t.dim() - 2)).expand(idx.shape + t.shape[2:])
-    return t.gather(1, expand)
+    return t.gather(1, _expand_index(idx, t))
 
 
 # --- pruning --------------------------------------------------------------------------------
@@ -172,14 +176,15 @@ def fuse_rest(state: TokenState, scores: Tensor, k: int) -> TokenState:
 
 
 # --- merging --------------------------------------------------------------------------------
-def bipartite_soft_matching(metric: Tensor, r: int, n_prefix: int) -> Callable[[Tensor, str], Tensor]:
+def bipartite_soft_matching(metric: Tensor, r: int, n_prefix: int) -> Callable[[Tensor], Tensor]:
     """ToMe's bipartite soft matching over a (B, N, D) metric.
 
     Tokens alternate into A (even positions) and B (odd). Each A token picks its most similar B
     token (cosine); the ``r`` best-matched A tokens merge into their partners. Prefix tokens
-    never merge away and never absorb. Returns ``merge(t, mode)`` that applies the same merge to
-    any (B, N, ...) tensor; output order: prefix, unmerged A (index order), then B.
+    never merge away and never absorb. Returns ``merge(t)`` that applies the same merge (a sum)
+    to any (B, N, ...) tensor; output order: prefix, unmerged A (index order), then B.
     """
+    B, N = metric.shape[:2]
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = metric[:, ::2], metric[:, 1::2]
     scores = a @ b.transpose(-1, -2)
@@ -187,23 +192,22 @@ def bipartite_soft_matching(metric: Tensor, r: int, n_prefix: int) -> Callable[[
     scores[:, :pa, :] = float("-inf")
     scores[:, :, :pb] = float("-inf")
     node_max, node_idx = scores.max(dim=-1)
-    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
-    unm_idx = edge_idx[:, r:].sort(dim=1).values  # A's prefix sorts first: -inf, then index order
-    src_idx = edge_idx[:, :r]
-    dst_idx = node_idx[..., None].gather(1, src_idx)
+    edge_idx = node_max.argsort(dim=-1, descending=True)
+    unm_a = edge_idx[:, r:].sort(dim=1).values[:, pa:]  # A's prefix sorts first (-inf), then index order
+    src_a = edge_idx[:, :r]
+    dst_b = node_idx.gather(1, src_a)
+    # everything as positions in the full sequence (A_j = 2j, B_j = 2j+1), so one gather lays out
+    # the output and one scatter-add folds the r sources into their destinations
+    n_b = b.shape[1]
+    dev = metric.device
+    keep = torch.cat([torch.arange(n_prefix, device=dev).expand(B, n_prefix), 2 * unm_a,
+                      (2 * torch.arange(pb, n_b, device=dev) + 1).expand(B, n_b - pb)], dim=1)
+    src = 2 * src_a
+    dst = n_prefix + unm_a.shape[1] + (dst_b - pb)  # a B token's position in the output
 
-    def merge(t: Tensor, mode: str = "sum") -> Tensor:
-        ta, tb = t[:, ::2], t[:, 1::2]
-        tail = t.shape[2:]
-        unm = ta.gather(1, unm_idx.reshape(unm_idx.shape[:2] + (1,) * len(tail)).expand(-1, -1, *tail))
-        src = ta.gather(1, src_idx.reshape(src_idx.shape[:2] + (1,) * len(tail)).expand(-1, -1, *tail))
-        dst_index = dst_idx.reshape(dst_idx.shape[:2] + (1,) * len(tail)).expand(-1, -1, *tail)
-        tb = tb.scatter_reduce(1, dst_index, src, reduce=mode)
-        if n_prefix <= 1:
-            return torch.cat([unm, tb], dim=1)
-        # put the prefix back in its original interleaved order (e.g. CLS, distillation token)
-        prefix = [unm[:, i // 2 : i // 2 + 1] if i % 2 == 0 else tb[:, i // 2 : i // 2 + 1] for i in range(n_prefix)]
-        return torch.cat(prefix + [unm[:, pa:], tb[:, pb:]], dim=1)
+    def merge(t: Tensor) -> Tensor:
+        out = _take(t, keep)
+        return out.scatter_add_(1, _expand_index(dst, t), _take(t, src))
 
     return merge
 
@@ -216,9 +220,9 @@ def merge_tokens(state: TokenState, metric: Tensor, r: int) -> TokenState:
         return state
     merge = bipartite_soft_matching(metric, r, state.n_prefix)
     size = state.sizes()
-    x = merge(state.x * size[..., None], "sum")
-    size = merge(size, "sum")
-    source = None if state.source is None else merge(state.source, "sum")
+    x = merge(state.x if state.size is None else state.x * size[..., None])  # all sizes 1: skip the product
+    size = merge(size)
+    source = None if state.source is None else merge(state.source)
     return state.replace(x=x / size[..., None], size=size, source=source)
 
 
