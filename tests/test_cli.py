@@ -133,3 +133,23 @@ def test_wrong_image_size_python_api():
     model = timm.create_model("deit_tiny_patch16_224")
     with pytest.raises(ValueError, match="expects 224x224 images, got 32x32"):
         leanvit.adapt(model, "ppt")(torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.skipif(not CIFAR.is_file(), reason="offline data in ../shared/data not present")
+def test_sweep_writes_table_json_and_plots(tmp_path, capsys):
+    from PIL import Image
+    out = tmp_path / "sweep"
+    code, stdout, err = run_cli(["sweep", "--model", "vit12_convstem_w96_cifar", "--data", str(CIFAR),
+                                 "--methods", "tome:r=2", "tome:r=4", "ppt:r=10:threshold=scaled", "evit:keep_rate=0.5",
+                                 "--limit", "40", "--batch-size", "20", "--workers", "0", "--out", str(out)], capsys)
+    assert code == 0, err
+    result = json.loads((out / "results.json").read_text())
+    assert result["n_images"] == 40 and len(result["rows"]) == 4
+    by_label = {(r["method"], r["label"]): r for r in result["rows"]}
+    assert by_label[("tome", "r=4")]["gmacs"] < by_label[("tome", "r=2")]["gmacs"] < result["dense"]["gmacs"]
+    assert by_label[("ppt", "r=10 threshold=scaled")]["extra"]["prune_fraction_per_layer"].keys() == {"3", "6", "9"} \
+        or by_label[("ppt", "r=10 threshold=scaled")]["extra"]["prune_fraction_per_layer"].keys() == {3, 6, 9}
+    for png in ("pareto.png", "token_maps.png"):
+        w, h = Image.open(out / png).size
+        assert w > 300 and h > 200
+    assert "tome" in stdout and "vs dense" in stdout

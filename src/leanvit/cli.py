@@ -152,13 +152,44 @@ def cmd_models(args) -> int:
     return 0
 
 
+def _comparison(args, model, model_name, specs, data_path) -> int:
+    from .data import eval_transform, load_dataset
+    from .demo import run_comparison
+    dataset = load_dataset(data_path, split=args.split, transform=eval_transform(model),
+                           num_classes=model.num_classes, limit=args.limit)
+    result = run_comparison(model, model_name, dataset, specs, args.out, batch_size=args.batch_size,
+                            workers=args.workers)
+    print(f"{model_name} on {dataset.root} ({args.split}, {result['n_images']} images), "
+          f"{result['threads']} threads, batch {args.batch_size}, {result['seconds']:.0f} s")
+    print(result["table"])
+    print(f"wrote {args.out}/results.json, pareto.png, token_maps.png, table.txt")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .demo import spec_from_text
+    model = _load(args)
+    return _comparison(args, model, args.model, [spec_from_text(s) for s in args.methods], args.data)
+
+
 def cmd_demo(args) -> int:
+    from .data import DataError, describe_search, find_default_cifar10
+    from .demo import DEMO_MODEL, DEMO_SPECS
     from .models import list_models
-    if not list_models():
-        print("leanvit demo: the reference model is not trained yet (see the issue 'reference models').\n"
-              "Meanwhile try: leanvit eval --model deit_tiny_patch16_224 --data DIR --method ppt --opt r=50")
+    from .zoo import load_model
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if DEMO_MODEL not in list_models():
+        print(f"leanvit demo: the reference model {DEMO_MODEL} is not shipped in this checkout yet.\n"
+              "Meanwhile try: leanvit eval --model deit_tiny_patch16_224 --data DIR --method ppt --opt r=50",
+              file=sys.stderr)
         return 1
-    raise SystemExit("leanvit demo: reference models found but the demo is not wired to them yet")
+    data = args.data or find_default_cifar10()
+    if data is None:
+        raise DataError("leanvit demo needs CIFAR-10 and found none.\n" + describe_search())
+    if args.full:
+        args.limit = None
+    return _comparison(args, load_model(DEMO_MODEL), DEMO_MODEL, DEMO_SPECS, data)
 
 
 def _write_json(path: str, payload: dict) -> None:
@@ -227,7 +258,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list the token-reduction methods").set_defaults(func=cmd_methods)
     sub.add_parser("models", help="list leanvit's reference models").set_defaults(func=cmd_models)
-    sub.add_parser("demo", help="the reference model against every method").set_defaults(func=cmd_demo)
+    p = sub.add_parser("sweep", help="every method at several budgets: table, JSON, Pareto plot, token maps")
+    _add_model_args(p)
+    p.add_argument("--data", help="data set (default: CIFAR-10 from the standard locations)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--methods", nargs="+", required=True, metavar="SPEC",
+                   help="method specs name:key=value:..., e.g. tome:r=2 tome:r=4 ppt:r=10:threshold=scaled")
+    p.add_argument("--limit", type=int, help="a class-balanced subset of this many images (default: all)")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--out", default="leanvit-sweep", help="output directory")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("demo", help="the shipped reference model against every parameter-free method")
+    p.add_argument("--data", help="CIFAR-10 (default: ../shared/data, $LEANVIT_DATA or a standard location)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, default=2000,
+                   help="class-balanced subset of the test set (default 2000, about 3 minutes on 2 cores)")
+    p.add_argument("--full", action="store_true", help="all 10,000 test images")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="leanvit-demo", help="output directory (default ./leanvit-demo)")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Tuple
 
 import torch
 from tqdm import tqdm
@@ -63,3 +63,21 @@ def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval") 
             images_per_second=n / s["seconds"], n_images=n, skipped=len(skipped),
             skipped_paths=list(skipped), extra=extra)
     return results
+
+
+def sweep(model, loader, specs: List[Tuple[str, str, dict]], desc: str = "sweep") -> dict:
+    """Dense and every ``(method, label, options)`` in one pass over ``loader``.
+
+    Returns ``{"dense": EvalResult-dict, "rows": [dict(method, label, options, ...EvalResult)]}``.
+    """
+    import leanvit
+    runners = {"dense": leanvit.adapt(model, "none")}
+    for method, label, options in specs:
+        runners[f"{method} {label}"] = leanvit.adapt(model, method, **options)
+    results = evaluate(runners, loader, desc=desc)
+    rows = []
+    for (method, label, options) in specs:
+        r = results[f"{method} {label}"].to_dict()
+        r.pop("skipped_paths")
+        rows.append(dict(r, method=method, label=label, options=options))
+    return dict(dense=results["dense"].to_dict(), rows=rows)

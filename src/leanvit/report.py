@@ -1,0 +1,412 @@
+"""Figures and tables of results: accuracy/GMACs Pareto plots, token maps, plain-text tables.
+
+    from leanvit.report import pareto_plot, token_maps, format_table
+    pareto_plot(results, "runs/pareto.png", dense={"gmacs": 4.6, "top1": 79.8})
+    token_maps({"tome": tome, "ppt": ppt}, images, "runs/maps.png",
+               image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225))
+    print(format_table(rows, dense))
+
+Figures are drawn on matplotlib's Agg canvas directly (no pyplot, no display, the global
+backend is left alone).
+"""
+from __future__ import annotations
+
+import colorsys
+import copy
+import math
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .runtime import LeanViT
+
+
+# --------------------------------------------------------------------------- shared helpers
+def _new_figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path, dpi: int = 130) -> str:
+    path = os.fspath(path)
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    fig.savefig(path, dpi=dpi, format="png")
+    return path
+
+
+def _get(row, key, default=None):
+    """A field of a result given as a dict or as an object (e.g. an EvalResult)."""
+    if isinstance(row, Mapping):
+        return row.get(key, default)
+    return getattr(row, key, default)
+
+
+# --------------------------------------------------------------------------- Pareto plot
+_MARKERS = "osD^vP<>Xph"
+
+
+def pareto_plot(results: Sequence[Mapping], path, title: Optional[str] = None,
+                dense: Optional[Mapping] = None) -> str:
+    """Top-1 against GMACs per image: one line per method, each point labelled with its budget.
+
+    ``results``: dicts with ``method``, ``label`` (e.g. "r=50"), ``gmacs`` and ``top1`` (percent).
+    ``dense``: optional dict with ``gmacs`` and ``top1`` of the unreduced model, drawn as a star.
+    Writes a PNG (parent folders are created) and returns ``path``.
+    """
+    by_method: Dict[str, List[Mapping]] = {}
+    for r in results:
+        by_method.setdefault(str(_get(r, "method")), []).append(r)
+
+    fig = _new_figure(7.0, 5.0)
+    ax = fig.add_subplot(1, 1, 1)
+    colors = [f"C{i}" for i in range(10)]
+    for i, (method, pts) in enumerate(by_method.items()):
+        pts = sorted(pts, key=lambda p: float(_get(p, "gmacs")))
+        xs = [float(_get(p, "gmacs")) for p in pts]
+        ys = [float(_get(p, "top1")) for p in pts]
+        color = colors[i % len(colors)]
+        ax.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], color=color, label=method,
+                linewidth=1.5, markersize=6)
+        for p, x, y in zip(pts, xs, ys):
+            label = _get(p, "label")
+            if label not in (None, ""):
+                ax.annotate(str(label), (x, y), xytext=(4, 4), textcoords="offset points",
+                            fontsize=7, color=color)
+    if dense is not None:
+        x, y = float(_get(dense, "gmacs")), float(_get(dense, "top1"))
+        ax.plot([x], [y], marker="*", color="black", markersize=15, linestyle="none",
+                label=str(_get(dense, "method", None) or "dense"))
+        ax.annotate(f"{y:.1f}%", (x, y), xytext=(6, -10), textcoords="offset points", fontsize=7)
+    ax.set_xlabel("GMACs per image")
+    ax.set_ylabel("top-1 (%)")
+    ax.grid(True, alpha=0.35)
+    ax.margins(x=0.08, y=0.08)
+    if by_method or dense is not None:
+        ax.legend(fontsize=8, loc="best")
+    ax.set_title(title if title is not None else "accuracy vs. compute")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- token states per layer
+@dataclass
+class LayerTokens:
+    """The tokens of a batch right after one decision (``layer`` -1: the input tokens).
+
+    source: (B, N, N0) which input tokens each token stands for (cumulative from the input);
+    valid:  (B, N) bool, or None when no image has padding; size: (B, N) or None (all 1).
+    """
+
+    layer: int
+    n_prefix: int
+    source: Tensor
+    valid: Optional[Tensor] = None
+    size: Optional[Tensor] = None
+
+    def counts(self) -> Tensor:
+        """(B,) real tokens per image (prefix included)."""
+        if self.valid is None:
+            return torch.full((self.source.shape[0],), self.source.shape[1], dtype=torch.long)
+        return self.valid.sum(1)
+
+
+def _snapshot(obj) -> dict:
+    """The attributes of a method, copied so that a diagnostic forward leaves no trace
+    (PPT's prune statistics, the random method's generator, ...)."""
+    saved = {}
+    for k, v in vars(obj).items():
+        if isinstance(v, torch.Generator):
+            saved[k] = (v, v.get_state())
+        elif isinstance(v, (dict, list, set)):
+            try:
+                saved[k] = (v, copy.deepcopy(v))
+            except Exception:  # not copyable: keep the reference only
+                saved[k] = (v, None)
+        else:
+            saved[k] = (v, None)
+    return saved
+
+
+def _restore(obj, saved: dict) -> None:
+    """Put back every attribute (the same objects, with their saved contents) and drop new ones."""
+    for k in [k for k in vars(obj) if k not in saved]:
+        delattr(obj, k)
+    for k, (v, content) in saved.items():
+        if content is not None:
+            if isinstance(v, torch.Generator):
+                v.set_state(content)
+            elif isinstance(v, dict):
+                v.clear()
+                v.update(content)
+            elif isinstance(v, list):
+                v[:] = content
+            else:
+                v.clear()
+                v |= content
+        setattr(obj, k, v)
+
+
+def record_token_states(runner: LeanViT, images: Tensor) -> List[LayerTokens]:
+    """Run ``runner`` on ``images`` (inference mode, source tracking) and return the token state
+    after each of its decision layers, in order.
+
+    The method's ``reduce`` is wrapped for this forward only and restored afterwards (also on
+    error); the method's other attributes (statistics, random generators) and the runner's
+    ``last_state`` are restored too, so later forwards are as if this one had not happened.
+    """
+    method = runner.method
+    saved = _snapshot(method)
+    own_reduce = "reduce" in saved  # already an instance attribute (someone else's wrapper)
+    original = method.reduce
+    last_state = runner.last_state
+    records: List[LayerTokens] = []
+
+    def recording_reduce(layer, state, attn):
+        out = original(layer, state, attn)
+        if out.source is None:
+            raise RuntimeError(f"{type(method).__name__}.reduce dropped the token sources at layer {layer}")
+        records.append(LayerTokens(
+            layer=int(layer), n_prefix=out.n_prefix, source=out.source.detach().clone(),
+            valid=None if out.valid is None else out.valid.detach().clone(),
+            size=None if out.size is None else out.size.detach().clone()))
+        return out
+
+    method.reduce = recording_reduce
+    try:
+        with torch.inference_mode(), runner.tracing(track_source=True):
+            runner(images)
+    finally:
+        if own_reduce:
+            method.reduce = original
+        else:
+            vars(method).pop("reduce", None)
+        _restore(method, saved)
+        runner.last_state = last_state
+    return records
+
+
+# --------------------------------------------------------------------------- token maps
+def _grid_side(n_patches: int) -> int:
+    g = int(math.isqrt(max(n_patches, 0)))
+    if g * g != n_patches or g == 0:
+        raise ValueError(f"token maps need a square patch grid; the model has {n_patches} patches")
+    return g
+
+
+def _check_square_input(runner: LeanViT, images: Tensor) -> None:
+    """Refuse a non-square patch grid even when its patch count happens to be a square."""
+    ps = getattr(runner.model.patch_embed, "patch_size", None)
+    if ps is None:
+        return
+    ph, pw = (ps, ps) if isinstance(ps, int) else tuple(ps)
+    gh, gw = images.shape[-2] // ph, images.shape[-1] // pw
+    if gh != gw:
+        raise ValueError(f"token maps need a square patch grid; these images give {gh}x{gw} patches")
+
+
+def _display_images(images: Tensor, mean, std) -> np.ndarray:
+    """(B, H, W, 3) float in [0, 1]."""
+    x = images.detach().float().cpu()
+    if mean is not None and std is not None:
+        m = torch.as_tensor(mean, dtype=x.dtype).reshape(1, -1, 1, 1)
+        s = torch.as_tensor(std, dtype=x.dtype).reshape(1, -1, 1, 1)
+        x = x * s + m
+    else:  # min-max per image
+        lo = x.flatten(1).min(1).values.reshape(-1, 1, 1, 1)
+        hi = x.flatten(1).max(1).values.reshape(-1, 1, 1, 1)
+        x = (x - lo) / (hi - lo).clamp_min(1e-12)
+    x = x.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    return x[..., :3]
+
+
+def _group_colors(n: int, seed: int) -> np.ndarray:
+    """``n`` distinct colours: golden-ratio hue steps from a random start, alternating shades."""
+    start = np.random.default_rng(seed).random()
+    cols = [colorsys.hsv_to_rgb((start + 0.618034 * k) % 1.0, 0.9 if k % 2 == 0 else 0.6,
+                                1.0 if k % 3 != 2 else 0.75) for k in range(n)]
+    return np.asarray(cols, dtype=np.float64).reshape(n, 3)
+
+
+def _patch_layout(rec: LayerTokens, b: int, g: int):
+    """(owner (g, g) int token index or -1 if pruned, merged (g, g) bool, tokens real)."""
+    p = rec.n_prefix
+    src = rec.source[b].float().cpu()
+    if rec.valid is not None:
+        src = src[rec.valid[b].cpu()]  # padding rows are copies of real tokens: ignore them
+    src = src[:, p:] > 0.5  # (N_real, g*g): patches each real token covers
+    covered = src.any(0)
+    owner = torch.where(covered, src.float().argmax(0), torch.full_like(covered, -1, dtype=torch.long))
+    merged_token = src.sum(1) > 1
+    merged = covered & merged_token[owner.clamp_min(0)]
+    return owner.reshape(g, g).numpy(), merged.reshape(g, g).numpy(), src.shape[0]
+
+
+def _render(img: np.ndarray, owner: np.ndarray, merged: np.ndarray, seed: int) -> np.ndarray:
+    H, W, _ = img.shape
+    g = owner.shape[0]
+    rows, cols = (np.arange(H) * g) // H, (np.arange(W) * g) // W
+    own = owner[rows][:, cols]
+    mer = merged[rows][:, cols]
+    out = img.copy()
+    pruned = own < 0
+    gray = img.mean(-1, keepdims=True)
+    out = np.where(pruned[..., None], 0.06 + 0.22 * gray, out)
+    if mer.any():
+        groups = np.unique(owner[merged])
+        colors = _group_colors(len(groups), seed)
+        lut = np.zeros((int(owner.max()) + 1, 3))
+        lut[groups] = colors
+        tint = lut[np.where(mer, own, 0)]
+        out = np.where(mer[..., None], 0.5 * img + 0.5 * tint, out)
+    return np.clip(out, 0, 1)
+
+
+def _group_edges(owner: np.ndarray, merged: np.ndarray, H: int, W: int) -> list:
+    """Line segments (in pixels) between neighbouring patches of different tokens where at
+    least one of them is a merged group: the outlines of the merged groups."""
+    g = owner.shape[0]
+    ph, pw = H / g, W / g
+    segs = []
+    for r in range(g):
+        for c in range(g):
+            if c + 1 < g and owner[r, c] != owner[r, c + 1] and (merged[r, c] or merged[r, c + 1]):
+                segs.append([((c + 1) * pw, r * ph), ((c + 1) * pw, (r + 1) * ph)])
+            if r + 1 < g and owner[r, c] != owner[r + 1, c] and (merged[r, c] or merged[r + 1, c]):
+                segs.append([(c * pw, (r + 1) * ph), ((c + 1) * pw, (r + 1) * ph)])
+    return segs
+
+
+def _state_at(records: List[LayerTokens], layer: int, identity: LayerTokens) -> LayerTokens:
+    """The tokens in effect after block ``layer``: its last decision at or before it."""
+    best = identity
+    for rec in records:
+        if rec.layer <= layer:
+            best = rec
+    return best
+
+
+def token_maps(runners: Mapping[str, LeanViT], images: Tensor, path, layers: Optional[Sequence[int]] = None,
+               image_mean=None, image_std=None, max_images: int = 4) -> str:
+    """Draw which patches each method keeps, merges and prunes, layer by layer.
+
+    Rows are images (the first ``max_images``); columns are the input, then for each runner (in
+    order) one panel per decision layer. With ``layers``, each runner gets one panel per listed
+    block instead, showing the tokens in effect after that block (its latest decision so far),
+    so that methods line up by depth. In a panel, pruned patches (covered by no token) are dark
+    grey, patches merged into one token share a colour (50% over the image), single patches are
+    shown as they are. ``images`` are normalised; ``image_mean``/``image_std`` undo that for
+    display (otherwise each image is min-max scaled). Needs a square patch grid (ValueError).
+    Each runner runs once on the images in its current train/eval mode (see
+    :func:`record_token_states`). Writes a PNG and returns ``path``.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"expected a batch of images (B, C, H, W), got {tuple(images.shape)}")
+    images = images[:max(int(max_images), 1)]
+    B, H, W = images.shape[0], images.shape[-2], images.shape[-1]
+    for runner in runners.values():
+        _check_square_input(runner, images)
+
+    panels = []  # (title prefix, LayerTokens)
+    g = None
+    for name, runner in runners.items():
+        records = record_token_states(runner, images)
+        n0 = records[0].source.shape[-1] if records else None
+        if layers is not None:
+            if n0 is None:  # no decision ran: every token is its own input token
+                n0 = runner.n_prefix + runner.model.patch_embed.num_patches
+            eye = torch.eye(n0).expand(B, n0, n0)
+            identity = LayerTokens(layer=-1, n_prefix=runner.n_prefix, source=eye)
+            chosen = [(int(l), _state_at(records, int(l), identity)) for l in layers]
+        else:
+            chosen = [(rec.layer, rec) for rec in records]
+        if n0 is not None:
+            side = _grid_side(n0 - runner.n_prefix)
+            if g is not None and side != g:
+                raise ValueError(f"runners disagree on the patch grid ({g}x{g} vs {side}x{side})")
+            g = side
+        panels.extend((f"{name} L{l}", rec) for l, rec in chosen)
+
+    disp = _display_images(images, image_mean, image_std)
+    ncols = 1 + len(panels)
+    panel, title_h, gap, caption_h, margin = 1.6, 0.3, 0.08, 0.35, 0.1  # inches
+    width = 2 * margin + ncols * panel + (ncols - 1) * gap
+    height = B * (panel + title_h) + caption_h
+    fig = _new_figure(width, height)
+    fig.subplots_adjust(left=margin / width, right=1 - margin / width, top=1 - title_h / height,
+                        bottom=caption_h / height, wspace=gap / panel, hspace=title_h / panel)
+    for b in range(B):
+        ax = fig.add_subplot(B, ncols, b * ncols + 1)
+        ax.imshow(disp[b], extent=(0, W, H, 0), interpolation="nearest")
+        ax.set_title("input" if b == 0 else "", fontsize=8)
+        ax.set_axis_off()
+        for j, (title, rec) in enumerate(panels):
+            owner, merged, n_real = _patch_layout(rec, b, g)
+            ax = fig.add_subplot(B, ncols, b * ncols + 2 + j)
+            ax.imshow(_render(disp[b], owner, merged, seed=1000 * b + j), extent=(0, W, H, 0),
+                      interpolation="nearest")
+            ticks_x = [W * k / g for k in range(1, g)]
+            ticks_y = [H * k / g for k in range(1, g)]
+            ax.vlines(ticks_x, 0, H, colors="white", linewidths=0.3, alpha=0.45)
+            ax.hlines(ticks_y, 0, W, colors="white", linewidths=0.3, alpha=0.45)
+            segs = _group_edges(owner, merged, H, W)
+            if segs:
+                from matplotlib.collections import LineCollection
+                ax.add_collection(LineCollection(segs, colors="black", linewidths=0.9, alpha=0.8))
+            ax.set_xlim(0, W)
+            ax.set_ylim(H, 0)
+            ax.set_title(f"{title} ({n_real} tok)", fontsize=7)
+            ax.set_axis_off()
+    fig.text(0.5, 0.08 / height, "dark: pruned patches   ·   same colour, outlined: patches merged into one token   ·   "
+             "untinted: patches kept as single tokens", ha="center", va="bottom", fontsize=7, color="0.3")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- table
+def format_table(rows: Sequence[Mapping], dense: Mapping) -> str:
+    """A plain-text table: method, budget, top-1 %, change vs dense (points), GMACs, speedup.
+
+    ``rows`` and ``dense``: dicts with ``method``, ``label``, ``top1`` (percent), ``gmacs`` and
+    ``images_per_second``; speedup is images/s over the dense model's images/s. The dense model
+    is the first line.
+    """
+    d_top1 = float(_get(dense, "top1"))
+    d_ips = _get(dense, "images_per_second")
+
+    def line(r, is_dense=False):
+        top1 = float(_get(r, "top1"))
+        ips = _get(r, "images_per_second")
+        gmacs = _get(r, "gmacs")
+        speed = "-" if not ips or not d_ips else f"{float(ips) / float(d_ips):.2f}x"
+        return [str(_get(r, "method", "") or ("dense" if is_dense else "")),
+                str(_get(r, "label", "") or ""),
+                f"{top1:.2f}",
+                "-" if is_dense else f"{top1 - d_top1:+.2f}",
+                "-" if gmacs is None else f"{float(gmacs):.3f}",
+                speed]
+
+    header = ["method", "budget", "top-1 %", "vs dense", "GMACs", "speedup"]
+    body = [line(dense, True)] + [line(r) for r in rows]
+    widths = [max(len(c[i]) for c in [header] + body) for i in range(len(header))]
+    left = {0, 1}
+
+    def fmt(cells):
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    out = [fmt(header), "  ".join("-" * w for w in widths), fmt(body[0])]
+    if len(body) > 1:
+        out.append("  ".join("-" * w for w in widths))
+        out.extend(fmt(c) for c in body[1:])
+    return "\n".join(out) + "\n"
