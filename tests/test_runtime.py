@@ -470,3 +470,37 @@ def test_random_seed_reproducible():
         ya, yb, yc = a(x), b(x), c(x)
     assert torch.equal(ya, yb)
     assert not torch.allclose(ya, yc)
+
+
+# --------------------------------------------------------------------------- masked execution
+@pytest.mark.parametrize("method, opts", [
+    ("evit", dict(keep_rate=0.6, fuse=False)),
+    ("ppt", dict(r=12, threshold=0.0)),  # every image prunes
+    ("ats", dict(tokens=0.8)),
+    ("above_mean", {}),  # a deterministic per-image (ragged) decision from conftest
+])
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_masked_equals_gathered(method, opts, pool):
+    """Masked execution (pruned tokens stay, marked invalid: how learned methods train) gives the
+    logits and token counts of real removal."""
+    model = small_vit(sharp=4.0, global_pool=pool).eval()
+    x = images(3)
+    runs = {}
+    for masked in (False, True):
+        f = leanvit.adapt(model, AboveMean((3, 6, 9)) if method == "above_mean" else method, **opts)
+        f.masked = masked
+        with torch.no_grad(), f.tracing() as trace:
+            logits = f(x)
+        runs[masked] = (logits, [rec["mlp_tokens"].tolist() for rec in trace], f.last_state)
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-4, atol=1e-5)
+    assert runs[True][1] == runs[False][1]  # same kept-token counts per image and layer
+    assert runs[True][2].x.shape[1] == 65  # masked: the batch kept its shape
+    assert runs[False][2].x.shape[1] < 65
+
+
+def test_masked_execution_keeps_gradients_flowing():
+    model = small_vit(sharp=4.0).train()
+    f = leanvit.adapt(model, "random", keep_rate=0.5, independent=True)
+    f.masked = True
+    f(images(2)).sum().backward()
+    assert all(p.grad is not None for p in model.blocks[11].parameters())

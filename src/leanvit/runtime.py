@@ -69,6 +69,9 @@ class LeanViT(nn.Module):
             embed_dim=model.embed_dim, has_cls=model.cls_token is not None))
         self.decision_layers = frozenset(method.decision_layers())
         self.track_source = False  # set True to record which input tokens each token stands for
+        # True: pruning marks tokens invalid instead of removing them (training with a fixed batch
+        # shape, as RL4EViT and DynamicViT train); merging methods cannot run masked
+        self.masked = False
         self._trace: Optional[List[dict]] = None
         self.last_state: Optional[TokenState] = None  # final tokens of the last forward when tracing
         self.train(model.training)  # a wrapper of an eval-mode model starts in eval mode
@@ -94,7 +97,7 @@ class LeanViT(nn.Module):
         if self.track_source:
             source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1)
         self.method.begin(x.shape[0])
-        return TokenState(x=x, n_prefix=self.n_prefix, source=source)
+        return TokenState(x=x, n_prefix=self.n_prefix, source=source, compact=not self.masked)
 
     def run_block(self, index: int, blk: Block, state: TokenState) -> TokenState:
         """timm's Block.forward, with the method's decision between attention and MLP."""

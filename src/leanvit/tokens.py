@@ -24,6 +24,8 @@ class TokenState:
     valid:    (B, N) bool, ``None`` while every token is real. Ragged batches (per-image token
               counts) are padded to the batch maximum; padding is masked out of attention.
     source:   (B, N, N0) 0/1 map of which input tokens each token stands for; only when tracking.
+    compact:  False for masked execution (training with a fixed batch shape): pruned tokens stay
+              in place, marked invalid, so attention ignores them exactly as if removed.
     """
 
     x: Tensor
@@ -31,19 +33,22 @@ class TokenState:
     size: Optional[Tensor] = None
     valid: Optional[Tensor] = None
     source: Optional[Tensor] = None
+    compact: bool = True
 
     @property
     def batch(self) -> int:
         return self.x.shape[0]
 
     @property
-    def n_tokens(self) -> int:
-        return self.x.shape[1]
+    def n_patches(self) -> int:
+        """Reducible tokens per image: the most any image has (padding included when ragged)."""
+        if self.compact or self.valid is None:
+            return self.x.shape[1] - self.n_prefix
+        return int(self.valid[:, self.n_prefix:].sum(1).max())
 
     @property
-    def n_patches(self) -> int:
-        """Reducible tokens per image (padded width for ragged batches)."""
-        return self.x.shape[1] - self.n_prefix
+    def n_tokens(self) -> int:
+        return self.n_prefix + self.n_patches
 
     def replace(self, **changes) -> "TokenState":
         return replace(self, **changes)
@@ -130,7 +135,11 @@ def keep_top(state: TokenState, scores: Tensor, k: int) -> TokenState:
     p = state.n_prefix
     if state.valid is not None:  # padding never survives
         scores = scores.masked_fill(~state.valid[:, p:], float("-inf"))
-    top = scores.topk(k, dim=1, largest=True, sorted=True).indices + p
+    top = scores.topk(k, dim=1, largest=True, sorted=True).indices
+    if not state.compact:
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top, True)
+        return keep_mask(state, keep)
+    top = top + p
     prefix = torch.arange(p, device=top.device).expand(state.batch, p)
     return state.gather(torch.cat([prefix, top], dim=1))
 
@@ -144,6 +153,8 @@ def keep_mask(state: TokenState, keep: Tensor) -> TokenState:
     if state.valid is not None:
         keep = keep & state.valid[:, p:]
     full = torch.cat([keep.new_ones(state.batch, p), keep], dim=1)
+    if not state.compact:
+        return state.replace(valid=full)
     counts = full.sum(1)
     width = int(counts.max())
     # stable sort puts kept tokens first, in their original order

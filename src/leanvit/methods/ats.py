@@ -49,7 +49,7 @@ class ATS(Reduction):
         points = torch.where(j < k[:, None], points, points[:, :1])  # surplus points repeat the first
         picked = torch.searchsorted(cdf.contiguous(), points.contiguous(), right=True)
         keep = torch.zeros_like(scores, dtype=torch.bool)
-        keep.scatter_(1, picked.clamp_max(state.n_patches - 1), True)
+        keep.scatter_(1, picked.clamp_max(scores.shape[1] - 1), True)
         return keep_mask(state, keep)
 
     def extra_repr(self):

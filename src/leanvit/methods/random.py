@@ -38,15 +38,17 @@ class RandomDrop(Reduction):
         return self.layers
 
     def reduce(self, layer, state, attn):
-        n = state.n_patches
-        noise = torch.rand(state.batch, n, generator=self.generator).to(state.x.device)
+        p, n = state.n_prefix, state.n_patches
+        noise = torch.rand(state.batch, state.x.shape[1] - p, generator=self.generator).to(state.x.device)
         if self.schedule is not None:
-            k = self.schedule[layer] - state.n_prefix
+            k = self.schedule[layer] - p
             return state if k >= n else keep_top(state, noise, k)
         if not self.independent:
             return keep_top(state, noise, ceil_keep(self.keep_rate, n))
-        keep = noise < self.keep_rate
-        keep[:, 0] |= ~keep.any(dim=1)  # every image keeps at least one patch
+        alive = torch.ones_like(noise, dtype=torch.bool) if state.valid is None else state.valid[:, p:]
+        keep = (noise < self.keep_rate) & alive
+        empty = ~keep.any(dim=1)  # every image keeps at least one patch: its first live one
+        keep[empty, alive[empty].float().argmax(dim=1)] = True
         return keep_mask(state, keep)
 
     def extra_repr(self):
