@@ -480,7 +480,7 @@ def test_random_seed_reproducible():
     ("above_mean", {}),  # a deterministic per-image (ragged) decision from conftest
 ])
 @pytest.mark.parametrize("pool", ["token", "avg"])
-def test_masked_equals_gathered(method, opts, pool):
+def test_masked_execution_equals_removal(method, opts, pool):
     """Masked execution (pruned tokens stay, marked invalid: how learned methods train) gives the
     logits and token counts of real removal."""
     model = small_vit(sharp=4.0, global_pool=pool).eval()
