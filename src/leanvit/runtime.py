@@ -67,7 +67,11 @@ class LeanViT(nn.Module):
             n_tokens=model.patch_embed.num_patches + self.n_prefix,
             num_heads=model.blocks[0].attn.num_heads if len(model.blocks) else 0,
             embed_dim=model.embed_dim, has_cls=model.cls_token is not None))
-        self.decision_layers = frozenset(method.decision_layers())
+        if method.position not in ("attention", "block"):
+            raise ValueError(f"{method!r}: position must be 'attention' or 'block', got {method.position!r}")
+        layers = frozenset(method.decision_layers())
+        self.decision_layers = layers if method.position == "attention" else frozenset()
+        self.after_block_layers = layers if method.position == "block" else frozenset()
         self.track_source = False  # set True to record which input tokens each token stands for
         # True: pruning marks tokens invalid instead of removing them (training with a fixed batch
         # shape, as RL4EViT and DynamicViT train); merging methods cannot run masked
@@ -100,7 +104,8 @@ class LeanViT(nn.Module):
         return TokenState(x=x, n_prefix=self.n_prefix, source=source, compact=not self.masked)
 
     def run_block(self, index: int, blk: Block, state: TokenState) -> TokenState:
-        """timm's Block.forward, with the method's decision between attention and MLP."""
+        """timm's Block.forward, with the method's decision between attention and MLP (or after
+        the block, for methods whose decision layers sit between blocks)."""
         attn = blk.attn
         x = state.x
         B, N, C = x.shape
@@ -127,7 +132,10 @@ class LeanViT(nn.Module):
         if self._trace is not None:
             self._trace.append(dict(layer=index, attn_tokens=counts_in, attn_width=N,
                                     mlp_tokens=state.counts(), mlp_width=x.shape[1]))
-        return state.replace(x=x)
+        state = state.replace(x=x)
+        if index in self.after_block_layers:
+            state = self.method.reduce(index, state, None)
+        return state
 
     def head(self, state: TokenState) -> Tensor:
         m = self.model

@@ -68,9 +68,16 @@ class AttentionView:
 
 
 class Reduction(abc.ABC):
-    """Base class of every method. Subclasses set ``name`` and implement ``reduce``."""
+    """Base class of every method. Subclasses set ``name`` and implement ``reduce``.
+
+    ``position`` says where a decision layer sits in its block: ``"attention"`` (after the
+    attention residual, before the MLP: EViT, ToMe, PPT, ATS) or ``"block"`` (after the whole
+    block, i.e. between blocks: RL4EViT's and DynamicViT's pruning layers). Learned methods are
+    also ``nn.Module``s, so their parameters live in the adapted model's ``state_dict``.
+    """
 
     name: str = ""
+    position: str = "attention"
 
     def bind(self, info: ModelInfo) -> None:
         """Check the options against the model; called once by :func:`leanvit.adapt`."""
@@ -84,8 +91,9 @@ class Reduction(abc.ABC):
         """Called at the start of every forward."""
 
     @abc.abstractmethod
-    def reduce(self, layer: int, state: TokenState, attn: AttentionView) -> TokenState:
-        """The reduced tokens; the block's MLP and every later block see only these."""
+    def reduce(self, layer: int, state: TokenState, attn: Optional[AttentionView]) -> TokenState:
+        """The reduced tokens; what runs after the decision sees only these. ``attn`` is the
+        block's attention for ``position == "attention"``, None for ``"block"``."""
 
     def extra_repr(self) -> str:
         return ""

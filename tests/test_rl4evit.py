@@ -1,0 +1,64 @@
+"""RL4EViT: rewards by hand, greedy inference that really removes tokens, masked == removed."""
+import pytest
+import torch
+
+import leanvit
+from leanvit.methods.rl4evit import agent_rewards
+
+from conftest import images, small_vit
+
+
+def test_rewards_hand_made():
+    # one image, 3 agents, 2 layers; layer 0: keep, prune, keep; layer 1 (agent 1 gone): keep, -, prune
+    kept = torch.tensor([[[True, False, True]], [[True, False, False]]])
+    alive = torch.tensor([[[True, True, True]], [[True, False, True]]])
+    r = agent_rewards(kept, alive, torch.tensor([True]), alpha=0.5, beta=2.0)
+    # layer 0: n=2 kept -> r2 = 1/2; kept agents: 0.5*-1 + 2*0.5 = 0.5, pruned: 0 + 1 = 1
+    # layer 1: n=1 -> r2 = 1; agent 0 kept: -0.5 + 2 = 1.5; agent 1 gone: 0; agent 2 pruned: 2
+    assert r[:, 0].tolist() == [[0.5, 1.0, 0.5], [1.5, 0.0, 2.0]]
+    wrong = agent_rewards(kept, alive, torch.tensor([False]), alpha=0.5, beta=2.0)
+    assert wrong[:, 0].tolist() == [[-0.5, 0.0, -0.5], [-0.5, 0.0, 0.0]]
+
+
+def test_actor_and_critic_sizes_follow_the_width():
+    f = leanvit.adapt(small_vit(), "rl4evit")  # width 64: actor 64-256-256-64-2, critic 128-256-256-64-1
+    sizes = [m.weight.shape[::-1] for m in f.method.actor if isinstance(m, torch.nn.Linear)]
+    assert [tuple(s) for s in sizes] == [(64, 256), (256, 256), (256, 64), (64, 2)]
+    assert f.method.critic[0].weight.shape[1] == 128
+    assert any(k.startswith("method.actor.") for k in f.state_dict())  # the policy is part of the model
+
+
+def test_greedy_inference_removes_tokens_and_matches_masked():
+    torch.manual_seed(3)
+    model = small_vit(sharp=4.0)
+    f = leanvit.adapt(model, "rl4evit")
+    with torch.no_grad():  # bias the actor so that about half the tokens are pruned
+        f.method.actor[-1].bias.copy_(torch.tensor([0.0, 0.0]))
+    x = images(4)
+    with torch.no_grad(), f.tracing() as trace:
+        gathered = f(x)
+    counts = [rec["mlp_tokens"].tolist() for rec in trace]
+    assert counts[3] == [65] * 4  # decisions come after block 3: block 3 itself runs on all tokens
+    n4 = trace[4]["attn_tokens"].tolist()
+    assert all(n < 65 for n in n4) and len(set(n4)) > 1  # per image, for real
+    f.masked = True
+    with torch.no_grad():
+        masked = f(x)
+    torch.testing.assert_close(masked, gathered, rtol=1e-4, atol=1e-5)
+    # greedy: the same image gives the same decision every time
+    f.masked = False
+    with torch.no_grad():
+        torch.testing.assert_close(f(x), gathered)
+
+
+def test_sampling_records_a_rollout():
+    f = leanvit.adapt(small_vit(), "rl4evit")
+    f.masked, f.method.sampling = True, True
+    with torch.no_grad():
+        f(images(2))
+    steps = f.method.rollout
+    assert [s["layer"] for s in steps] == [3, 6, 9]
+    assert steps[0]["alive"].all() and steps[0]["tokens"].shape == (2, 64, 64)
+    # an agent pruned at layer 3 is not alive at layer 6
+    pruned = steps[0]["action"] == 0
+    assert not (steps[1]["alive"] & pruned).any()
