@@ -62,3 +62,28 @@ def test_sampling_records_a_rollout():
     # an agent pruned at layer 3 is not alive at layer 6
     pruned = steps[0]["action"] == 0
     assert not (steps[1]["alive"] & pruned).any()
+
+
+CIFAR = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+@pytest.mark.skipif(not CIFAR.is_file(), reason="offline CIFAR-10 in ../shared/data not present")
+def test_short_policy_training_raises_the_reward(tmp_path):
+    """On an untrained ViT accuracy is at chance, so the reward mostly counts kept tokens: the
+    agents must learn to prune, and the mean reward must rise."""
+    from leanvit.rl import PPOConfig
+    from leanvit.train_policy import PolicyConfig, train_policy
+    cfg = PolicyConfig(model="vit12_convstem_w96_cifar", out=str(tmp_path), data=str(CIFAR), epochs=3,
+                       batch_size=32, limit_train=256, limit_eval=64, workers=0, alpha=0.8, beta=1.0,
+                       options={"hidden": [64, 32]}, ppo=PPOConfig(epochs=4, lr_actor=3e-3, lr_critic=3e-3))
+    m = train_policy(cfg, log=lambda s: None)
+    h = m["history"]
+    assert len(h) == 3 and all(e["kind"] == "agents" for e in h)
+    assert h[-1]["mean_reward"] > h[0]["mean_reward"]
+    assert h[-1]["keep_ratio"] < h[0]["keep_ratio"]
+    assert h[-1]["gmacs"] < h[0]["gmacs"] or h[-1]["gmacs"] < 0.9 * leanvit.count_macs(
+        leanvit.create_model("vit12_convstem_w96_cifar"), torch.zeros(1, 3, 32, 32))
+    assert (tmp_path / "policy.safetensors").is_file()
+    f = leanvit.adapt(leanvit.create_model("vit12_convstem_w96_cifar"), "rl4evit", hidden=[64, 32],
+                      weights=str(tmp_path / "policy.safetensors"))
+    assert f.method.actor[0].weight.shape == (64, 96)

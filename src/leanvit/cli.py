@@ -136,6 +136,36 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_train_policy(args) -> int:
+    from .rl import PPOConfig
+    from .train_policy import PolicyConfig, train_policy
+    if args.method != "rl4evit":
+        raise ValueError(f"train-policy trains rl4evit; got --method {args.method}")
+    ppo = PPOConfig(clip=args.clip, gamma=args.gamma, lam=args.lam, epochs=args.ppo_epochs,
+                    lr_actor=args.lr_actor, lr_critic=args.lr_critic)
+    cfg = PolicyConfig(model=args.model, out=args.out, checkpoint=args.checkpoint, data=args.data,
+                       options=parse_options(args.opt), alpha=args.alpha, beta=args.beta, epochs=args.epochs,
+                       batch_size=args.batch_size, ppo=ppo, finetune_vit=args.finetune_vit, lr_vit=args.lr_vit,
+                       seed=args.seed, workers=args.workers, save_every=args.save_every,
+                       limit_train=args.limit_train, limit_eval=args.limit_eval, max_steps=args.max_steps)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log_path = Path(args.out) / "train.log"
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a") as f:
+            f.write(line + "\n")
+
+    metrics = train_policy(cfg, log=log)
+    if int(os.environ.get("RANK", "0")) == 0 and metrics["history"]:
+        last = metrics["history"][-1]
+        log(f"done: greedy top-1 {last['top1']:.2f}% at {last['gmacs']:.4f} GMACs; "
+            f"policy in {Path(args.out) / 'policy.safetensors'}")
+    return 0
+
+
 def cmd_methods(args) -> int:
     import leanvit
     from .methods.base import REGISTRY
@@ -255,6 +285,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-eval", type=int)
     p.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule still spans --epochs)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-policy", help="train RL4EViT's agents by multi-agent PPO (resumable; torchrun)",
+                       epilog="Re-running the same command resumes from OUT/last.pt.")
+    _add_model_args(p)
+    p.add_argument("--method", default="rl4evit")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="rl4evit option (layers, hidden)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--data", help="training data (default: CIFAR-10 from the standard locations)")
+    p.add_argument("--alpha", type=float, default=0.8, help="weight of r1 (-1 per kept token)")
+    p.add_argument("--beta", type=float, default=1.0, help="weight of r2 (correct / tokens kept)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--clip", type=float, default=0.2)
+    p.add_argument("--gamma", type=float, default=0.99)
+    p.add_argument("--lam", type=float, default=0.95)
+    p.add_argument("--ppo-epochs", type=int, default=15, help="K PPO iterations per rollout")
+    p.add_argument("--lr-actor", type=float, default=5e-5)
+    p.add_argument("--lr-critic", type=float, default=5e-5)
+    p.add_argument("--finetune-vit", action="store_true", help="even epochs fine-tune the ViT, agents frozen")
+    p.add_argument("--lr-vit", type=float, default=1e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--limit-train", type=int)
+    p.add_argument("--limit-eval", type=int)
+    p.add_argument("--max-steps", type=int)
+    p.set_defaults(func=cmd_train_policy)
 
     sub.add_parser("methods", help="list the token-reduction methods").set_defaults(func=cmd_methods)
     sub.add_parser("models", help="list leanvit's reference models").set_defaults(func=cmd_models)

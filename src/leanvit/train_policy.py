@@ -1,0 +1,267 @@
+"""Training RL4EViT's agents by multi-agent PPO (the paper's Algorithm 1).
+
+Each batch is one rollout: the ViT runs masked (pruned tokens stay in place, marked invalid) with
+actions sampled from the shared actor at the pruning layers; every agent's rewards follow
+equations 1-2; GAE runs along each agent's own trajectory over the pruning layers (an agent's
+episode ends when it prunes its token, or at the last layer); then K PPO iterations update the
+actor (clipped surrogate) and the critic (clipped value loss). Odd epochs train the agents with the
+ViT frozen; with ``finetune_vit`` even epochs fine-tune the ViT with the agents frozen (greedy).
+Resumable like ``leanvit train``; under ``torchrun`` each process rolls out its shard and the
+actor/critic gradients are averaged over processes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from .data import collate, eval_transform, load_dataset, make_loader
+from .methods.rl4evit import agent_rewards
+from .rl import PPOConfig, clipped_policy_loss, clipped_value_loss, gae
+from .train import (SeededAugment, _dist_setup, _rng_state, _set_rng_state, _shard, atomic_save,
+                    epoch_indices, eval_transform_cfg, export_weights, train_transform)
+
+
+@dataclass
+class PolicyConfig:
+    model: str
+    out: str
+    checkpoint: Optional[str] = None  # the ViT's weights
+    data: Optional[str] = None
+    options: dict = field(default_factory=dict)  # rl4evit options (layers, hidden)
+    alpha: float = 0.8  # weight of r1 (-1 per kept token)
+    beta: float = 1.0  # weight of r2 (correct / tokens kept)
+    epochs: int = 2
+    batch_size: int = 64  # images per rollout, over all processes
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    finetune_vit: bool = False  # even epochs: fine-tune the ViT with the agents frozen
+    lr_vit: float = 1e-5
+    seed: int = 0
+    workers: int = 1
+    save_every: int = 50
+    train_split: str = "train"
+    eval_split: str = "test"
+    limit_train: Optional[int] = None
+    limit_eval: Optional[int] = None
+    max_steps: Optional[int] = None
+
+
+def rollout_tensors(rollout):
+    """Stack a rollout's steps into (T, B, P, ...) tensors."""
+    keys = ("tokens", "cls", "action", "logp", "alive", "kept")
+    return {k: torch.stack([step[k] for step in rollout]) for k in keys}
+
+
+def ppo_update(method, ro: dict, rewards: torch.Tensor, cfg: PPOConfig, opt_actor, opt_critic,
+               world: int = 1) -> dict:
+    """K iterations of MAPPO on one rollout; returns the last losses."""
+    alive = ro["alive"].float()
+    with torch.no_grad():
+        values_old = method.value(ro["tokens"].flatten(0, 1), ro["cls"].flatten(0, 1)).view_as(rewards)
+        dones = (~ro["kept"]) | ~ro["alive"]
+        dones[-1] = True
+        adv, returns = gae(rewards, values_old, dones, gamma=cfg.gamma, lam=cfg.lam)
+        n = alive.sum().clamp_min(1)
+        mean = (adv * alive).sum() / n
+        std = (((adv - mean) ** 2) * alive).sum().div(n).sqrt().clamp_min(1e-6)
+        adv = (adv - mean) / std
+    tokens = ro["tokens"]
+    for _ in range(cfg.epochs):
+        logits = method.actor(tokens)
+        dist_new = torch.distributions.Categorical(logits=logits)
+        logp = dist_new.log_prob(ro["action"])
+        pol = clipped_policy_loss(logp, ro["logp"], adv, cfg.clip, weight=alive)
+        ent = (dist_new.entropy() * alive).sum() / alive.sum().clamp_min(1)
+        opt_actor.zero_grad(set_to_none=True)
+        (pol - cfg.entropy_coef * ent).backward()
+        _average_grads(method.actor, world)
+        torch.nn.utils.clip_grad_norm_(method.actor.parameters(), cfg.max_grad_norm)
+        opt_actor.step()
+
+        values = method.value(tokens.flatten(0, 1), ro["cls"].flatten(0, 1)).view_as(rewards)
+        vloss = cfg.value_coef * clipped_value_loss(values, values_old, returns, cfg.clip, weight=alive)
+        opt_critic.zero_grad(set_to_none=True)
+        vloss.backward()
+        _average_grads(method.critic, world)
+        torch.nn.utils.clip_grad_norm_(method.critic.parameters(), cfg.max_grad_norm)
+        opt_critic.step()
+    return dict(policy_loss=pol.item(), value_loss=vloss.item(), entropy=ent.item())
+
+
+def _average_grads(module, world):
+    if world > 1:
+        for p in module.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+
+
+def _sum_all(values):
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def evaluate_policy(runner, loader) -> dict:
+    """Greedy policy, real token removal: top-1 and GMACs per image (summed over processes)."""
+    from .flops import macs_per_image
+    runner.eval()
+    runner.masked, runner.method.sampling = False, False
+    correct = total = macs = 0.0
+    with torch.inference_mode():
+        for batch in loader:
+            if len(batch) == 0:
+                continue
+            with runner.tracing() as trace:
+                logits = runner(batch.images)
+            correct += float((logits.argmax(1) == batch.labels).sum())
+            total += batch.images.shape[0]
+            macs += float(macs_per_image(runner, trace, batch.images).sum())
+    correct, total, macs = _sum_all([correct, total, macs])
+    return dict(top1=100 * correct / max(total, 1), gmacs=macs / max(total, 1) / 1e9)
+
+
+def train_policy(cfg: PolicyConfig, log: Callable[[str], None] = print) -> dict:
+    import leanvit
+    from .models import create_model
+    rank, world = _dist_setup()
+    is_main = rank == 0
+    out = Path(cfg.out)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+
+    model = create_model(cfg.model, checkpoint=cfg.checkpoint)
+    runner = leanvit.adapt(model, "rl4evit", **cfg.options)
+    method = runner.method
+    train_set = load_dataset(cfg.data, split=cfg.train_split, transform=train_transform(eval_transform_cfg(model)),
+                             num_classes=model.num_classes, limit=cfg.limit_train, seed=cfg.seed)
+    eval_set = load_dataset(cfg.data, split=cfg.eval_split, transform=eval_transform(model),
+                            num_classes=model.num_classes, limit=cfg.limit_eval, seed=cfg.seed)
+    per_rank = cfg.batch_size // world
+    if per_rank < 1 or cfg.batch_size % world:
+        raise ValueError(f"batch size {cfg.batch_size} must be a multiple of the {world} processes")
+    steps_per_epoch = (len(train_set) // world) // per_rank
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size}")
+    total = steps_per_epoch * cfg.epochs
+
+    opt_actor = torch.optim.Adam(method.actor.parameters(), lr=cfg.ppo.lr_actor)
+    opt_critic = torch.optim.Adam(method.critic.parameters(), lr=cfg.ppo.lr_critic)
+    opt_vit = torch.optim.AdamW(model.parameters(), lr=cfg.lr_vit, weight_decay=0.05)
+    state_path = out / "last.pt"
+    step, history = 0, []
+    if state_path.is_file():
+        ck = torch.load(state_path, map_location="cpu", weights_only=False)
+        skip = ("max_steps", "workers", "save_every")
+        if {k: v for k, v in ck["config"].items() if k not in skip} != \
+                {k: v for k, v in _config_dict(cfg).items() if k not in skip}:
+            raise ValueError(f"{state_path} was written by a different configuration; use another --out")
+        runner.load_state_dict(ck["model"])
+        for o, k in ((opt_actor, "opt_actor"), (opt_critic, "opt_critic"), (opt_vit, "opt_vit")):
+            o.load_state_dict(ck[k])
+        step, history = ck["step"], ck["history"]
+        _set_rng_state(ck["rng"])
+        if is_main:
+            log(f"resumed from {state_path} at step {step}/{total}")
+
+    def save():
+        if is_main:
+            atomic_save(dict(model=runner.state_dict(), opt_actor=opt_actor.state_dict(),
+                             opt_critic=opt_critic.state_dict(), opt_vit=opt_vit.state_dict(), step=step,
+                             history=history, config=_config_dict(cfg), rng=_rng_state()), state_path)
+
+    eval_loader = make_loader(_shard(eval_set, rank, world), batch_size=250, num_workers=0)
+    augmented = SeededAugment(train_set, cfg.seed)
+    stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
+    bar = tqdm(total=stop_at, initial=min(step, stop_at), desc="train-policy", unit="rollout",
+               disable=not is_main, dynamic_ncols=True)
+    t0 = time.time()
+    while step < stop_at:
+        epoch, skip_n = divmod(step, steps_per_epoch)
+        agents_epoch = epoch % 2 == 0 or not cfg.finetune_vit  # the paper's odd (1-based) epochs
+        augmented.epoch = epoch
+        idx = epoch_indices(len(train_set), cfg.seed, epoch, rank, world, per_rank)[skip_n * per_rank:]
+        loader = DataLoader(Subset(augmented, idx), batch_size=per_rank, drop_last=True, collate_fn=collate,
+                            num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed))
+        sums = dict(reward=0.0, keep=0.0, acc=0.0, n=0)
+        for batch in loader:
+            runner.masked = True
+            if agents_epoch:
+                runner.eval()  # the ViT is frozen: no dropout, no gradients
+                method.sampling = True
+                with torch.no_grad():
+                    logits = runner(batch.images)
+                correct = logits.argmax(1) == batch.labels
+                ro = rollout_tensors(method.rollout)
+                rewards = agent_rewards(ro["kept"], ro["alive"], correct, cfg.alpha, cfg.beta)
+                losses = ppo_update(method, ro, rewards, cfg.ppo, opt_actor, opt_critic, world)
+                alive = ro["alive"].float()
+                sums["reward"] += float((rewards.sum((0, 2))).mean())
+                sums["keep"] += float((ro["kept"].float() * alive).sum() / alive.sum())
+            else:
+                runner.train()
+                method.sampling = False
+                for p in method.parameters():
+                    p.requires_grad_(False)
+                logits = runner(batch.images)
+                loss = F.cross_entropy(logits, batch.labels)
+                opt_vit.zero_grad(set_to_none=True)
+                loss.backward()
+                _average_grads(model, world)
+                opt_vit.step()
+                for p in method.parameters():
+                    p.requires_grad_(True)
+                correct = logits.argmax(1) == batch.labels
+                losses = dict(ce=float(loss))
+            sums["acc"] += float(correct.float().mean())
+            sums["n"] += 1
+            step += 1
+            bar.update()
+            bar.set_postfix(epoch=epoch, reward=f"{sums['reward'] / sums['n']:.3f}",
+                            keep=f"{sums['keep'] / sums['n']:.2f}", **{k: f"{v:.3f}" for k, v in losses.items()})
+            if step % cfg.save_every == 0 and step % steps_per_epoch:
+                save()
+            if step >= stop_at:
+                break
+        if step % steps_per_epoch == 0 or step >= stop_at:
+            ev = evaluate_policy(runner, eval_loader)
+            n = max(sums["n"], 1)
+            history.append(dict(epoch=epoch + 1, step=step, kind="agents" if agents_epoch else "vit",
+                                mean_reward=sums["reward"] / n, keep_ratio=sums["keep"] / n,
+                                rollout_acc=100 * sums["acc"] / n, **ev, elapsed_s=round(time.time() - t0, 1)))
+            if is_main:
+                log(json.dumps(history[-1]))
+            save()
+    bar.close()
+    metrics = dict(steps=step, history=history, world_size=world, config=_config_dict(cfg))
+    if is_main:
+        export_weights(method, out / "policy.safetensors")
+        if cfg.finetune_vit:
+            export_weights(model, out / "vit.safetensors")
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    if dist.is_initialized():
+        dist.barrier()
+    return metrics
+
+
+def _config_dict(cfg: PolicyConfig) -> dict:
+    d = asdict(cfg)
+    d["ppo"] = asdict(cfg.ppo)
+    return d
