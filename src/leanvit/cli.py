@@ -143,7 +143,8 @@ def cmd_train_policy(args) -> int:
         raise ValueError(f"train-policy trains rl4evit; got --method {args.method}")
     ppo = PPOConfig(clip=args.clip, gamma=args.gamma, lam=args.lam, epochs=args.ppo_epochs,
                     lr_actor=args.lr_actor, lr_critic=args.lr_critic)
-    cfg = PolicyConfig(model=args.model, out=args.out, checkpoint=args.checkpoint, data=args.data,
+    cfg = PolicyConfig(model=args.model, out=args.out, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                       data=args.data,
                        options=parse_options(args.opt), alpha=args.alpha, beta=args.beta, epochs=args.epochs,
                        batch_size=args.batch_size, ppo=ppo, finetune_vit=args.finetune_vit, lr_vit=args.lr_vit,
                        seed=args.seed, workers=args.workers, save_every=args.save_every,

@@ -38,6 +38,7 @@ class PolicyConfig:
     model: str
     out: str
     checkpoint: Optional[str] = None  # the ViT's weights
+    pretrained: bool = False
     data: Optional[str] = None
     options: dict = field(default_factory=dict)  # rl4evit options (layers, hidden)
     alpha: float = 0.8  # weight of r1 (-1 per kept token)
@@ -147,7 +148,7 @@ def train_policy(cfg: PolicyConfig, log: Callable[[str], None] = print) -> dict:
     if world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
 
-    model = create_model(cfg.model, checkpoint=cfg.checkpoint)
+    model = create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained)
     runner = leanvit.adapt(model, "rl4evit", **cfg.options)
     method = runner.method
     train_set = load_dataset(cfg.data, split=cfg.train_split, transform=train_transform(eval_transform_cfg(model)),
