@@ -111,6 +111,18 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _run_log(out: str):
+    """A logger that prints a line and appends it to OUT/train.log."""
+    path = Path(out) / "train.log"
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    return log
+
+
 def cmd_train(args) -> int:
     from .train import TrainConfig, train
     cfg = TrainConfig(model=args.model, out=args.out, data=args.data, epochs=args.epochs, batch_size=args.batch_size,
@@ -122,14 +134,7 @@ def cmd_train(args) -> int:
                       limit_train=args.limit_train, limit_eval=args.limit_eval, max_steps=args.max_steps)
     if args.threads:
         torch.set_num_threads(args.threads)
-    log_path = Path(args.out) / "train.log"
-
-    def log(line: str) -> None:
-        print(line, flush=True)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "a") as f:
-            f.write(line + "\n")
-
+    log = _run_log(args.out)
     metrics = train(cfg, log=log)
     if int(os.environ.get("RANK", "0")) == 0:
         log(f"done: top-1 {metrics['top1']:.2f}% after {metrics['steps']} steps; weights in {Path(args.out) / 'final.safetensors'}")
@@ -151,14 +156,7 @@ def cmd_train_policy(args) -> int:
                        limit_train=args.limit_train, limit_eval=args.limit_eval, max_steps=args.max_steps)
     if args.threads:
         torch.set_num_threads(args.threads)
-    log_path = Path(args.out) / "train.log"
-
-    def log(line: str) -> None:
-        print(line, flush=True)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "a") as f:
-            f.write(line + "\n")
-
+    log = _run_log(args.out)
     metrics = train_policy(cfg, log=log)
     if int(os.environ.get("RANK", "0")) == 0 and metrics["history"]:
         last = metrics["history"][-1]
