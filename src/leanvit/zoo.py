@@ -31,7 +31,8 @@ def load_model(name: str, checkpoint: Optional[str] = None) -> torch.nn.Module:
     model = _timm_create(spec["timm_model"], **spec.get("kwargs", {}))
     sd = read_state_dict(checkpoint or str(ZOO_DIR / f"{name}.safetensors"))
     model.load_state_dict({k: v.float() for k, v in sd.items()})
-    model.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}) or {}, **spec["pretrained_cfg"])
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["pretrained_cfg"].items()}  # JSON lists
+    model.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}) or {}, **cfg)
     return model.eval()
 
 
