@@ -133,6 +133,92 @@ def _all_sum(values):
     return t.tolist()
 
 
+# --- what every training loop shares -----------------------------------------------------------------
+class Run:
+    """Processes, seeding, data shards, per-epoch loaders and the resumable checkpoint of a run.
+
+    ``train`` and ``train_policy`` differ only in what one step does and what the checkpoint
+    holds; everything here is the same for both.
+    """
+
+    RESUME_FREE = ("max_steps", "workers", "save_every")  # may change between a run and its resume
+
+    def __init__(self, cfg, config: dict):
+        self.cfg, self.config = cfg, config
+        self.rank, self.world = _dist_setup()
+        self.is_main = self.rank == 0
+        self.out = Path(cfg.out)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)  # before the model is built: random inits are seeded too
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        if self.world > 1:
+            torch.set_num_threads(max(1, (os.cpu_count() or 2) // self.world))
+        self.state_path = self.out / "last.pt"
+        self.t0 = time.time()
+
+    def setup_data(self, model) -> None:
+        cfg = self.cfg
+        self.train_set = load_dataset(cfg.data, split=cfg.train_split, transform=train_transform(eval_transform_cfg(model)),
+                                      num_classes=model.num_classes, limit=cfg.limit_train, seed=cfg.seed)
+        self.eval_set = load_dataset(cfg.data, split=cfg.eval_split, transform=eval_transform(model),
+                                     num_classes=model.num_classes, limit=cfg.limit_eval, seed=cfg.seed)
+        self.per_rank = cfg.batch_size // self.world
+        if self.per_rank < 1 or cfg.batch_size % self.world:
+            raise ValueError(f"batch size {cfg.batch_size} must be a multiple of the {self.world} processes")
+        self.steps_per_epoch = (len(self.train_set) // self.world) // self.per_rank
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.train_set)} training images are fewer than one batch of {cfg.batch_size}")
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.stop_at = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
+        self.eval_loader = make_loader(_shard(self.eval_set, self.rank, self.world), batch_size=250, num_workers=0)
+        self._augmented = SeededAugment(self.train_set, cfg.seed)
+
+    def epoch_loader(self, step: int) -> DataLoader:
+        """The rest of the epoch that ``step`` falls in, for this process."""
+        epoch, skip = divmod(step, self.steps_per_epoch)
+        self._augmented.epoch = epoch
+        idx = epoch_indices(len(self.train_set), self.cfg.seed, epoch, self.rank, self.world, self.per_rank)
+        return DataLoader(Subset(self._augmented, idx[skip * self.per_rank:]), batch_size=self.per_rank,
+                          shuffle=False, drop_last=True, collate_fn=collate, num_workers=self.cfg.workers,
+                          generator=torch.Generator().manual_seed(self.cfg.seed))  # leaves the global RNG alone
+
+    def epoch_done(self, step: int) -> bool:
+        return step % self.steps_per_epoch == 0
+
+    def should_save(self, step: int) -> bool:
+        """Every ``save_every`` steps; at an epoch's end the loop saves after its evaluation."""
+        return step % self.cfg.save_every == 0 and not self.epoch_done(step)
+
+    def elapsed(self) -> float:
+        return round(time.time() - self.t0, 1)
+
+    def load(self) -> Optional[dict]:
+        """The checkpoint to resume from (RNG restored), or None; refuses another configuration."""
+        if not self.state_path.is_file():
+            return None
+        ckpt = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        saved = {k: v for k, v in ckpt["config"].items() if k not in self.RESUME_FREE}
+        mine = {k: v for k, v in self.config.items() if k not in self.RESUME_FREE}
+        if saved != mine:
+            diff = {k: (saved.get(k), mine.get(k)) for k in mine if saved.get(k) != mine.get(k)}
+            raise ValueError(f"{self.state_path} was written by a different configuration {diff}; "
+                             "use another --out or delete it to start over")
+        _set_rng_state(ckpt["rng"])
+        self.t0 = time.time() - ckpt.get("elapsed_s", 0.0)  # wall time counts across resumes
+        return ckpt
+
+    def save(self, **state) -> None:
+        if self.is_main:
+            atomic_save(dict(state, config=self.config, rng=_rng_state(), elapsed_s=time.time() - self.t0),
+                        self.state_path)
+
+    def progress(self, step: int, desc: str) -> tqdm:
+        return tqdm(total=self.stop_at, initial=min(step, self.stop_at), desc=desc, unit="step",
+                    disable=not self.is_main, dynamic_ncols=True)
+
+
 # --- the loop -------------------------------------------------------------------------------------
 def evaluate_top1(model, loader) -> float:
     model.eval()
@@ -152,83 +238,39 @@ def train(cfg: TrainConfig, log=print) -> dict:
     """Train (or resume) per ``cfg``; returns the final metrics (also in ``out/metrics.json``)."""
     import leanvit
     from .models import create_model
-    rank, world = _dist_setup()
-    is_main = rank == 0
-    out = Path(cfg.out)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    if world > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
-
+    run = Run(cfg, asdict(cfg))
     kwargs = {"drop_path_rate": cfg.drop_path} if cfg.drop_path else {}
     model = create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained,
                          num_classes=cfg.num_classes, **kwargs)
-    data_cfg = eval_transform_cfg(model)
-    train_set = load_dataset(cfg.data, split=cfg.train_split, transform=train_transform(data_cfg),
-                             num_classes=model.num_classes, limit=cfg.limit_train, seed=cfg.seed)
-    eval_set = load_dataset(cfg.data, split=cfg.eval_split, transform=eval_transform(model),
-                            num_classes=model.num_classes, limit=cfg.limit_eval, seed=cfg.seed)
-    if len(train_set) and len(set(train_set.targets)) > model.num_classes:
-        raise ValueError(f"data has {len(set(train_set.targets))} classes, the model {model.num_classes}")
+    run.setup_data(model)
     runner = leanvit.adapt(model, cfg.method, **cfg.options)
     runner.train()
-    net = torch.nn.parallel.DistributedDataParallel(runner) if world > 1 else runner
+    net = torch.nn.parallel.DistributedDataParallel(runner) if run.world > 1 else runner
+    warmup = int(cfg.warmup_epochs * run.steps_per_epoch)
 
-    per_rank_batch = cfg.batch_size // world
-    if per_rank_batch < 1 or cfg.batch_size % world:
-        raise ValueError(f"batch size {cfg.batch_size} must be a multiple of the {world} processes")
-    steps_per_epoch = (len(train_set) // world) // per_rank_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size}")
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    decayed = {n for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "token" not in n}
+    opt = torch.optim.AdamW([
+        {"params": [p for n, p in model.named_parameters() if n in decayed], "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in model.named_parameters() if n not in decayed], "weight_decay": 0.0}], lr=cfg.lr)
 
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n and "token" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-
-    state_path = out / "last.pt"
     step, history = 0, []
-    if state_path.is_file():
-        ckpt = torch.load(state_path, map_location="cpu", weights_only=False)
-        saved = {k: v for k, v in ckpt["config"].items() if k not in ("max_steps", "workers", "save_every")}
-        mine = {k: v for k, v in asdict(cfg).items() if k not in ("max_steps", "workers", "save_every")}
-        if saved != mine:
-            diff = {k: (saved.get(k), mine.get(k)) for k in mine if saved.get(k) != mine.get(k)}
-            raise ValueError(f"{state_path} was written by a different configuration {diff}; "
-                             "use another --out or delete it to start over")
+    ckpt = run.load()
+    if ckpt:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step, history = ckpt["step"], ckpt["history"]
-        _set_rng_state(ckpt["rng"])
-        if is_main:
-            log(f"resumed from {state_path} at step {step}/{total_steps}")
+        if run.is_main:
+            log(f"resumed from {run.state_path} at step {step}/{run.total_steps}")
 
     def save():
-        if is_main:
-            atomic_save(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step,
-                             history=history, config=asdict(cfg), rng=_rng_state()), state_path)
+        run.save(model=model.state_dict(), optimizer=opt.state_dict(), step=step, history=history)
 
-    eval_loader = make_loader(_shard(eval_set, rank, world), batch_size=256, num_workers=0)
-    augmented = SeededAugment(train_set, cfg.seed)
-    stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    bar = tqdm(total=stop_at, initial=min(step, stop_at), desc="train", unit="step", disable=not is_main,
-               dynamic_ncols=True)
-    t_start = time.time()
-    while step < stop_at:
-        epoch, skip = divmod(step, steps_per_epoch)
-        augmented.epoch = epoch
-        idx = epoch_indices(len(train_set), cfg.seed, epoch, rank, world, per_rank_batch)[skip * per_rank_batch:]
-        loader = DataLoader(Subset(augmented, idx), batch_size=per_rank_batch, shuffle=False, drop_last=True,
-                            collate_fn=collate, num_workers=cfg.workers, persistent_workers=False,
-                            generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG alone
+    bar = run.progress(step, "train")
+    while step < run.stop_at:
+        epoch = step // run.steps_per_epoch
         run_loss = run_n = 0.0
-        for batch in loader:
-            lr = lr_at(step, total_steps, warmup, cfg.lr, cfg.min_lr)
+        for batch in run.epoch_loader(step):
+            lr = lr_at(step, run.total_steps, warmup, cfg.lr, cfg.min_lr)
             for g in opt.param_groups:
                 g["lr"] = lr
             loss = F.cross_entropy(net(batch.images), batch.labels, label_smoothing=cfg.label_smoothing)
@@ -239,27 +281,28 @@ def train(cfg: TrainConfig, log=print) -> dict:
             run_loss, run_n = run_loss + loss.item(), run_n + 1
             bar.update()
             bar.set_postfix(epoch=epoch, loss=f"{run_loss / run_n:.3f}", lr=f"{lr:.2e}")
-            if step % cfg.save_every == 0 and step % steps_per_epoch:  # epoch ends save after eval
+            if run.should_save(step):
                 save()
-            if step >= stop_at or step % steps_per_epoch == 0:
+            if step >= run.stop_at:
                 break
-        if step % steps_per_epoch == 0:  # epoch finished: evaluate, log, checkpoint
-            top1 = evaluate_top1(runner, eval_loader)
+        if run.epoch_done(step):  # evaluate, log, checkpoint
+            top1 = evaluate_top1(runner, run.eval_loader)
             history.append(dict(epoch=epoch + 1, step=step, train_loss=run_loss / max(run_n, 1), top1=top1,
-                                elapsed_s=round(time.time() - t_start, 1)))
-            if is_main:
+                                elapsed_s=run.elapsed()))
+            if run.is_main:
                 log(json.dumps(history[-1]))
             save()
     bar.close()
     save()
-    metrics = dict(steps=step, total_steps=total_steps, epochs_done=step / steps_per_epoch, history=history,
-                   config=asdict(cfg), world_size=world)
-    metrics["top1"] = history[-1]["top1"] if history and history[-1]["step"] == step else evaluate_top1(runner, eval_loader)
-    if world > 1:  # the replicas must hold identical weights
+    metrics = dict(steps=step, total_steps=run.total_steps, epochs_done=step / run.steps_per_epoch,
+                   history=history, config=asdict(cfg), world_size=run.world)
+    done = history and history[-1]["step"] == step
+    metrics["top1"] = history[-1]["top1"] if done else evaluate_top1(runner, run.eval_loader)
+    if run.world > 1:  # the replicas must hold identical weights
         metrics["replica_max_abs_diff"] = _replica_diff(model)
-    if is_main:
-        export_weights(model, out / "final.safetensors")
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    if run.is_main:
+        export_weights(model, run.out / "final.safetensors")
+        (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     if dist.is_initialized():
         dist.barrier()
     return metrics

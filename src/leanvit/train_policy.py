@@ -12,25 +12,16 @@ actor/critic gradients are averaged over processes.
 from __future__ import annotations
 
 import json
-import os
-import random
-import time
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
-from .data import collate, eval_transform, load_dataset, make_loader
 from .methods.rl4evit import agent_rewards
 from .rl import PPOConfig, clipped_policy_loss, clipped_value_loss, gae
-from .train import (SeededAugment, _dist_setup, _rng_state, _set_rng_state, _shard, atomic_save,
-                    epoch_indices, eval_transform_cfg, export_weights, train_transform)
+from .train import Run, export_weights
 
 
 @dataclass
@@ -137,72 +128,36 @@ def evaluate_policy(runner, loader) -> dict:
 def train_policy(cfg: PolicyConfig, log: Callable[[str], None] = print) -> dict:
     import leanvit
     from .models import create_model
-    rank, world = _dist_setup()
-    is_main = rank == 0
-    out = Path(cfg.out)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    if world > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
-
+    run = Run(cfg, _config_dict(cfg))
     model = create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained)
+    run.setup_data(model)
     runner = leanvit.adapt(model, "rl4evit", **cfg.options)
     method = runner.method
-    train_set = load_dataset(cfg.data, split=cfg.train_split, transform=train_transform(eval_transform_cfg(model)),
-                             num_classes=model.num_classes, limit=cfg.limit_train, seed=cfg.seed)
-    eval_set = load_dataset(cfg.data, split=cfg.eval_split, transform=eval_transform(model),
-                            num_classes=model.num_classes, limit=cfg.limit_eval, seed=cfg.seed)
-    per_rank = cfg.batch_size // world
-    if per_rank < 1 or cfg.batch_size % world:
-        raise ValueError(f"batch size {cfg.batch_size} must be a multiple of the {world} processes")
-    steps_per_epoch = (len(train_set) // world) // per_rank
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size}")
-    total = steps_per_epoch * cfg.epochs
-
     opt_actor = torch.optim.Adam(method.actor.parameters(), lr=cfg.ppo.lr_actor)
     opt_critic = torch.optim.Adam(method.critic.parameters(), lr=cfg.ppo.lr_critic)
     opt_vit = torch.optim.AdamW(model.parameters(), lr=cfg.lr_vit, weight_decay=0.05)
-    state_path = out / "last.pt"
+    optimizers = dict(opt_actor=opt_actor, opt_critic=opt_critic, opt_vit=opt_vit)
+
     step, history = 0, []
-    if state_path.is_file():
-        ck = torch.load(state_path, map_location="cpu", weights_only=False)
-        skip = ("max_steps", "workers", "save_every")
-        if {k: v for k, v in ck["config"].items() if k not in skip} != \
-                {k: v for k, v in _config_dict(cfg).items() if k not in skip}:
-            raise ValueError(f"{state_path} was written by a different configuration; use another --out")
-        runner.load_state_dict(ck["model"])
-        for o, k in ((opt_actor, "opt_actor"), (opt_critic, "opt_critic"), (opt_vit, "opt_vit")):
-            o.load_state_dict(ck[k])
-        step, history = ck["step"], ck["history"]
-        _set_rng_state(ck["rng"])
-        if is_main:
-            log(f"resumed from {state_path} at step {step}/{total}")
+    ckpt = run.load()
+    if ckpt:
+        runner.load_state_dict(ckpt["model"])
+        for k, o in optimizers.items():
+            o.load_state_dict(ckpt[k])
+        step, history = ckpt["step"], ckpt["history"]
+        if run.is_main:
+            log(f"resumed from {run.state_path} at step {step}/{run.total_steps}")
 
     def save():
-        if is_main:
-            atomic_save(dict(model=runner.state_dict(), opt_actor=opt_actor.state_dict(),
-                             opt_critic=opt_critic.state_dict(), opt_vit=opt_vit.state_dict(), step=step,
-                             history=history, config=_config_dict(cfg), rng=_rng_state()), state_path)
+        run.save(model=runner.state_dict(), step=step, history=history,
+                 **{k: o.state_dict() for k, o in optimizers.items()})
 
-    eval_loader = make_loader(_shard(eval_set, rank, world), batch_size=250, num_workers=0)
-    augmented = SeededAugment(train_set, cfg.seed)
-    stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
-    bar = tqdm(total=stop_at, initial=min(step, stop_at), desc="train-policy", unit="rollout",
-               disable=not is_main, dynamic_ncols=True)
-    t0 = time.time()
-    while step < stop_at:
-        epoch, skip_n = divmod(step, steps_per_epoch)
+    bar = run.progress(step, "train-policy")
+    while step < run.stop_at:
+        epoch = step // run.steps_per_epoch
         agents_epoch = epoch % 2 == 0 or not cfg.finetune_vit  # the paper's odd (1-based) epochs
-        augmented.epoch = epoch
-        idx = epoch_indices(len(train_set), cfg.seed, epoch, rank, world, per_rank)[skip_n * per_rank:]
-        loader = DataLoader(Subset(augmented, idx), batch_size=per_rank, drop_last=True, collate_fn=collate,
-                            num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed))
         sums = dict(reward=0.0, keep=0.0, acc=0.0, n=0)
-        for batch in loader:
+        for batch in run.epoch_loader(step):
             runner.masked = True
             if agents_epoch:
                 runner.eval()  # the ViT is frozen: no dropout, no gradients
@@ -212,51 +167,49 @@ def train_policy(cfg: PolicyConfig, log: Callable[[str], None] = print) -> dict:
                 correct = logits.argmax(1) == batch.labels
                 ro = rollout_tensors(method.rollout)
                 rewards = agent_rewards(ro["kept"], ro["alive"], correct, cfg.alpha, cfg.beta)
-                losses = ppo_update(method, ro, rewards, cfg.ppo, opt_actor, opt_critic, world)
+                losses = ppo_update(method, ro, rewards, cfg.ppo, opt_actor, opt_critic, run.world)
                 alive = ro["alive"].float()
-                sums["reward"] += float((rewards.sum((0, 2))).mean())
+                sums["reward"] += float(rewards.sum((0, 2)).mean())
                 sums["keep"] += float((ro["kept"].float() * alive).sum() / alive.sum())
             else:
                 runner.train()
                 method.sampling = False
-                for p in method.parameters():
-                    p.requires_grad_(False)
+                method.requires_grad_(False)
                 logits = runner(batch.images)
                 loss = F.cross_entropy(logits, batch.labels)
                 opt_vit.zero_grad(set_to_none=True)
                 loss.backward()
-                _average_grads(model, world)
+                _average_grads(model, run.world)
                 opt_vit.step()
-                for p in method.parameters():
-                    p.requires_grad_(True)
+                method.requires_grad_(True)
                 correct = logits.argmax(1) == batch.labels
-                losses = dict(ce=float(loss))
+                losses = dict(ce=loss.item())
             sums["acc"] += float(correct.float().mean())
             sums["n"] += 1
             step += 1
             bar.update()
             bar.set_postfix(epoch=epoch, reward=f"{sums['reward'] / sums['n']:.3f}",
                             keep=f"{sums['keep'] / sums['n']:.2f}", **{k: f"{v:.3f}" for k, v in losses.items()})
-            if step % cfg.save_every == 0 and step % steps_per_epoch:
+            if run.should_save(step):
                 save()
-            if step >= stop_at:
+            if step >= run.stop_at:
                 break
-        if step % steps_per_epoch == 0 or step >= stop_at:
-            ev = evaluate_policy(runner, eval_loader)
+        if run.epoch_done(step) or step >= run.stop_at:
+            ev = evaluate_policy(runner, run.eval_loader)
             n = max(sums["n"], 1)
             history.append(dict(epoch=epoch + 1, step=step, kind="agents" if agents_epoch else "vit",
                                 mean_reward=sums["reward"] / n, keep_ratio=sums["keep"] / n,
-                                rollout_acc=100 * sums["acc"] / n, **ev, elapsed_s=round(time.time() - t0, 1)))
-            if is_main:
+                                rollout_acc=100 * sums["acc"] / n, **ev, elapsed_s=run.elapsed()))
+            if run.is_main:
                 log(json.dumps(history[-1]))
             save()
     bar.close()
-    metrics = dict(steps=step, history=history, world_size=world, config=_config_dict(cfg))
-    if is_main:
-        export_weights(method, out / "policy.safetensors")
+    metrics = dict(steps=step, history=history, world_size=run.world, config=_config_dict(cfg))
+    if run.is_main:
+        export_weights(method, run.out / "policy.safetensors")
         if cfg.finetune_vit:
-            export_weights(model, out / "vit.safetensors")
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+            export_weights(model, run.out / "vit.safetensors")
+        (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     if dist.is_initialized():
         dist.barrier()
     return metrics
