@@ -80,3 +80,23 @@ def test_torchrun_two_processes_keep_identical_replicas(tmp_path):
     assert metrics["replica_max_abs_diff"] == 0.0
     log = (out / "train.log").read_text()
     assert log.count("done: top-1") == 1  # only rank 0 logs
+
+
+def test_training_a_learned_method_with_distillation(tmp_path):
+    """DynamicViT trains its predictors (ratio loss added) with KL to the dense starting model;
+    its weights come out next to the ViT's and load back through weights=."""
+    import leanvit
+    cfg = TrainConfig(out=str(tmp_path), method="dynamicvit", options={"keep_rate": 0.7}, distill=0.5,
+                      max_steps=3, **dict(SMALL, epochs=1))
+    m = train(cfg, log=lambda s: None)
+    assert m["steps"] == 3 and (tmp_path / "method.safetensors").is_file()
+    model = leanvit.create_model(SMALL["model"], checkpoint=str(tmp_path / "final.safetensors"))
+    f = leanvit.adapt(model, "dynamicvit", keep_rate=0.7, weights=str(tmp_path / "method.safetensors"))
+    frozen = TrainConfig(out=str(tmp_path / "lr0"), method="dynamicvit", options={"keep_rate": 0.7}, distill=0.5,
+                         max_steps=3, **dict(SMALL, epochs=1, lr=0.0, min_lr=0.0))
+    train(frozen, log=lambda s: None)  # same seeds and steps, learning rate 0: the initial predictors
+    from safetensors.torch import load_file
+    start = load_file(str(tmp_path / "lr0" / "method.safetensors"))
+    trained = f.method.state_dict()
+    assert start.keys() == trained.keys()
+    assert any(not torch.equal(start[k], trained[k]) for k in start)  # the predictors were trained

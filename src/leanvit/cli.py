@@ -129,7 +129,7 @@ def cmd_train(args) -> int:
                       lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                       label_smoothing=args.label_smoothing, drop_path=args.drop_path, seed=args.seed,
                       checkpoint=args.checkpoint, pretrained=args.pretrained, num_classes=args.num_classes,
-                      method=args.method, options=parse_options(args.opt), workers=args.workers,
+                      method=args.method, options=parse_options(args.opt), distill=args.distill, workers=args.workers,
                       save_every=args.save_every, train_split=args.train_split, eval_split=args.eval_split,
                       limit_train=args.limit_train, limit_eval=args.limit_eval, max_steps=args.max_steps)
     if args.threads:
@@ -277,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-path", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--method", default="none", help="train with this reduction method active (fine-tuning)")
+    p.add_argument("--distill", type=float, default=0.0, help="weight of KL to the starting model run dense")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--workers", type=int, default=1, help="data loading processes")
     p.add_argument("--save-every", type=int, default=100, help="steps between resumable checkpoints")

@@ -50,6 +50,22 @@ def check_supported(model: nn.Module) -> None:
                     f"block {i} mlp.{name} is a convolution; leanvit needs a token-wise MLP")
 
 
+def policy_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], policy: Tensor,
+                     dropout: float = 0.0, eps: float = 1e-6) -> Tensor:
+    """DynamicViT's masked softmax: the attention to each key is multiplied by its keep decision
+    (every token still attends to itself), so gradients flow into differentiable decisions."""
+    n = q.shape[-2]
+    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias
+    eye = torch.eye(n, dtype=q.dtype, device=q.device)
+    keep = policy[:, None, None, :].to(q.dtype)
+    keep = keep + (1.0 - keep) * eye
+    w = (logits - logits.amax(dim=-1, keepdim=True)).exp() * keep
+    w = (w + eps / n) / (w.sum(dim=-1, keepdim=True) + eps)
+    return F.dropout(w, dropout, training=dropout > 0) @ v
+
+
 class LeanViT(nn.Module):
     """A timm VisionTransformer run block by block with a token-reduction method plugged in.
 
@@ -114,8 +130,11 @@ class LeanViT(nn.Module):
         q, k, v = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
         bias = state.attn_bias()
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if self.training else 0.0)
+        dropout = attn.attn_drop.p if self.training else 0.0
+        if state.policy is None:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+        else:
+            o = policy_attention(q, k, v, bias, state.policy, dropout)
         o = attn.norm(o.transpose(1, 2).reshape(B, N, attn.attn_dim))
         if gate is not None:
             o = o * gate

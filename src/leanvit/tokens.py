@@ -26,6 +26,8 @@ class TokenState:
     source:   (B, N, N0) 0/1 map of which input tokens each token stands for; only when tracking.
     compact:  False for masked execution (training with a fixed batch shape): pruned tokens stay
               in place, marked invalid, so attention ignores them exactly as if removed.
+    policy:   (B, N) differentiable keep decisions in [0, 1] (DynamicViT's training): attention
+              weights are multiplied by them, so gradients reach the decisions.
     """
 
     x: Tensor
@@ -34,6 +36,7 @@ class TokenState:
     valid: Optional[Tensor] = None
     source: Optional[Tensor] = None
     compact: bool = True
+    policy: Optional[Tensor] = None
 
     @property
     def batch(self) -> int:
@@ -80,6 +83,7 @@ class TokenState:
             x=_take(self.x, idx),
             size=None if self.size is None else self.size.gather(1, idx),
             valid=None if self.valid is None else self.valid.gather(1, idx),
+            policy=None if self.policy is None else self.policy.gather(1, idx),
             source=None if self.source is None else _take(self.source, idx),
         )
 
@@ -89,6 +93,7 @@ class TokenState:
             x=self.x[rows],
             size=None if self.size is None else self.size[rows],
             valid=None if self.valid is None else self.valid[rows],
+            policy=None if self.policy is None else self.policy[rows],
             source=None if self.source is None else self.source[rows],
         )
 

@@ -47,6 +47,7 @@ class TrainConfig:
     num_classes: Optional[int] = None
     method: str = "none"  # train/fine-tune with this reduction method active
     options: dict = field(default_factory=dict)
+    distill: float = 0.0  # weight of KL(student || dense teacher), the starting model run dense
     workers: int = 1
     save_every: int = 100  # steps between resumable checkpoints
     train_split: str = "train"
@@ -246,24 +247,30 @@ def train(cfg: TrainConfig, log=print) -> dict:
     runner = leanvit.adapt(model, cfg.method, **cfg.options)
     runner.train()
     net = torch.nn.parallel.DistributedDataParallel(runner) if run.world > 1 else runner
+    teacher = None
+    if cfg.distill:
+        import copy
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
     warmup = int(cfg.warmup_epochs * run.steps_per_epoch)
 
-    decayed = {n for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "token" not in n}
+    params = dict(runner.named_parameters())  # the ViT and a learned method's own (e.g. predictors)
+    decayed = {n for n, p in params.items() if p.ndim > 1 and "pos_embed" not in n and "token" not in n}
     opt = torch.optim.AdamW([
-        {"params": [p for n, p in model.named_parameters() if n in decayed], "weight_decay": cfg.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if n not in decayed], "weight_decay": 0.0}], lr=cfg.lr)
+        {"params": [p for n, p in params.items() if n in decayed], "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in params.items() if n not in decayed], "weight_decay": 0.0}], lr=cfg.lr)
 
     step, history = 0, []
     ckpt = run.load()
     if ckpt:
-        model.load_state_dict(ckpt["model"])
+        weights = ckpt["model"]
+        (runner if any(k.startswith("model.") for k in weights) else model).load_state_dict(weights)
         opt.load_state_dict(ckpt["optimizer"])
         step, history = ckpt["step"], ckpt["history"]
         if run.is_main:
             log(f"resumed from {run.state_path} at step {step}/{run.total_steps}")
 
     def save():
-        run.save(model=model.state_dict(), optimizer=opt.state_dict(), step=step, history=history)
+        run.save(model=runner.state_dict(), optimizer=opt.state_dict(), step=step, history=history)
 
     bar = run.progress(step, "train")
     while step < run.stop_at:
@@ -273,7 +280,16 @@ def train(cfg: TrainConfig, log=print) -> dict:
             lr = lr_at(step, run.total_steps, warmup, cfg.lr, cfg.min_lr)
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss = F.cross_entropy(net(batch.images), batch.labels, label_smoothing=cfg.label_smoothing)
+            logits = net(batch.images)
+            loss = F.cross_entropy(logits, batch.labels, label_smoothing=cfg.label_smoothing)
+            extra = getattr(runner.method, "extra_loss", lambda: None)()  # e.g. DynamicViT's keep ratio
+            if extra is not None:
+                loss = loss + extra
+            if teacher is not None:
+                with torch.no_grad():
+                    target = F.log_softmax(teacher(batch.images), dim=-1)
+                loss = loss + cfg.distill * F.kl_div(F.log_softmax(logits, dim=-1), target, reduction="batchmean",
+                                                     log_target=True)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -302,6 +318,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
         metrics["replica_max_abs_diff"] = _replica_diff(model)
     if run.is_main:
         export_weights(model, run.out / "final.safetensors")
+        if isinstance(runner.method, torch.nn.Module) and len(runner.method.state_dict()):
+            export_weights(runner.method, run.out / "method.safetensors")  # load with --opt weights=PATH
         (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     if dist.is_initialized():
         dist.barrier()

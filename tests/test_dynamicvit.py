@@ -1,0 +1,73 @@
+"""DynamicViT: the policy-masked attention, real removal at inference, the keep-ratio loss."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import leanvit
+from leanvit.runtime import policy_attention
+
+from conftest import images, small_vit
+
+
+def _qkv(seed=0, B=2, H=2, N=7, D=4):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, N, D, generator=g) for _ in range(3)]
+
+
+def test_policy_attention_all_kept_is_plain_attention():
+    q, k, v = _qkv()
+    torch.testing.assert_close(policy_attention(q, k, v, None, torch.ones(2, 7)),
+                               F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_policy_attention_dropped_keys_are_removed_for_kept_queries():
+    q, k, v = _qkv()
+    policy = torch.tensor([[1, 1, 0, 1, 0, 1, 1], [1, 0, 0, 0, 1, 1, 1]], dtype=torch.float32)
+    out = policy_attention(q, k, v, None, policy)
+    for b in range(2):
+        kept = policy[b].bool()
+        ref = F.scaled_dot_product_attention(q[b:b + 1, :, kept], k[b:b + 1, :, kept], v[b:b + 1, :, kept])
+        torch.testing.assert_close(out[b:b + 1, :, kept], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_inference_keeps_rho_powers_for_real():
+    f = leanvit.adapt(small_vit(), "dynamicvit", keep_rate=0.5)
+    with torch.no_grad(), f.tracing() as trace:
+        f(images(2))
+    attn = [rec["attn_tokens"].tolist()[0] for rec in trace]
+    # predictors before blocks 3, 6, 9 keep 32, 16, 8 of the 64 patches (+ CLS)
+    assert attn[:3] == [65] * 3 and attn[3:6] == [33] * 3 and attn[6:9] == [17] * 3 and attn[9:] == [9] * 3
+
+
+def test_training_uses_gumbel_policies_and_the_ratio_loss():
+    torch.manual_seed(0)
+    model = small_vit().train()
+    f = leanvit.adapt(model, "dynamicvit", keep_rate=0.7)
+    f.train()
+    logits = f(images(4))
+    decisions = f.method.decisions
+    assert len(decisions) == 3 and all(d.shape == (4, 64) for d in decisions)
+    assert all(set(d.detach().unique().tolist()) <= {0.0, 1.0} for d in decisions)
+    assert bool((decisions[1] <= decisions[0]).all() and (decisions[2] <= decisions[1]).all())  # cumulative
+    loss = F.cross_entropy(logits, torch.zeros(4, dtype=torch.long)) + f.method.extra_loss()
+    loss.backward()
+    grads = [p.grad for p in f.method.predictors[0].parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    expected = 2.0 * sum(((d.mean(1) - 0.7 ** (s + 1)) ** 2).mean() for s, d in enumerate(decisions))
+    assert f.method.extra_loss().item() == pytest.approx(expected.item())
+    f.eval()
+    with torch.no_grad():
+        f(images(1))
+    assert f.method.extra_loss() is None  # only training forwards produce the loss
+
+
+def test_predictor_weights_round_trip(tmp_path):
+    from safetensors.torch import save_file
+    f = leanvit.adapt(small_vit(), "dynamicvit")
+    path = tmp_path / "p.safetensors"
+    save_file({k: v.contiguous() for k, v in f.method.state_dict().items()}, str(path))
+    g = leanvit.adapt(small_vit(seed=1), "dynamicvit", weights=str(path))
+    for (k, a), (_, b) in zip(f.method.state_dict().items(), g.method.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=k)
+    with pytest.raises(leanvit.OptionError, match="cannot load"):
+        leanvit.adapt(small_vit(), "dynamicvit", weights=str(tmp_path / "missing.safetensors"))
