@@ -40,8 +40,12 @@ def macs_per_image(runner: LeanViT, trace: List[dict], images: Tensor, padded: b
         blk = m.blocks[rec["layer"]]
         n_attn = float(rec["attn_width"]) if padded else rec["attn_tokens"].double().cpu()
         n_mlp = float(rec["mlp_width"]) if padded else rec["mlp_tokens"].double().cpu()
-        total += n_attn * linear_macs(blk.attn) + 2 * n_attn * n_attn * blk.attn.attn_dim
-        total += n_mlp * linear_macs(blk.mlp)
+        attn, heads, hidden = blk.attn, rec["heads"], rec["hidden"]
+        width = heads * attn.head_dim  # first-k sliced heads (channel-elastic methods)
+        attn_lin = linear_macs(attn) if heads == attn.num_heads else width * (3 * attn.qkv.in_features + attn.proj.out_features)
+        mlp_lin = linear_macs(blk.mlp) if hidden is None else hidden * (blk.mlp.fc1.in_features + blk.mlp.fc2.out_features)
+        total += n_attn * attn_lin + 2 * n_attn * n_attn * width
+        total += n_mlp * mlp_lin
     head = linear_macs(m.head) + (linear_macs(m.head_dist) if hasattr(m, "head_dist") else 0)
     return total + head + linear_macs(m.fc_norm)
 

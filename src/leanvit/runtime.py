@@ -18,10 +18,16 @@ from torch import Tensor
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
+from . import elastic
 from .methods.base import AttentionView, ModelInfo, Reduction
 from .tokens import TokenState
 
 SUPPORTED_POOLS = ("token", "avg", "max", "avgmax")
+
+
+def _mlp_hidden(mlp: nn.Module) -> int:
+    fc1 = getattr(mlp, "fc1", None)
+    return fc1.out_features if isinstance(fc1, nn.Linear) else 0
 
 
 class UnsupportedModelError(ValueError):
@@ -82,7 +88,12 @@ class LeanViT(nn.Module):
             depth=len(model.blocks), n_prefix=self.n_prefix,
             n_tokens=model.patch_embed.num_patches + self.n_prefix,
             num_heads=model.blocks[0].attn.num_heads if len(model.blocks) else 0,
-            embed_dim=model.embed_dim, has_cls=model.cls_token is not None))
+            embed_dim=model.embed_dim, has_cls=model.cls_token is not None,
+            mlp_hidden=_mlp_hidden(model.blocks[0].mlp) if len(model.blocks) else 0))
+        for i, blk in enumerate(model.blocks):
+            widths = method.block_widths(i)
+            if widths:
+                elastic.check_sliceable(blk, i, *widths)
         if method.position not in ("attention", "block"):
             raise ValueError(f"{method!r}: position must be 'attention' or 'block', got {method.position!r}")
         layers = frozenset(method.decision_layers())
@@ -127,7 +138,9 @@ class LeanViT(nn.Module):
         B, N, C = x.shape
         h = blk.norm1(x)
         gate = attn.gate(h).sigmoid() if attn.gate is not None else None
-        q, k, v = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        heads, hidden = self.method.block_widths(index) or (None, None)  # channel-elastic methods
+        qkv, heads = elastic.attention_projections(attn, h, heads)
+        q, k, v = qkv.reshape(B, N, 3, heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
         bias = state.attn_bias()
         dropout = attn.attn_drop.p if self.training else 0.0
@@ -135,10 +148,10 @@ class LeanViT(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
         else:
             o = policy_attention(q, k, v, bias, state.policy, dropout)
-        o = attn.norm(o.transpose(1, 2).reshape(B, N, attn.attn_dim))
+        o = attn.norm(o.transpose(1, 2).reshape(B, N, heads * attn.head_dim))
         if gate is not None:
             o = o * gate
-        o = attn.proj_drop(attn.proj(o))
+        o = attn.proj_drop(elastic.output_projection(attn, o))
         state = state.replace(x=x + blk.drop_path1(blk.ls1(o)))
         counts_in = state.counts() if self._trace is not None else None
 
@@ -147,10 +160,10 @@ class LeanViT(nn.Module):
         del q, k, v, o  # free the attention buffers before the MLP allocates its own
 
         x = state.x
-        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        x = x + blk.drop_path2(blk.ls2(elastic.mlp_forward(blk.mlp, blk.norm2(x), hidden)))
         if self._trace is not None:
-            self._trace.append(dict(layer=index, attn_tokens=counts_in, attn_width=N,
-                                    mlp_tokens=state.counts(), mlp_width=x.shape[1]))
+            self._trace.append(dict(layer=index, attn_tokens=counts_in, attn_width=N, heads=heads,
+                                    mlp_tokens=state.counts(), mlp_width=x.shape[1], hidden=hidden))
         state = state.replace(x=x)
         if index in self.after_block_layers:
             state = self.method.reduce(index, state, None)

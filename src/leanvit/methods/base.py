@@ -32,6 +32,7 @@ class ModelInfo:
     num_heads: int
     embed_dim: int
     has_cls: bool = True  # a CLS token at index 0
+    mlp_hidden: int = 0  # MLP width of the first block
 
 
 class AttentionView:
@@ -89,6 +90,11 @@ class Reduction(abc.ABC):
 
     def begin(self, batch: int) -> None:
         """Called at the start of every forward."""
+
+    def block_widths(self, layer: int) -> Optional[Tuple[Optional[int], Optional[int]]]:
+        """(attention heads, MLP neurons) block ``layer`` runs with, first-k sliced; None (or a
+        None entry) for the full width. Only channel-elastic methods override this."""
+        return None
 
     @abc.abstractmethod
     def reduce(self, layer: int, state: TokenState, attn: Optional[AttentionView]) -> TokenState:

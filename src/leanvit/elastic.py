@@ -1,0 +1,88 @@
+"""Channel elasticity: run any block with its first ``h`` attention heads and first ``m`` MLP
+neurons (first-k weight slicing, physically smaller matmuls), and reorder a model's heads and
+neurons by importance so that the first k are the best k (PRANCE's meta-network).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from timm.layers import Mlp
+
+
+def check_sliceable(blk: nn.Module, index: int, heads: Optional[int], hidden: Optional[int]) -> None:
+    """Refuse, naming the part, widths the block cannot be sliced to."""
+    attn = blk.attn
+    if heads is not None:
+        if not 1 <= heads <= attn.num_heads:
+            raise ValueError(f"block {index}: heads must be in 1..{attn.num_heads}, got {heads}")
+        if not isinstance(attn.norm, nn.Identity) or attn.gate is not None:
+            raise ValueError(f"block {index}: attention with scale_norm or a gate cannot be sliced by heads")
+    if hidden is not None:
+        if type(blk.mlp) is not Mlp or not isinstance(blk.mlp.norm, nn.Identity):
+            raise ValueError(f"block {index}: only timm's plain Mlp can be sliced, got {type(blk.mlp).__name__}")
+        if not 1 <= hidden <= blk.mlp.fc1.out_features:
+            raise ValueError(f"block {index}: MLP width must be in 1..{blk.mlp.fc1.out_features}, got {hidden}")
+
+
+def qkv_rows(attn: nn.Module, heads: int) -> Tensor:
+    """Indices of the qkv output rows of the first ``heads`` heads (for q, k and v)."""
+    d, full = attn.head_dim, attn.num_heads * attn.head_dim
+    first = torch.arange(heads * d, device=attn.qkv.weight.device)
+    return torch.cat([first, first + full, first + 2 * full])
+
+
+def attention_projections(attn: nn.Module, h: Tensor, heads: Optional[int]) -> Tuple[Tensor, int]:
+    """qkv of the first ``heads`` heads: (B, N, 3 * heads * head_dim), and the head count."""
+    if heads is None or heads == attn.num_heads:
+        return attn.qkv(h), attn.num_heads
+    rows = qkv_rows(attn, heads)
+    bias = None if attn.qkv.bias is None else attn.qkv.bias[rows]
+    return F.linear(h, attn.qkv.weight[rows], bias), heads
+
+
+def output_projection(attn: nn.Module, o: Tensor) -> Tensor:
+    width = o.shape[-1]
+    if width == attn.proj.in_features:
+        return attn.proj(o)
+    return F.linear(o, attn.proj.weight[:, :width], attn.proj.bias)
+
+
+def mlp_forward(mlp: nn.Module, x: Tensor, hidden: Optional[int]) -> Tensor:
+    """timm's Mlp with its first ``hidden`` neurons (the whole MLP when None)."""
+    if hidden is None or hidden == mlp.fc1.out_features:
+        return mlp(x)
+    b1 = None if mlp.fc1.bias is None else mlp.fc1.bias[:hidden]
+    x = mlp.drop1(mlp.act(F.linear(x, mlp.fc1.weight[:hidden], b1)))
+    return mlp.drop2(F.linear(x, mlp.fc2.weight[:, :hidden], mlp.fc2.bias))
+
+
+@torch.no_grad()
+def reorder_by_importance(model: nn.Module) -> nn.Module:
+    """Permute every block's heads and MLP neurons, most important first, without changing what
+    the model computes. Importance is data-free: a head's ‖W_v‖·‖W_proj‖ over its channels, a
+    neuron's ‖fc1 row‖·‖fc2 column‖ (the size of the path through it)."""
+    for i, blk in enumerate(model.blocks):
+        attn = blk.attn
+        check_sliceable(blk, i, attn.num_heads, None)
+        H, d = attn.num_heads, attn.head_dim
+        w = attn.qkv.weight.view(3, H, d, -1)
+        v_norm = w[2].flatten(1).norm(dim=1)
+        proj_norm = attn.proj.weight.view(attn.proj.out_features, H, d).transpose(0, 1).flatten(1).norm(dim=1)
+        order = (v_norm * proj_norm).argsort(descending=True)
+        attn.qkv.weight.copy_(w[:, order].reshape_as(attn.qkv.weight))
+        if attn.qkv.bias is not None:
+            attn.qkv.bias.copy_(attn.qkv.bias.view(3, H, d)[:, order].reshape(-1))
+        attn.proj.weight.copy_(attn.proj.weight.view(-1, H, d)[:, order].reshape_as(attn.proj.weight))
+
+        if type(blk.mlp) is Mlp and isinstance(blk.mlp.norm, nn.Identity):
+            fc1, fc2 = blk.mlp.fc1, blk.mlp.fc2
+            order = (fc1.weight.norm(dim=1) * fc2.weight.norm(dim=0)).argsort(descending=True)
+            fc1.weight.copy_(fc1.weight[order])
+            if fc1.bias is not None:
+                fc1.bias.copy_(fc1.bias[order])
+            fc2.weight.copy_(fc2.weight[:, order])
+    return model
