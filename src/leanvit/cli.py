@@ -168,9 +168,10 @@ def cmd_train_policy(args) -> int:
 def cmd_methods(args) -> int:
     import leanvit
     from .methods.base import REGISTRY
+    width = max(map(len, leanvit.list_methods())) + 2
     for name in leanvit.list_methods():
         doc = (REGISTRY[name].__doc__ or "").strip().splitlines()[0]
-        print(f"{name:<10}{doc}")
+        print(f"{name:<{width}}{doc}")
     return 0
 
 
