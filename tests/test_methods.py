@@ -545,3 +545,21 @@ def test_tome_uses_key_mean_metric_on_real_model():
         q, k, v = a.qkv(h).reshape(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
         ref_src, _ = _tome_reference(k.mean(1), torch.eye(N).expand(B, N, N), torch.ones(B, N), 9, False)
     assert torch.equal(state.source, (ref_src > 0).float())
+
+
+def test_merge_into_top_hand_made():
+    from leanvit.tokens import merge_into_top
+    # CLS + 4 patches; scores pick patches 0 and 2 as destinations; patch 1 looks like patch 2,
+    # patch 3 like patch 0
+    x = torch.tensor([[[9.0, 9.0], [1.0, 0.0], [0.0, 2.0], [0.0, 1.0], [2.0, 0.1]]])
+    s = TokenState(x=x, n_prefix=1, size=torch.tensor([[1.0, 1.0, 3.0, 1.0, 1.0]]),
+                   source=torch.eye(5)[None])
+    out = merge_into_top(s, torch.tensor([[0.9, 0.1, 0.5, 0.2]]), k=2)
+    assert out.x.shape == (1, 3, 2)
+    torch.testing.assert_close(out.x[0, 0], x[0, 0])  # CLS untouched
+    # destination patch 0 (score .9) absorbs patch 3 ([2, .1]); destination patch 2 (score .5, size 1)
+    # absorbs patch 1 ([0, 2], size 3)
+    torch.testing.assert_close(out.x[0, 1], (x[0, 1] + x[0, 4]) / 2)
+    torch.testing.assert_close(out.x[0, 2], (x[0, 3] * 1 + x[0, 2] * 3) / 4)
+    assert out.size.tolist() == [[1.0, 2.0, 4.0]]
+    assert out.source[0].tolist() == [[1, 0, 0, 0, 0], [0, 1, 0, 0, 1], [0, 0, 1, 1, 0]]

@@ -242,6 +242,31 @@ def merge_tokens(state: TokenState, metric: Tensor, r: int) -> TokenState:
     return state.replace(x=x / size[..., None], size=size, source=source)
 
 
+def merge_into_top(state: TokenState, scores: Tensor, k: int) -> TokenState:
+    """PRANCE's merging: the ``k`` patches with the highest ``scores`` (B, n_patches) are
+    destinations; every other patch joins its most similar destination (cosine on the hidden
+    states) as a size-weighted average; sizes add. Output: prefix, then destinations by score."""
+    if state.valid is not None:
+        raise ValueError("merging on a ragged (padded) batch is not supported")
+    p = state.n_prefix
+    order = scores.argsort(dim=1, descending=True) + p
+    dst, src = order[:, :k], order[:, k:]
+    metric = state.x / state.x.norm(dim=-1, keepdim=True)
+    sim = _take(metric, src) @ _take(metric, dst).transpose(-1, -2)  # (B, n_src, k)
+    target = sim.argmax(dim=-1) + p  # destination position in the output (after the prefix)
+    prefix = torch.arange(p, device=order.device).expand(state.batch, p)
+    keep = torch.cat([prefix, dst], dim=1)
+    size = state.sizes()
+
+    def merge(t: Tensor) -> Tensor:
+        return _take(t, keep).scatter_add_(1, _expand_index(target, t), _take(t, src))
+
+    x = merge(state.x * size[..., None])
+    new_size = merge(size)
+    source = None if state.source is None else merge(state.source)
+    return state.replace(x=x / new_size[..., None], size=new_size, source=source)
+
+
 def max_merge(n_tokens: int, n_prefix: int) -> int:
     """The most tokens one bipartite step can remove: half of the reducible ones."""
     return max((n_tokens - n_prefix) // 2, 0)
