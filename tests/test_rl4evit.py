@@ -87,3 +87,18 @@ def test_short_policy_training_raises_the_reward(tmp_path):
     f = leanvit.adapt(leanvit.create_model("vit12_convstem_w96_cifar"), "rl4evit", hidden=[64, 32],
                       weights=str(tmp_path / "policy.safetensors"))
     assert f.method.actor[0].weight.shape == (64, 96)
+
+
+@pytest.mark.skipif(not CIFAR.is_file(), reason="offline CIFAR-10 in ../shared/data not present")
+def test_single_agent_ablation_trains(tmp_path):
+    """The single-agent variant (one agent takes a layer's joint action) runs the same loop."""
+    from leanvit.rl import PPOConfig
+    from leanvit.train_policy import PolicyConfig, train_policy
+    cfg = PolicyConfig(model="vit12_convstem_w96_cifar", out=str(tmp_path), data=str(CIFAR), epochs=1,
+                       batch_size=32, limit_train=64, limit_eval=32, workers=0,
+                       options={"hidden": [32], "agents": "single"}, ppo=PPOConfig(epochs=2))
+    m = train_policy(cfg, log=lambda s: None)
+    assert m["steps"] == 2 and m["history"][0]["kind"] == "agents"
+    assert 0.0 < m["history"][0]["keep_ratio"] <= 1.0
+    with pytest.raises(leanvit.OptionError, match="agents must be"):
+        leanvit.adapt(small_vit(), "rl4evit", agents="both")

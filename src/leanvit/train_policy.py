@@ -57,23 +57,40 @@ def rollout_tensors(rollout):
 
 def ppo_update(method, ro: dict, rewards: torch.Tensor, cfg: PPOConfig, opt_actor, opt_critic,
                world: int = 1) -> dict:
-    """K iterations of MAPPO on one rollout; returns the last losses."""
+    """K iterations of PPO on one rollout; returns the last losses.
+
+    Multi-agent (RL4EViT): every token is an agent with its own reward, value and advantage; its
+    episode ends when it prunes its token. Single-agent (the ablation): one agent per image takes
+    the joint action of a layer (log-probability = sum over the tokens), with the layer's summed
+    reward and one value from [mean token ; CLS]; its episode is the image.
+    """
+    single = method.agents == "single"
     alive = ro["alive"].float()
+
+    def values_of():
+        tokens, cls = ro["tokens"].flatten(0, 1), ro["cls"].flatten(0, 1)
+        if single:
+            return method.pooled_value(tokens, cls, ro["alive"].flatten(0, 1)).view(rewards.shape[:2])
+        return method.value(tokens, cls).view_as(rewards)
+
+    def logp_of(logp_tokens):
+        return (logp_tokens * alive).sum(dim=2) if single else logp_tokens
+
+    weight = torch.ones(rewards.shape[:2]) if single else alive
+    step_rewards = (rewards * alive).sum(dim=2) if single else rewards
     with torch.no_grad():
-        values_old = method.value(ro["tokens"].flatten(0, 1), ro["cls"].flatten(0, 1)).view_as(rewards)
-        dones = (~ro["kept"]) | ~ro["alive"]
+        values_old = values_of()
+        dones = torch.zeros_like(weight, dtype=torch.bool) if single else (~ro["kept"]) | ~ro["alive"]
         dones[-1] = True
-        adv, returns = gae(rewards, values_old, dones, gamma=cfg.gamma, lam=cfg.lam)
-        n = alive.sum().clamp_min(1)
-        mean = (adv * alive).sum() / n
-        std = (((adv - mean) ** 2) * alive).sum().div(n).sqrt().clamp_min(1e-6)
+        adv, returns = gae(step_rewards, values_old, dones, gamma=cfg.gamma, lam=cfg.lam)
+        n = weight.sum().clamp_min(1)
+        mean = (adv * weight).sum() / n
+        std = (((adv - mean) ** 2) * weight).sum().div(n).sqrt().clamp_min(1e-6)
         adv = (adv - mean) / std
-    tokens = ro["tokens"]
+        logp_old = logp_of(ro["logp"])
     for _ in range(cfg.epochs):
-        logits = method.actor(tokens)
-        dist_new = torch.distributions.Categorical(logits=logits)
-        logp = dist_new.log_prob(ro["action"])
-        pol = clipped_policy_loss(logp, ro["logp"], adv, cfg.clip, weight=alive)
+        dist_new = torch.distributions.Categorical(logits=method.actor(ro["tokens"]))
+        pol = clipped_policy_loss(logp_of(dist_new.log_prob(ro["action"])), logp_old, adv, cfg.clip, weight=weight)
         ent = (dist_new.entropy() * alive).sum() / alive.sum().clamp_min(1)
         opt_actor.zero_grad(set_to_none=True)
         (pol - cfg.entropy_coef * ent).backward()
@@ -81,8 +98,7 @@ def ppo_update(method, ro: dict, rewards: torch.Tensor, cfg: PPOConfig, opt_acto
         torch.nn.utils.clip_grad_norm_(method.actor.parameters(), cfg.max_grad_norm)
         opt_actor.step()
 
-        values = method.value(tokens.flatten(0, 1), ro["cls"].flatten(0, 1)).view_as(rewards)
-        vloss = cfg.value_coef * clipped_value_loss(values, values_old, returns, cfg.clip, weight=alive)
+        vloss = cfg.value_coef * clipped_value_loss(values_of(), values_old, returns, cfg.clip, weight=weight)
         opt_critic.zero_grad(set_to_none=True)
         vloss.backward()
         _average_grads(method.critic, world)

@@ -48,9 +48,12 @@ class RL4EViT(Reduction, nn.Module):
     name = "rl4evit"
     position = "block"
 
-    def __init__(self, layers=(3, 6, 9), hidden=None, weights=None):
+    def __init__(self, layers=(3, 6, 9), hidden=None, weights=None, agents="multi"):
         nn.Module.__init__(self)
         self.layers, self.hidden, self.weights = layers, hidden, weights
+        if agents not in ("multi", "single"):
+            raise OptionError(f"rl4evit: agents must be 'multi' (one per token) or 'single' (one per layer), got {agents!r}")
+        self.agents = agents
         if hidden is not None and (not isinstance(hidden, (list, tuple)) or not all(isinstance(h, int) and h > 0 for h in hidden)):
             raise OptionError(f"rl4evit: hidden must be a list of layer widths, got {hidden!r}")
         self.sampling = False  # True during training rollouts: sample actions and record them
@@ -80,6 +83,12 @@ class RL4EViT(Reduction, nn.Module):
         """(B, P) critic values of the agents from [token ; CLS]."""
         return self.critic(torch.cat([tokens, cls[:, None].expand_as(tokens)], dim=-1)).squeeze(-1)
 
+    def pooled_value(self, tokens: Tensor, cls: Tensor, alive: Tensor) -> Tensor:
+        """(B,) critic value of a whole layer (the single-agent ablation): [mean live token ; CLS]."""
+        w = alive[..., None].to(tokens.dtype)
+        mean = (tokens * w).sum(dim=1) / w.sum(dim=1).clamp_min(1)
+        return self.critic(torch.cat([mean, cls], dim=-1)).squeeze(-1)
+
     def reduce(self, layer, state, attn):
         p = state.n_prefix
         tokens = state.x[:, p:]
@@ -104,4 +113,4 @@ class RL4EViT(Reduction, nn.Module):
         return keep_mask(state, keep)
 
     def extra_repr(self):
-        return f"layers={self.layers}" + (f", weights={self.weights}" if self.weights else "")
+        return f"layers={self.layers}, agents={self.agents}" + (f", weights={self.weights}" if self.weights else "")
