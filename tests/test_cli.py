@@ -96,6 +96,9 @@ def test_bench_json(tmp_path, capsys):
     (["eval", "--model", "resnet18", "--data", "."], "timm VisionTransformer"),
     (["eval", "--model", "deit_tiny_patch16_224", "--checkpoint", "/no/such.safetensors", "--data", "."],
      "does not exist"),
+    (["bench", "--model", "deit_tiny_patch16_224", "--methods", "tome", "--input-size", "3", "32", "32"],
+     "expects 224x224 images, got 32x32"),
+    (["train-policy", "--model", "deit_tiny_patch16_224", "--method", "ppt", "--out", "/tmp/x"], "trains rl4evit"),
 ])
 def test_errors(args, message, capsys):
     code, out, err = run_cli(args, capsys)
