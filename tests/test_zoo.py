@@ -1,0 +1,46 @@
+"""The shipped reference model: listed, loaded offline with its preprocessing, small, accurate,
+and the demo runs on it."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import leanvit
+from leanvit.cli import main
+from leanvit.demo import DEMO_MODEL
+from leanvit.zoo import ZOO_DIR
+
+CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def test_reference_model_is_shipped_small_and_loads_offline():
+    assert DEMO_MODEL in leanvit.list_models()
+    weights = ZOO_DIR / f"{DEMO_MODEL}.safetensors"
+    assert weights.stat().st_size <= 12 * 2**20
+    card = (ZOO_DIR / f"{DEMO_MODEL}.md").read_text()
+    assert "Top-1 on CIFAR-10 (JPEG) test, 10000 images" in card and "torchrun" in card
+    model = leanvit.load_model(DEMO_MODEL)
+    cfg = model.pretrained_cfg
+    assert tuple(cfg["input_size"]) == (3, 32, 32) and len(cfg["mean"]) == 3 and cfg["crop_pct"] == 1.0
+    assert len(model.blocks) == 12 and model.patch_embed.num_patches + model.num_prefix_tokens == 65
+    with torch.no_grad():
+        assert leanvit.create_model(DEMO_MODEL)(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+@pytest.mark.skipif(not CIFAR.is_file(), reason="offline CIFAR-10 in ../shared/data not present")
+def test_demo_on_the_reference_model(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(["demo", "--data", str(CIFAR), "--limit", "100", "--batch-size", "50", "--workers", "0",
+                 "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["n_images"] == 100 and result["model"] == DEMO_MODEL
+    methods = {r["method"] for r in result["rows"]}
+    assert {"tome", "evit", "ppt", "ats", "random"} <= methods
+    assert result["dense"]["top1"] > 50.0  # a trained model, not chance (10%)
+    for r in result["rows"]:
+        assert r["gmacs"] < result["dense"]["gmacs"] * 1.001
+    assert (out / "pareto.png").stat().st_size > 10_000 and (out / "token_maps.png").stat().st_size > 10_000
+    assert "ppt" in printed and "vs dense" in printed
