@@ -162,6 +162,15 @@ def check_number(name: str, option: str, value, low: float) -> float:
     return float(value)
 
 
+def load_weights(method, path: str, what: str) -> None:
+    """Load a learned method's own parameters (actor, predictors, ...) from a safetensors file."""
+    from safetensors.torch import load_file
+    try:
+        method.load_state_dict(load_file(path))
+    except (OSError, RuntimeError) as e:
+        raise OptionError(f"{method.name}: cannot load {what} {path}: {e}") from None
+
+
 def require_cls(name: str, info: ModelInfo) -> None:
     """Methods scoring tokens by the CLS token's attention need one."""
     if not info.has_cls:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..tokens import keep_top
-from .base import OptionError, Reduction, check_layers, check_rate, register
+from .base import OptionError, Reduction, check_layers, load_weights, check_rate, register
 
 
 class Predictor(nn.Module):
@@ -59,11 +59,7 @@ class DynamicViT(Reduction, nn.Module):
         self.n_patches0 = info.n_tokens - info.n_prefix
         self.predictors = nn.ModuleList(Predictor(info.embed_dim) for _ in self.layers)
         if self.weights:
-            from safetensors.torch import load_file
-            try:
-                self.load_state_dict(load_file(self.weights))
-            except (OSError, RuntimeError) as e:
-                raise OptionError(f"dynamicvit: cannot load predictor weights {self.weights}: {e}") from None
+            load_weights(self, self.weights, "predictor weights")
 
     def decision_layers(self):
         return [l - 1 for l in self.layers]

@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..tokens import keep_mask
-from .base import OptionError, Reduction, check_layers, register
+from .base import OptionError, Reduction, check_layers, load_weights, register
 
 
 def mlp(sizes: Sequence[int]) -> nn.Sequential:
@@ -67,11 +67,7 @@ class RL4EViT(Reduction, nn.Module):
         self.actor = mlp([c, *hidden, 2])
         self.critic = mlp([2 * c, *hidden, 1])  # DeiT-S: 768-1536-256-64-1
         if self.weights:
-            from safetensors.torch import load_file
-            try:
-                self.load_state_dict(load_file(self.weights))
-            except (OSError, RuntimeError) as e:
-                raise OptionError(f"rl4evit: cannot load policy weights {self.weights}: {e}") from None
+            load_weights(self, self.weights, "policy weights")
 
     def decision_layers(self):
         return self.layers
