@@ -18,7 +18,23 @@ def list_models() -> List[str]:
     """Names of the shipped reference models whose weights are present."""
     if not ZOO_DIR.is_dir():
         return []
-    return sorted(p.stem for p in ZOO_DIR.glob("*.json") if (ZOO_DIR / f"{p.stem}.safetensors").is_file())
+    return sorted(p.stem for p in ZOO_DIR.glob("*.json") if (ZOO_DIR / f"{p.stem}.safetensors").is_file()
+                  and "." not in p.stem)
+
+
+def method_weights_path(spec: str, method: str) -> str:
+    """A learned method's weights: a file path, or a reference model's name, for the weights
+    shipped for that model as ``zoo/<model>.<method>.safetensors``."""
+    shipped = ZOO_DIR / f"{spec}.{method}.safetensors"
+    if Path(spec).is_file() or not shipped.is_file():
+        return spec
+    return str(shipped)
+
+
+def list_method_weights(method: str) -> List[str]:
+    """Reference models for which weights of ``method`` are shipped."""
+    suffix = f".{method}.safetensors"
+    return sorted(p.name[:-len(suffix)] for p in ZOO_DIR.glob(f"*{suffix}")) if ZOO_DIR.is_dir() else []
 
 
 def load_model(name: str, checkpoint: Optional[str] = None) -> torch.nn.Module:

@@ -163,12 +163,18 @@ def check_number(name: str, option: str, value, low: float) -> float:
 
 
 def load_weights(method, path: str, what: str) -> None:
-    """Load a learned method's own parameters (actor, predictors, ...) from a safetensors file."""
+    """Load a learned method's own parameters (actor, predictors, ...) from a safetensors file,
+    or, given the name of a shipped reference model, the weights shipped for it
+    (``zoo/<model>.<method>.safetensors``)."""
     from safetensors.torch import load_file
+    from ..zoo import list_method_weights, method_weights_path
+    path = method_weights_path(path, method.name)
     try:
         method.load_state_dict(load_file(path))
     except (OSError, RuntimeError) as e:
-        raise OptionError(f"{method.name}: cannot load {what} {path}: {e}") from None
+        shipped = ", ".join(list_method_weights(method.name)) or "none"
+        raise OptionError(f"{method.name}: cannot load {what} {path}: {e} "
+                          f"(reference models with shipped {method.name} weights: {shipped})") from None
 
 
 def require_cls(name: str, info: ModelInfo) -> None:
