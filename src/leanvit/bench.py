@@ -25,7 +25,7 @@ def token_schedule(runner: LeanViT, images: torch.Tensor) -> List[int]:
     """Tokens (padded width) after each block, as the method ran on ``images``."""
     with torch.inference_mode(), runner.tracing() as trace:
         runner(images)
-    return [rec["mlp_width"] for rec in trace]
+    return [rec["mlp_width"] for rec in trace if "mlp_width" in rec]
 
 
 def _time(runner: torch.nn.Module, images: torch.Tensor) -> float:

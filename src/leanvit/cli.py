@@ -131,13 +131,44 @@ def cmd_train(args) -> int:
                       checkpoint=args.checkpoint, pretrained=args.pretrained, num_classes=args.num_classes,
                       method=args.method, options=parse_options(args.opt), distill=args.distill, workers=args.workers,
                       save_every=args.save_every, train_split=args.train_split, eval_split=args.eval_split,
-                      limit_train=args.limit_train, limit_eval=args.limit_eval, max_steps=args.max_steps)
+                      limit_train=args.limit_train, limit_eval=args.limit_eval, max_steps=args.max_steps,
+                      sandwich=args.sandwich, reorder=args.reorder)
     if args.threads:
         torch.set_num_threads(args.threads)
     log = _run_log(args.out)
     metrics = train(cfg, log=log)
     if int(os.environ.get("RANK", "0")) == 0:
-        log(f"done: top-1 {metrics['top1']:.2f}% after {metrics['steps']} steps; weights in {Path(args.out) / 'final.safetensors'}")
+        subnets = "".join(f", {k[5:]} sub-network {v:.2f}%" for k, v in metrics.items() if k.startswith("top1_"))
+        log(f"done: top-1 {metrics['top1']:.2f}%{subnets} after {metrics['steps']} steps; "
+            f"weights in {Path(args.out) / 'final.safetensors'}")
+    return 0
+
+
+def cmd_train_selector(args) -> int:
+    from .rl import PPOConfig
+    from .train_prance import SelectorConfig, fit_budget, train_selector
+    ppo = PPOConfig(clip=args.clip, gamma=args.gamma, lam=args.lam, epochs=args.ppo_epochs,
+                    lr_actor=args.lr_actor, lr_critic=args.lr_critic)
+    cfg = SelectorConfig(model=args.model, out=args.out, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                         data=args.data, options=parse_options(args.opt), cost_weight=args.cost_weight,
+                         token_weight=args.token_weight, budget=args.budget, budget_tolerance=args.budget_tolerance,
+                         max_trials=args.max_trials, epochs=args.epochs, batch_size=args.batch_size, ppo=ppo,
+                         seed=args.seed, workers=args.workers, save_every=args.save_every,
+                         eval_split=args.eval_split, limit_train=args.limit_train, limit_eval=args.limit_eval,
+                         max_steps=args.max_steps)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = _run_log(args.out)
+    if args.budget is None:
+        m = train_selector(cfg, log=log)
+        msg = f"top-1 {m['top1']:.2f}% at {m['gmacs']:.4f} GMACs ({m['gmacs_ratio']:.3f} of dense)"
+    else:
+        r = fit_budget(cfg, log=log)
+        c = r["chosen"]
+        msg = (f"budget {args.budget}: {'met' if r['met'] else 'NOT met'} by trial {c['trial']} "
+               f"(cost_weight {c['cost_weight']:.4g}): {c['gmacs_ratio']:.3f} of dense GMACs, top-1 {c['top1']:.2f}%")
+    if int(os.environ.get("RANK", "0")) == 0:
+        log(f"done: {msg}; selector in {Path(args.out) / 'selector.safetensors'}")
     return 0
 
 
@@ -231,6 +262,30 @@ def _write_json(path: str, payload: dict) -> None:
     print(f"wrote {path}")
 
 
+def _add_train_args(p) -> None:
+    _add_model_args(p)
+    p.add_argument("--out", required=True, help="run directory: checkpoints, log, final weights, metrics")
+    p.add_argument("--data", help="training data (default: CIFAR-10 from the standard locations)")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--eval-split", default="test")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=128, help="global batch size over all processes")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--min-lr", type=float, default=1e-5)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--drop-path", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--distill", type=float, default=0.0, help="weight of KL to the starting model run dense")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
+    p.add_argument("--workers", type=int, default=1, help="data loading processes")
+    p.add_argument("--save-every", type=int, default=100, help="steps between resumable checkpoints")
+    p.add_argument("--limit-train", type=int)
+    p.add_argument("--limit-eval", type=int)
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule still spans --epochs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leanvit", description="Cheaper Vision Transformers per image.",
                                      epilog=EPILOG)
@@ -263,29 +318,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train or fine-tune a ViT (resumable; torchrun for data-parallel)",
                        epilog="Re-running the same command resumes from OUT/last.pt. " + EPILOG)
-    _add_model_args(p)
-    p.add_argument("--out", required=True, help="run directory: checkpoints, log, final weights, metrics")
-    p.add_argument("--data", help="training data (default: CIFAR-10 from the standard locations)")
-    p.add_argument("--train-split", default="train")
-    p.add_argument("--eval-split", default="test")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=128, help="global batch size over all processes")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--min-lr", type=float, default=1e-5)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--drop-path", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    _add_train_args(p)
     p.add_argument("--method", default="none", help="train with this reduction method active (fine-tuning)")
-    p.add_argument("--distill", type=float, default=0.0, help="weight of KL to the starting model run dense")
-    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--workers", type=int, default=1, help="data loading processes")
-    p.add_argument("--save-every", type=int, default=100, help="steps between resumable checkpoints")
+    p.set_defaults(func=cmd_train, sandwich=0, reorder=True)
+
+    p = sub.add_parser("train-supernet", help="PRANCE's channel-elastic meta-network: weight-sharing fine-tuning",
+                       epilog="Heads and MLP neurons are reordered by importance first (--no-reorder to skip); "
+                              "every step trains the largest sub-network on the labels, then the smallest and "
+                              "random ones on its predictions. Re-running the same command resumes from OUT/last.pt.")
+    _add_train_args(p)
+    p.add_argument("--sandwich", type=int, default=2, help="sub-networks per step besides the largest: "
+                   "the smallest, then random ones")
+    p.add_argument("--no-reorder", dest="reorder", action="store_false")
+    p.set_defaults(func=cmd_train, method="prance")
+
+    p = sub.add_parser("train-selector", help="PRANCE's selector: PPO with Result-to-Go (resumable; torchrun)",
+                       epilog="With --budget, the cost weight is found by bisection over short trainings "
+                              "(OUT/trial-i); OUT/budget.json lists them and OUT/selector.safetensors is the one "
+                              "closest to the budget. Load it with --method prance --opt weights=PATH.")
+    _add_model_args(p)
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="prance option: strategy=prune|merge|prune-merge|none, channels=true|false, stages=4")
+    p.add_argument("--out", required=True)
+    p.add_argument("--data", help="training data (default: CIFAR-10 from the standard locations)")
+    p.add_argument("--budget", type=float, help="target mean GMACs as a fraction of dense, e.g. 0.5")
+    p.add_argument("--budget-tolerance", type=float, default=0.05, help="relative (default 5%%)")
+    p.add_argument("--max-trials", type=int, default=8)
+    p.add_argument("--cost-weight", type=float, default=0.5, help="reward cost per unit of GMACs ratio "
+                   "(the starting point of the bisection with --budget)")
+    p.add_argument("--token-weight", type=float, default=0.1, help="reward cost per unit of kept-token ratio")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--clip", type=float, default=0.2)
+    p.add_argument("--gamma", type=float, default=0.9)
+    p.add_argument("--lam", type=float, default=0.9)
+    p.add_argument("--ppo-epochs", type=int, default=4, help="K PPO iterations per batch")
+    p.add_argument("--lr-actor", type=float, default=1e-4)
+    p.add_argument("--lr-critic", type=float, default=5e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--eval-split", default="test", help="where the GMACs ratio (and top-1) is measured")
     p.add_argument("--limit-train", type=int)
     p.add_argument("--limit-eval", type=int)
-    p.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule still spans --epochs)")
-    p.set_defaults(func=cmd_train)
+    p.add_argument("--max-steps", type=int)
+    p.set_defaults(func=cmd_train_selector)
 
     p = sub.add_parser("train-policy", help="train RL4EViT's agents by multi-agent PPO (resumable; torchrun)",
                        epilog="Re-running the same command resumes from OUT/last.pt.")

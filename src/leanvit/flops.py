@@ -37,17 +37,34 @@ def macs_per_image(runner: LeanViT, trace: List[dict], images: Tensor, padded: b
     m = runner.model
     total = torch.full((images.shape[0],), float(embed_macs(m, images)), dtype=torch.float64)
     for rec in trace:
-        blk = m.blocks[rec["layer"]]
-        n_attn = float(rec["attn_width"]) if padded else rec["attn_tokens"].double().cpu()
-        n_mlp = float(rec["mlp_width"]) if padded else rec["mlp_tokens"].double().cpu()
-        attn, heads, hidden = blk.attn, rec["heads"], rec["hidden"]
-        width = heads * attn.head_dim  # first-k sliced heads (channel-elastic methods)
-        attn_lin = linear_macs(attn) if heads == attn.num_heads else width * (3 * attn.qkv.in_features + attn.proj.out_features)
-        mlp_lin = linear_macs(blk.mlp) if hidden is None else hidden * (blk.mlp.fc1.in_features + blk.mlp.fc2.out_features)
-        total += n_attn * attn_lin + 2 * n_attn * n_attn * width
-        total += n_mlp * mlp_lin
-    head = linear_macs(m.head) + (linear_macs(m.head_dist) if hasattr(m, "head_dist") else 0)
-    return total + head + linear_macs(m.fc_norm)
+        rows = rec.get("rows")  # a group of the batch (methods whose images take different paths)
+        if "macs" in rec:  # a method's own counted cost (e.g. PRANCE's selector)
+            macs = rec["macs"]
+        else:
+            n_attn = float(rec["attn_width"]) if padded else rec["attn_tokens"].double().cpu()
+            n_mlp = float(rec["mlp_width"]) if padded else rec["mlp_tokens"].double().cpu()
+            macs = block_macs(m.blocks[rec["layer"]], n_attn, n_mlp, rec["heads"], rec["hidden"])
+        if rows is None:
+            total += macs
+        else:
+            total[rows.cpu()] += macs
+    return total + head_macs(m)
+
+
+def block_macs(blk: nn.Module, n_attn, n_mlp, heads=None, hidden=None):
+    """MACs of one block whose attention runs on ``n_attn`` tokens and MLP on ``n_mlp`` tokens
+    (numbers or tensors), with its first ``heads`` heads and ``hidden`` MLP neurons (None: all)."""
+    attn = blk.attn
+    heads = attn.num_heads if heads is None else heads
+    width = heads * attn.head_dim  # first-k sliced heads (channel-elastic methods)
+    attn_lin = linear_macs(attn) if heads == attn.num_heads else width * (3 * attn.qkv.in_features + attn.proj.out_features)
+    mlp_lin = linear_macs(blk.mlp) if hidden is None else hidden * (blk.mlp.fc1.in_features + blk.mlp.fc2.out_features)
+    return n_attn * attn_lin + 2 * n_attn * n_attn * width + n_mlp * mlp_lin
+
+
+def head_macs(model: nn.Module) -> int:
+    return linear_macs(model.head) + (linear_macs(model.head_dist) if hasattr(model, "head_dist") else 0) \
+        + linear_macs(model.fc_norm)
 
 
 def as_runner(module: nn.Module) -> LeanViT:

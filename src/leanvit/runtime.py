@@ -113,9 +113,10 @@ class LeanViT(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------
     def forward(self, images: Tensor) -> Tensor:
-        state = self.embed(images)
-        for i, blk in enumerate(self.model.blocks):
-            state = self.run_block(i, blk, state)
+        return self.method.run(self, self.embed(images))
+
+    def finish(self, state: TokenState) -> Tensor:
+        """The head's logits for the final tokens (kept as ``last_state`` when tracing)."""
         if self._trace is not None:
             self.last_state = state
         return self.head(state)
@@ -130,15 +131,16 @@ class LeanViT(nn.Module):
         self.method.begin(x.shape[0])
         return TokenState(x=x, n_prefix=self.n_prefix, source=source, compact=not self.masked)
 
-    def run_block(self, index: int, blk: Block, state: TokenState) -> TokenState:
+    def run_block(self, index: int, blk: Block, state: TokenState, widths=None) -> TokenState:
         """timm's Block.forward, with the method's decision between attention and MLP (or after
-        the block, for methods whose decision layers sit between blocks)."""
+        the block, for methods whose decision layers sit between blocks). ``widths`` (heads, MLP
+        neurons) overrides the method's ``block_widths`` (per-group widths of PRANCE)."""
         attn = blk.attn
         x = state.x
         B, N, C = x.shape
         h = blk.norm1(x)
         gate = attn.gate(h).sigmoid() if attn.gate is not None else None
-        heads, hidden = self.method.block_widths(index) or (None, None)  # channel-elastic methods
+        heads, hidden = widths or self.method.block_widths(index) or (None, None)  # channel-elastic methods
         qkv, heads = elastic.attention_projections(attn, h, heads)
         q, k, v = qkv.reshape(B, N, 3, heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
@@ -163,7 +165,8 @@ class LeanViT(nn.Module):
         x = x + blk.drop_path2(blk.ls2(elastic.mlp_forward(blk.mlp, blk.norm2(x), hidden)))
         if self._trace is not None:
             self._trace.append(dict(layer=index, attn_tokens=counts_in, attn_width=N, heads=heads,
-                                    mlp_tokens=state.counts(), mlp_width=x.shape[1], hidden=hidden))
+                                    mlp_tokens=state.counts(), mlp_width=x.shape[1], hidden=hidden,
+                                    rows=state.rows))
         state = state.replace(x=x)
         if index in self.after_block_layers:
             state = self.method.reduce(index, state, None)
@@ -218,6 +221,11 @@ class LeanViT(nn.Module):
             yield trace
         finally:
             self._trace, self.track_source = old
+
+    def note_macs(self, rows: Optional[Tensor], macs: float) -> None:
+        """Count a method's own cost (e.g. PRANCE's selector) for images ``rows`` (None: all)."""
+        if self._trace is not None:
+            self._trace.append(dict(layer=None, macs=float(macs), rows=rows))
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}"

@@ -28,6 +28,8 @@ class TokenState:
               in place, marked invalid, so attention ignores them exactly as if removed.
     policy:   (B, N) differentiable keep decisions in [0, 1] (DynamicViT's training): attention
               weights are multiplied by them, so gradients reach the decisions.
+    rows:     (B,) which images of the forward's batch these are, once the batch was split into
+              groups that take different paths (PRANCE); ``None`` for the whole batch in order.
     """
 
     x: Tensor
@@ -37,6 +39,7 @@ class TokenState:
     source: Optional[Tensor] = None
     compact: bool = True
     policy: Optional[Tensor] = None
+    rows: Optional[Tensor] = None
 
     @property
     def batch(self) -> int:
@@ -90,6 +93,7 @@ class TokenState:
     def select_images(self, rows: Tensor) -> "TokenState":
         """The sub-batch of images ``rows``."""
         return self.replace(
+            rows=rows if self.rows is None else self.rows[rows],
             x=self.x[rows],
             size=None if self.size is None else self.size[rows],
             valid=None if self.valid is None else self.valid[rows],
@@ -109,7 +113,10 @@ class TokenState:
         source = None
         if first.source is not None:
             source = first.source.new_empty((batch,) + first.source.shape[1:])
+        images = None if first.rows is None else first.rows.new_empty(batch)
         for rows, part in parts:
+            if images is not None:
+                images[rows] = part.rows
             x[rows] = part.x
             if size is not None:
                 size[rows] = part.sizes()
@@ -117,7 +124,7 @@ class TokenState:
                 valid[rows] = part.valid if part.valid is not None else True
             if source is not None:
                 source[rows] = part.source
-        return first.replace(x=x, size=size, valid=valid, source=source)
+        return first.replace(x=x, size=size, valid=valid, source=source, rows=images)
 
 
 def _expand_index(idx: Tensor, t: Tensor) -> Tensor:

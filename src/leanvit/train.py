@@ -55,6 +55,10 @@ class TrainConfig:
     limit_train: Optional[int] = None
     limit_eval: Optional[int] = None
     max_steps: Optional[int] = None  # stop early (tests, smoke runs); the schedule still spans all epochs
+    # PRANCE meta-network training (method "prance"): every step trains the largest sub-network
+    # on the labels, then the smallest and ``sandwich - 1`` random ones on its predictions
+    sandwich: int = 0
+    reorder: bool = True  # with sandwich, from a fresh start: heads and neurons by importance first
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -244,7 +248,14 @@ def train(cfg: TrainConfig, log=print) -> dict:
     model = create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained,
                          num_classes=cfg.num_classes, **kwargs)
     run.setup_data(model)
+    if cfg.sandwich and cfg.method != "prance":
+        raise ValueError(f"sandwich (meta-network) training needs method 'prance', got {cfg.method!r}")
+    if cfg.sandwich and cfg.reorder and not run.state_path.is_file():
+        from .elastic import reorder_by_importance
+        reorder_by_importance(model)  # so that the first k heads/neurons are the best k
     runner = leanvit.adapt(model, cfg.method, **cfg.options)
+    if cfg.sandwich:
+        runner.method.requires_grad_(False)  # the selector is trained later, by train-selector
     runner.train()
     net = torch.nn.parallel.DistributedDataParallel(runner) if run.world > 1 else runner
     teacher = None
@@ -272,6 +283,17 @@ def train(cfg: TrainConfig, log=print) -> dict:
     def save():
         run.save(model=runner.state_dict(), optimizer=opt.state_dict(), step=step, history=history)
 
+    def evaluate_now() -> dict:
+        if not cfg.sandwich:
+            return dict(top1=evaluate_top1(runner, run.eval_loader))
+        from .train_prance import evaluate_subnetworks
+        return evaluate_subnetworks(runner, run.eval_loader)
+
+    if cfg.sandwich and step == 0 and not history:  # the sub-networks before meta-network training
+        history.append(dict(epoch=0, step=0, **evaluate_now(), elapsed_s=run.elapsed()))
+        if run.is_main:
+            log(json.dumps(history[-1]))
+
     bar = run.progress(step, "train")
     while step < run.stop_at:
         epoch = step // run.steps_per_epoch
@@ -280,18 +302,19 @@ def train(cfg: TrainConfig, log=print) -> dict:
             lr = lr_at(step, run.total_steps, warmup, cfg.lr, cfg.min_lr)
             for g in opt.param_groups:
                 g["lr"] = lr
-            logits = net(batch.images)
-            loss = F.cross_entropy(logits, batch.labels, label_smoothing=cfg.label_smoothing)
-            extra = getattr(runner.method, "extra_loss", lambda: None)()  # e.g. DynamicViT's keep ratio
-            if extra is not None:
-                loss = loss + extra
-            if teacher is not None:
-                with torch.no_grad():
-                    target = F.log_softmax(teacher(batch.images), dim=-1)
-                loss = loss + cfg.distill * F.kl_div(F.log_softmax(logits, dim=-1), target, reduction="batchmean",
-                                                     log_target=True)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if cfg.sandwich:
+                from .train_prance import sandwich_step
+                loss = sandwich_step(net, runner.method, batch, cfg, teacher, step)
+            else:
+                logits = net(batch.images)
+                loss = F.cross_entropy(logits, batch.labels, label_smoothing=cfg.label_smoothing)
+                extra = getattr(runner.method, "extra_loss", lambda: None)()  # e.g. DynamicViT's keep ratio
+                if extra is not None:
+                    loss = loss + extra
+                if teacher is not None:
+                    loss = loss + cfg.distill * distill_loss(logits, teacher, batch.images)
+                loss.backward()
             opt.step()
             step += 1
             run_loss, run_n = run_loss + loss.item(), run_n + 1
@@ -302,8 +325,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
             if step >= run.stop_at:
                 break
         if run.epoch_done(step):  # evaluate, log, checkpoint
-            top1 = evaluate_top1(runner, run.eval_loader)
-            history.append(dict(epoch=epoch + 1, step=step, train_loss=run_loss / max(run_n, 1), top1=top1,
+            history.append(dict(epoch=epoch + 1, step=step, train_loss=run_loss / max(run_n, 1), **evaluate_now(),
                                 elapsed_s=run.elapsed()))
             if run.is_main:
                 log(json.dumps(history[-1]))
@@ -313,7 +335,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
     metrics = dict(steps=step, total_steps=run.total_steps, epochs_done=step / run.steps_per_epoch,
                    history=history, config=asdict(cfg), world_size=run.world)
     done = history and history[-1]["step"] == step
-    metrics["top1"] = history[-1]["top1"] if done else evaluate_top1(runner, run.eval_loader)
+    final = history[-1] if done else evaluate_now()
+    metrics.update({k: v for k, v in final.items() if k.startswith("top1")})
     if run.world > 1:  # the replicas must hold identical weights
         metrics["replica_max_abs_diff"] = _replica_diff(model)
     if run.is_main:
@@ -324,6 +347,13 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if dist.is_initialized():
         dist.barrier()
     return metrics
+
+
+def distill_loss(logits, teacher, images):
+    """KL(student || teacher) on the class distributions, batch mean."""
+    with torch.no_grad():
+        target = F.log_softmax(teacher(images), dim=-1)
+    return F.kl_div(F.log_softmax(logits, dim=-1), target, reduction="batchmean", log_target=True)
 
 
 def _shard(dataset, rank, world):

@@ -101,6 +101,12 @@ class Reduction(abc.ABC):
         """The reduced tokens; what runs after the decision sees only these. ``attn`` is the
         block's attention for ``position == "attention"``, None for ``"block"``."""
 
+    def run(self, runner, state: TokenState) -> Tensor:
+        """All blocks, then the head. Methods whose images take different paths override it."""
+        for i, blk in enumerate(runner.model.blocks):
+            state = runner.run_block(i, blk, state)
+        return runner.finish(state)
+
     def extra_repr(self) -> str:
         return ""
 

@@ -1,0 +1,186 @@
+"""PRANCE: elastic meta-network, per-image bucketed execution, Result-to-Go rewards, budget bisection."""
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import leanvit
+from leanvit.elastic import reorder_by_importance
+from leanvit.methods.prance import KEEP_RATIOS, StageChoice
+from leanvit.train_prance import SelectorConfig, fit_budget, rollout_tensors, stage_rewards
+
+from conftest import images, small_vit
+from test_flops import measured_macs
+
+CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+STRATEGIES = ["prune", "merge", "prune-merge", "none"]
+
+
+def spread(runner, scale=30.0, seed=0):
+    """Make the random selector's choices differ strongly between images."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        last = runner.method.selector.actor[-1]
+        last.weight.copy_(torch.randn(last.weight.shape, generator=g) * scale / last.weight.shape[1] ** 0.5)
+    return runner
+
+
+def test_largest_subnetwork_equals_the_model():
+    m = small_vit(sharp=3.0)
+    x = images(4)
+    meta = reorder_by_importance(copy.deepcopy(m))
+    f = leanvit.adapt(meta, "prance", subnet="largest")
+    torch.testing.assert_close(f(x), m(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_selector_choosing_everything_full_is_the_model(strategy):
+    m = small_vit(sharp=3.0)
+    f = leanvit.adapt(m, "prance", strategy=strategy)
+    with torch.no_grad():  # every action at 1: all heads, all neurons, keep ratio 1.0
+        f.method.selector.actor[-1].weight.zero_()
+        f.method.selector.actor[-1].bias.fill_(20.0)
+    x = images(3)
+    torch.testing.assert_close(f(x), m(x), rtol=1e-4, atol=1e-5)
+    assert leanvit.count_macs(f, x) == pytest.approx(leanvit.count_macs(m, x) + 3 * f.method.selector_macs() / 1e9)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_bucketed_batch_equals_one_image_at_a_time(strategy):
+    """Images that chose alike run as one sub-batch; the result equals running each alone."""
+    f = spread(leanvit.adapt(small_vit(sharp=3.0), "prance", strategy=strategy))
+    base = images(5, seed=3)
+    x = torch.cat([base, base[:3]])  # repeated images choose alike: groups of 2 and of 1
+    with torch.inference_mode(), f.tracing() as trace:
+        batched = f(x)
+    groups = [rec for rec in trace if rec.get("layer") == f.method.bounds[-1] - 1]
+    assert 1 < len(groups) < x.shape[0]  # really split, really grouped
+    alone = torch.cat([f(x[i:i + 1]) for i in range(x.shape[0])])
+    torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-5)
+    per_image = [leanvit.count_macs(f, x[i:i + 1]) for i in range(x.shape[0])]
+    assert leanvit.count_macs(f, x) == pytest.approx(sum(per_image) / len(per_image), rel=1e-9)
+
+
+@pytest.mark.parametrize("strategy", ["prune", "merge", "prune-merge"])
+def test_analytic_macs_equal_measured(strategy):
+    f = spread(leanvit.adapt(small_vit(sharp=3.0), "prance", strategy=strategy))
+    x = images(4)
+    analytic = leanvit.count_macs(f, x) * 1e9
+    measured = measured_macs(f, x)
+    assert measured == pytest.approx(analytic, rel=0.01)
+    assert analytic < leanvit.count_macs(small_vit(), x) * 1e9
+
+
+def test_keep_ratios_compound_and_widths_are_sliced():
+    f = leanvit.adapt(small_vit(sharp=3.0), "prance", strategy="prune")
+    f.method.fixed = StageChoice(heads=2, hidden=128, keep=0.5)
+    with torch.inference_mode(), f.tracing() as trace:
+        f(images(2))
+    mlp = {rec["layer"]: int(rec["mlp_tokens"][0]) for rec in trace}
+    assert [mlp[i] - 1 for i in (2, 3, 6, 9)] == [64, 32, 16, 8]  # floor(0.5 * N) per stage
+    assert {rec["heads"] for rec in trace if rec["layer"] >= 3} == {2}
+    assert {rec["hidden"] for rec in trace if rec["layer"] >= 3} == {128}
+    assert {rec["heads"] for rec in trace if rec["layer"] < 3} == {4}
+
+    f = leanvit.adapt(small_vit(sharp=3.0), "prance", strategy="prune-merge")
+    f.method.fixed = StageChoice(heads=4, hidden=256, keep=0.5, merge=0.5)
+    with torch.inference_mode(), f.tracing() as trace:
+        f(images(2))
+    assert [int(rec["mlp_tokens"][0]) - 1 for rec in trace if rec["layer"] in (3, 6, 9)] == [16, 4, 1]
+
+
+def test_options_are_checked():
+    m = small_vit()
+    with pytest.raises(leanvit.OptionError, match="strategy must be"):
+        leanvit.adapt(m, "prance", strategy="drop")
+    with pytest.raises(leanvit.OptionError, match="subnet must be"):
+        leanvit.adapt(m, "prance", subnet="huge")
+    with pytest.raises(leanvit.OptionError, match="nothing to decide"):
+        leanvit.adapt(m, "prance", strategy="none", channels=False)
+    with pytest.raises(leanvit.OptionError, match="stages"):
+        leanvit.adapt(small_vit(depth=3), "prance", stages=4)
+
+
+def test_result_to_go_rewards_hand_made():
+    # 2 decisions, 3 images. Image 0: dense right, finished network right then wrong.
+    correct = torch.tensor([[True, True, False], [False, True, False]])
+    dense = torch.tensor([True, False, True])
+    macs = torch.tensor([[0.8, 0.9, 0.5], [0.6, 0.7, 0.4]])
+    kept = torch.tensor([[0.5, 1.0, 0.5], [0.25, 1.0, 0.25]])
+    r = stage_rewards(correct, dense, macs, kept, cost_weight=0.5, token_weight=0.1)
+    expect = torch.tensor([[1 - 0.4 - 0.05, 1 - 0.45 - 0.1, 0 - 0.25 - 0.05],
+                           [0 - 0.3 - 0.025, 1 - 0.35 - 0.1, 0 - 0.2 - 0.025]])
+    torch.testing.assert_close(r, expect)
+
+
+def test_rollout_records_every_image_at_every_decision():
+    f = spread(leanvit.adapt(small_vit(sharp=3.0), "prance", strategy="prune"))
+    m = f.method
+    x = images(6)
+    labels = torch.arange(6) % 10
+    m.sampling = m.complete = True
+    with torch.no_grad():
+        out = f(x)
+    ro = rollout_tensors(m.rollout, 6, m.n_stages, m.dense_block_macs(f), labels)
+    assert ro["features"].shape[:2] == (3, 6) and ro["actions"].shape == (3, 6, m.action_dim)
+    assert (ro["macs_ratio"] > 0).all() and (ro["macs_ratio"] <= 1 + 1e-6).all()
+    assert (ro["kept"][1:] <= ro["kept"][:-1]).all()  # keep ratios compound
+    # the last decision's finished network is the network itself
+    torch.testing.assert_close(ro["correct"][-1], out.argmax(1) == labels)
+    # the recorded log-probabilities are those of the recorded actions
+    d = m.selector.distribution(ro["features"])
+    torch.testing.assert_close(d.log_prob(ro["actions"]).sum(-1), ro["logp"])
+
+
+def test_bisection_logic_converges_on_a_monotone_response(tmp_path):
+    """fit_budget with a stand-in training whose GMACs ratio falls with the cost weight."""
+    calls = []
+
+    def fake_train(cfg, log):
+        ratio = 1.0 / (1.0 + cfg.cost_weight)
+        calls.append(cfg.cost_weight)
+        Path(cfg.out).mkdir(parents=True)
+        (Path(cfg.out) / "selector.safetensors").write_bytes(b"x")
+        return dict(gmacs_ratio=ratio, top1=50.0, gmacs=ratio)
+
+    cfg = SelectorConfig(model="m", out=str(tmp_path), budget=0.3, cost_weight=0.5, budget_tolerance=0.02)
+    r = fit_budget(cfg, log=lambda s: None, train=fake_train)
+    assert r["met"] and abs(r["chosen"]["gmacs_ratio"] / 0.3 - 1) <= 0.02
+    assert len(calls) <= cfg.max_trials and calls[1] == 2.0  # too expensive: 4x the weight
+    assert json.loads((tmp_path / "budget.json").read_text())["chosen"]["trial"] == len(calls) - 1
+
+
+@pytest.mark.skipif(not CIFAR.is_file(), reason="offline CIFAR-10 in ../shared/data not present")
+def test_budget_bisection_converges_on_a_tiny_model(tmp_path):
+    """Real selector trainings on a small untrained ViT: the bisection over the cost weight ends
+    with a selector whose mean GMACs is within 5% of half the dense GMACs."""
+    from leanvit.rl import PPOConfig
+    cfg = SelectorConfig(model="vit12_convstem_w96_cifar", out=str(tmp_path), data=str(CIFAR),
+                         options=dict(strategy="prune"), budget=0.5, cost_weight=0.5, epochs=1, batch_size=32,
+                         limit_train=128, limit_eval=32, workers=0, max_trials=8,
+                         ppo=PPOConfig(gamma=0.9, lam=0.9, epochs=4, lr_actor=3e-3, lr_critic=5e-3))
+    r = fit_budget(cfg, log=lambda s: None)
+    assert r["met"], r["trials"]
+    f = leanvit.adapt(leanvit.create_model("vit12_convstem_w96_cifar"), "prance", strategy="prune",
+                      weights=str(tmp_path / "selector.safetensors"))
+    assert f.method.selector.log_std.shape == (f.method.action_dim,)
+    # resumable: a second call reuses the finished trials
+    again = fit_budget(cfg, log=lambda s: None)
+    assert again["trials"] == r["trials"]
+
+
+@pytest.mark.skipif(not CIFAR.is_file(), reason="offline CIFAR-10 in ../shared/data not present")
+def test_supernet_training_reports_subnetworks_before_and_after(tmp_path):
+    from leanvit.train import TrainConfig, train
+    cfg = TrainConfig(model="vit12_convstem_w96_cifar", out=str(tmp_path), data=str(CIFAR), epochs=1,
+                      batch_size=16, limit_train=48, limit_eval=32, workers=0, lr=1e-3, method="prance", sandwich=2)
+    m = train(cfg, log=lambda s: None)
+    h = m["history"]
+    assert [e["epoch"] for e in h] == [0, 1] and m["steps"] == 3
+    assert all(k in h[0] and k in h[1] for k in ("top1", "top1_middle", "top1_smallest"))
+    assert "top1_smallest" in m and (tmp_path / "final.safetensors").is_file()
+    with pytest.raises(ValueError, match="needs method 'prance'"):
+        train(TrainConfig(model="vit12_convstem_w96_cifar", out=str(tmp_path / "b"), data=str(CIFAR),
+                          sandwich=2), log=lambda s: None)
