@@ -184,3 +184,21 @@ def test_supernet_training_reports_subnetworks_before_and_after(tmp_path):
     with pytest.raises(ValueError, match="needs method 'prance'"):
         train(TrainConfig(model="vit12_convstem_w96_cifar", out=str(tmp_path / "b"), data=str(CIFAR),
                           sandwich=2), log=lambda s: None)
+
+
+def test_token_maps_and_bench_handle_per_image_paths(tmp_path):
+    from leanvit.bench import benchmark, format_table
+    from leanvit.report import record_token_states, token_maps
+    m = small_vit(sharp=3.0)
+    f = spread(leanvit.adapt(m, "prance", strategy="prune-merge"))
+    x = images(3)
+    recs = record_token_states(f, x)
+    assert [r.layer for r in recs] == [3, 6, 9] and all(r.source.shape[0] == 3 for r in recs)
+    with torch.inference_mode(), f.tracing() as trace:
+        f(x)
+    last = {int(r): int(c) for rec in trace if rec.get("layer") == 9 for r, c in zip(rec["rows"], rec["mlp_tokens"])}
+    assert recs[-1].counts().tolist() == [last[i] for i in range(3)]  # image by image, padded together
+    token_maps({"prance": f}, x, tmp_path / "maps.png", layers=(3, 6, 9))
+    assert (tmp_path / "maps.png").stat().st_size > 0
+    res = benchmark(m, [("prance", "prance", dict(strategy="prune-merge"))], x, repeats=1, progress=False)
+    assert "floor_speedup" not in res["methods"]["prance"] and "prance" in format_table(res)

@@ -59,8 +59,8 @@ def benchmark(model: torch.nn.Module, methods: Sequence[Tuple[str, str, dict]], 
         macs[label] = count_macs(runner, images)
         if hasattr(runner.method, "prune_fraction"):  # PPT: which images pruned rather than pooled
             policy[label] = runner.method.prune_fraction()
-        sched = token_schedule(runner, images)
-        runners[label + " floor"] = adapt(model, "random", schedule=sched)
+        if runner.method.token_floor:
+            runners[label + " floor"] = adapt(model, "random", schedule=token_schedule(runner, images))
     times: Dict[str, List[float]] = {k: [] for k in runners}
     total = (warmup + repeats) * len(runners)
     with tqdm(total=total, desc="bench", unit="forward", disable=not progress) as bar:
@@ -85,15 +85,18 @@ def benchmark(model: torch.nn.Module, methods: Sequence[Tuple[str, str, dict]], 
         methods={},
     )
     for label, name, opts in methods:
-        t, floor = med[label], med[label + " floor"]
+        t = med[label]
         speedup = med["dense"] / t
         ratio = macs["dense"] / macs[label]
         out["methods"][label] = dict(
             method=name, options=opts, images_per_second=batch / t, speedup=speedup,
-            gmacs=macs[label], gmacs_ratio=ratio, efficiency=speedup / ratio,
-            floor_images_per_second=batch / floor, floor_speedup=med["dense"] / floor,
-            decision_overhead_ms=1000 * (t - floor), decision_overhead_fraction=(t - floor) / t,
-            seconds=times[label], floor_seconds=times[label + " floor"])
+            gmacs=macs[label], gmacs_ratio=ratio, efficiency=speedup / ratio, seconds=times[label])
+        if label + " floor" in med:
+            floor = med[label + " floor"]
+            out["methods"][label].update(
+                floor_images_per_second=batch / floor, floor_speedup=med["dense"] / floor,
+                decision_overhead_ms=1000 * (t - floor), decision_overhead_fraction=(t - floor) / t,
+                floor_seconds=times[label + " floor"])
         if label in policy:
             out["methods"][label]["prune_fraction_per_layer"] = policy[label]
     return out
@@ -110,7 +113,8 @@ def format_table(result: dict) -> str:
                  f"{d['timm_images_per_second'] / d['images_per_second']:>9.2f}{1:>9.2f}")
     lines.append(f"{'dense (leanvit)':<22}{d['gmacs']:>8.3f}{d['images_per_second']:>9.1f}{1:>9.2f}{1:>9.2f}")
     for label, m in result["methods"].items():
+        floor = f"{m['floor_speedup']:>9.2f}{m['decision_overhead_ms']:>11.1f}" if "floor_speedup" in m else \
+            f"{'-':>9}{'-':>11}"
         lines.append(f"{label:<22}{m['gmacs']:>8.3f}{m['images_per_second']:>9.1f}{m['speedup']:>9.2f}"
-                     f"{m['gmacs_ratio']:>9.2f}{m['efficiency']:>7.2f}{m['floor_speedup']:>9.2f}"
-                     f"{m['decision_overhead_ms']:>11.1f}")
+                     f"{m['gmacs_ratio']:>9.2f}{m['efficiency']:>7.2f}" + floor)
     return "\n".join(lines)

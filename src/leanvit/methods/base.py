@@ -79,6 +79,9 @@ class Reduction(abc.ABC):
 
     name: str = ""
     position: str = "attention"
+    # leanvit bench times a "floor" that keeps random tokens at the method's counts; methods that
+    # also slice channels or split the batch into groups have no such floor
+    token_floor: bool = True
 
     def bind(self, info: ModelInfo) -> None:
         """Check the options against the model; called once by :func:`leanvit.adapt`."""

@@ -81,6 +81,8 @@ class Prance(Reduction, nn.Module):
     """PRANCE: a selector picks channels and tokens per image and stage (see the module doc)."""
 
     name = "prance"
+    token_floor = False
+    groups_images = True  # images that chose differently run as separate sub-batches
 
     def __init__(self, strategy="prune", channels=True, stages=4, weights=None, subnet=None):
         nn.Module.__init__(self)
