@@ -1,6 +1,7 @@
 """PRANCE: elastic meta-network, per-image bucketed execution, Result-to-Go rewards, budget bisection."""
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import leanvit
 from leanvit.elastic import reorder_by_importance
 from leanvit.methods.prance import KEEP_RATIOS, StageChoice
-from leanvit.train_prance import SelectorConfig, fit_budget, rollout_tensors, stage_rewards
+from leanvit.train_prance import SelectorConfig, _config_dict, fit_budget, rollout_tensors, stage_rewards
 
 from conftest import images, small_vit
 from test_flops import measured_macs
@@ -143,13 +144,22 @@ def test_bisection_logic_converges_on_a_monotone_response(tmp_path):
         calls.append(cfg.cost_weight)
         Path(cfg.out).mkdir(parents=True)
         (Path(cfg.out) / "selector.safetensors").write_bytes(b"x")
-        return dict(gmacs_ratio=ratio, top1=50.0, gmacs=ratio)
+        m = dict(gmacs_ratio=ratio, top1=50.0, gmacs=ratio, config=_config_dict(cfg))
+        (Path(cfg.out) / "metrics.json").write_text(json.dumps(m))
+        return m
 
-    cfg = SelectorConfig(model="m", out=str(tmp_path), budget=0.3, cost_weight=0.5, budget_tolerance=0.02)
-    r = fit_budget(cfg, log=lambda s: None, train=fake_train)
+    cfg = SelectorConfig(model="m", out=str(tmp_path / "b0.3"), budget=0.3, cost_weight=0.5, budget_tolerance=0.02)
+    r = fit_budget(cfg, log=lambda s: None, train=fake_train, trials_dir=str(tmp_path / "trials"))
     assert r["met"] and abs(r["chosen"]["gmacs_ratio"] / 0.3 - 1) <= 0.02
-    assert len(calls) <= cfg.max_trials and calls[1] == 2.0  # too expensive: 4x the weight
-    assert json.loads((tmp_path / "budget.json").read_text())["chosen"]["trial"] == len(calls) - 1
+    assert len(calls) <= cfg.max_trials and calls[:3] == [0.5, 2.0, 8.0]  # too expensive: 4x the weight
+    assert json.loads((tmp_path / "b0.3" / "budget.json").read_text())["chosen"]["cost_weight"] == calls[-1]
+    # a second budget starts from the trials of the first: already bracketed
+    n = len(calls)
+    r2 = fit_budget(replace(cfg, out=str(tmp_path / "b0.6"), budget=0.6), log=lambda s: None, train=fake_train,
+                    trials_dir=str(tmp_path / "trials"))
+    assert r2["met"] and 0.5 < calls[n] < 2.0 and len(r2["trials"]) == len(calls)
+    with pytest.raises(ValueError, match="budget must be"):
+        fit_budget(replace(cfg, budget=1.5), log=lambda s: None, train=fake_train)
 
 
 @pytest.mark.skipif(not CIFAR.is_file(), reason="offline CIFAR-10 in ../shared/data not present")
@@ -168,7 +178,7 @@ def test_budget_bisection_converges_on_a_tiny_model(tmp_path):
     assert f.method.selector.log_std.shape == (f.method.action_dim,)
     # resumable: a second call reuses the finished trials
     again = fit_budget(cfg, log=lambda s: None)
-    assert again["trials"] == r["trials"]
+    assert again["trials"] == r["trials"] and again["chosen"] == r["chosen"]
 
 
 @pytest.mark.skipif(not CIFAR.is_file(), reason="offline CIFAR-10 in ../shared/data not present")

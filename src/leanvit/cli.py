@@ -6,6 +6,7 @@ import ast
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import List, Tuple
 
@@ -151,7 +152,7 @@ def cmd_train_selector(args) -> int:
                     lr_actor=args.lr_actor, lr_critic=args.lr_critic)
     cfg = SelectorConfig(model=args.model, out=args.out, checkpoint=args.checkpoint, pretrained=args.pretrained,
                          data=args.data, options=parse_options(args.opt), cost_weight=args.cost_weight,
-                         token_weight=args.token_weight, budget=args.budget, budget_tolerance=args.budget_tolerance,
+                         token_weight=args.token_weight, budget_tolerance=args.budget_tolerance,
                          max_trials=args.max_trials, epochs=args.epochs, batch_size=args.batch_size, ppo=ppo,
                          seed=args.seed, workers=args.workers, save_every=args.save_every,
                          eval_split=args.eval_split, limit_train=args.limit_train, limit_eval=args.limit_eval,
@@ -159,16 +160,20 @@ def cmd_train_selector(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     log = _run_log(args.out)
-    if args.budget is None:
+    main = int(os.environ.get("RANK", "0")) == 0
+    if not args.budget:
         m = train_selector(cfg, log=log)
-        msg = f"top-1 {m['top1']:.2f}% at {m['gmacs']:.4f} GMACs ({m['gmacs_ratio']:.3f} of dense)"
-    else:
-        r = fit_budget(cfg, log=log)
+        if main:
+            log(f"done: top-1 {m['top1']:.2f}% at {m['gmacs']:.4f} GMACs ({m['gmacs_ratio']:.3f} of dense); "
+                f"selector in {Path(args.out) / 'selector.safetensors'}")
+        return 0
+    for budget in args.budget:
+        out = Path(args.out) / f"budget-{budget:g}" if len(args.budget) > 1 else Path(args.out)
+        r = fit_budget(replace(cfg, out=str(out), budget=budget), log=log, trials_dir=str(Path(args.out) / "trials"))
         c = r["chosen"]
-        msg = (f"budget {args.budget}: {'met' if r['met'] else 'NOT met'} by trial {c['trial']} "
-               f"(cost_weight {c['cost_weight']:.4g}): {c['gmacs_ratio']:.3f} of dense GMACs, top-1 {c['top1']:.2f}%")
-    if int(os.environ.get("RANK", "0")) == 0:
-        log(f"done: {msg}; selector in {Path(args.out) / 'selector.safetensors'}")
+        if main:
+            log(f"done: budget {budget}: {'met' if r['met'] else 'NOT met'} with cost_weight {c['cost_weight']:.4g}: "
+                f"{c['gmacs_ratio']:.3f} of dense GMACs, top-1 {c['top1']:.2f}%; selector in {out / 'selector.safetensors'}")
     return 0
 
 
@@ -341,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prance option: strategy=prune|merge|prune-merge|none, channels=true|false, stages=4")
     p.add_argument("--out", required=True)
     p.add_argument("--data", help="training data (default: CIFAR-10 from the standard locations)")
-    p.add_argument("--budget", type=float, help="target mean GMACs as a fraction of dense, e.g. 0.5")
+    p.add_argument("--budget", type=float, nargs="+", help="target mean GMACs as a fraction of dense, e.g. 0.5; "
+                   "several budgets (OUT/budget-B/ each) share the trials in OUT/trials")
     p.add_argument("--budget-tolerance", type=float, default=0.05, help="relative (default 5%%)")
     p.add_argument("--max-trials", type=int, default=8)
     p.add_argument("--cost-weight", type=float, default=0.5, help="reward cost per unit of GMACs ratio "

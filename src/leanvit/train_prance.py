@@ -239,43 +239,84 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
 
 
 def fit_budget(cfg: SelectorConfig, log: Callable[[str], None] = print,
-               train: Callable[..., dict] = train_selector) -> dict:
-    """Bisection over the cost weight (log space) until the selector's GMACs ratio is within the
-    tolerance of ``cfg.budget``: each trial is a full ``train_selector`` run in ``out/trial-i``
-    (resumable; finished trials are reused). Ships the trial closest to the budget as
-    ``out/selector.safetensors``; ``out/budget.json`` lists every trial."""
+               train: Callable[..., dict] = train_selector, trials_dir: Optional[str] = None) -> dict:
+    """Find the cost weight whose selector meets ``cfg.budget`` (GMACs ratio within the relative
+    tolerance), by bracketing in log space: multiply or divide by 4 until the budget is bracketed,
+    then bisect, stepping to the log-linear interpolation of the bracket (kept within its middle
+    half) rather than its plain midpoint. Every trial is a full ``train_selector`` run in
+    ``trials_dir/w<weight>`` (default ``out/trials``); finished trials are reused, also by other
+    budgets sharing the directory. Ships the trial closest to the budget as
+    ``out/selector.safetensors``; ``out/budget.json`` lists the trials."""
     if not cfg.budget or not 0 < cfg.budget <= 1:
         raise ValueError(f"budget must be a fraction of the dense GMACs in (0, 1], got {cfg.budget}")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    lo = hi = None  # cost weights known to give too many / too few GMACs
-    weight, trials = cfg.cost_weight, []
-    for i in range(cfg.max_trials):
-        trial_cfg = replace(cfg, out=str(out / f"trial-{i}"), cost_weight=weight, budget=None)
-        done = Path(trial_cfg.out) / "metrics.json"
-        if done.is_file() and json.loads(done.read_text())["config"] == _config_dict(trial_cfg):
+    trials_root = Path(trials_dir) if trials_dir else out / "trials"
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    target, tol = cfg.budget, cfg.budget_tolerance
+
+    def trial_cfg(weight: float) -> SelectorConfig:
+        return replace(cfg, out=str(trials_root / f"w{weight:.6g}"), cost_weight=weight, budget=None)
+
+    def finished(weight: float) -> Optional[dict]:
+        done = Path(trial_cfg(weight).out) / "metrics.json"
+        if done.is_file():
             m = json.loads(done.read_text())
-        else:
-            m = train(trial_cfg, log=log)
-        trials.append(dict(trial=i, cost_weight=weight, gmacs_ratio=m["gmacs_ratio"], top1=m["top1"], gmacs=m["gmacs"]))
-        log(f"budget {cfg.budget}: trial {i} cost_weight={weight:.4g} -> GMACs ratio {m['gmacs_ratio']:.3f}, "
-            f"top-1 {m['top1']:.2f}%")
-        if abs(m["gmacs_ratio"] / cfg.budget - 1) <= cfg.budget_tolerance:
-            break
-        if m["gmacs_ratio"] > cfg.budget:
-            lo = weight
-        else:
-            hi = weight
-        weight = math.sqrt(lo * hi) if lo is not None and hi is not None else (weight * 4 if hi is None else weight / 4)
-    best = min(trials, key=lambda t: abs(t["gmacs_ratio"] / cfg.budget - 1))
-    result = dict(budget=cfg.budget, tolerance=cfg.budget_tolerance,
-                  met=abs(best["gmacs_ratio"] / cfg.budget - 1) <= cfg.budget_tolerance, chosen=best, trials=trials)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        shutil.copyfile(out / f"trial-{best['trial']}" / "selector.safetensors", out / "selector.safetensors")
+            if m["config"] == _config_dict(trial_cfg(weight)):
+                return m
+        return None
+
+    known = {}  # weight -> metrics, every finished trial of this configuration
+    if trials_root.is_dir():
+        for d in sorted(trials_root.glob("w*")):
+            w = float(d.name[1:])
+            m = finished(w)
+            if m is not None:
+                known[w] = m
+
+    def met(m):
+        return abs(m["gmacs_ratio"] / target - 1) <= tol
+
+    new = 0
+    while not any(met(m) for m in known.values()) and new < cfg.max_trials:
+        weight = float(f"{_next_weight({w: m['gmacs_ratio'] for w, m in known.items()}, target, cfg.cost_weight):.6g}")
+        m = finished(weight) or train(trial_cfg(weight), log=log)
+        known[weight] = m
+        new += 1
+        if main:
+            log(f"budget {target}: cost_weight={weight:.4g} -> GMACs ratio {m['gmacs_ratio']:.3f}, top-1 {m['top1']:.2f}%")
+    trials = [dict(cost_weight=w, gmacs_ratio=m["gmacs_ratio"], top1=m["top1"], gmacs=m["gmacs"],
+                   dir=trial_cfg(w).out) for w, m in sorted(known.items())]
+    if not trials:
+        raise ValueError("no trial ran: max_trials must be at least 1")
+    best = min(trials, key=lambda t: abs(t["gmacs_ratio"] / target - 1))
+    result = dict(budget=target, tolerance=tol, met=abs(best["gmacs_ratio"] / target - 1) <= tol,
+                  chosen=best, trials=trials)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(best["dir"]) / "selector.safetensors", out / "selector.safetensors")
         (out / "budget.json").write_text(json.dumps(result, indent=2))
     if dist.is_initialized():
         dist.barrier()
     return result
+
+
+def _next_weight(ratios: dict, target: float, start: float) -> float:
+    """The next cost weight to try, from {weight: GMACs ratio} of the trials so far."""
+    if not ratios:
+        return start
+    dear = {w: r for w, r in ratios.items() if r > target}  # still too many GMACs: weigh cost more
+    cheap = {w: r for w, r in ratios.items() if r <= target}
+    if not cheap:
+        return max(dear) * 4
+    if not dear:
+        return min(cheap) / 4
+    lo, hi = max(dear), min(cheap)
+    if lo >= hi:  # not monotone (training noise): split the two trials nearest the target
+        lo, hi = sorted(sorted(ratios, key=lambda w: abs(ratios[w] - target))[:2])
+        return math.sqrt(lo * hi)
+    f = (ratios[lo] - target) / max(ratios[lo] - ratios[hi], 1e-12)
+    f = min(max(f, 0.25), 0.75)
+    return math.exp(math.log(lo) + f * (math.log(hi) - math.log(lo)))
 
 
 def _config_dict(cfg: SelectorConfig) -> dict:

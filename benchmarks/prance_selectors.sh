@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# PRANCE selectors for the reference meta-network (benchmarks/prance_supernet.sh first): for each
+# token strategy, channel-only (strategy=none) and token-only (channels=false), GMACs budgets of
+# 0.5 and 0.7 of dense, each met by bisection over the reward's cost weight (the two budgets share
+# trials). Every trial trains a fresh selector for 1 epoch on 6,400 training images (batch 64, PPO K=4, Result-to-Go rewards); its
+# greedy GMACs ratio is measured on 2,000 *training* images (eval transform), so the test set plays
+# no part in the tuning. Actor lr 1e-3 (the authors use 1e-4 for far longer trainings; a trial here
+# is 100 PPO batches). 2 torchrun CPU processes. Re-running resumes (finished trials are reused).
+# Then every selector, and the token-only methods on the same meta-network, is evaluated on the
+# 10,000 test images (benchmarks/results/prance_reference/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
+META=runs/prance-supernet/final.safetensors
+CONFIGS=("prune-merge" "prune" "none" "prune:channels=false" "merge")
+specs=()
+for conf in "${CONFIGS[@]}"; do
+    strategy="${conf%%:*}"
+    opts=(--opt "strategy=$strategy")
+    name="$strategy"
+    if [[ "$conf" == *channels=false ]]; then opts+=(--opt channels=false); name="$strategy-tokens-only"; fi
+    out="runs/prance-sel/$name"
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m leanvit train-selector \
+        --model cifar10_vit12_w128 --checkpoint "$META" --data "$DATA" "${opts[@]}" --out "$out" \
+        --budget 0.5 0.7 --epochs 1 --batch-size 64 --limit-train 6400 --eval-split train --limit-eval 2000 \
+        --workers 1 --lr-actor 1e-3
+    for budget in 0.5 0.7; do
+        spec="prance:strategy=$strategy:weights=$out/budget-$budget/selector.safetensors"
+        [[ "$conf" == *channels=false ]] && spec="$spec:channels=false"
+        specs+=("$spec")
+    done
+done
+# the token-only methods run on the same meta-network, at about the same GMACs (0.5 and 0.7 of dense)
+leanvit sweep --model cifar10_vit12_w128 --checkpoint "$META" --data "$DATA" --threads 2 \
+    --out benchmarks/results/prance_reference --methods prance:subnet=middle prance:subnet=smallest \
+    "${specs[@]}" tome:r=6 tome:r=3 evit:keep_rate=0.4 evit:keep_rate=0.7 \
+    ppt:r=12:layers=1,3,5,7,9:threshold=scaled ppt:r=14:threshold=scaled random:keep_rate=0.5 random:keep_rate=0.7
