@@ -212,3 +212,16 @@ def test_token_maps_and_bench_handle_per_image_paths(tmp_path):
     assert (tmp_path / "maps.png").stat().st_size > 0
     res = benchmark(m, [("prance", "prance", dict(strategy="prune-merge"))], x, repeats=1, progress=False)
     assert "floor_speedup" not in res["methods"]["prance"] and "prance" in format_table(res)
+
+
+def test_selector_weights_remember_their_options(tmp_path):
+    from leanvit.train import export_weights
+    f = leanvit.adapt(small_vit(), "prance", strategy="prune-merge")
+    path = tmp_path / "selector.safetensors"
+    export_weights(f.method, path, metadata=f.method.options_metadata())
+    g = leanvit.adapt(small_vit(), "prance", strategy="prune-merge", weights=str(path))
+    torch.testing.assert_close(g.method.selector.actor[0].weight, f.method.selector.actor[0].weight)
+    with pytest.raises(leanvit.OptionError, match="trained with strategy=prune-merge channels=true stages=4"):
+        leanvit.adapt(small_vit(), "prance", strategy="prune", weights=str(path))
+    with pytest.raises(leanvit.OptionError, match="cannot load selector weights"):
+        leanvit.adapt(small_vit(), "prance", weights=str(tmp_path / "missing.safetensors"))

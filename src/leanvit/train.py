@@ -382,10 +382,10 @@ def eval_transform_cfg(model) -> dict:
     return resolve_data_config({}, model=model)
 
 
-def export_weights(model, path: Path, half: bool = False) -> None:
-    """Weights as safetensors (fp16 if ``half``), written atomically."""
+def export_weights(model, path: Path, half: bool = False, metadata: Optional[dict] = None) -> None:
+    """Weights as safetensors (fp16 if ``half``), written atomically; ``metadata``: str -> str."""
     from safetensors.torch import save_file
     sd = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp))
+    save_file(sd, str(tmp), metadata=metadata)
     os.replace(tmp, path)

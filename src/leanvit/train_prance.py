@@ -231,7 +231,7 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
     metrics = dict(steps=step, history=history, world_size=run.world, config=_config_dict(cfg),
                    **{k: history[-1][k] for k in ("top1", "gmacs", "gmacs_ratio")})
     if run.is_main:
-        export_weights(method, run.out / "selector.safetensors")
+        export_weights(method, run.out / "selector.safetensors", metadata=method.options_metadata())
         (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     if dist.is_initialized():
         dist.barrier()

@@ -52,6 +52,23 @@ def load_model(name: str, checkpoint: Optional[str] = None) -> torch.nn.Module:
     return model.eval()
 
 
+def ship_model(model: torch.nn.Module, name: str, timm_model: str) -> dict:
+    """Write ``zoo/<name>.safetensors`` (fp16) and ``zoo/<name>.json``; returns the preprocessing."""
+    from .train import export_weights
+    ZOO_DIR.mkdir(exist_ok=True)
+    export_weights(model, ZOO_DIR / f"{name}.safetensors", half=True)
+    pre = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.pretrained_cfg.items()
+           if k in ("input_size", "mean", "std", "crop_pct", "interpolation", "num_classes", "label_names")}
+    spec = dict(timm_model=timm_model, kwargs={"num_classes": model.num_classes}, pretrained_cfg=pre)
+    (ZOO_DIR / f"{name}.json").write_text(json.dumps(spec, indent=2) + "\n")
+    return pre
+
+
+def timm_architecture(name: str) -> str:
+    """The timm model a reference model is built from."""
+    return json.loads((ZOO_DIR / f"{name}.json").read_text())["timm_model"]
+
+
 def publish(run_dir: str, name: str, command: str, data: Optional[str] = None) -> dict:
     """Ship the final weights of a `leanvit train` run as reference model ``name``.
 
@@ -63,17 +80,11 @@ def publish(run_dir: str, name: str, command: str, data: Optional[str] = None) -
     import leanvit
     from .data import eval_transform, load_dataset, make_loader
     from .evaluate import evaluate
-    from .train import export_weights
     run = Path(run_dir)
     metrics = json.loads((run / "metrics.json").read_text())
     cfg = metrics["config"]
-    ZOO_DIR.mkdir(exist_ok=True)
     model = leanvit.create_model(cfg["model"], checkpoint=str(run / "final.safetensors"))
-    export_weights(model, ZOO_DIR / f"{name}.safetensors", half=True)
-    pre = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.pretrained_cfg.items()
-           if k in ("input_size", "mean", "std", "crop_pct", "interpolation", "num_classes", "label_names")}
-    spec = dict(timm_model=cfg["model"], kwargs={"num_classes": model.num_classes}, pretrained_cfg=pre)
-    (ZOO_DIR / f"{name}.json").write_text(json.dumps(spec, indent=2) + "\n")
+    pre = ship_model(model, name, cfg["model"])
 
     shipped = load_model(name)  # what users get: the fp16 file, loaded back in fp32
     data = data or cfg["data"]

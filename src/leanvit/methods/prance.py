@@ -115,9 +115,30 @@ class Prance(Reduction, nn.Module):
         self.action_dim = (2 if self.channels else 0) + {"none": 0, "prune-merge": 2}.get(self.strategy, 1)
         self.selector = Selector(2 * info.embed_dim + self.n_stages, self.action_dim)
         if self.weights:
+            self._check_trained_options()
             load_weights(self, self.weights, "selector weights")
         if self.subnet is not None:
             self.fixed = self.subnetwork(self.subnet)
+
+    def options_metadata(self) -> Dict[str, str]:
+        """The options a selector is trained for, stored with its weights."""
+        return dict(method=self.name, strategy=self.strategy, channels=str(self.channels).lower(),
+                    stages=str(self.n_stages))
+
+    def _check_trained_options(self) -> None:
+        from safetensors import safe_open
+        from ..zoo import method_weights_path
+        try:
+            with safe_open(method_weights_path(self.weights, self.name), "pt") as f:
+                trained = f.metadata() or {}
+        except Exception:
+            return  # missing or unreadable: load_weights says so
+        mine = self.options_metadata()
+        diff = {k: v for k, v in trained.items() if k in mine and mine[k] != v}
+        if diff:
+            raise OptionError(f"prance: the selector {self.weights} was trained with "
+                              f"{' '.join(f'{k}={trained[k]}' for k in ('strategy', 'channels', 'stages') if k in trained)}; "
+                              f"pass those options (got {' '.join(f'{k}={mine[k]}' for k in diff)})")
 
     def subnetwork(self, which: str) -> StageChoice:
         """The largest, middle or smallest channel configuration (all tokens kept)."""
