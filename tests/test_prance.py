@@ -1,6 +1,9 @@
 """PRANCE: elastic meta-network, per-image bucketed execution, Result-to-Go rewards, budget bisection."""
 import copy
 import json
+import os
+import shutil
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -225,3 +228,24 @@ def test_selector_weights_remember_their_options(tmp_path):
         leanvit.adapt(small_vit(), "prance", strategy="prune", weights=str(path))
     with pytest.raises(leanvit.OptionError, match="cannot load selector weights"):
         leanvit.adapt(small_vit(), "prance", weights=str(tmp_path / "missing.safetensors"))
+
+
+@pytest.mark.skipif(not CIFAR.is_file() or shutil.which("torchrun") is None, reason="needs CIFAR-10 and torchrun")
+def test_supernet_and_selector_train_under_torchrun(tmp_path):
+    """Both PRANCE trainings run data-parallel on 2 CPU processes and keep identical replicas."""
+    common = ["--model", "vit12_convstem_w96_cifar", "--data", str(CIFAR), "--limit-train", "64",
+              "--limit-eval", "32", "--workers", "0", "--batch-size", "16", "--epochs", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "leanvit"]
+    proc = subprocess.run(run + ["train-supernet", "--out", str(tmp_path / "meta")] + common,
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((tmp_path / "meta" / "metrics.json").read_text())
+    assert meta["world_size"] == 2 and meta["replica_max_abs_diff"] == 0.0 and "top1_smallest" in meta
+    proc = subprocess.run(run + ["train-selector", "--out", str(tmp_path / "sel"), "--opt", "strategy=prune-merge",
+                                 "--checkpoint", str(tmp_path / "meta" / "final.safetensors")] + common,
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sel = json.loads((tmp_path / "sel" / "metrics.json").read_text())
+    assert sel["world_size"] == 2 and sel["steps"] == 4 and sel["replica_max_abs_diff"] == 0.0
+    assert (tmp_path / "sel" / "train.log").read_text().count("done:") == 1

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .rl import PPOConfig, clipped_policy_loss, clipped_value_loss, gae
-from .train import Run, distill_loss, evaluate_top1, export_weights
+from .train import Run, _replica_diff, distill_loss, evaluate_top1, export_weights
 from .train_policy import _average_grads, evaluate_policy
 
 
@@ -230,6 +230,8 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
     method.sampling = method.complete = False
     metrics = dict(steps=step, history=history, world_size=run.world, config=_config_dict(cfg),
                    **{k: history[-1][k] for k in ("top1", "gmacs", "gmacs_ratio")})
+    if run.world > 1:  # the selector replicas must be identical
+        metrics["replica_max_abs_diff"] = _replica_diff(method)
     if run.is_main:
         export_weights(method, run.out / "selector.safetensors", metadata=method.options_metadata())
         (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
