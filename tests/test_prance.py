@@ -249,3 +249,24 @@ def test_supernet_and_selector_train_under_torchrun(tmp_path):
     sel = json.loads((tmp_path / "sel" / "metrics.json").read_text())
     assert sel["world_size"] == 2 and sel["steps"] == 4 and sel["replica_max_abs_diff"] == 0.0
     assert (tmp_path / "sel" / "train.log").read_text().count("done:") == 1
+
+
+@pytest.mark.skipif(not CIFAR.is_file(), reason="offline CIFAR-10 in ../shared/data not present")
+def test_joint_finetuning_under_a_frozen_selector(tmp_path):
+    """`leanvit train --method prance --opt weights=SELECTOR`: the meta-network trains under the
+    selector's per-image decisions; the selector itself does not change."""
+    from leanvit.train import TrainConfig, export_weights, train
+    model = leanvit.create_model("vit12_convstem_w96_cifar")
+    f = spread(leanvit.adapt(model, "prance", strategy="prune"), scale=3.0)
+    export_weights(f.method, tmp_path / "sel.safetensors", metadata=f.method.options_metadata())
+    cfg = TrainConfig(model="vit12_convstem_w96_cifar", out=str(tmp_path / "ft"), data=str(CIFAR), epochs=1,
+                      batch_size=16, limit_train=32, limit_eval=16, workers=0, lr=1e-3, method="prance",
+                      options=dict(strategy="prune", weights=str(tmp_path / "sel.safetensors")))
+    m = train(cfg, log=lambda s: None)
+    assert m["steps"] == 2
+    from safetensors.torch import load_file
+    after = load_file(str(tmp_path / "ft" / "method.safetensors"))
+    for k, v in f.method.state_dict().items():
+        torch.testing.assert_close(after[k], v)
+    moved = load_file(str(tmp_path / "ft" / "final.safetensors"))
+    assert not torch.equal(moved["blocks.5.mlp.fc1.weight"], model.state_dict()["blocks.5.mlp.fc1.weight"])

@@ -254,8 +254,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
         from .elastic import reorder_by_importance
         reorder_by_importance(model)  # so that the first k heads/neurons are the best k
     runner = leanvit.adapt(model, cfg.method, **cfg.options)
-    if cfg.sandwich:
-        runner.method.requires_grad_(False)  # the selector is trained later, by train-selector
+    if cfg.method == "prance":  # the selector is trained by train-selector; here it is frozen (or unused)
+        runner.method.requires_grad_(False)
     runner.train()
     net = torch.nn.parallel.DistributedDataParallel(runner) if run.world > 1 else runner
     teacher = None
