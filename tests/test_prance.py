@@ -124,7 +124,7 @@ def test_rollout_records_every_image_at_every_decision():
     m = f.method
     x = images(6)
     labels = torch.arange(6) % 10
-    m.sampling = m.complete = True
+    m.sampling = True
     with torch.no_grad():
         out = f(x)
     ro = rollout_tensors(m.rollout, 6, m.n_stages, m.dense_block_macs(f), labels)

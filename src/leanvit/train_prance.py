@@ -194,7 +194,7 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
         epoch = step // run.steps_per_epoch
         sums = dict(reward=0.0, macs=0.0, kept=0.0, acc=0.0, n=0)
         for batch in run.epoch_loader(step):
-            method.sampling = method.complete = True
+            method.sampling = True
             with torch.no_grad():
                 dense_correct = dense(batch.images).argmax(1) == batch.labels
                 runner(batch.images)
@@ -227,7 +227,7 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
                 log(json.dumps(history[-1]))
             save()
     bar.close()
-    method.sampling = method.complete = False
+    method.sampling = False
     metrics = dict(steps=step, history=history, world_size=run.world, config=_config_dict(cfg),
                    **{k: history[-1][k] for k in ("top1", "gmacs", "gmacs_ratio")})
     if run.world > 1:  # the selector replicas must be identical

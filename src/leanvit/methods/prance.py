@@ -97,8 +97,9 @@ class Prance(Reduction, nn.Module):
         self.strategy, self.channels, self.weights, self.subnet = strategy, channels, weights, subnet
         self.n_stages = check_int("prance", "stages", stages, low=2)
         self.fixed: Optional[StageChoice] = None  # every image and stage runs this (sub-network training)
-        self.sampling = False  # sample actions and record a rollout (selector training)
-        self.complete = False  # with sampling: after each decision, finish the network (Result-to-Go)
+        # selector training: sample actions and record a rollout in which, after each decision,
+        # the network is finished at full width from there (Result-to-Go)
+        self.sampling = False
         self.rollout: List[dict] = []
         self._choice: Optional[StageChoice] = None  # the configuration of the group being run
 
@@ -250,13 +251,12 @@ class Prance(Reduction, nn.Module):
         sel = torch.tensor(idx, device=state.x.device)
         step = {key: (v[sel] if isinstance(v, Tensor) else v) for key, v in record.items()}
         step["kept"] = state.n_patches / (self.info.n_tokens - self.info.n_prefix)
-        if self.complete:
-            x = state
-            for j in range(self.bounds[k + 1], self.bounds[-1]):
-                x = runner.run_block(j, runner.model.blocks[j], x)
-            rest = sum(self._stage_macs(runner, s, None, x.n_patches, x.n_patches) for s in range(k + 1, self.n_stages))
-            step["logits"] = runner.head(x)
-            step["block_macs"] = macs + rest
+        x = state
+        for j in range(self.bounds[k + 1], self.bounds[-1]):
+            x = runner.run_block(j, runner.model.blocks[j], x)
+        rest = sum(self._stage_macs(runner, s, None, x.n_patches, x.n_patches) for s in range(k + 1, self.n_stages))
+        step["logits"] = runner.head(x)
+        step["block_macs"] = macs + rest
         self.rollout.append(step)
 
     def _stage_macs(self, runner, k: int, choice: Optional[StageChoice], n_in: int, n_out: int) -> float:
