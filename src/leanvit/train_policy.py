@@ -108,8 +108,9 @@ def ppo_update(method, ro: dict, rewards: torch.Tensor, cfg: PPOConfig, opt_acto
 
 
 def _average_grads(module, world):
+    """Average the gradients of a module (or a list of parameters) over the processes."""
     if world > 1:
-        for p in module.parameters():
+        for p in (module.parameters() if isinstance(module, torch.nn.Module) else module):
             if p.grad is not None:
                 dist.all_reduce(p.grad)
                 p.grad /= world

@@ -137,7 +137,7 @@ def ppo_update(selector, ro: dict, rewards: Tensor, cfg: PPOConfig, opt_actor, o
         ent = dist_new.entropy().sum(-1).mean()
         opt_actor.zero_grad(set_to_none=True)
         (pol - cfg.entropy_coef * ent).backward()
-        _average_params_grads(actor_params, world)
+        _average_grads(actor_params, world)
         torch.nn.utils.clip_grad_norm_(actor_params, cfg.max_grad_norm)
         opt_actor.step()
 
@@ -148,14 +148,6 @@ def ppo_update(selector, ro: dict, rewards: Tensor, cfg: PPOConfig, opt_actor, o
         torch.nn.utils.clip_grad_norm_(selector.critic.parameters(), cfg.max_grad_norm)
         opt_critic.step()
     return dict(policy_loss=pol.item(), value_loss=vloss.item())
-
-
-def _average_params_grads(params, world):
-    if world > 1:
-        for p in params:
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= world
 
 
 def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> dict:
