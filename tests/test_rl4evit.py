@@ -102,3 +102,26 @@ def test_single_agent_ablation_trains(tmp_path):
     assert 0.0 < m["history"][0]["keep_ratio"] <= 1.0
     with pytest.raises(leanvit.OptionError, match="agents must be"):
         leanvit.adapt(small_vit(), "rl4evit", agents="both")
+
+
+@pytest.mark.skipif(not CIFAR.is_file() or __import__("shutil").which("torchrun") is None,
+                    reason="offline CIFAR-10 in ../shared/data or torchrun not present")
+def test_torchrun_two_processes_keep_identical_agents(tmp_path):
+    """Under torchrun each process rolls out its own shard; the averaged actor/critic gradients
+    keep both processes' agents identical."""
+    import json
+    import os
+    import subprocess
+    out = tmp_path / "ddp"
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "leanvit", "train-policy",
+           "--model", "vit12_convstem_w96_cifar", "--data", str(CIFAR), "--out", str(out), "--epochs", "1",
+           "--batch-size", "16", "--limit-train", "64", "--limit-eval", "32", "--workers", "0",
+           "--ppo-epochs", "2", "--lr-actor", "1e-3", "--lr-critic", "1e-3", "--opt", "hidden=[32]"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 4  # 64 images / 16 per step
+    assert metrics["replica_max_abs_diff"] == 0.0
+    h = metrics["history"][0]
+    assert h["kind"] == "agents" and 0.0 < h["keep_ratio"] < 1.0  # rollouts over both shards
+    assert (out / "train.log").read_text().count("done: greedy top-1") == 1  # only rank 0 logs

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .methods.rl4evit import agent_rewards
 from .rl import PPOConfig, clipped_policy_loss, clipped_value_loss, gae
-from .train import Run, export_weights
+from .train import Run, _replica_diff, export_weights
 
 
 @dataclass
@@ -222,6 +222,8 @@ def train_policy(cfg: PolicyConfig, log: Callable[[str], None] = print) -> dict:
             save()
     bar.close()
     metrics = dict(steps=step, history=history, world_size=run.world, config=_config_dict(cfg))
+    if run.world > 1:  # every process must hold the same agents (and ViT, when fine-tuned)
+        metrics["replica_max_abs_diff"] = _replica_diff(runner if cfg.finetune_vit else method)
     if run.is_main:
         export_weights(method, run.out / "policy.safetensors")
         if cfg.finetune_vit:
