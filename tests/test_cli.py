@@ -128,7 +128,7 @@ def test_pretrained_without_network(capsys, monkeypatch):
 def test_python_dash_m():
     proc = subprocess.run([sys.executable, "-m", "leanvit", "methods"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
-    assert [line.split()[0] for line in proc.stdout.splitlines()] == ["ats", "channels", "dynamicvit", "evit", "none", "ppt", "random", "rl4evit", "tome"]
+    assert [line.split()[0] for line in proc.stdout.splitlines()] == ["ats", "channels", "dynamicvit", "evit", "none", "ppt", "prance", "random", "rl4evit", "tome"]
 
 
 def test_wrong_image_size_python_api():
