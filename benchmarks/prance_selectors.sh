@@ -3,7 +3,7 @@
 # token strategy, channel-only (strategy=none) and token-only (channels=false), GMACs budgets of
 # 0.5 and 0.7 of dense, each met by bisection over the reward's cost weight (the two budgets share
 # trials). Every trial trains a fresh selector for 1 epoch on 6,400 training images (batch 64,
-# PPO K=4, Result-to-Go rewards); its greedy GMACs ratio is measured on 2,000 *training* images
+# PPO K=4, Result-to-Go rewards); its greedy GMACs ratio is measured on 1,000 *training* images
 # (eval transform), so the test set plays no part in the tuning. Actor lr 1e-3 (the authors use 1e-4 for far longer trainings; a trial here
 # is 100 PPO batches). 2 torchrun CPU processes. Re-running resumes (finished trials are reused).
 # Then every selector, and the token-only methods on the same meta-network, is evaluated on the
@@ -22,7 +22,7 @@ for conf in "${CONFIGS[@]}"; do
     out="runs/prance-sel/$name"
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m leanvit train-selector \
         --model cifar10_vit12_w128 --checkpoint "$META" --data "$DATA" "${opts[@]}" --out "$out" \
-        --budget 0.5 0.7 --epochs 1 --batch-size 64 --limit-train 6400 --eval-split train --limit-eval 2000 \
+        --budget 0.5 0.7 --epochs 1 --batch-size 64 --limit-train 6400 --eval-split train --limit-eval 1000 \
         --workers 1 --lr-actor 1e-3
     for budget in 0.5 0.7; do
         spec="prance:strategy=$strategy:weights=$out/budget-$budget/selector.safetensors"

@@ -85,7 +85,7 @@ neurons per block; middle = 2 heads, 256 neurons and smallest = 1 head, 128 neur
 
 2. Selector, `bash benchmarks/prance_selectors.sh` (strategy `{args.strategy}`): budget
    {budget['budget']} met: {budget['met']}; cost weight {budget['chosen']['cost_weight']:.4g} (bisection
-   trials, GMACs ratio measured on 2,000 training images:
+   trials, GMACs ratio measured on 1,000 training images:
    {', '.join(f"{t['cost_weight']:.4g} -> {t['gmacs_ratio']:.3f}" for t in budget['trials'])}).
 """
     (ZOO_DIR / f"{NAME}.md").write_text(card)

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# RL4EViT (issue 4) on the reference model cifar10_vit12_w128, end to end: Tables I and II of
+# BENCHMARKS.md. Every step resumes or is cheap to repeat; re-running the script picks up where it
+# stopped. Run it under the shared CPU lock: flock .cpu.lock bash benchmarks/rl4evit_reference.sh
+#  1. alpha scan: 30 MAPPO steps at alpha in {0.8, 0.72, 0.56 (the paper's), 0.3, 0.1, 0.07, 0.05,
+#     0.04, 0.03}, beta = 1 (rl4evit_alpha_scan.sh); the alphas nearest 0.75, 0.65, 0.55 of the
+#     dense GMACs (greedy, 1,000 test images) are the three budgets (rl4evit_match.py alphas).
+#  2. MAPPO (agents=multi) and the single-agent PPO ablation (agents=single) at those alphas:
+#     90 steps of 64 images (the runs of step 1 continue), ViT frozen, paper PPO defaults
+#     (K = 15, Adam 5e-5, clip 0.2, gamma 0.99, lambda 0.95), 1 process, 2 threads.
+#  3. DynamicViT fine-tuned at the keep rate whose GMACs match each MAPPO policy: 1 epoch over a
+#     12,800-image class-balanced train subset (100 steps of 128), AdamW 1e-4 (cosine to 1e-6,
+#     10% warm-up), distillation 0.5 to the dense model, 2 torchrun processes.
+#  4. Random at MAPPO's mean token counts per block (rl4evit_counts.py, 2,000 test images).
+#  5. Everything on the 10,000 CIFAR-10 test images (leanvit sweep, 2 threads, batch 250): EViT,
+#     ToMe and PPT (threshold=scaled) at the settings whose GMACs match each budget, both
+#     policies, the random controls; DynamicViT with its own fine-tuned ViT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
+RES=benchmarks/results/rl4evit
+mkdir -p $RES
+STEPS=30 ALPHAS="0.8 0.72 0.56 0.3 0.1 0.07 0.05 0.04 0.03" bash benchmarks/rl4evit_alpha_scan.sh multi
+python benchmarks/rl4evit_match.py alphas > $RES/alphas.txt
+read -r -a alphas < $RES/alphas.txt
+echo "alphas for the three budgets: ${alphas[*]}"
+for agents in multi single; do
+    ALPHAS="${alphas[*]}" STEPS=90 bash benchmarks/rl4evit_alpha_scan.sh $agents
+done
+python benchmarks/rl4evit_match.py specs $(for a in "${alphas[@]}"; do echo runs/rl4evit/multi_a$a; done) \
+    > $RES/budgets.txt
+cat $RES/budgets.txt
+while read -r run gmacs rho evit tome ppt; do
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m leanvit train --model cifar10_vit12_w128 \
+        --data "$DATA" --method dynamicvit --opt keep_rate=$rho --distill 0.5 --epochs 1 --limit-train 12800 \
+        --limit-eval 1000 --batch-size 128 --lr 1e-4 --min-lr 1e-6 --warmup-epochs 0.1 --weight-decay 0.05 \
+        --label-smoothing 0.1 --workers 1 --out runs/rl4evit/dynamicvit_k$rho < /dev/null
+done < $RES/budgets.txt
+python benchmarks/rl4evit_counts.py $(for a in "${alphas[@]}"; do echo runs/rl4evit/multi_a$a/policy.safetensors; done) \
+    | tee $RES/counts.txt
+specs=()
+while read -r run gmacs rho evit tome ppt; do specs+=("$evit" "$tome" "$ppt"); done < $RES/budgets.txt
+for agents in multi single; do
+    for a in "${alphas[@]}"; do specs+=("rl4evit:weights=runs/rl4evit/${agents}_a$a/policy.safetensors"); done
+done
+specs+=($(grep '^random:schedule=' $RES/counts.txt))
+leanvit sweep --model cifar10_vit12_w128 --data "$DATA" --threads 2 --batch-size 250 --out $RES/sweep \
+    --methods "${specs[@]}"
+while read -r run gmacs rho evit tome ppt; do
+    leanvit sweep --model vit12_convstem_w128_cifar --checkpoint runs/rl4evit/dynamicvit_k$rho/final.safetensors \
+        --data "$DATA" --threads 2 --batch-size 250 --out $RES/dynamicvit_k$rho \
+        --methods dynamicvit:keep_rate=$rho:weights=runs/rl4evit/dynamicvit_k$rho/method.safetensors < /dev/null
+done < $RES/budgets.txt
