@@ -215,6 +215,8 @@ def test_token_maps_and_bench_handle_per_image_paths(tmp_path):
     assert (tmp_path / "maps.png").stat().st_size > 0
     res = benchmark(m, [("prance", "prance", dict(strategy="prune-merge"))], x, repeats=1, progress=False)
     assert "floor_speedup" not in res["methods"]["prance"] and "prance" in format_table(res)
+    one = benchmark(m, [("prance", "prance", dict(strategy="prune"))], x, repeats=1, progress=False, one_at_a_time=True)
+    assert one["settings"]["batch_size"] == 1 and one["settings"]["images"] == 3 and "batch=1 images=3" in format_table(one)
 
 
 def test_selector_weights_remember_their_options(tmp_path):

@@ -28,16 +28,20 @@ def token_schedule(runner: LeanViT, images: torch.Tensor) -> List[int]:
     return [rec["mlp_width"] for rec in trace if "mlp_width" in rec]
 
 
-def _time(runner: torch.nn.Module, images: torch.Tensor) -> float:
+def _time(runner: torch.nn.Module, images: torch.Tensor, one_at_a_time: bool = False) -> float:
     with torch.inference_mode():
         t0 = time.perf_counter()
-        runner(images)
+        if one_at_a_time:  # batch size 1: every image its own forward
+            for i in range(images.shape[0]):
+                runner(images[i:i + 1])
+        else:
+            runner(images)
         return time.perf_counter() - t0
 
 
 def benchmark(model: torch.nn.Module, methods: Sequence[Tuple[str, str, dict]], images: torch.Tensor,
               repeats: int = 5, warmup: int = 1, threads: Optional[int] = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, one_at_a_time: bool = False) -> dict:
     """Images/s of dense vs each ``(label, method, options)`` on the batch ``images``.
 
     Returns a JSON-ready dict: settings, and per method the median images/s, speedup over dense,
@@ -69,14 +73,15 @@ def benchmark(model: torch.nn.Module, methods: Sequence[Tuple[str, str, dict]], 
         for i in range(warmup + repeats):
             shuffle(order)
             for label in order:
-                t = _time(runners[label], images)
+                t = _time(runners[label], images, one_at_a_time)
                 if i >= warmup:
                     times[label].append(t)
                 bar.update()
     batch = images.shape[0]
     med = {k: statistics.median(v) for k, v in times.items()}
     out = dict(
-        settings=dict(threads=torch.get_num_threads(), batch_size=batch, input_size=list(images.shape[1:]),
+        settings=dict(threads=torch.get_num_threads(), batch_size=1 if one_at_a_time else batch,
+                      images=batch, input_size=list(images.shape[1:]),
                       repeats=repeats, warmup=warmup, statistic="median", torch=torch.__version__,
                       machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
                       date=time.strftime("%Y-%m-%d")),
@@ -104,7 +109,8 @@ def benchmark(model: torch.nn.Module, methods: Sequence[Tuple[str, str, dict]], 
 
 def format_table(result: dict) -> str:
     s = result["settings"]
-    lines = [f"threads={s['threads']} batch={s['batch_size']} input={'x'.join(map(str, s['input_size']))} "
+    lines = [f"threads={s['threads']} batch={s['batch_size']} images={s.get('images', s['batch_size'])} "
+             f"input={'x'.join(map(str, s['input_size']))} "
              f"median of {s['repeats']} (warm-up {s['warmup']})",
              f"{'method':<22}{'GMACs':>8}{'img/s':>9}{'speedup':>9}{'GMACs x':>9}{'eff.':>7}"
              f"{'floor x':>9}{'decide ms':>11}"]

@@ -104,7 +104,8 @@ def cmd_bench(args) -> int:
     else:
         images = torch.randn(args.batch_size, *size, generator=torch.Generator().manual_seed(0))
     methods = [parse_method_spec(s) for s in args.methods]
-    result = benchmark(model, methods, images, repeats=args.repeats, warmup=args.warmup, threads=args.threads)
+    result = benchmark(model, methods, images, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
+                       one_at_a_time=args.one_at_a_time)
     result["settings"].update(model=args.model, data=args.data or "gaussian noise")
     print(format_table(result))
     if args.json:
@@ -316,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
     p.add_argument("--data", help="take the batch from this data set instead of noise")
     p.add_argument("--split", default="val")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="batch size 1: time --batch-size images, each its own forward")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--json", help="write the result as JSON here")
