@@ -44,6 +44,7 @@ for agents in multi single; do
     for a in "${alphas[@]}"; do specs+=("rl4evit:weights=runs/rl4evit/${agents}_a$a/policy.safetensors"); done
 done
 specs+=($(grep '^random:schedule=' $RES/counts.txt))
+mapfile -t specs < <(printf '%s\n' "${specs[@]}" | awk '!seen[$0]++')  # two budgets may share a setting
 leanvit sweep --model cifar10_vit12_w128 --data "$DATA" --threads 2 --batch-size 250 --out $RES/sweep \
     --methods "${specs[@]}"
 while read -r run gmacs rho evit tome ppt; do
@@ -51,3 +52,4 @@ while read -r run gmacs rho evit tome ppt; do
         --data "$DATA" --threads 2 --batch-size 250 --out $RES/dynamicvit_k$rho \
         --methods dynamicvit:keep_rate=$rho:weights=runs/rl4evit/dynamicvit_k$rho/method.safetensors < /dev/null
 done < $RES/budgets.txt
+bash benchmarks/rl4evit_publish.sh | tee $RES/publish.txt
