@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
 META=runs/prance-supernet/final.safetensors
-CONFIGS=("prune-merge" "prune" "none" "prune:channels=false" "merge")
+CONFIGS=("prune" "none" "prune:channels=false" "prune-merge" "merge")
 specs=()
 for conf in "${CONFIGS[@]}"; do
     strategy="${conf%%:*}"
