@@ -10,7 +10,32 @@ def load(path):
     return json.loads(Path(path).read_text())
 
 
+def scan_table():
+    """The alpha scan and the training runs: greedy top-1 / GMACs on 1,000 test images after each
+    evaluation of the run (step 30 = the scan, step 90 = the runs of the tables). Copies every run's
+    metrics.json to benchmarks/results/rl4evit/runs/."""
+    import leanvit
+    import torch
+    dense = leanvit.count_macs(leanvit.load_model("cifar10_vit12_w128"), torch.zeros(1, 3, 32, 32))
+    (RES / "runs").mkdir(exist_ok=True)
+    runs = {}
+    for p in sorted(Path("runs/rl4evit").glob("*/metrics.json")):
+        (RES / "runs" / f"{p.parent.name}.json").write_text(p.read_text())
+    for p in sorted((RES / "runs").glob("*_a*.json")):
+        agents, alpha = p.stem.split("_a")
+        runs[(agents, float(alpha))] = load(p)["history"]
+    print("Alpha scan (beta = 1; greedy policy, 1,000 test images)\n")
+    print("| agents | alpha | step | rollout keep ratio | top-1 % | GMACs | of dense |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for (agents, alpha), hist in sorted(runs.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        for h in hist:
+            print(f"| {agents} | {alpha:g} | {h['step']} | {h['keep_ratio']:.3f} | {h['top1']:.1f} | "
+                  f"{h['gmacs']:.4f} | {h['gmacs'] / dense:.3f} |")
+    print()
+
+
 def main():
+    scan_table()
     alphas = (RES / "alphas.txt").read_text().split()
     budgets = [line.split() for line in (RES / "budgets.txt").read_text().splitlines() if line.strip()]
     sweep = load(RES / "sweep" / "results.json")
@@ -54,6 +79,21 @@ def main():
         print(f"| {b} | random at MAPPO's token counts (`schedule={sched}`) | {cells(rnd)} |")
         print(f"| {b} | single-agent PPO | {cells(find('rl4evit', f'single_a{alpha}/'))} |")
         print(f"| {b} | **MAPPO** | {cells(find('rl4evit', f'multi_a{alpha}/'))} |")
+    # what the GMACs column leaves out: the actor runs on every live patch at each decision layer
+    import leanvit
+    import torch
+    m = leanvit.adapt(leanvit.load_model("cifar10_vit12_w128"), "rl4evit").method
+    per_token = sum(l.in_features * l.out_features for l in m.actor if isinstance(l, torch.nn.Linear))
+    print(f"\nActor MACs per token per decision layer: {per_token}. Actor GMACs per image (MAPPO, from "
+          "the mean counts of counts.txt), not in the GMACs column above:")
+    means = [l for l in (RES / "counts.txt").read_text().splitlines() if "mean tokens per block" in l]
+    for alpha, line in zip(alphas, means):
+        counts = [float(c) for c in line.split(":")[-1].split()]
+        patches = sum(counts[l] - 1 for l in m.layers)  # live patches entering each decision
+        r = find('rl4evit', f'multi_a{alpha}/')
+        g = patches * per_token / 1e9
+        print(f"- alpha {alpha}: {patches:.1f} patch decisions, {g:.4f} GMACs; with it "
+              f"{r['gmacs'] + g:.4f} GMACs = {(r['gmacs'] + g) / dense['gmacs']:.3f} of dense")
     print(f"\n{sweep['n_images']} images, {sweep['threads']} threads, batch {sweep['batch_size']}, "
           f"{sweep['date']}; DynamicViT rows: their own sweep against their fine-tuned ViT "
           f"(dense of that ViT: " + ", ".join(

@@ -125,3 +125,32 @@ def test_torchrun_two_processes_keep_identical_agents(tmp_path):
     h = metrics["history"][0]
     assert h["kind"] == "agents" and 0.0 < h["keep_ratio"] < 1.0  # rollouts over both shards
     assert (out / "train.log").read_text().count("done: greedy top-1") == 1  # only rank 0 logs
+
+
+def test_shipped_policy_loads_by_name_and_reduces_tokens():
+    """The MAPPO policy trained for the reference model ships in the zoo (small, with a model card)
+    and loads by the model's name."""
+    from leanvit.zoo import ZOO_DIR, list_method_weights
+    name = "cifar10_vit12_w128"
+    assert name in list_method_weights("rl4evit")
+    path = ZOO_DIR / f"{name}.rl4evit.safetensors"
+    assert path.stat().st_size <= 12 * 2**20
+    card = (ZOO_DIR / f"{name}.rl4evit.md").read_text()
+    assert "10000 images" in card and "leanvit train-policy" in card
+    model = leanvit.load_model(name)
+    f = leanvit.adapt(model, "rl4evit", weights=name)
+    assert f.method.weights == name
+    if CIFAR.is_file():  # real test photos; noise otherwise
+        from leanvit.data import eval_transform, load_dataset
+        data = load_dataset(str(CIFAR), split="test", transform=eval_transform(model), num_classes=10, limit=8)
+        x = torch.stack([data[i][0] for i in range(8)])
+    else:
+        x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), f.tracing() as trace:
+        logits = f(x)
+    assert logits.shape == (8, 10) and torch.isfinite(logits).all()
+    after = trace[-1]["mlp_tokens"]
+    assert (after < 65).all() and (after >= 2).all()  # tokens really removed, CLS + at least one patch
+    assert leanvit.count_macs(f, x) < leanvit.count_macs(model, x)
+    with pytest.raises(leanvit.OptionError, match="shipped rl4evit weights: cifar10_vit12_w128"):
+        leanvit.adapt(model, "rl4evit", weights="no_such_model")

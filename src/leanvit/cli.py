@@ -241,7 +241,7 @@ def cmd_sweep(args) -> int:
 
 def cmd_demo(args) -> int:
     from .data import DataError, describe_search, find_default_cifar10
-    from .demo import DEMO_MODEL, DEMO_SPECS
+    from .demo import DEMO_MODEL, demo_specs
     from .models import list_models
     from .zoo import load_model
     if args.threads:
@@ -256,7 +256,7 @@ def cmd_demo(args) -> int:
         raise DataError("leanvit demo needs CIFAR-10 and found none.\n" + describe_search())
     if args.full:
         args.limit = None
-    return _comparison(args, load_model(DEMO_MODEL), DEMO_MODEL, DEMO_SPECS, data)
+    return _comparison(args, load_model(DEMO_MODEL), DEMO_MODEL, demo_specs(), data)
 
 
 def _write_json(path: str, payload: dict) -> None:

@@ -24,6 +24,16 @@ DEMO_SPECS: List[Tuple[str, str, dict]] = [
     ("random", "keep=0.9", {"keep_rate": 0.9}), ("random", "keep=0.7", {"keep_rate": 0.7}),
     ("random", "keep=0.5", {"keep_rate": 0.5}),
 ]
+# Learned methods whose weights are shipped for the demo model (zoo/<model>.<method>.safetensors).
+DEMO_LEARNED: List[Tuple[str, str, dict]] = [
+    ("rl4evit", "shipped policy", {"weights": DEMO_MODEL}),
+]
+
+
+def demo_specs() -> List[Tuple[str, str, dict]]:
+    """The parameter-free methods' budgets, then every learned method shipped for the demo model."""
+    from .zoo import list_method_weights
+    return DEMO_SPECS + [s for s in DEMO_LEARNED if DEMO_MODEL in list_method_weights(s[0])]
 
 
 def spec_from_text(text: str) -> Tuple[str, str, dict]:
