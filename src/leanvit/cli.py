@@ -292,7 +292,26 @@ def _add_train_args(p) -> None:
     p.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule still spans --epochs)")
 
 
+def _add_ppo_args(p, ppo) -> None:
+    """PPO hyperparameters (defaults from ``ppo``) and the run options of the policy trainings."""
+    p.add_argument("--batch-size", type=int, default=64, help="images per PPO batch, over all processes")
+    p.add_argument("--clip", type=float, default=ppo.clip)
+    p.add_argument("--gamma", type=float, default=ppo.gamma)
+    p.add_argument("--lam", type=float, default=ppo.lam)
+    p.add_argument("--ppo-epochs", type=int, default=ppo.epochs, help="K PPO iterations per batch")
+    p.add_argument("--lr-actor", type=float, default=ppo.lr_actor)
+    p.add_argument("--lr-critic", type=float, default=ppo.lr_critic)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--limit-train", type=int)
+    p.add_argument("--limit-eval", type=int)
+    p.add_argument("--max-steps", type=int)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .rl import PPOConfig
+    from .train_prance import SelectorConfig
     parser = argparse.ArgumentParser(prog="leanvit", description="Cheaper Vision Transformers per image.",
                                      epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -357,20 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the starting point of the bisection with --budget)")
     p.add_argument("--token-weight", type=float, default=0.1, help="reward cost per unit of kept-token ratio")
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--clip", type=float, default=0.2)
-    p.add_argument("--gamma", type=float, default=0.9)
-    p.add_argument("--lam", type=float, default=0.9)
-    p.add_argument("--ppo-epochs", type=int, default=4, help="K PPO iterations per batch")
-    p.add_argument("--lr-actor", type=float, default=1e-4)
-    p.add_argument("--lr-critic", type=float, default=5e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--save-every", type=int, default=50)
+    _add_ppo_args(p, SelectorConfig(model="", out="").ppo)
     p.add_argument("--eval-split", default="test", help="where the GMACs ratio (and top-1) is measured")
-    p.add_argument("--limit-train", type=int)
-    p.add_argument("--limit-eval", type=int)
-    p.add_argument("--max-steps", type=int)
     p.set_defaults(func=cmd_train_selector)
 
     p = sub.add_parser("train-policy", help="train RL4EViT's agents by multi-agent PPO (resumable; torchrun)",
@@ -383,21 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.8, help="weight of r1 (-1 per kept token)")
     p.add_argument("--beta", type=float, default=1.0, help="weight of r2 (correct / tokens kept)")
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--clip", type=float, default=0.2)
-    p.add_argument("--gamma", type=float, default=0.99)
-    p.add_argument("--lam", type=float, default=0.95)
-    p.add_argument("--ppo-epochs", type=int, default=15, help="K PPO iterations per rollout")
-    p.add_argument("--lr-actor", type=float, default=5e-5)
-    p.add_argument("--lr-critic", type=float, default=5e-5)
+    _add_ppo_args(p, PPOConfig())
     p.add_argument("--finetune-vit", action="store_true", help="even epochs fine-tune the ViT, agents frozen")
     p.add_argument("--lr-vit", type=float, default=1e-5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--limit-train", type=int)
-    p.add_argument("--limit-eval", type=int)
-    p.add_argument("--max-steps", type=int)
     p.set_defaults(func=cmd_train_policy)
 
     sub.add_parser("methods", help="list the token-reduction methods").set_defaults(func=cmd_methods)
