@@ -113,7 +113,7 @@ def test_result_to_go_rewards_hand_made():
     dense = torch.tensor([True, False, True])
     macs = torch.tensor([[0.8, 0.9, 0.5], [0.6, 0.7, 0.4]])
     kept = torch.tensor([[0.5, 1.0, 0.5], [0.25, 1.0, 0.25]])
-    r = stage_rewards(correct, dense, macs, kept, cost_weight=0.5, token_weight=0.1)
+    r = stage_rewards(correct, dense, macs, kept, cost_weight=0.5, token_weight=0.2)
     expect = torch.tensor([[1 - 0.4 - 0.05, 1 - 0.45 - 0.1, 0 - 0.25 - 0.05],
                            [0 - 0.3 - 0.025, 1 - 0.35 - 0.1, 0 - 0.2 - 0.025]])
     torch.testing.assert_close(r, expect)

@@ -374,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-trials", type=int, default=8)
     p.add_argument("--cost-weight", type=float, default=0.5, help="reward cost per unit of GMACs ratio "
                    "(the starting point of the bisection with --budget)")
-    p.add_argument("--token-weight", type=float, default=0.1, help="reward cost per unit of kept-token ratio")
+    p.add_argument("--token-weight", type=float, default=0.25, help="cost of the kept-token ratio, relative to "
+                   "the GMACs ratio's")
     p.add_argument("--epochs", type=int, default=1)
     _add_ppo_args(p, SelectorConfig(model="", out="").ppo)
     p.add_argument("--eval-split", default="test", help="where the GMACs ratio (and top-1) is measured")
