@@ -226,6 +226,8 @@ def test_selector_weights_remember_their_options(tmp_path):
     export_weights(f.method, path, metadata=f.method.options_metadata())
     g = leanvit.adapt(small_vit(), "prance", strategy="prune-merge", weights=str(path))
     torch.testing.assert_close(g.method.selector.actor[0].weight, f.method.selector.actor[0].weight)
+    h = leanvit.adapt(small_vit(), "prance", weights=str(path))  # the options come with the weights
+    assert h.method.strategy == "prune-merge" and h.method.channels is True
     with pytest.raises(leanvit.OptionError, match="trained with strategy=prune-merge channels=true stages=4"):
         leanvit.adapt(small_vit(), "prance", strategy="prune", weights=str(path))
     with pytest.raises(leanvit.OptionError, match="cannot load selector weights"):

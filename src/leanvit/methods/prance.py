@@ -84,17 +84,14 @@ class Prance(Reduction, nn.Module):
     token_floor = False
     groups_images = True  # images that chose differently run as separate sub-batches
 
-    def __init__(self, strategy="prune", channels=True, stages=4, weights=None, subnet=None):
+    def __init__(self, strategy=None, channels=None, stages=4, weights=None, subnet=None):
         nn.Module.__init__(self)
-        if strategy not in STRATEGIES:
-            raise OptionError(f"prance: strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-        if not isinstance(channels, bool):
-            raise OptionError(f"prance: channels must be true or false, got {channels!r}")
+        # strategy and channels default to what the selector weights were trained with (else
+        # prune, with channels): adapt(model, "prance", weights=NAME) needs nothing else
+        self.strategy_option, self.channels_option = strategy, channels
+        self.weights, self.subnet = weights, subnet
         if subnet is not None and subnet not in SUBNETS:
             raise OptionError(f"prance: subnet must be one of {', '.join(SUBNETS)} (or unset for the selector), got {subnet!r}")
-        if strategy == "none" and not channels:
-            raise OptionError("prance: with strategy=none and channels=false there is nothing to decide")
-        self.strategy, self.channels, self.weights, self.subnet = strategy, channels, weights, subnet
         self.n_stages = check_int("prance", "stages", stages, low=2)
         self.fixed: Optional[StageChoice] = None  # every image and stage runs this (sub-network training)
         # selector training: sample actions and record a rollout in which, after each decision,
@@ -103,8 +100,40 @@ class Prance(Reduction, nn.Module):
         self.rollout: List[dict] = []
         self._choice: Optional[StageChoice] = None  # the configuration of the group being run
 
+    def _resolve_options(self) -> None:
+        trained = self._trained_options() if self.weights else {}
+        strategy, channels = self.strategy_option, self.channels_option
+        if strategy is None:
+            strategy = trained.get("strategy", "prune")
+        if channels is None:
+            channels = trained.get("channels", "true") == "true"
+        if strategy not in STRATEGIES:
+            raise OptionError(f"prance: strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        if not isinstance(channels, bool):
+            raise OptionError(f"prance: channels must be true or false, got {channels!r}")
+        if strategy == "none" and not channels:
+            raise OptionError("prance: with strategy=none and channels=false there is nothing to decide")
+        self.strategy, self.channels = strategy, channels
+        mine = self.options_metadata()
+        diff = {k: v for k, v in trained.items() if k in mine and mine[k] != v}
+        if diff:
+            raise OptionError(f"prance: the selector {self.weights} was trained with "
+                              f"{' '.join(f'{k}={trained[k]}' for k in ('strategy', 'channels', 'stages') if k in trained)}; "
+                              f"pass those options (got {' '.join(f'{k}={mine[k]}' for k in diff)})")
+
+    def _trained_options(self) -> Dict[str, str]:
+        """The options stored with the selector weights (empty if none or unreadable)."""
+        from safetensors import safe_open
+        from ..zoo import method_weights_path
+        try:
+            with safe_open(method_weights_path(self.weights, self.name), "pt") as f:
+                return f.metadata() or {}
+        except Exception:
+            return {}  # missing or unreadable: load_weights says so
+
     def bind(self, info):
         super().bind(info)
+        self._resolve_options()
         if self.strategy != "none":
             require_cls("prance", info)
         if info.depth < self.n_stages:
@@ -116,7 +145,6 @@ class Prance(Reduction, nn.Module):
         self.action_dim = (2 if self.channels else 0) + {"none": 0, "prune-merge": 2}.get(self.strategy, 1)
         self.selector = Selector(2 * info.embed_dim + self.n_stages, self.action_dim)
         if self.weights:
-            self._check_trained_options()
             load_weights(self, self.weights, "selector weights")
         if self.subnet is not None:
             self.fixed = self.subnetwork(self.subnet)
@@ -125,21 +153,6 @@ class Prance(Reduction, nn.Module):
         """The options a selector is trained for, stored with its weights."""
         return dict(method=self.name, strategy=self.strategy, channels=str(self.channels).lower(),
                     stages=str(self.n_stages))
-
-    def _check_trained_options(self) -> None:
-        from safetensors import safe_open
-        from ..zoo import method_weights_path
-        try:
-            with safe_open(method_weights_path(self.weights, self.name), "pt") as f:
-                trained = f.metadata() or {}
-        except Exception:
-            return  # missing or unreadable: load_weights says so
-        mine = self.options_metadata()
-        diff = {k: v for k, v in trained.items() if k in mine and mine[k] != v}
-        if diff:
-            raise OptionError(f"prance: the selector {self.weights} was trained with "
-                              f"{' '.join(f'{k}={trained[k]}' for k in ('strategy', 'channels', 'stages') if k in trained)}; "
-                              f"pass those options (got {' '.join(f'{k}={mine[k]}' for k in diff)})")
 
     def subnetwork(self, which: str) -> StageChoice:
         """The largest, middle or smallest channel configuration (all tokens kept)."""
