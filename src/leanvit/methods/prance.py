@@ -291,7 +291,9 @@ class Prance(Reduction, nn.Module):
 
     def extra_repr(self):
         fixed = f", subnet={self.subnet}" if self.subnet else ""
-        return f"strategy={self.strategy}, channels={self.channels}, stages={self.n_stages}{fixed}" + \
+        strategy = getattr(self, "strategy", self.strategy_option)  # resolved when bound
+        channels = getattr(self, "channels", self.channels_option)
+        return f"strategy={strategy}, channels={channels}, stages={self.n_stages}{fixed}" + \
             (f", weights={self.weights}" if self.weights else "")
 
 
