@@ -24,21 +24,18 @@ from .rl import PPOConfig, clipped_policy_loss, clipped_value_loss, gae
 from .train import Run, _replica_diff, export_weights
 
 
-@dataclass
-class PolicyConfig:
+@dataclass(kw_only=True)
+class PolicyRun:
+    """What every policy training (RL4EViT's agents, PRANCE's selector) is given besides its own
+    hyperparameters: the model, data, and the resumable run's options."""
+
     model: str
     out: str
     checkpoint: Optional[str] = None  # the ViT's weights
     pretrained: bool = False
     data: Optional[str] = None
-    options: dict = field(default_factory=dict)  # rl4evit options (layers, hidden)
-    alpha: float = 0.8  # weight of r1 (-1 per kept token)
-    beta: float = 1.0  # weight of r2 (correct / tokens kept)
-    epochs: int = 2
-    batch_size: int = 64  # images per rollout, over all processes
-    ppo: PPOConfig = field(default_factory=PPOConfig)
-    finetune_vit: bool = False  # even epochs: fine-tune the ViT with the agents frozen
-    lr_vit: float = 1e-5
+    options: dict = field(default_factory=dict)  # the method's options
+    batch_size: int = 64  # images per PPO batch, over all processes
     seed: int = 0
     workers: int = 1
     save_every: int = 50
@@ -47,6 +44,16 @@ class PolicyConfig:
     limit_train: Optional[int] = None
     limit_eval: Optional[int] = None
     max_steps: Optional[int] = None
+
+
+@dataclass(kw_only=True)
+class PolicyConfig(PolicyRun):
+    alpha: float = 0.8  # weight of r1 (-1 per kept token)
+    beta: float = 1.0  # weight of r2 (correct / tokens kept)
+    epochs: int = 2
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    finetune_vit: bool = False  # even epochs: fine-tune the ViT with the agents frozen
+    lr_vit: float = 1e-5
 
 
 def rollout_tensors(rollout):

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .rl import PPOConfig, clipped_policy_loss, clipped_value_loss, gae
 from .train import Run, _replica_diff, distill_loss, evaluate_top1, export_weights
-from .train_policy import _average_grads, evaluate_policy
+from .train_policy import PolicyRun, _average_grads, evaluate_policy
 
 
 # --- the meta-network ---------------------------------------------------------------------------
@@ -69,31 +69,18 @@ def evaluate_subnetworks(runner, loader) -> dict:
 
 
 # --- the selector -------------------------------------------------------------------------------
-@dataclass
-class SelectorConfig:
-    model: str
-    out: str
-    checkpoint: Optional[str] = None  # the meta-network's weights (from train-supernet)
-    pretrained: bool = False
-    data: Optional[str] = None
-    options: dict = field(default_factory=dict)  # prance options: strategy, channels, stages
+@dataclass(kw_only=True)
+class SelectorConfig(PolicyRun):
+    """``checkpoint``: the meta-network's weights (from train-supernet); ``options``: prance's."""
+
     cost_weight: float = 0.5  # per unit of the GMACs ratio (finished network / dense)
     token_weight: float = 0.25  # kept-token ratio, relative to the GMACs ratio
     budget: Optional[float] = None  # target GMACs as a fraction of dense: bisection over cost_weight
     budget_tolerance: float = 0.05  # relative
     max_trials: int = 8
     epochs: int = 1
-    batch_size: int = 64
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(gamma=0.9, lam=0.9, epochs=4, lr_actor=1e-4,
                                                              lr_critic=5e-3))
-    seed: int = 0
-    workers: int = 1
-    save_every: int = 50
-    train_split: str = "train"
-    eval_split: str = "test"
-    limit_train: Optional[int] = None
-    limit_eval: Optional[int] = None
-    max_steps: Optional[int] = None
 
 
 def stage_rewards(correct: Tensor, dense_correct: Tensor, macs_ratio: Tensor, kept: Tensor,
