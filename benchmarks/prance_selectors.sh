@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # PRANCE selectors for the reference meta-network (benchmarks/prance_supernet.sh first): for each
-# token strategy, channel-only (strategy=none) and token-only (channels=false), GMACs budgets of
-# 0.5 and 0.7 of dense, each met by bisection over the reward's cost weight (the two budgets share
-# trials). Every trial trains a fresh selector for 1 epoch on 6,400 training images (batch 64,
-# PPO K=4, Result-to-Go rewards); its greedy GMACs ratio is measured on 1,000 *training* images
-# (eval transform), so the test set plays no part in the tuning. Actor lr 1e-3 (the authors use 1e-4 for far longer trainings; a trial here
-# is 100 PPO batches). 2 torchrun CPU processes. Re-running resumes (finished trials are reused).
-# Then every selector, and the token-only methods on the same meta-network, is evaluated on the
-# 10,000 test images (benchmarks/results/prance_reference/).
+# token strategy, and channel-only (strategy=none), one selector per GMACs budget (0.5 and 0.7 of
+# dense), its reward's cost weight PI-controlled toward the budget during training. Each trains for
+# 1 epoch on 6,400 training images (100 PPO batches of 64, K=4, Result-to-Go rewards); the greedy
+# GMACs ratio it reports is measured on 1,000 *training* images (eval transform), so the test set
+# plays no part in the tuning. Actor lr 1e-3 (the authors use 1e-4 for far longer trainings).
+# 2 torchrun CPU processes. Re-running resumes (finished selectors are kept).
+# Then every selector, the fixed sub-networks and the token-only methods on the same meta-network
+# are evaluated on the 10,000 test images (benchmarks/results/prance_reference/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
 META=runs/prance-supernet/final.safetensors
-CONFIGS=("prune" "none" "prune:channels=false" "prune-merge" "merge")
+CONFIGS=("prune" "prune-merge" "merge" "none" "prune:channels=false")
 specs=()
 for conf in "${CONFIGS[@]}"; do
     strategy="${conf%%:*}"

@@ -1,4 +1,4 @@
-"""PRANCE: elastic meta-network, per-image bucketed execution, Result-to-Go rewards, budget bisection."""
+"""PRANCE: elastic meta-network, per-image bucketed execution, Result-to-Go rewards, budget control."""
 import copy
 import json
 import os
@@ -12,14 +12,15 @@ import torch
 
 import leanvit
 from leanvit.elastic import reorder_by_importance
-from leanvit.methods.prance import KEEP_RATIOS, StageChoice
-from leanvit.train_prance import SelectorConfig, _config_dict, fit_budget, rollout_tensors, stage_rewards
+from leanvit.methods.prance import StageChoice
+from leanvit.train_prance import BudgetController, SelectorConfig, rollout_tensors, stage_rewards, train_selector
 
 from conftest import images, small_vit
 from test_flops import measured_macs
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 STRATEGIES = ["prune", "merge", "prune-merge", "none"]
+TINY_KI, TINY_KP, TINY_IMAGES = 0.2, 0.5, 512  # budget control on the tiny untrained model
 
 
 def spread(runner, scale=30.0, seed=0):
@@ -138,50 +139,45 @@ def test_rollout_records_every_image_at_every_decision():
     torch.testing.assert_close(d.log_prob(ro["actions"]).sum(-1), ro["logp"])
 
 
-def test_bisection_logic_converges_on_a_monotone_response(tmp_path):
-    """fit_budget with a stand-in training whose GMACs ratio falls with the cost weight."""
-    calls = []
-
-    def fake_train(cfg, log):
-        ratio = 1.0 / (1.0 + cfg.cost_weight)
-        calls.append(cfg.cost_weight)
-        Path(cfg.out).mkdir(parents=True)
-        (Path(cfg.out) / "selector.safetensors").write_bytes(b"x")
-        m = dict(gmacs_ratio=ratio, top1=50.0, gmacs=ratio, config=_config_dict(cfg))
-        (Path(cfg.out) / "metrics.json").write_text(json.dumps(m))
-        return m
-
-    cfg = SelectorConfig(model="m", out=str(tmp_path / "b0.3"), budget=0.3, cost_weight=0.5, budget_tolerance=0.02)
-    r = fit_budget(cfg, log=lambda s: None, train=fake_train, trials_dir=str(tmp_path / "trials"))
-    assert r["met"] and abs(r["chosen"]["gmacs_ratio"] / 0.3 - 1) <= 0.02
-    assert len(calls) <= cfg.max_trials and calls[:3] == [0.5, 2.0, 8.0]  # too expensive: 4x the weight
-    assert json.loads((tmp_path / "b0.3" / "budget.json").read_text())["chosen"]["cost_weight"] == calls[-1]
-    # a second budget starts from the trials of the first: already bracketed
-    n = len(calls)
-    r2 = fit_budget(replace(cfg, out=str(tmp_path / "b0.6"), budget=0.6), log=lambda s: None, train=fake_train,
-                    trials_dir=str(tmp_path / "trials"))
-    assert r2["met"] and 0.5 < calls[n] < 2.0 and len(r2["trials"]) == len(calls)
-    with pytest.raises(ValueError, match="budget must be"):
-        fit_budget(replace(cfg, budget=1.5), log=lambda s: None, train=fake_train)
+@pytest.mark.parametrize("budget", [0.3, 0.5, 0.8])
+def test_budget_controller_settles_on_a_lagging_response(budget):
+    """The PI controller against a stand-in selector whose GMACs ratio drifts, a fifth of the
+    way per batch, toward 0.6 - 3 x cost weight (clipped to [0.2, 1]): it settles within 2% of
+    any budget in that range, with a positive weight below 0.6 and a negative one above."""
+    control = BudgetController(budget, ki=0.02, kp=0.1)
+    ratio, seen = 0.6, []
+    for _ in range(150):
+        target = min(max(0.6 - 3 * control.cost_weight, 0.2), 1.0)
+        ratio += 0.2 * (target - ratio)
+        control.update(ratio)
+        seen.append(ratio)
+    assert all(abs(r / budget - 1) < 0.02 for r in seen[-30:])
+    assert (control.cost_weight > 0) == (budget < 0.6)
+    # the first step answers at once, in the right direction
+    first = BudgetController(budget, ki=0.02, kp=0.1)
+    assert (first.update(0.6) > 0) == (budget < 0.6)
 
 
 @pytest.mark.skipif(not CIFAR.is_file(), reason="offline CIFAR-10 in ../shared/data not present")
-def test_budget_bisection_converges_on_a_tiny_model(tmp_path):
-    """Real selector trainings on a small untrained ViT: the bisection over the cost weight ends
-    with a selector whose mean GMACs is within 5% of half the dense GMACs."""
+def test_budget_is_met_on_a_tiny_model(tmp_path):
+    """Real selector training on a small untrained ViT with a budget far above where the selector
+    starts: the controlled cost weight turns negative and the trained selector's mean GMACs on the
+    evaluation images ends within 5% of the budget. Resuming a finished run changes nothing."""
     from leanvit.rl import PPOConfig
     cfg = SelectorConfig(model="vit12_convstem_w96_cifar", out=str(tmp_path), data=str(CIFAR),
-                         options=dict(strategy="prune"), budget=0.5, cost_weight=0.5, epochs=1, batch_size=32,
-                         limit_train=128, limit_eval=32, workers=0, max_trials=8,
+                         options=dict(strategy="prune"), budget=0.8, dual_lr=TINY_KI, dual_p=TINY_KP, epochs=1,
+                         batch_size=32, limit_train=TINY_IMAGES, limit_eval=32, workers=0,
                          ppo=PPOConfig(gamma=0.9, lam=0.9, epochs=4, lr_actor=3e-3, lr_critic=5e-3))
-    r = fit_budget(cfg, log=lambda s: None)
-    assert r["met"], r["trials"]
-    f = leanvit.adapt(leanvit.create_model("vit12_convstem_w96_cifar"), "prance", strategy="prune",
+    m = train_selector(cfg, log=lambda s: None)
+    assert m["budget_met"], (m["gmacs_ratio"], m["history"])
+    assert m["cost_weight"] < 0 and m["history"][-1]["train_greedy_macs_ratio"] > 0.6
+    f = leanvit.adapt(leanvit.create_model("vit12_convstem_w96_cifar"), "prance",
                       weights=str(tmp_path / "selector.safetensors"))
-    assert f.method.selector.log_std.shape == (f.method.action_dim,)
-    # resumable: a second call reuses the finished trials
-    again = fit_budget(cfg, log=lambda s: None)
-    assert again["trials"] == r["trials"] and again["chosen"] == r["chosen"]
+    assert f.method.strategy == "prune" and f.method.selector.log_std.shape == (f.method.action_dim,)
+    again = train_selector(cfg, log=lambda s: None)
+    assert again["history"] == m["history"] and again["cost_weight"] == m["cost_weight"]
+    with pytest.raises(ValueError, match="budget must be"):
+        train_selector(replace(cfg, budget=1.5), log=lambda s: None)
 
 
 @pytest.mark.skipif(not CIFAR.is_file(), reason="offline CIFAR-10 in ../shared/data not present")

@@ -148,13 +148,13 @@ def cmd_train(args) -> int:
 
 def cmd_train_selector(args) -> int:
     from .rl import PPOConfig
-    from .train_prance import SelectorConfig, fit_budget, train_selector
+    from .train_prance import SelectorConfig, train_selector
     ppo = PPOConfig(clip=args.clip, gamma=args.gamma, lam=args.lam, epochs=args.ppo_epochs,
                     lr_actor=args.lr_actor, lr_critic=args.lr_critic)
     cfg = SelectorConfig(model=args.model, out=args.out, checkpoint=args.checkpoint, pretrained=args.pretrained,
                          data=args.data, options=parse_options(args.opt), cost_weight=args.cost_weight,
                          token_weight=args.token_weight, budget_tolerance=args.budget_tolerance,
-                         max_trials=args.max_trials, epochs=args.epochs, batch_size=args.batch_size, ppo=ppo,
+                         dual_lr=args.dual_lr, dual_p=args.dual_p, epochs=args.epochs, batch_size=args.batch_size, ppo=ppo,
                          seed=args.seed, workers=args.workers, save_every=args.save_every,
                          eval_split=args.eval_split, limit_train=args.limit_train, limit_eval=args.limit_eval,
                          max_steps=args.max_steps)
@@ -162,19 +162,13 @@ def cmd_train_selector(args) -> int:
         torch.set_num_threads(args.threads)
     log = _run_log(args.out)
     main = int(os.environ.get("RANK", "0")) == 0
-    if not args.budget:
-        m = train_selector(cfg, log=log)
+    for budget in args.budget or [None]:
+        out = Path(args.out) / f"budget-{budget:g}" if budget and len(args.budget) > 1 else Path(args.out)
+        m = train_selector(replace(cfg, out=str(out), budget=budget), log=log)
         if main:
-            log(f"done: top-1 {m['top1']:.2f}% at {m['gmacs']:.4f} GMACs ({m['gmacs_ratio']:.3f} of dense); "
-                f"selector in {Path(args.out) / 'selector.safetensors'}")
-        return 0
-    for budget in args.budget:
-        out = Path(args.out) / f"budget-{budget:g}" if len(args.budget) > 1 else Path(args.out)
-        r = fit_budget(replace(cfg, out=str(out), budget=budget), log=log, trials_dir=str(Path(args.out) / "trials"))
-        c = r["chosen"]
-        if main:
-            log(f"done: budget {budget}: {'met' if r['met'] else 'NOT met'} with cost_weight {c['cost_weight']:.4g}: "
-                f"{c['gmacs_ratio']:.3f} of dense GMACs, top-1 {c['top1']:.2f}%; selector in {out / 'selector.safetensors'}")
+            met = "" if budget is None else f"budget {budget} {'met' if m['budget_met'] else 'NOT met'}: "
+            log(f"done: {met}top-1 {m['top1']:.2f}% at {m['gmacs']:.4f} GMACs ({m['gmacs_ratio']:.3f} of dense), "
+                f"final cost weight {m['cost_weight']:.4g}; selector in {out / 'selector.safetensors'}")
     return 0
 
 
@@ -360,20 +354,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train, method="prance")
 
     p = sub.add_parser("train-selector", help="PRANCE's selector: PPO with Result-to-Go (resumable; torchrun)",
-                       epilog="With --budget, the cost weight is found by bisection over short trainings "
-                              "(OUT/trial-i); OUT/budget.json lists them and OUT/selector.safetensors is the one "
-                              "closest to the budget. Load it with --method prance --opt weights=PATH.")
+                       epilog="With --budget, the cost weight is a Lagrange multiplier moved toward the budget "
+                              "after every batch by a PI controller on the greedy selector's GMACs ratio. "
+                              "Load the selector with --method prance --opt weights=OUT/selector.safetensors.")
     _add_model_args(p)
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="prance option: strategy=prune|merge|prune-merge|none, channels=true|false, stages=4")
     p.add_argument("--out", required=True)
     p.add_argument("--data", help="training data (default: CIFAR-10 from the standard locations)")
     p.add_argument("--budget", type=float, nargs="+", help="target mean GMACs as a fraction of dense, e.g. 0.5; "
-                   "several budgets (OUT/budget-B/ each) share the trials in OUT/trials")
-    p.add_argument("--budget-tolerance", type=float, default=0.05, help="relative (default 5%%)")
-    p.add_argument("--max-trials", type=int, default=8)
-    p.add_argument("--cost-weight", type=float, default=0.5, help="reward cost per unit of GMACs ratio "
-                   "(the starting point of the bisection with --budget)")
+                   "several budgets train one selector each, in OUT/budget-B/")
+    p.add_argument("--budget-tolerance", type=float, default=0.05,
+                   help="relative (default 5%%): the final selector is reported as within it or not")
+    p.add_argument("--dual-lr", type=float, default=0.02, help="integral gain: cost-weight step per unit of "
+                   "GMACs-ratio excess over the budget, per batch")
+    p.add_argument("--dual-p", type=float, default=0.1, help="proportional gain on the same excess")
+    p.add_argument("--cost-weight", type=float, help="reward cost per unit of GMACs ratio (default 0.5; "
+                   "with --budget, the starting value, default 0)")
     p.add_argument("--token-weight", type=float, default=0.25, help="cost of the kept-token ratio, relative to "
                    "the GMACs ratio's")
     p.add_argument("--epochs", type=int, default=1)

@@ -12,17 +12,20 @@ kept ratio)``, with acc = 0 only when the dense network is right and the finishe
 token cost is relative to the GMACs cost (the authors' 0.1 per kept ratio against about 0.37 for
 DeiT-S's GMACs gives 0.25), so that one weight moves the whole cost and a budget search over it
 reaches from "keep everything" (weight 0) to "keep the least".
-With ``budget`` the cost weight is found by bisection over short trainings (in log space) until
-the greedy selector's mean GMACs on the evaluation images is within ``budget_tolerance`` of
-``budget`` x dense.
+With ``budget`` the cost weight is a Lagrange multiplier for the constraint "mean GMACs =
+budget x dense", moved after every PPO batch by a PI controller on the error e = ratio - budget
+(ratio: the greedy selector's GMACs ratio on that batch, averaged over processes):
+``integral += dual_lr * e``; ``cost_weight = integral + dual_p * e`` (the PID Lagrangian of Stooke
+et al., 2020: the proportional term answers at once, so the integral overshoots less than plain
+dual ascent). The weight may go negative: when the selector spends less than the budget, compute
+is rewarded. (Bisection over the weight with short trainings was tried first; on the reference
+model accuracy barely depends on the choices, so the weight-to-GMACs map is flat and noisy below
+some weight and budgets above the starting point were out of reach.)
 """
 from __future__ import annotations
 
 import json
-import math
-import shutil
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Callable, List, Optional
 
 import torch
@@ -32,7 +35,7 @@ from torch import Tensor
 
 from .rl import PPOConfig, clipped_policy_loss, clipped_value_loss, gae
 from .train import Run, _replica_diff, distill_loss, evaluate_top1, export_weights
-from .train_policy import PolicyRun, _average_grads, evaluate_policy
+from .train_policy import PolicyRun, _average_grads, _sum_all, evaluate_policy
 
 
 # --- the meta-network ---------------------------------------------------------------------------
@@ -73,14 +76,36 @@ def evaluate_subnetworks(runner, loader) -> dict:
 class SelectorConfig(PolicyRun):
     """``checkpoint``: the meta-network's weights (from train-supernet); ``options``: prance's."""
 
-    cost_weight: float = 0.5  # per unit of the GMACs ratio (finished network / dense)
+    cost_weight: Optional[float] = None  # per unit of GMACs ratio; default 0.5, or 0 (start) with a budget
     token_weight: float = 0.25  # kept-token ratio, relative to the GMACs ratio
-    budget: Optional[float] = None  # target GMACs as a fraction of dense: bisection over cost_weight
-    budget_tolerance: float = 0.05  # relative
-    max_trials: int = 8
+    budget: Optional[float] = None  # target mean GMACs as a fraction of dense (dual ascent on cost_weight)
+    budget_tolerance: float = 0.05  # relative; only reported: is the final selector within it?
+    dual_lr: float = 0.02  # integral gain: cost-weight step per unit of (batch GMACs ratio - budget)
+    dual_p: float = 0.1  # proportional gain
     epochs: int = 1
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(gamma=0.9, lam=0.9, epochs=4, lr_actor=1e-4,
                                                              lr_critic=5e-3))
+
+
+@dataclass
+class BudgetController:
+    """PI control of the cost weight toward a GMACs budget (see the module doc)."""
+
+    budget: float
+    ki: float
+    kp: float
+    integral: float = 0.0
+    error: float = 0.0
+
+    @property
+    def cost_weight(self) -> float:
+        return self.integral + self.kp * self.error
+
+    def update(self, ratio: float) -> float:
+        """Take the latest GMACs ratio; returns the cost weight for the next batch."""
+        self.error = ratio - self.budget
+        self.integral += self.ki * self.error
+        return self.cost_weight
 
 
 def stage_rewards(correct: Tensor, dense_correct: Tensor, macs_ratio: Tensor, kept: Tensor,
@@ -141,9 +166,12 @@ def ppo_update(selector, ro: dict, rewards: Tensor, cfg: PPOConfig, opt_actor, o
 
 
 def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> dict:
-    """Train (or resume) one selector at ``cfg.cost_weight``; exports ``out/selector.safetensors``."""
+    """Train (or resume) one selector; exports ``out/selector.safetensors``. With ``cfg.budget`` the
+    cost weight is PI-controlled toward it (see the module doc)."""
     import leanvit
     from .flops import count_macs
+    if cfg.budget is not None and not 0 < cfg.budget <= 1:
+        raise ValueError(f"budget must be a fraction of the dense GMACs in (0, 1], got {cfg.budget}")
     from .models import create_model
     run = Run(cfg, _config_dict(cfg))
     model = create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained)
@@ -156,6 +184,10 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
     opt_actor = torch.optim.Adam([*selector.actor.parameters(), selector.log_std], lr=cfg.ppo.lr_actor)
     opt_critic = torch.optim.Adam(selector.critic.parameters(), lr=cfg.ppo.lr_critic)
     dense_macs = method.dense_block_macs(runner)
+    dense_gmacs = count_macs(dense, run.eval_set[0][0][None])
+    start = cfg.cost_weight if cfg.cost_weight is not None else (0.0 if cfg.budget else 0.5)
+    control = BudgetController(cfg.budget, cfg.dual_lr, cfg.dual_p, integral=start) if cfg.budget else None
+    cost_weight = start
 
     step, history = 0, []
     ckpt = run.load()
@@ -163,18 +195,21 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
         method.load_state_dict(ckpt["selector"])
         opt_actor.load_state_dict(ckpt["opt_actor"])
         opt_critic.load_state_dict(ckpt["opt_critic"])
-        step, history = ckpt["step"], ckpt["history"]
+        step, history, cost_weight = ckpt["step"], ckpt["history"], ckpt["cost_weight"]
+        if control is not None:
+            control = BudgetController(**ckpt["control"])
         if run.is_main:
             log(f"resumed from {run.state_path} at step {step}/{run.total_steps}")
 
     def save():
         run.save(selector=method.state_dict(), opt_actor=opt_actor.state_dict(), opt_critic=opt_critic.state_dict(),
-                 step=step, history=history)
+                 step=step, history=history, cost_weight=cost_weight,
+                 control=asdict(control) if control is not None else None)
 
     bar = run.progress(step, "train-selector")
     while step < run.stop_at:
         epoch = step // run.steps_per_epoch
-        sums = dict(reward=0.0, macs=0.0, kept=0.0, acc=0.0, n=0)
+        sums = dict(reward=0.0, macs=0.0, kept=0.0, acc=0.0, greedy=0.0, n=0)
         for batch in run.epoch_loader(step):
             method.sampling = True
             with torch.no_grad():
@@ -182,8 +217,12 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
                 runner(batch.images)
             ro = rollout_tensors(method.rollout, batch.images.shape[0], method.n_stages, dense_macs, batch.labels)
             rewards = stage_rewards(ro["correct"], dense_correct, ro["macs_ratio"], ro["kept"],
-                                    cfg.cost_weight, cfg.token_weight)
+                                    cost_weight, cfg.token_weight)
             losses = ppo_update(selector, ro, rewards, cfg.ppo, opt_actor, opt_critic, run.world)
+            if control is not None:
+                greedy = greedy_macs_ratio(runner, batch.images, dense_gmacs)
+                cost_weight = control.update(greedy)
+                sums["greedy"] += greedy
             sums["reward"] += float(rewards.sum(0).mean())
             sums["macs"] += float(ro["macs_ratio"][-1].mean())
             sums["kept"] += float(ro["kept"][-1].mean())
@@ -193,25 +232,30 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
             bar.update()
             n = sums["n"]
             bar.set_postfix(epoch=epoch, reward=f"{sums['reward'] / n:.3f}", macs=f"{sums['macs'] / n:.2f}",
-                            kept=f"{sums['kept'] / n:.2f}", **{k: f"{v:.3f}" for k, v in losses.items()})
+                            kept=f"{sums['kept'] / n:.2f}", **{k: f"{v:.3f}" for k, v in losses.items()},
+                            **(dict(greedy=f"{sums['greedy'] / n:.3f}", w=f"{cost_weight:.4f}") if cfg.budget else {}))
             if run.should_save(step):
                 save()
             if step >= run.stop_at:
                 break
         if run.epoch_done(step) or step >= run.stop_at:
             ev = evaluate_policy(runner, run.eval_loader)
-            ev["gmacs_ratio"] = ev["gmacs"] / count_macs(dense, run.eval_set[0][0][None])
+            ev["gmacs_ratio"] = ev["gmacs"] / dense_gmacs
             n = max(sums["n"], 1)
             history.append(dict(epoch=epoch + 1, step=step, mean_return=sums["reward"] / n,
                                 rollout_macs_ratio=sums["macs"] / n, rollout_kept=sums["kept"] / n,
-                                rollout_acc=100 * sums["acc"] / n, **ev, elapsed_s=run.elapsed()))
+                                rollout_acc=100 * sums["acc"] / n, cost_weight=cost_weight,
+                                **(dict(train_greedy_macs_ratio=sums["greedy"] / n) if cfg.budget else {}),
+                                **ev, elapsed_s=run.elapsed()))
             if run.is_main:
                 log(json.dumps(history[-1]))
             save()
     bar.close()
     method.sampling = False
     metrics = dict(steps=step, history=history, world_size=run.world, config=_config_dict(cfg),
-                   **{k: history[-1][k] for k in ("top1", "gmacs", "gmacs_ratio")})
+                   **{k: history[-1][k] for k in ("top1", "gmacs", "gmacs_ratio", "cost_weight")})
+    if cfg.budget:
+        metrics["budget_met"] = abs(metrics["gmacs_ratio"] / cfg.budget - 1) <= cfg.budget_tolerance
     if run.world > 1:  # the selector replicas must be identical
         metrics["replica_max_abs_diff"] = _replica_diff(method)
     if run.is_main:
@@ -222,84 +266,16 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
     return metrics
 
 
-def fit_budget(cfg: SelectorConfig, log: Callable[[str], None] = print,
-               train: Callable[..., dict] = train_selector, trials_dir: Optional[str] = None) -> dict:
-    """Find the cost weight whose selector meets ``cfg.budget`` (GMACs ratio within the relative
-    tolerance), by bracketing in log space: multiply or divide by 4 until the budget is bracketed,
-    then bisect, stepping to the log-linear interpolation of the bracket (kept within its middle
-    half) rather than its plain midpoint. Every trial is a full ``train_selector`` run in
-    ``trials_dir/w<weight>`` (default ``out/trials``); finished trials are reused, also by other
-    budgets sharing the directory. Ships the trial closest to the budget as
-    ``out/selector.safetensors``; ``out/budget.json`` lists the trials."""
-    if not cfg.budget or not 0 < cfg.budget <= 1:
-        raise ValueError(f"budget must be a fraction of the dense GMACs in (0, 1], got {cfg.budget}")
-    out = Path(cfg.out)
-    trials_root = Path(trials_dir) if trials_dir else out / "trials"
-    target, tol = cfg.budget, cfg.budget_tolerance
-
-    def trial_cfg(weight: float) -> SelectorConfig:
-        return replace(cfg, out=str(trials_root / f"w{weight:.6g}"), cost_weight=weight, budget=None)
-
-    def finished(weight: float) -> Optional[dict]:
-        done = Path(trial_cfg(weight).out) / "metrics.json"
-        if done.is_file():
-            m = json.loads(done.read_text())
-            if m["config"] == _config_dict(trial_cfg(weight)):
-                return m
-        return None
-
-    known = {}  # weight -> metrics, every finished trial of this configuration
-    if trials_root.is_dir():
-        for d in sorted(trials_root.glob("w*")):
-            w = float(d.name[1:])
-            m = finished(w)
-            if m is not None:
-                known[w] = m
-
-    def met(m):
-        return abs(m["gmacs_ratio"] / target - 1) <= tol
-
-    new = 0
-    while not any(met(m) for m in known.values()) and new < cfg.max_trials:
-        weight = float(f"{_next_weight({w: m['gmacs_ratio'] for w, m in known.items()}, target, cfg.cost_weight):.6g}")
-        m = finished(weight) or train(trial_cfg(weight), log=log)
-        known[weight] = m
-        new += 1
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            log(f"budget {target}: cost_weight={weight:.4g} -> GMACs ratio {m['gmacs_ratio']:.3f}, top-1 {m['top1']:.2f}%")
-    trials = [dict(cost_weight=w, gmacs_ratio=m["gmacs_ratio"], top1=m["top1"], gmacs=m["gmacs"],
-                   dir=trial_cfg(w).out) for w, m in sorted(known.items())]
-    if not trials:
-        raise ValueError("no trial ran: max_trials must be at least 1")
-    best = min(trials, key=lambda t: abs(t["gmacs_ratio"] / target - 1))
-    result = dict(budget=target, tolerance=tol, met=abs(best["gmacs_ratio"] / target - 1) <= tol,
-                  chosen=best, trials=trials)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(Path(best["dir"]) / "selector.safetensors", out / "selector.safetensors")
-        (out / "budget.json").write_text(json.dumps(result, indent=2))
-    if dist.is_initialized():
-        dist.barrier()
-    return result
-
-
-def _next_weight(ratios: dict, target: float, start: float) -> float:
-    """The next cost weight to try, from {weight: GMACs ratio} of the trials so far."""
-    if not ratios:
-        return start
-    dear = {w: r for w, r in ratios.items() if r > target}  # still too many GMACs: weigh cost more
-    cheap = {w: r for w, r in ratios.items() if r <= target}
-    if not cheap:
-        return max(dear) * 4
-    if not dear:
-        return min(cheap) / 4
-    lo, hi = max(dear), min(cheap)
-    if lo >= hi:  # not monotone (training noise): split the two trials nearest the target
-        lo, hi = sorted(sorted(ratios, key=lambda w: abs(ratios[w] - target))[:2])
-        return math.sqrt(lo * hi)
-    f = (ratios[lo] - target) / max(ratios[lo] - ratios[hi], 1e-12)
-    f = min(max(f, 0.25), 0.75)
-    return math.exp(math.log(lo) + f * (math.log(hi) - math.log(lo)))
+def greedy_macs_ratio(runner, images: Tensor, dense_gmacs: float) -> float:
+    """The greedy selector's mean GMACs on ``images`` over the dense model's ``dense_gmacs``
+    (averaged over processes)."""
+    from .flops import macs_per_image
+    method = runner.method
+    method.sampling = False
+    with torch.no_grad(), runner.tracing() as trace:
+        runner(images)
+    total, n = _sum_all([float(macs_per_image(runner, trace, images).sum()), images.shape[0]])
+    return total / n / 1e9 / dense_gmacs
 
 
 def _config_dict(cfg: SelectorConfig) -> dict:
