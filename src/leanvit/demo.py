@@ -6,14 +6,26 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional
 
 import torch
 
 DEMO_MODEL = "cifar10_vit12_w128"
+PRANCE_MODEL = "cifar10_vit12_w128_prance"  # the demo model made channel-elastic (PRANCE's meta-network)
+
+
+class Spec(NamedTuple):
+    """One configuration of a comparison: a method, a label for its budget, its options, and
+    the shipped model it runs on when not the compared one (PRANCE runs on its meta-network)."""
+
+    method: str
+    label: str
+    options: dict
+    model: Optional[str] = None
+
 
 # Budgets for a 65-token model (CLS + 8x8): two or three per parameter-free method.
-DEMO_SPECS: List[Tuple[str, str, dict]] = [
+DEMO_SPECS: List[Spec] = [Spec(*s) for s in [
     ("tome", "r=2", {"r": 2}), ("tome", "r=3", {"r": 3}), ("tome", "r=4", {"r": 4}),
     ("evit", "keep=0.9", {"keep_rate": 0.9}), ("evit", "keep=0.7", {"keep_rate": 0.7}),
     ("evit", "keep=0.5", {"keep_rate": 0.5}),
@@ -23,30 +35,43 @@ DEMO_SPECS: List[Tuple[str, str, dict]] = [
     ("ats", "tokens=0.5", {"tokens": 0.5}),
     ("random", "keep=0.9", {"keep_rate": 0.9}), ("random", "keep=0.7", {"keep_rate": 0.7}),
     ("random", "keep=0.5", {"keep_rate": 0.5}),
-]
-# Learned methods whose weights are shipped for the demo model (zoo/<model>.<method>.safetensors).
-DEMO_LEARNED: List[Tuple[str, str, dict]] = [
-    ("rl4evit", "shipped policy", {"weights": DEMO_MODEL}),
+]]
+# Learned methods whose weights are shipped (zoo/<model>.<method>.safetensors), each on its model.
+DEMO_LEARNED: List[Spec] = [
+    Spec("rl4evit", "shipped policy", {"weights": DEMO_MODEL}),
+    Spec("prance", "shipped selector, on its meta-network", {"weights": PRANCE_MODEL}, model=PRANCE_MODEL),
 ]
 
 
-def demo_specs() -> List[Tuple[str, str, dict]]:
+def demo_specs() -> List[Spec]:
     """The parameter-free methods' budgets, then every learned method shipped for the demo model."""
-    from .zoo import list_method_weights
-    return DEMO_SPECS + [s for s in DEMO_LEARNED if DEMO_MODEL in list_method_weights(s[0])]
+    from .zoo import list_method_weights, list_models
+    return DEMO_SPECS + [s for s in DEMO_LEARNED if (s.model or DEMO_MODEL) in list_method_weights(s.method)
+                         and (s.model is None or s.model in list_models())]
 
 
-def spec_from_text(text: str) -> Tuple[str, str, dict]:
-    """'ppt:r=10:threshold=scaled' -> ('ppt', 'r=10 threshold=scaled', {...})."""
+def spec_from_text(text: str) -> Spec:
+    """'ppt:r=10:threshold=scaled' -> Spec('ppt', 'r=10 threshold=scaled', {...})."""
     from .cli import parse_options
     method, *pairs = text.split(":")
-    return method, " ".join(pairs) or "default", parse_options(pairs)
+    return Spec(method, " ".join(pairs) or "default", parse_options(pairs))
+
+
+def adapt_spec(model, spec: Spec, models: Optional[dict] = None):
+    """``spec``'s method on ``model``, or on the shipped model the spec names (loaded once into
+    ``models``, a cache by name)."""
+    import leanvit
+    if spec.model is not None:
+        models = {} if models is None else models
+        if spec.model not in models:
+            models[spec.model] = leanvit.load_model(spec.model)
+        model = models[spec.model]
+    return leanvit.adapt(model, spec.method, **spec.options)
 
 
 def run_comparison(model, model_name: str, dataset, specs, out_dir: str, batch_size: int = 250,
                    workers: Optional[int] = None, map_images: int = 4) -> dict:
     """Evaluate dense + ``specs`` on ``dataset``; write results.json, pareto.png, token_maps.png."""
-    import leanvit
     from .data import make_loader
     from .evaluate import sweep
     from .report import format_table, pareto_plot, token_maps
@@ -66,9 +91,11 @@ def run_comparison(model, model_name: str, dataset, specs, out_dir: str, batch_s
                 f"({result['n_images']} images)", dense=result["dense"])
     # token maps: the middle budget of every method, on the first few images
     firsts = {}
-    for method, label, options in specs:
-        firsts.setdefault(method, []).append((label, options))
-    runners = {f"{m} {v[len(v) // 2][0]}": leanvit.adapt(model, m, **v[len(v) // 2][1]) for m, v in firsts.items()}
+    for spec in specs:
+        firsts.setdefault(spec.method, []).append(spec)
+    models: dict = {}
+    middle = [v[len(v) // 2] for v in firsts.values()]
+    runners = {f"{s.method} {s.label}": adapt_spec(model, s, models) for s in middle}
     images = torch.stack([dataset[i][0] for i in range(min(map_images, len(dataset)))
                           if dataset[i][0] is not None])
     cfg = getattr(model, "pretrained_cfg", {}) or {}

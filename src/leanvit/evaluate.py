@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List
 
 import torch
 from tqdm import tqdm
@@ -65,19 +65,22 @@ def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval") 
     return results
 
 
-def sweep(model, loader, specs: List[Tuple[str, str, dict]], desc: str = "sweep") -> dict:
-    """Dense and every ``(method, label, options)`` in one pass over ``loader``.
+def sweep(model, loader, specs: list, desc: str = "sweep") -> dict:
+    """Dense and every :class:`~leanvit.demo.Spec` in one pass over ``loader``.
 
-    Returns ``{"dense": EvalResult-dict, "rows": [dict(method, label, options, ...EvalResult)]}``.
+    Returns ``{"dense": EvalResult-dict, "rows": [dict(method, label, options, ...EvalResult)]}``
+    (and ``model`` in the rows of specs that run on a model of their own).
     """
     import leanvit
-    runners = {"dense": leanvit.adapt(model, "none")}
-    for method, label, options in specs:
-        runners[f"{method} {label}"] = leanvit.adapt(model, method, **options)
+    from .demo import adapt_spec
+    runners, models = {"dense": leanvit.adapt(model, "none")}, {}
+    for spec in specs:
+        runners[f"{spec.method} {spec.label}"] = adapt_spec(model, spec, models)
     results = evaluate(runners, loader, desc=desc)
     rows = []
-    for (method, label, options) in specs:
-        r = results[f"{method} {label}"].to_dict()
+    for spec in specs:
+        r = results[f"{spec.method} {spec.label}"].to_dict()
         r.pop("skipped_paths")
-        rows.append(dict(r, method=method, label=label, options=options))
+        rows.append(dict(r, method=spec.method, label=spec.label, options=spec.options,
+                         **({"model": spec.model} if spec.model else {})))
     return dict(dense=results["dense"].to_dict(), rows=rows)
