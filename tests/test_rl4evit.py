@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import leanvit
+from leanvit.flops import tokens_per_block
 from leanvit.methods.rl4evit import agent_rewards
 
 from conftest import images, small_vit
@@ -37,9 +38,9 @@ def test_greedy_inference_removes_tokens_and_matches_masked():
     x = images(4)
     with torch.no_grad(), f.tracing() as trace:
         gathered = f(x)
-    counts = [rec["mlp_tokens"].tolist() for rec in trace]
+    counts = tokens_per_block(trace, 4).tolist()
     assert counts[3] == [65] * 4  # decisions come after block 3: block 3 itself runs on all tokens
-    n4 = trace[4]["attn_tokens"].tolist()
+    n4 = tokens_per_block(trace, 4, "attn_tokens")[4].tolist()
     assert all(n < 65 for n in n4) and len(set(n4)) > 1  # per image, for real
     f.masked = True
     with torch.no_grad():
@@ -149,7 +150,7 @@ def test_shipped_policy_loads_by_name_and_reduces_tokens():
     with torch.no_grad(), f.tracing() as trace:
         logits = f(x)
     assert logits.shape == (8, 10) and torch.isfinite(logits).all()
-    after = trace[-1]["mlp_tokens"]
+    after = tokens_per_block(trace, 8)[-1]
     assert (after < 65).all() and (after >= 2).all()  # tokens really removed, CLS + at least one patch
     assert leanvit.count_macs(f, x) < leanvit.count_macs(model, x)
     with pytest.raises(leanvit.OptionError, match="shipped rl4evit weights: cifar10_vit12_w128"):

@@ -99,6 +99,14 @@ class Reduction(abc.ABC):
         None entry) for the full width. Only channel-elastic methods override this."""
         return None
 
+    def decision_macs(self, layer: int, state: TokenState) -> Optional[Tensor]:
+        """(B,) MACs per image of the method's own decision network at ``layer`` (a policy or
+        predictor run on the tokens of ``state``, the state ``reduce`` is about to see), counted
+        as :mod:`leanvit.flops` counts the ViT: its linear layers per token. None (the default):
+        nothing to count (parameter-free scoring). Called only when tracing; the padded count
+        asks again with the padding taken as tokens (``state.replace(valid=None)``)."""
+        return None
+
     @abc.abstractmethod
     def reduce(self, layer: int, state: TokenState, attn: Optional[AttentionView]) -> TokenState:
         """The reduced tokens; what runs after the decision sees only these. ``attn`` is the

@@ -85,6 +85,11 @@ class RL4EViT(Reduction, nn.Module):
         mean = (tokens * w).sum(dim=1) / w.sum(dim=1).clamp_min(1)
         return self.critic(torch.cat([mean, cls], dim=-1)).squeeze(-1)
 
+    def decision_macs(self, layer, state):
+        """The actor on every live patch (the critic runs only in training)."""
+        from ..flops import linear_macs
+        return (state.counts() - state.n_prefix) * linear_macs(self.actor)
+
     def reduce(self, layer, state, attn):
         p = state.n_prefix
         tokens = state.x[:, p:]
