@@ -113,13 +113,14 @@ def _learned(method, **opts):
     return f
 
 
-LEARNED = [("rl4evit", {}), ("rl4evit", dict(agents="single")), ("dynamicvit", dict(keep_rate=0.6))]
+LEARNED = [("rl4evit", dict(group_size=None)), ("rl4evit", dict(agents="single", group_size=None)),
+           ("rl4evit", dict(group_size=2)), ("dynamicvit", dict(keep_rate=0.6))]
 
 
 @pytest.mark.parametrize("method, opts", LEARNED, ids=[f"{m}-{o}" for m, o in LEARNED])
 def test_decision_networks_analytic_equals_measured(method, opts):
     """The actor / predictors are counted: analytic == FlopCounterMode per image, and for the
-    batch as executed (padded=True: a padded ragged batch)."""
+    batch as executed (padded=True: a padded ragged batch, or its groups)."""
     f = _learned(method, **opts)
     x = images(4)
     alone = []
@@ -137,7 +138,7 @@ def test_gmacs_include_the_decision_network(method):
     """What the decision network adds to the ViT on the same tokens: exactly its linear MACs per
     token (hand-computed for width 64) times the live patches it scored, per image."""
     from leanvit.flops import linear_macs, macs_per_image, tokens_per_block
-    f = _learned(method) if method == "rl4evit" else _learned(method, keep_rate=0.6)
+    f = _learned(method, group_size=None) if method == "rl4evit" else _learned(method, keep_rate=0.6)
     x = images(5)
     with torch.no_grad(), f.tracing() as trace:
         f(x)
