@@ -10,6 +10,7 @@ import torch
 
 import leanvit
 from leanvit.data import eval_transform, load_dataset, make_loader
+from leanvit.flops import tokens_per_block
 
 
 def main():
@@ -29,7 +30,7 @@ def main():
             for batch in make_loader(data, batch_size=250, num_workers=0):
                 with runner.tracing() as trace:
                     runner(batch.images)
-                counts = torch.stack([rec["mlp_tokens"].double() for rec in trace])  # (blocks, B)
+                counts = tokens_per_block(trace, batch.images.shape[0]).double()  # (blocks, B)
                 sums = counts.sum(1) if sums is None else sums + counts.sum(1)
                 n += counts.shape[1]
         mean = (sums / n).tolist()

@@ -1,5 +1,8 @@
 """Tables I and II of BENCHMARKS.md (RL4EViT section) from the raw results that
-benchmarks/rl4evit_reference.sh wrote to benchmarks/results/rl4evit/. Prints markdown."""
+benchmarks/rl4evit_reference.sh wrote to benchmarks/results/rl4evit/. Prints markdown.
+
+GMACs in results written from commit 4051bed (``Reduction.decision_macs``) on include RL4EViT's
+actor and DynamicViT's predictors; the tables published before it (2026-11-22) leave them out."""
 import json
 from pathlib import Path
 
@@ -79,21 +82,21 @@ def main():
         print(f"| {b} | random at MAPPO's token counts (`schedule={sched}`) | {cells(rnd)} |")
         print(f"| {b} | single-agent PPO | {cells(find('rl4evit', f'single_a{alpha}/'))} |")
         print(f"| {b} | **MAPPO** | {cells(find('rl4evit', f'multi_a{alpha}/'))} |")
-    # what the GMACs column leaves out: the actor runs on every live patch at each decision layer
+    # the actor's part of the GMACs column: it runs on every live patch at each decision layer
     import leanvit
     import torch
     m = leanvit.adapt(leanvit.load_model("cifar10_vit12_w128"), "rl4evit").method
     per_token = sum(l.in_features * l.out_features for l in m.actor if isinstance(l, torch.nn.Linear))
     print(f"\nActor MACs per token per decision layer: {per_token}. Actor GMACs per image (MAPPO, from "
-          "the mean counts of counts.txt), not in the GMACs column above:")
+          "the mean counts of counts.txt), included in the GMACs column above:")
     means = [l for l in (RES / "counts.txt").read_text().splitlines() if "mean tokens per block" in l]
     for alpha, line in zip(alphas, means):
         counts = [float(c) for c in line.split(":")[-1].split()]
         patches = sum(counts[l] - 1 for l in m.layers)  # live patches entering each decision
         r = find('rl4evit', f'multi_a{alpha}/')
         g = patches * per_token / 1e9
-        print(f"- alpha {alpha}: {patches:.1f} patch decisions, {g:.4f} GMACs; with it "
-              f"{r['gmacs'] + g:.4f} GMACs = {(r['gmacs'] + g) / dense['gmacs']:.3f} of dense")
+        print(f"- alpha {alpha}: {patches:.1f} patch decisions, {g:.4f} GMACs; without it "
+              f"{r['gmacs'] - g:.4f} GMACs = {(r['gmacs'] - g) / dense['gmacs']:.3f} of dense")
     print(f"\n{sweep['n_images']} images, {sweep['threads']} threads, batch {sweep['batch_size']}, "
           f"{sweep['date']}; DynamicViT rows: their own sweep against their fine-tuned ViT "
           f"(dense of that ViT: " + ", ".join(

@@ -103,6 +103,77 @@ def test_measurement_counts_attention_only_with_math_backend():
     assert measured_macs(f, x) == pytest.approx(analytic, rel=1e-9)
 
 
+# --------------------------------------------------------------------------- learned decisions
+def _learned(method, **opts):
+    """RL4EViT or DynamicViT on the small ViT; RL4EViT's actor biased to prune about half."""
+    f = leanvit.adapt(small_vit(sharp=4.0), method, **opts)
+    if method == "rl4evit":
+        with torch.no_grad():
+            f.method.actor[-1].bias.zero_()
+    return f
+
+
+LEARNED = [("rl4evit", dict(group_size=None)), ("rl4evit", dict(agents="single", group_size=None)),
+           ("rl4evit", dict(group_size=2)), ("dynamicvit", dict(keep_rate=0.6))]
+
+
+@pytest.mark.parametrize("method, opts", LEARNED, ids=[f"{m}-{o}" for m, o in LEARNED])
+def test_decision_networks_analytic_equals_measured(method, opts):
+    """The actor / predictors are counted: analytic == FlopCounterMode per image, and for the
+    batch as executed (padded=True: a padded ragged batch, or its groups)."""
+    f = _learned(method, **opts)
+    x = images(4)
+    alone = []
+    for i in range(4):
+        alone.append(leanvit.count_macs(f, x[i:i + 1]) * 1e9)
+        assert measured_macs(f, x[i:i + 1]) == pytest.approx(alone[-1], rel=1e-9)
+    assert leanvit.count_macs(f, x) * 1e9 == pytest.approx(sum(alone) / 4, rel=1e-9)
+    assert measured_macs(f, x) == pytest.approx(leanvit.count_macs(f, x, padded=True) * 1e9, rel=1e-9)
+    if method == "rl4evit":
+        assert len(set(alone)) > 1 and leanvit.count_macs(f, x, padded=True) > leanvit.count_macs(f, x)
+
+
+@pytest.mark.parametrize("method", ["rl4evit", "dynamicvit"])
+def test_gmacs_include_the_decision_network(method):
+    """What the decision network adds to the ViT on the same tokens: exactly its linear MACs per
+    token (hand-computed for width 64) times the live patches it scored, per image."""
+    from leanvit.flops import linear_macs, macs_per_image, tokens_per_block
+    f = _learned(method, group_size=None) if method == "rl4evit" else _learned(method, keep_rate=0.6)
+    x = images(5)
+    with torch.no_grad(), f.tracing() as trace:
+        f(x)
+    vit_only = macs_per_image(f, [rec for rec in trace if rec["layer"] is not None], x)
+    patches = tokens_per_block(trace, 5)[list(f.method.decision_layers())] - 1  # scored at each decision
+    if method == "rl4evit":
+        per_token = [64 * 256 + 256 * 256 + 256 * 64 + 64 * 2] * 3  # actor 64-256-256-64-2
+        assert linear_macs(f.method.actor) == per_token[0]
+    else:
+        per_token = [64 * 64 + 64 * 32 + 32 * 16 + 16 * 2] * 3  # in_conv C x C, out_conv C -> C/2 -> C/4 -> 2
+        assert [linear_macs(p) for p in f.method.predictors] == per_token
+    extra = (patches.double() * torch.tensor(per_token, dtype=torch.float64)[:, None]).sum(0)
+    assert torch.equal(macs_per_image(f, trace, x), vit_only + extra)
+    assert leanvit.count_macs(f, x) * 1e9 == pytest.approx(float((vit_only + extra).mean()), rel=1e-12)
+    if method == "rl4evit":
+        assert len(set(extra.tolist())) > 1  # per image: each scored its own live patches
+
+
+def test_note_macs_numbers_and_tensors_with_and_without_rows():
+    from leanvit.flops import macs_per_image
+    f = leanvit.adapt(small_vit(), "none")
+    x = images(3)
+    with torch.no_grad(), f.tracing() as trace:
+        f(x)
+    base = macs_per_image(f, trace, x)
+    f._trace = trace
+    f.note_macs(None, 10)
+    f.note_macs(torch.tensor([2]), 5.0)
+    f.note_macs(None, torch.tensor([1, 2, 3]), padded=torch.tensor([3, 3, 3]))
+    f.note_macs(torch.tensor([0, 2]), torch.tensor([100, 200]))
+    f._trace = None
+    assert (macs_per_image(f, trace, x) - base).tolist() == [111, 12, 218]
+    assert (macs_per_image(f, trace, x, padded=True) - base).tolist() == [113, 13, 218]
+
+
 # --------------------------------------------------------------------------- ragged batches
 @pytest.mark.parametrize("method, opts", [
     ("ats", {}),

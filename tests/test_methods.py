@@ -10,7 +10,8 @@ import torch
 
 import leanvit
 from leanvit import OptionError, TokenState
-from leanvit.tokens import bipartite_soft_matching, fuse_rest, keep_mask, keep_top, max_merge, merge_tokens
+from leanvit.tokens import (bipartite_soft_matching, fuse_rest, keep_mask, keep_top, max_merge, merge_tokens,
+                            split_by_count)
 
 from conftest import deit, images, mlp_counts, run_traced, small_vit
 
@@ -409,6 +410,20 @@ def test_combine_puts_rows_back_in_order():
     out = TokenState.combine([(torch.tensor([0, 2]), a), (torch.tensor([1]), b)], 3)
     assert out.x[:, 0, 0].tolist() == [1., 2., 1.]
     assert out.size.tolist() == [[1, 1, 1], [1, 2, 3], [1, 1, 1]]
+
+
+def test_split_by_count_groups_similar_counts_and_combine_pads_them_back():
+    counts = [6, 2, 4, 3, 5]  # tokens per image, CLS included, of a ragged batch of width 6
+    valid = torch.arange(6)[None, :] < torch.tensor(counts)[:, None]
+    x = torch.randn(5, 6, 2) * valid[..., None]  # padding is zero, as combine pads
+    state = TokenState(x=x, n_prefix=1, valid=valid)
+    parts = split_by_count(state, 2)
+    assert [rows.tolist() for rows, _ in parts] == [[0, 4], [2, 3], [1]]  # by count, most first
+    assert [g.x.shape[1] for _, g in parts] == [6, 4, 2]  # each padded to its own widest image
+    assert [g.counts().tolist() for _, g in parts] == [[6, 5], [4, 3], [2]]
+    assert parts[2][1].valid is None  # a group of one image has no padding
+    back = TokenState.combine(parts, 5)
+    assert torch.equal(back.x, x) and torch.equal(back.valid, valid) and back.rows.tolist() == list(range(5))
 
 
 # --------------------------------------------------------------------------- decisions vs independent computation

@@ -63,7 +63,7 @@ def benchmark(model: torch.nn.Module, methods: Sequence[Tuple[str, str, dict]], 
         macs[label] = count_macs(runner, images)
         if hasattr(runner.method, "prune_fraction"):  # PPT: which images pruned rather than pooled
             policy[label] = runner.method.prune_fraction()
-        if runner.method.token_floor:
+        if runner.method.token_floor and not runner.method.groups_images:  # one width per block
             runners[label + " floor"] = adapt(model, "random", schedule=token_schedule(runner, images))
     times: Dict[str, List[float]] = {k: [] for k in runners}
     total = (warmup + repeats) * len(runners)

@@ -1,8 +1,11 @@
 """Multiply-accumulates of what actually ran, counted analytically from the executed token counts.
 
 Counted as the token-reduction papers do ("GFLOPs" there are GMACs): the patch embedding, every
-linear layer, ``2·N²·d`` per attention (QKᵀ and AV) and the head. Norms, activations, softmax
-and the methods' own scoring are not counted (see ``leanvit bench`` for the decision overhead).
+linear layer, ``2·N²·d`` per attention (QKᵀ and AV) and the head. A method's learned decision
+network (RL4EViT's actor, DynamicViT's predictors, PRANCE's selector) is counted too, by its
+linear layers on the tokens it ran on (:meth:`Reduction.decision_macs`). Norms, activations,
+softmax and parameter-free scoring (attention-based, similarity) are not counted (see
+``leanvit bench`` for the decision overhead).
 """
 from __future__ import annotations
 
@@ -38,8 +41,10 @@ def macs_per_image(runner: LeanViT, trace: List[dict], images: Tensor, padded: b
     total = torch.full((images.shape[0],), float(embed_macs(m, images)), dtype=torch.float64)
     for rec in trace:
         rows = rec.get("rows")  # a group of the batch (methods whose images take different paths)
-        if "macs" in rec:  # a method's own counted cost (e.g. PRANCE's selector)
-            macs = rec["macs"]
+        if "macs" in rec:  # a method's own counted cost (PRANCE's selector, RL4EViT's actor, ...)
+            macs = rec["padded_macs" if padded else "macs"]
+            if isinstance(macs, Tensor):  # one entry per image of the record
+                macs = macs.detach().double().cpu()
         else:
             n_attn = float(rec["attn_width"]) if padded else rec["attn_tokens"].double().cpu()
             n_mlp = float(rec["mlp_width"]) if padded else rec["mlp_tokens"].double().cpu()
@@ -49,6 +54,19 @@ def macs_per_image(runner: LeanViT, trace: List[dict], images: Tensor, padded: b
         else:
             total[rows.cpu()] += macs
     return total + head_macs(m)
+
+
+def tokens_per_block(trace: List[dict], batch: int, key: str = "mlp_tokens") -> Tensor:
+    """(blocks, B) tokens per image that each block's MLP (``key="mlp_tokens"``) or attention
+    (``"attn_tokens"``) ran on, from a trace of :meth:`LeanViT.tracing`: the records of groups of
+    the batch (their ``rows``) are put back in the batch's order; counted costs are skipped."""
+    blocks = [rec for rec in trace if rec["layer"] is not None]
+    layers = sorted({rec["layer"] for rec in blocks})
+    out = torch.zeros(len(layers), batch, dtype=torch.long)
+    for rec in blocks:
+        rows = rec.get("rows")
+        out[layers.index(rec["layer"]), slice(None) if rows is None else rows.cpu()] = rec[key].cpu()
+    return out
 
 
 def block_macs(blk: nn.Module, n_attn, n_mlp, heads=None, hidden=None):

@@ -165,7 +165,7 @@ def record_token_states(runner: LeanViT, images: Tensor) -> List[LayerTokens]:
     ``last_state`` are restored too, so later forwards are as if this one had not happened.
     """
     method = runner.method
-    if getattr(method, "groups_images", False) and images.shape[0] > 1:  # PRANCE: one path per image
+    if getattr(method, "groups_images", False) and images.shape[0] > 1:  # groups of images run apart: one image at a time
         per_image = [record_token_states(runner, images[i:i + 1]) for i in range(images.shape[0])]
         return [_stack([recs[j] for recs in per_image]) for j in range(len(per_image[0]))]
     saved = _snapshot(method)

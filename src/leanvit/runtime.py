@@ -8,7 +8,7 @@ attention and returns the reduced tokens, which the block's MLP and all later bl
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -158,6 +158,7 @@ class LeanViT(nn.Module):
         counts_in = state.counts() if self._trace is not None else None
 
         if index in self.decision_layers:
+            self._note_decision(index, state)
             state = self.method.reduce(index, state, AttentionView(q, k, v, bias, self.n_prefix))
         del q, k, v, o  # free the attention buffers before the MLP allocates its own
 
@@ -169,6 +170,7 @@ class LeanViT(nn.Module):
                                     rows=state.rows))
         state = state.replace(x=x)
         if index in self.after_block_layers:
+            self._note_decision(index, state)
             state = self.method.reduce(index, state, None)
         return state
 
@@ -222,10 +224,24 @@ class LeanViT(nn.Module):
         finally:
             self._trace, self.track_source = old
 
-    def note_macs(self, rows: Optional[Tensor], macs: float) -> None:
-        """Count a method's own cost (e.g. PRANCE's selector) for images ``rows`` (None: all)."""
+    def note_macs(self, rows: Optional[Tensor], macs: Union[float, Tensor],
+                  padded: Union[float, Tensor, None] = None) -> None:
+        """Count a method's own cost (e.g. PRANCE's selector, RL4EViT's actor) for images ``rows``
+        (None: all): ``macs`` per image, a number or a tensor with one entry per image; ``padded``
+        what the batch executed for them if padding made it more (default: ``macs``)."""
         if self._trace is not None:
-            self._trace.append(dict(layer=None, macs=float(macs), rows=rows))
+            macs = macs if isinstance(macs, Tensor) else float(macs)
+            padded = macs if padded is None else padded if isinstance(padded, Tensor) else float(padded)
+            self._trace.append(dict(layer=None, macs=macs, padded_macs=padded, rows=rows))
+
+    def _note_decision(self, index: int, state: TokenState) -> None:
+        """When tracing, count the method's decision network at ``index`` on ``state``."""
+        if self._trace is None:
+            return
+        macs = self.method.decision_macs(index, state)
+        if macs is not None:
+            padded = macs if state.valid is None else self.method.decision_macs(index, state.replace(valid=None))
+            self.note_macs(state.rows, macs, padded)
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -103,27 +103,30 @@ class TokenState:
 
     @staticmethod
     def combine(parts: Sequence[Tuple[Tensor, "TokenState"]], batch: int) -> "TokenState":
-        """Put sub-batches (rows, state) with equal token counts back into one batch in order."""
+        """Put sub-batches (rows, state) back into one batch in order. Parts narrower than the
+        widest are padded to it (zeros, marked invalid): the result is then a ragged batch."""
         first = parts[0][1]
-        x = first.x.new_empty((batch,) + first.x.shape[1:])
+        width = max(part.x.shape[1] for _, part in parts)
+        x = first.x.new_zeros((batch, width) + first.x.shape[2:])
         any_size = any(p.size is not None for _, p in parts)
-        any_valid = any(p.valid is not None for _, p in parts)
-        size = x.new_empty(x.shape[:2]) if any_size else None
-        valid = torch.empty(x.shape[:2], dtype=torch.bool, device=x.device) if any_valid else None
+        any_valid = any(p.valid is not None or p.x.shape[1] < width for _, p in parts)
+        size = x.new_ones(x.shape[:2]) if any_size else None
+        valid = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device) if any_valid else None
         source = None
         if first.source is not None:
-            source = first.source.new_empty((batch,) + first.source.shape[1:])
+            source = first.source.new_zeros((batch, width) + first.source.shape[2:])
         images = None if first.rows is None else first.rows.new_empty(batch)
         for rows, part in parts:
+            n = part.x.shape[1]
             if images is not None:
                 images[rows] = part.rows
-            x[rows] = part.x
+            x[rows, :n] = part.x
             if size is not None:
-                size[rows] = part.sizes()
+                size[rows, :n] = part.sizes()
             if valid is not None:
-                valid[rows] = part.valid if part.valid is not None else True
+                valid[rows, :n] = part.valid if part.valid is not None else True
             if source is not None:
-                source[rows] = part.source
+                source[rows, :n] = part.source
         return first.replace(x=x, size=size, valid=valid, source=source, rows=images)
 
 
@@ -176,6 +179,20 @@ def keep_mask(state: TokenState, keep: Tensor) -> TokenState:
         return out.replace(valid=None)
     valid = torch.arange(width, device=counts.device)[None, :] < counts[:, None]
     return out.replace(valid=valid)
+
+
+def split_by_count(state: TokenState, size: int) -> List[Tuple[Tensor, TokenState]]:
+    """The images of a ragged batch in groups of at most ``size`` with similar token counts
+    (sorted by count, most first), each group padded only to its own widest image:
+    ``[(rows, group)]``, ``rows`` the images' positions in ``state``."""
+    p = state.n_prefix
+    parts = []
+    for rows in state.counts().argsort(descending=True, stable=True).split(size):
+        group = state.select_images(rows)
+        if group.valid is not None:  # drop the padding the group does not need
+            group = keep_mask(group, group.valid[:, p:])
+        parts.append((rows, group))
+    return parts
 
 
 def fuse_rest(state: TokenState, scores: Tensor, k: int) -> TokenState:

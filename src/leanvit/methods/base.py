@@ -15,7 +15,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Type
 import torch
 from torch import Tensor
 
-from ..tokens import TokenState
+from ..tokens import TokenState, split_by_count
 
 
 class OptionError(ValueError):
@@ -82,6 +82,15 @@ class Reduction(abc.ABC):
     # leanvit bench times a "floor" that keeps random tokens at the method's counts; methods that
     # also slice channels or split the batch into groups have no such floor
     token_floor: bool = True
+    # ragged batches (per-image token counts) run on after each decision layer in groups of this
+    # many images with similar counts, each padded only to its widest image; None: one batch
+    group_size: Optional[int] = None
+
+    @property
+    def groups_images(self) -> bool:
+        """Whether images of one batch may run as separate sub-batches (then a trace holds one
+        record per group and block, with the group's ``rows``)."""
+        return bool(self.group_size)
 
     def bind(self, info: ModelInfo) -> None:
         """Check the options against the model; called once by :func:`leanvit.adapt`."""
@@ -99,16 +108,34 @@ class Reduction(abc.ABC):
         None entry) for the full width. Only channel-elastic methods override this."""
         return None
 
+    def decision_macs(self, layer: int, state: TokenState) -> Optional[Tensor]:
+        """(B,) MACs per image of the method's own decision network at ``layer`` (a policy or
+        predictor run on the tokens of ``state``, the state ``reduce`` is about to see), counted
+        as :mod:`leanvit.flops` counts the ViT: its linear layers per token. None (the default):
+        nothing to count (parameter-free scoring). Called only when tracing; the padded count
+        asks again with the padding taken as tokens (``state.replace(valid=None)``)."""
+        return None
+
     @abc.abstractmethod
     def reduce(self, layer: int, state: TokenState, attn: Optional[AttentionView]) -> TokenState:
         """The reduced tokens; what runs after the decision sees only these. ``attn`` is the
         block's attention for ``position == "attention"``, None for ``"block"``."""
 
     def run(self, runner, state: TokenState) -> Tensor:
-        """All blocks, then the head. Methods whose images take different paths override it."""
+        """All blocks, then the head. With ``group_size``, a decision that leaves the batch ragged
+        splits it into groups of images with similar token counts (:func:`split_by_count`; the
+        groups are put together and split again at each later decision), and the head runs on
+        the batch put back in order. Methods whose images take different paths override it."""
+        groups: List[Tuple[Optional[Tensor], TokenState]] = [(None, state)]
+        regroup = set(self.decision_layers()) if self.group_size and state.compact else set()
         for i, blk in enumerate(runner.model.blocks):
-            state = runner.run_block(i, blk, state)
-        return runner.finish(state)
+            groups = [(rows, runner.run_block(i, blk, g)) for rows, g in groups]
+            if i in regroup and state.batch > self.group_size and any(g.valid is not None for _, g in groups):
+                whole = groups[0][1] if groups[0][0] is None else TokenState.combine(groups, state.batch)
+                groups = split_by_count(whole, self.group_size)
+        if groups[0][0] is not None:
+            return runner.finish(TokenState.combine(groups, state.batch).replace(rows=state.rows))
+        return runner.finish(groups[0][1])
 
     def extra_repr(self) -> str:
         return ""

@@ -67,6 +67,12 @@ class DynamicViT(Reduction, nn.Module):
     def begin(self, batch: int) -> None:
         self.decisions = []
 
+    def decision_macs(self, layer, state):
+        """The stage's predictor on every live patch: its linear layers (in_conv's C x C and
+        out_conv's C -> C/2 -> C/4 -> 2); norms, activations and the masked mean are not counted."""
+        from ..flops import linear_macs
+        return (state.counts() - state.n_prefix) * linear_macs(self.predictors[self.layers.index(layer + 1)])
+
     def reduce(self, layer, state, attn):
         stage = self.layers.index(layer + 1)
         p = state.n_prefix
