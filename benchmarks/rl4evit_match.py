@@ -1,8 +1,9 @@
 """Budgets for the RL4EViT comparison on the reference model (cifar10_vit12_w128).
 
-  alphas: from the alpha scan (runs/rl4evit/multi_a*/metrics.json, greedy GMACs on 1,000 test
-          images after the scan's steps), the alpha closest to each target fraction of the dense
-          GMACs (0.75, 0.65, 0.55), one alpha per target. Prints the three alphas.
+  alphas [multi|single]: from the alpha scan of those agents (runs/rl4evit/<agents>_a*/metrics.json,
+          greedy GMACs on 1,000 test images after the scan's steps), the alpha closest to each
+          target fraction of the dense GMACs (0.75, 0.65, 0.55), one alpha per target. Prints the
+          three alphas.
   specs RUN_DIR...: for each trained policy (its last greedy GMACs), the DynamicViT keep rate, EViT
           keep rate, ToMe r and PPT r (threshold=scaled) whose GMACs are closest. Their token counts
           do not depend on the image, so their GMACs are exact from one forward. Prints one line
@@ -29,7 +30,8 @@ def main(argv):
     x = torch.zeros(1, 3, 32, 32)
     dense = leanvit.count_macs(model, x)
     if argv[0] == "alphas":
-        scan = {float(p.name.split("_a")[1]): last_gmacs(p) / dense for p in Path("runs/rl4evit").glob("multi_a*")
+        agents = argv[1] if len(argv) > 1 else "multi"
+        scan = {float(p.name.split("_a")[1]): last_gmacs(p) / dense for p in Path("runs/rl4evit").glob(f"{agents}_a*")
                 if (p / "metrics.json").is_file()}
         for a, r in sorted(scan.items()):
             print(f"alpha {a}: {r:.3f} of dense GMACs", file=sys.stderr)

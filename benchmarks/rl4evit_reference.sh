@@ -5,7 +5,9 @@
 #  1. alpha scan: 30 MAPPO steps at alpha in {0.8, 0.72, 0.56 (the paper's), 0.3, 0.1, 0.07, 0.05,
 #     0.04, 0.03}, beta = 1 (rl4evit_alpha_scan.sh); the alphas nearest 0.75, 0.65, 0.55 of the
 #     dense GMACs (greedy, 1,000 test images) are the three budgets (rl4evit_match.py alphas).
-#  2. MAPPO (agents=multi) and the single-agent PPO ablation (agents=single) at those alphas:
+#     The single-agent ablation collapses at those alphas, so it has its own scan at smaller ones
+#     (0.04 down to 0.001) and its own three alphas for the same targets.
+#  2. MAPPO (agents=multi) and the single-agent PPO ablation (agents=single) at their alphas:
 #     90 steps of 64 images (the runs of step 1 continue), ViT frozen, paper PPO defaults
 #     (K = 15, Adam 5e-5, clip 0.2, gamma 0.99, lambda 0.95), 1 process, 2 threads.
 #  3. DynamicViT fine-tuned at the keep rate whose GMACs match each MAPPO policy: 1 epoch over a
@@ -23,10 +25,12 @@ mkdir -p $RES
 STEPS=30 ALPHAS="0.8 0.72 0.56 0.3 0.1 0.07 0.05 0.04 0.03" bash benchmarks/rl4evit_alpha_scan.sh multi
 python benchmarks/rl4evit_match.py alphas > $RES/alphas.txt
 read -r -a alphas < $RES/alphas.txt
-echo "alphas for the three budgets: ${alphas[*]}"
-for agents in multi single; do
-    ALPHAS="${alphas[*]}" STEPS=90 bash benchmarks/rl4evit_alpha_scan.sh $agents
-done
+STEPS=30 ALPHAS="0.04 0.02 0.01 0.005 0.002 0.001" bash benchmarks/rl4evit_alpha_scan.sh single
+python benchmarks/rl4evit_match.py alphas single > $RES/single_alphas.txt
+read -r -a single_alphas < $RES/single_alphas.txt
+echo "alphas for the three budgets: MAPPO ${alphas[*]}, single-agent ${single_alphas[*]}"
+ALPHAS="${alphas[*]}" STEPS=90 bash benchmarks/rl4evit_alpha_scan.sh multi
+ALPHAS="${single_alphas[*]}" STEPS=90 bash benchmarks/rl4evit_alpha_scan.sh single
 python benchmarks/rl4evit_match.py specs $(for a in "${alphas[@]}"; do echo runs/rl4evit/multi_a$a; done) \
     > $RES/budgets.txt
 cat $RES/budgets.txt
@@ -40,9 +44,8 @@ python benchmarks/rl4evit_counts.py $(for a in "${alphas[@]}"; do echo runs/rl4e
     | tee $RES/counts.txt
 specs=()
 while read -r run gmacs rho evit tome ppt; do specs+=("$evit" "$tome" "$ppt"); done < $RES/budgets.txt
-for agents in multi single; do
-    for a in "${alphas[@]}"; do specs+=("rl4evit:weights=runs/rl4evit/${agents}_a$a/policy.safetensors"); done
-done
+for a in "${alphas[@]}"; do specs+=("rl4evit:weights=runs/rl4evit/multi_a$a/policy.safetensors"); done
+for a in "${single_alphas[@]}"; do specs+=("rl4evit:weights=runs/rl4evit/single_a$a/policy.safetensors"); done
 specs+=($(grep '^random:schedule=' $RES/counts.txt))
 mapfile -t specs < <(printf '%s\n' "${specs[@]}" | awk '!seen[$0]++')  # two budgets may share a setting
 leanvit sweep --model cifar10_vit12_w128 --data "$DATA" --threads 2 --batch-size 250 --out $RES/sweep \

@@ -40,6 +40,7 @@ def scan_table():
 def main():
     scan_table()
     alphas = (RES / "alphas.txt").read_text().split()
+    single_alphas = (RES / "single_alphas.txt").read_text().split()
     budgets = [line.split() for line in (RES / "budgets.txt").read_text().splitlines() if line.strip()]
     sweep = load(RES / "sweep" / "results.json")
     dense = sweep["dense"]
@@ -75,12 +76,12 @@ def main():
     print("\nTable II\n")
     print("| budget | method | top-1 % | vs dense | GMACs | of dense | img/s | speedup |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for i, alpha in enumerate(alphas):
+    for i, (alpha, single) in enumerate(zip(alphas, single_alphas)):
         b = f"{i + 1} (alpha {alpha})"
         sched = counts[i].split("=", 1)[1]
         rnd = find("random", "schedule=" + sched, exact=True)
         print(f"| {b} | random at MAPPO's token counts (`schedule={sched}`) | {cells(rnd)} |")
-        print(f"| {b} | single-agent PPO | {cells(find('rl4evit', f'single_a{alpha}/'))} |")
+        print(f"| {b} | single-agent PPO (alpha {single}) | {cells(find('rl4evit', f'single_a{single}/'))} |")
         print(f"| {b} | **MAPPO** | {cells(find('rl4evit', f'multi_a{alpha}/'))} |")
     # the actor's part of the GMACs column: it runs on every live patch at each decision layer
     import leanvit
