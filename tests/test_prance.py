@@ -181,6 +181,22 @@ def test_budget_is_met_on_a_tiny_model(tmp_path):
 
 
 @pytest.mark.skipif(not CIFAR.is_file(), reason="offline CIFAR-10 in ../shared/data not present")
+def test_budget_not_met_trains_on_up_to_max_epochs(tmp_path):
+    """A budget out of reach in one epoch: training goes on an epoch at a time up to max_epochs,
+    and a resume with a larger max_epochs goes on from there."""
+    from leanvit.rl import PPOConfig
+    cfg = SelectorConfig(model="vit12_convstem_w96_cifar", out=str(tmp_path), data=str(CIFAR),
+                         options=dict(strategy="prune"), budget=0.99, budget_tolerance=0.001, epochs=1, max_epochs=2,
+                         batch_size=32, limit_train=64, limit_eval=16, workers=0, ppo=PPOConfig(epochs=1))
+    said = []
+    m = train_selector(cfg, log=said.append)
+    assert not m["budget_met"] and m["steps"] == 4 and m["epochs"] == 2
+    assert sum("one more epoch" in line for line in said) == 1
+    m = train_selector(replace(cfg, max_epochs=3), log=said.append)
+    assert m["steps"] == 6 and [h["epoch"] for h in m["history"]] == [1, 2, 3]
+
+
+@pytest.mark.skipif(not CIFAR.is_file(), reason="offline CIFAR-10 in ../shared/data not present")
 def test_supernet_training_reports_subnetworks_before_and_after(tmp_path):
     from leanvit.train import TrainConfig, train
     cfg = TrainConfig(model="vit12_convstem_w96_cifar", out=str(tmp_path), data=str(CIFAR), epochs=1,

@@ -146,7 +146,8 @@ class Run:
     holds; everything here is the same for both.
     """
 
-    RESUME_FREE = ("max_steps", "workers", "save_every")  # may change between a run and its resume
+    # may change between a run and its resume
+    RESUME_FREE = ("max_steps", "workers", "save_every", "max_epochs")
 
     def __init__(self, cfg, config: dict):
         self.cfg, self.config = cfg, config

@@ -82,6 +82,7 @@ class SelectorConfig(PolicyRun):
     budget_tolerance: float = 0.05  # relative; only reported: is the final selector within it?
     dual_lr: float = 0.02  # integral gain: cost-weight step per unit of (batch GMACs ratio - budget)
     dual_p: float = 0.1  # proportional gain
+    max_epochs: Optional[int] = None  # with a budget not met after `epochs`: go on, an epoch at a time, up to this
     epochs: int = 1
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(gamma=0.9, lam=0.9, epochs=4, lr_actor=1e-4,
                                                              lr_critic=5e-3))
@@ -206,8 +207,22 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
                  step=step, history=history, cost_weight=cost_weight,
                  control=asdict(control) if control is not None else None)
 
+    def extend() -> bool:
+        """The planned epochs are done but the budget is not met: one more epoch (up to max_epochs)."""
+        last = history[-1] if history else None
+        if not cfg.budget or cfg.max_steps or last is None or last["step"] != step or \
+                abs(last["gmacs_ratio"] / cfg.budget - 1) <= cfg.budget_tolerance or \
+                step // run.steps_per_epoch >= (cfg.max_epochs or cfg.epochs):
+            return False
+        run.stop_at = (step // run.steps_per_epoch + 1) * run.steps_per_epoch
+        bar.total, bar.n = run.stop_at, step
+        bar.refresh()
+        if run.is_main:
+            log(f"budget {cfg.budget} not met yet (GMACs ratio {last['gmacs_ratio']:.3f}): one more epoch")
+        return True
+
     bar = run.progress(step, "train-selector")
-    while step < run.stop_at:
+    while step < run.stop_at or extend():
         epoch = step // run.steps_per_epoch
         sums = dict(reward=0.0, macs=0.0, kept=0.0, acc=0.0, greedy=0.0, n=0)
         for batch in run.epoch_loader(step):
@@ -252,7 +267,7 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
             save()
     bar.close()
     method.sampling = False
-    metrics = dict(steps=step, history=history, world_size=run.world, config=_config_dict(cfg),
+    metrics = dict(steps=step, epochs=len(history), history=history, world_size=run.world, config=_config_dict(cfg),
                    **{k: history[-1][k] for k in ("top1", "gmacs", "gmacs_ratio", "cost_weight")})
     if cfg.budget:
         metrics["budget_met"] = abs(metrics["gmacs_ratio"] / cfg.budget - 1) <= cfg.budget_tolerance
