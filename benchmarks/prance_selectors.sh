@@ -12,7 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
 META=runs/prance-supernet/final.safetensors
-CONFIGS=("prune" "prune-merge" "merge" "none" "prune:channels=false")
+# CONFIGS="prune none" bash benchmarks/prance_selectors.sh: only those
+read -r -a CONFIGS <<< "${CONFIGS:-prune prune-merge merge none prune:channels=false}"
 specs=()
 for conf in "${CONFIGS[@]}"; do
     strategy="${conf%%:*}"

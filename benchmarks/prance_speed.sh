@@ -9,7 +9,9 @@ specs=(prance:subnet=middle prance:subnet=smallest)
 for name in prune-merge prune merge none prune-tokens-only; do
     for budget in 0.5 0.7; do
         strategy="${name%-tokens-only}"
-        spec="prance:strategy=$strategy:weights=runs/prance-sel/$name/budget-$budget/selector.safetensors"
+        weights="runs/prance-sel/$name/budget-$budget/selector.safetensors"
+        [[ -f "$weights" ]] || { echo "skipping $name at budget $budget: no $weights"; continue; }
+        spec="prance:strategy=$strategy:weights=$weights"
         [[ "$name" == *tokens-only ]] && spec="$spec:channels=false"
         specs+=("$spec")
     done
