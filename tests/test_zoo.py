@@ -8,8 +8,8 @@ import torch
 
 import leanvit
 from leanvit.cli import main
-from leanvit.demo import DEMO_MODEL
-from leanvit.zoo import ZOO_DIR
+from leanvit.demo import DEMO_MODEL, PRANCE_MODEL
+from leanvit.zoo import ZOO_DIR, list_method_weights
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
@@ -28,6 +28,20 @@ def test_reference_model_is_shipped_small_and_loads_offline():
         assert leanvit.create_model(DEMO_MODEL)(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
 
+def test_prance_meta_network_and_selector_are_shipped():
+    """PRANCE for the reference model: the meta-network (a model of its own) and its selector,
+    each small, loadable by name, with a card that names the commands that made them."""
+    assert PRANCE_MODEL in leanvit.list_models() and PRANCE_MODEL in list_method_weights("prance")
+    for f in (f"{PRANCE_MODEL}.safetensors", f"{PRANCE_MODEL}.prance.safetensors"):
+        assert (ZOO_DIR / f).stat().st_size <= 12 * 2**20
+    card = (ZOO_DIR / f"{PRANCE_MODEL}.md").read_text()
+    assert "benchmarks/prance_supernet.sh" in card and "benchmarks/prance_selectors.sh" in card
+    fast = leanvit.adapt(leanvit.load_model(PRANCE_MODEL), "prance", weights=PRANCE_MODEL)
+    assert fast.method.selector is not None and fast.method.fixed is None
+    with torch.no_grad():
+        assert fast(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
 @pytest.mark.skipif(not CIFAR.is_file(), reason="offline CIFAR-10 in ../shared/data not present")
 def test_demo_on_the_reference_model(tmp_path, capsys):
     out = tmp_path / "demo"
@@ -38,7 +52,8 @@ def test_demo_on_the_reference_model(tmp_path, capsys):
     result = json.loads((out / "results.json").read_text())
     assert result["n_images"] == 100 and result["model"] == DEMO_MODEL
     methods = {r["method"] for r in result["rows"]}
-    assert {"tome", "evit", "ppt", "ats", "random"} <= methods
+    assert {"tome", "evit", "ppt", "ats", "random", "rl4evit", "prance"} <= methods
+    assert [r.get("model") for r in result["rows"] if r["method"] == "prance"] == [PRANCE_MODEL]
     assert result["dense"]["top1"] > 50.0  # a trained model, not chance (10%)
     for r in result["rows"]:
         assert r["gmacs"] < result["dense"]["gmacs"] * 1.001
