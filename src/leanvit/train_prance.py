@@ -10,7 +10,7 @@ frozen, rewarded by Result-to-Go: after each decision the network is finished at
 there, and the step's reward is that result, ``acc - cost_weight * (GMACs ratio + token_weight *
 kept ratio)``, with acc = 0 only when the dense network is right and the finished one wrong. The
 token cost is relative to the GMACs cost (the authors' 0.1 per kept ratio against about 0.37 for
-DeiT-S's GMACs gives 0.25), so that one weight moves the whole cost and a budget search over it
+DeiT-S's GMACs gives 0.25), so that one weight moves the whole cost and the budget control over it
 reaches from "keep everything" (weight 0) to "keep the least".
 With ``budget`` the cost weight is a Lagrange multiplier for the constraint "mean GMACs =
 budget x dense", moved after every PPO batch by a PI controller on the error e = ratio - budget
@@ -20,7 +20,9 @@ et al., 2020: the proportional term answers at once, so the integral overshoots 
 dual ascent). The weight may go negative: when the selector spends less than the budget, compute
 is rewarded. (Bisection over the weight with short trainings was tried first; on the reference
 model accuracy barely depends on the choices, so the weight-to-GMACs map is flat and noisy below
-some weight and budgets above the starting point were out of reach.)
+some weight and budgets above the starting point were out of reach.) With ``max_epochs``, training
+goes on an epoch at a time while the selector's GMACs ratio on the evaluation images is not within
+``budget_tolerance`` of the budget.
 """
 from __future__ import annotations
 
@@ -78,8 +80,8 @@ class SelectorConfig(PolicyRun):
 
     cost_weight: Optional[float] = None  # per unit of GMACs ratio; default 0.5, or 0 (start) with a budget
     token_weight: float = 0.25  # kept-token ratio, relative to the GMACs ratio
-    budget: Optional[float] = None  # target mean GMACs as a fraction of dense (dual ascent on cost_weight)
-    budget_tolerance: float = 0.05  # relative; only reported: is the final selector within it?
+    budget: Optional[float] = None  # target mean GMACs as a fraction of dense (PI control of cost_weight)
+    budget_tolerance: float = 0.05  # relative: is the selector within it? (else max_epochs trains on)
     dual_lr: float = 0.02  # integral gain: cost-weight step per unit of (batch GMACs ratio - budget)
     dual_p: float = 0.1  # proportional gain
     max_epochs: Optional[int] = None  # with a budget not met after `epochs`: go on, an epoch at a time, up to this
