@@ -13,7 +13,8 @@ import torch
 import leanvit
 from leanvit.elastic import reorder_by_importance
 from leanvit.methods.prance import StageChoice
-from leanvit.train_prance import BudgetController, SelectorConfig, rollout_tensors, stage_rewards, train_selector
+from leanvit.train_prance import (BudgetController, SelectorConfig, calibrate, rollout_tensors, stage_rewards,
+                                  train_selector)
 
 from conftest import images, small_vit
 from test_flops import measured_macs
@@ -186,7 +187,7 @@ def test_budget_not_met_trains_on_up_to_max_epochs(tmp_path):
     and a resume with a larger max_epochs goes on from there."""
     from leanvit.rl import PPOConfig
     cfg = SelectorConfig(model="vit12_convstem_w96_cifar", out=str(tmp_path), data=str(CIFAR),
-                         options=dict(strategy="prune"), budget=0.99, budget_tolerance=0.001, epochs=1, max_epochs=2,
+                         options=dict(strategy="prune"), budget=0.99, budget_tolerance=0.001, epochs=1, max_epochs=2, calibrate=False,
                          batch_size=32, limit_train=64, limit_eval=16, workers=0, ppo=PPOConfig(epochs=1))
     said = []
     m = train_selector(cfg, log=said.append)
@@ -194,6 +195,47 @@ def test_budget_not_met_trains_on_up_to_max_epochs(tmp_path):
     assert sum("one more epoch" in line for line in said) == 1
     m = train_selector(replace(cfg, max_epochs=3), log=said.append)
     assert m["steps"] == 6 and [h["epoch"] for h in m["history"]] == [1, 2, 3]
+
+
+def test_calibrate_bisects_to_the_budget():
+    """A stand-in selector whose GMACs ratio rises in steps of 0.01 with the shift: bisection stops
+    within half the tolerance; out of reach, it returns the nearest end; already in, nothing runs."""
+    calls = []
+
+    def ratio_at(s):
+        calls.append(s)
+        return min(max(round(0.45 + 0.08 * s, 2), 0.2), 0.95)
+    shift, ratio = calibrate(ratio_at, 0.45, budget=0.6, tolerance=0.05)
+    assert abs(ratio / 0.6 - 1) <= 0.025 and ratio == ratio_at(shift) and shift > 0 and len(calls) <= 13
+    shift, ratio = calibrate(ratio_at, 0.45, budget=0.1, tolerance=0.05)
+    assert ratio == 0.2 and shift < -3
+    calls.clear()
+    assert calibrate(ratio_at, 0.61, budget=0.6, tolerance=0.05) == (0.0, 0.61) and not calls
+
+
+@pytest.mark.skipif(not CIFAR.is_file(), reason="offline CIFAR-10 in ../shared/data not present")
+def test_missed_budget_is_met_by_calibration_on_resume(tmp_path):
+    """A selector trained too briefly for its budget, without calibration, misses it; resuming the
+    finished run with calibration shifts only the actor's output bias and meets it."""
+    from leanvit.rl import PPOConfig
+    from safetensors.torch import load_file
+    cfg = SelectorConfig(model="vit12_convstem_w96_cifar", out=str(tmp_path), data=str(CIFAR),
+                         options=dict(strategy="prune"), budget=0.85, epochs=1, calibrate=False,
+                         batch_size=32, limit_train=64, limit_eval=32, workers=0, ppo=PPOConfig(epochs=1))
+    before = train_selector(cfg, log=lambda s: None)
+    assert not before["budget_met"], before["gmacs_ratio"]
+    weights_before = load_file(tmp_path / "selector.safetensors")
+    said = []
+    after = train_selector(replace(cfg, calibrate=True), log=said.append)
+    assert after["budget_met"] and after["steps"] == before["steps"] and after["epochs"] == 1
+    shift = after["history"][-1]["calibration_shift"]
+    assert shift > 0 and any("shifted by" in line for line in said)
+    weights_after = load_file(tmp_path / "selector.safetensors")
+    bias = next(k for k in weights_after if k.endswith("actor.4.bias"))
+    for k, v in weights_after.items():
+        expected = weights_before[k] + shift if k == bias else weights_before[k]
+        torch.testing.assert_close(v, expected)
+    assert train_selector(replace(cfg, calibrate=True), log=lambda s: None)["history"] == after["history"]
 
 
 @pytest.mark.skipif(not CIFAR.is_file(), reason="offline CIFAR-10 in ../shared/data not present")

@@ -154,7 +154,8 @@ def cmd_train_selector(args) -> int:
     cfg = SelectorConfig(model=args.model, out=args.out, checkpoint=args.checkpoint, pretrained=args.pretrained,
                          data=args.data, options=parse_options(args.opt), cost_weight=args.cost_weight,
                          token_weight=args.token_weight, budget_tolerance=args.budget_tolerance,
-                         dual_lr=args.dual_lr, dual_p=args.dual_p, max_epochs=args.max_epochs, epochs=args.epochs, batch_size=args.batch_size, ppo=ppo,
+                         dual_lr=args.dual_lr, dual_p=args.dual_p, max_epochs=args.max_epochs, calibrate=args.calibrate,
+                         epochs=args.epochs, batch_size=args.batch_size, ppo=ppo,
                          seed=args.seed, workers=args.workers, save_every=args.save_every,
                          eval_split=args.eval_split, limit_train=args.limit_train, limit_eval=args.limit_eval,
                          max_steps=args.max_steps)
@@ -371,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dual-p", type=float, default=0.1, help="proportional gain on the same excess")
     p.add_argument("--max-epochs", type=int, help="with --budget: while the budget is not met after --epochs, "
                    "train on an epoch at a time, up to this many (default: --epochs)")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="with --budget: do not shift the final selector's actions to meet a missed budget")
     p.add_argument("--cost-weight", type=float, help="reward cost per unit of GMACs ratio (default 0.5; "
                    "with --budget, the starting value, default 0)")
     p.add_argument("--token-weight", type=float, default=0.25, help="cost of the kept-token ratio, relative to "

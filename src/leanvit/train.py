@@ -147,7 +147,7 @@ class Run:
     """
 
     # may change between a run and its resume
-    RESUME_FREE = ("max_steps", "workers", "save_every", "max_epochs")
+    RESUME_FREE = ("max_steps", "workers", "save_every", "max_epochs", "calibrate")
 
     def __init__(self, cfg, config: dict):
         self.cfg, self.config = cfg, config
