@@ -33,6 +33,14 @@ for conf in "${CONFIGS[@]}"; do
         specs+=("$spec")
     done
 done
+# RL4EViT's MAPPO policies, trained on the reference model (benchmarks/rl4evit_reference.sh), as they are
+if [[ -f benchmarks/results/rl4evit/alphas.txt ]]; then
+    read -r -a alphas < benchmarks/results/rl4evit/alphas.txt
+    for a in "${alphas[@]}"; do
+        policy="runs/rl4evit/multi_a$a/policy.safetensors"
+        [[ -f "$policy" ]] && specs+=("rl4evit:weights=$policy")
+    done
+fi
 # the token-only methods run on the same meta-network, at about the same GMACs (0.5 and 0.7 of dense)
 leanvit sweep --model cifar10_vit12_w128 --checkpoint "$META" --data "$DATA" --threads 2 \
     --out benchmarks/results/prance_reference --methods prance:subnet=middle prance:subnet=smallest \

@@ -23,15 +23,16 @@ def selector_of(options: dict):
 
 def training_table() -> str:
     summary, lines = {}, ["| selector | budget | steps | final cost weight | GMACs ratio (1,000 train images) "
-                          "| within 5% | min |", "|---|---:|---:|---:|---:|---|---:|"]
+                          "| within 5% | calibration shift | min |", "|---|---:|---:|---:|---:|---|---:|---:|"]
     for path in sorted(RUNS.glob("*/budget-*/metrics.json")):
         m = json.loads(path.read_text())
         name, budget = path.parent.parent.name, m["config"]["budget"]
         summary[f"{name}/budget-{budget}"] = dict(
             steps=m["steps"], cost_weight=m["cost_weight"], gmacs_ratio=m["gmacs_ratio"], top1_train=m["top1"],
             budget_met=m["budget_met"], history=m["history"], config=m["config"])
+        shift = f"{m['history'][-1]['calibration_shift']:+.3f}" if "calibration_shift" in m["history"][-1] else "-"
         lines.append(f"| {name} | {budget} | {m['steps']} | {m['cost_weight']:.4f} | {m['gmacs_ratio']:.3f} | "
-                     f"{'yes' if m['budget_met'] else '**no**'} | {m['history'][-1]['elapsed_s'] / 60:.0f} |")
+                     f"{'yes' if m['budget_met'] else '**no**'} | {shift} | {m['history'][-1]['elapsed_s'] / 60:.0f} |")
     (RES / "prance_reference" / "selectors.json").write_text(json.dumps(summary, indent=2))
     return "\n".join(lines)
 
