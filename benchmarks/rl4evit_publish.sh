@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Ship the MAPPO policy of the middle budget (second alpha of benchmarks/results/rl4evit/alphas.txt)
 # as src/leanvit/zoo/cifar10_vit12_w128.rl4evit.safetensors (fp32, loadable with
-# weights="cifar10_vit12_w128"); then re-run the demo, which includes it, into docs/demo.
+# weights="cifar10_vit12_w128") and write its model card; then re-run the demo, which includes it,
+# into docs/demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 read -r -a alphas < benchmarks/results/rl4evit/alphas.txt
 src=runs/rl4evit/multi_a${alphas[1]}/policy.safetensors
 cp "$src" src/leanvit/zoo/cifar10_vit12_w128.rl4evit.safetensors
 sha256sum "$src" src/leanvit/zoo/cifar10_vit12_w128.rl4evit.safetensors
+python benchmarks/rl4evit_card.py "${alphas[1]}" > /dev/null
 leanvit demo --data "${DATA:-../shared/data/cifar10-jpeg.tar.gz}" --threads 2 --out docs/demo < /dev/null
