@@ -48,8 +48,11 @@ def test_table() -> str:
     rows = sorted(r["rows"], key=lambda row: -row["gmacs"])
     for row in rows:
         sel = selector_of(row["options"])
+        alpha = re.search(r"multi_a([0-9.]+)/", str(row["options"].get("weights", "")))
         if sel:
             name, setting = f"**prance {sel[0]}**", f"selector for budget {sel[1]}"
+        elif row["method"] == "rl4evit" and alpha:
+            name, setting = "rl4evit (MAPPO)", f"alpha {alpha.group(1)}, trained on the reference model"
         else:
             name, setting = row["method"], f"`{row['label']}`"
         lines.append(f"| {name} | {setting} | {row['top1']:.2f} | {row['top1'] - dense['top1']:+.2f} | "
