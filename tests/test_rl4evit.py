@@ -152,6 +152,29 @@ def test_single_agent_ablation_trains(tmp_path):
         leanvit.adapt(small_vit(), "rl4evit", agents="both")
 
 
+@pytest.mark.skipif(not CIFAR.is_file(), reason="offline CIFAR-10 in ../shared/data not present")
+def test_alternate_epochs_finetune_the_vit_under_frozen_agents(tmp_path):
+    """With finetune_vit, epoch 1 trains the agents (ViT frozen) and epoch 2 the ViT (agents
+    frozen): the exported policy equals the agents after epoch 1, the exported ViT has moved."""
+    from safetensors.torch import load_file, save_file
+    from leanvit.rl import PPOConfig
+    from leanvit.train_policy import PolicyConfig, train_policy
+    start = leanvit.create_model("vit12_convstem_w96_cifar").state_dict()
+    save_file(start, tmp_path / "vit0.safetensors")
+    cfg = PolicyConfig(model="vit12_convstem_w96_cifar", checkpoint=str(tmp_path / "vit0.safetensors"),
+                       out=str(tmp_path / "agents"), data=str(CIFAR), epochs=1,
+                       batch_size=32, limit_train=64, limit_eval=32, workers=0, options={"hidden": [32]},
+                       ppo=PPOConfig(epochs=2))
+    train_policy(cfg, log=lambda s: None)
+    m = train_policy(PolicyConfig(**{**cfg.__dict__, "out": str(tmp_path / "both"), "epochs": 2,
+                                     "finetune_vit": True, "lr_vit": 1e-3}), log=lambda s: None)
+    assert [h["kind"] for h in m["history"]] == ["agents", "vit"] and m["steps"] == 4
+    agents, both = load_file(tmp_path / "agents" / "policy.safetensors"), load_file(tmp_path / "both" / "policy.safetensors")
+    assert agents.keys() == both.keys() and all(torch.equal(agents[k], both[k]) for k in agents)
+    vit = load_file(tmp_path / "both" / "vit.safetensors")
+    assert vit.keys() == start.keys() and any(not torch.equal(vit[k], start[k]) for k in vit) and not (tmp_path / "agents" / "vit.safetensors").exists()
+
+
 @pytest.mark.skipif(not CIFAR.is_file() or __import__("shutil").which("torchrun") is None,
                     reason="offline CIFAR-10 in ../shared/data or torchrun not present")
 def test_torchrun_two_processes_keep_identical_agents(tmp_path):
