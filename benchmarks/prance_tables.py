@@ -45,12 +45,19 @@ def test_table() -> str:
              f"{dense['images_per_second']:.0f} img/s)", "",
              "| method | setting | top-1 % | vs dense | GMACs | of dense | img/s | speedup |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    rows = sorted(r["rows"], key=lambda row: -row["gmacs"])
+    extra = RES / "prance_reference_tokens_only" / "results.json"  # benchmarks/prance_tokens_only.sh
+    more = json.loads(extra.read_text())["rows"] if extra.is_file() else []
+    for row in more:
+        row["own_sweep"] = True
+    if more:
+        lines.insert(1, "(rows marked * come from the sweep of benchmarks/prance_tokens_only.sh, same images and "
+                        "meta-network; their img/s and speedup are from that sweep)")
+    rows = sorted(r["rows"] + more, key=lambda row: -row["gmacs"])
     for row in rows:
         sel = selector_of(row["options"])
         alpha = re.search(r"multi_a([0-9.]+)/", str(row["options"].get("weights", "")))
         if sel:
-            name, setting = f"**prance {sel[0]}**", f"selector for budget {sel[1]}"
+            name, setting = f"**prance {sel[0]}**{'*' if row.get('own_sweep') else ''}", f"selector for budget {sel[1]}"
         elif row["method"] == "rl4evit" and alpha:
             name, setting = "rl4evit (MAPPO)", f"alpha {alpha.group(1)}, trained on the reference model"
         else:
