@@ -6,7 +6,13 @@ therefore every method's decisions) far from uniform.
 """
 from __future__ import annotations
 
+import hashlib
+import io
+import os
 import random
+import tarfile
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +22,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
 from leanvit import Reduction
+from leanvit.data import EMBEDDED_CIFAR10
 from leanvit.methods.base import AttentionView
 from leanvit.tokens import keep_mask
 
@@ -23,6 +30,33 @@ torch.set_num_threads(2)
 
 SMALL = dict(img_size=32, patch_size=4, embed_dim=64, depth=12, num_heads=4, num_classes=10)
 N_SMALL = (32 // 4) ** 2 + 1  # 65 tokens: 64 patches + CLS
+
+
+def cifar_for_tests() -> Path:
+    """CIFAR-10 for the tests that train: the sample shipped in the package (so every machine runs
+    the same tests, ../shared or not), its 2,000 test images split into ``train/`` (the first 100
+    per class) and ``test/`` (the other 100). Built once into the temp dir, atomically."""
+    digest = hashlib.sha256(EMBEDDED_CIFAR10.read_bytes()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / f"leanvit-tests-{digest}" / "cifar10-splits.tar"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with tarfile.open(EMBEDDED_CIFAR10) as src, tarfile.open(tmp, "w") as dst:
+        members = sorted((m for m in src.getmembers() if m.isfile()), key=lambda m: m.name)
+        seen: dict = {}
+        for m in members:
+            _, cls, _ = m.name.split("/")
+            seen[cls] = seen.get(cls, 0) + 1
+            info = tarfile.TarInfo(f"{'train' if seen[cls] <= 100 else 'test'}/{cls}/{m.name.rsplit('/', 1)[1]}")
+            blob = src.extractfile(m).read()
+            info.size = len(blob)
+            dst.addfile(info, io.BytesIO(blob))
+    os.replace(tmp, path)
+    return path
+
+
+CIFAR = cifar_for_tests()
 
 
 def seed_all(seed: int = 0) -> None:

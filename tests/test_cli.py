@@ -9,11 +9,11 @@ import torch
 import timm
 from safetensors.torch import save_file
 
+from conftest import CIFAR
 from leanvit.cli import main, parse_method_spec, parse_options
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 IMAGENETTE = SHARED / "imagenette-val-224.tar"
-CIFAR = SHARED / "cifar10-jpeg.tar.gz"
 needs_data = pytest.mark.skipif(not IMAGENETTE.is_file(), reason="offline data in ../shared/data not present")
 
 
@@ -58,7 +58,6 @@ def test_eval_imagenette_json(tmp_path, capsys):
     assert "dense" in out and "ppt" in out and "policy mix" in out
 
 
-@needs_data
 def test_eval_cifar_with_checkpoint(cifar_checkpoint, tmp_path, capsys):
     out_json = tmp_path / "r.json"
     code, out, err = run_cli(["eval", "--model", "deit_tiny_patch16_224", "--checkpoint", str(cifar_checkpoint),
@@ -138,7 +137,6 @@ def test_wrong_image_size_python_api():
         leanvit.adapt(model, "ppt")(torch.randn(1, 3, 32, 32))
 
 
-@pytest.mark.skipif(not CIFAR.is_file(), reason="offline data in ../shared/data not present")
 def test_sweep_writes_table_json_and_plots(tmp_path, capsys):
     from PIL import Image
     out = tmp_path / "sweep"

@@ -14,6 +14,7 @@ from PIL import Image
 from leanvit import data as D
 from leanvit.data import (
     CIFAR10_CLASSES,
+    EMBEDDED_CIFAR10,
     Batch,
     DataError,
     eval_transform,
@@ -24,14 +25,12 @@ from leanvit.data import (
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared" / "data"
-CIFAR_TAR = SHARED / "cifar10-jpeg.tar.gz"
 IMAGENETTE_TAR = SHARED / "imagenette-val-224.tar"
 IMAGENETTE_INDICES = {0, 217, 482, 491, 497, 566, 569, 571, 574, 701}
 
 CFG32 = dict(input_size=(3, 32, 32), mean=(0.4914, 0.4822, 0.4465), std=(0.247, 0.243, 0.261),
              crop_pct=1.0, interpolation="bicubic")
 
-needs_cifar = pytest.mark.skipif(not CIFAR_TAR.is_file(), reason=f"{CIFAR_TAR} not present")
 needs_imagenette = pytest.mark.skipif(not IMAGENETTE_TAR.is_file(), reason=f"{IMAGENETTE_TAR} not present")
 
 
@@ -40,36 +39,41 @@ needs_imagenette = pytest.mark.skipif(not IMAGENETTE_TAR.is_file(), reason=f"{IM
 
 @pytest.fixture(scope="module")
 def cifar_test():
-    if not CIFAR_TAR.is_file():
-        pytest.skip(f"{CIFAR_TAR} not present")
-    return load_dataset(CIFAR_TAR, split="test", transform=eval_transform(CFG32), num_classes=10)
+    return load_dataset(EMBEDDED_CIFAR10, split="test", transform=eval_transform(CFG32), num_classes=10)
 
 
-def test_cifar_tar_test_split(cifar_test):
+def test_embedded_cifar_sample_is_what_its_readme_says(cifar_test):
+    import hashlib
+    readme = (EMBEDDED_CIFAR10.parent / "README.md").read_text()
+    digest = hashlib.sha256(EMBEDDED_CIFAR10.read_bytes()).hexdigest()
+    assert f"sha256 `{digest}`" in readme and f"({EMBEDDED_CIFAR10.stat().st_size:,} bytes)" in readme
+    assert EMBEDDED_CIFAR10.stat().st_size <= 3 * 2**20
     ds = cifar_test
-    assert len(ds) == 10_000
+    assert len(ds) == 2000
     assert tuple(ds.classes) == CIFAR10_CLASSES
-    assert collections.Counter(ds.targets) == {i: 1000 for i in range(10)}
+    assert collections.Counter(ds.targets) == {i: 200 for i in range(10)}
     x, y = ds[0]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
-    assert y == 0 and ds.path(0).endswith("test/airplane/0000.jpg")
+    assert y == 0 and ds.path(0).endswith("test/airplane/0002.jpg")
     # the last item is a truck, label 9
     assert ds[-1][1] == 9 and "test/truck/" in ds.path(len(ds) - 1)
+    # the demo's default subset of it is all of it (so demo numbers match the full archive's)
+    assert load_dataset(EMBEDDED_CIFAR10, split="test", limit=2000).paths == ds.paths
 
 
 def test_cifar_val_split_aliases_test_folder():
-    if not CIFAR_TAR.is_file():
-        pytest.skip(f"{CIFAR_TAR} not present")
-    ds = load_dataset(CIFAR_TAR, split="val", limit=100)
+    ds = load_dataset(EMBEDDED_CIFAR10, split="val", limit=100)
     assert len(ds) == 100
     assert collections.Counter(ds.targets) == {i: 10 for i in range(10)}  # exactly balanced
     assert all(":test/" in ds.path(i) for i in range(len(ds)))
     img, _ = ds[0]
     assert isinstance(img, Image.Image) and img.mode == "RGB" and img.size == (32, 32)
+    with pytest.raises(DataError, match=r"splits \['test'\].*'train'"):
+        load_dataset(EMBEDDED_CIFAR10, split="train")  # the sample is for evaluation only
 
 
 def test_cifar_loader_batches(cifar_test):
-    sub = torch.utils.data.Subset(cifar_test, range(0, 10_000, 500))  # 20 images, 2 per class
+    sub = torch.utils.data.Subset(cifar_test, range(0, 2000, 100))  # 20 images, 2 per class
     batches = list(make_loader(sub, batch_size=8, num_workers=0))
     assert [len(b) for b in batches] == [8, 8, 4]
     assert all(isinstance(b, Batch) and b.skipped == [] for b in batches)
@@ -77,6 +81,49 @@ def test_cifar_loader_batches(cifar_test):
     assert labels.dtype == torch.long and labels.tolist() == [i // 2 for i in range(20)]
     # normalised with the CIFAR mean/std: roughly zero-centred
     assert abs(torch.cat([b.images for b in batches]).mean().item()) < 0.5
+
+
+def test_data_names_resolve(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert len(load_dataset("cifar10-sample", split="test", limit=10)) == 10
+    assert D.resolve_data("cifar10-sample") == EMBEDDED_CIFAR10
+    # a folder of that name is the user's data, not the name
+    (tmp_path / "cifar10-sample" / "cls").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "cifar10-sample" / "cls" / "a.png")
+    assert load_dataset("cifar10-sample").classes == ["cls"]
+
+
+def test_download_offline_fails_fast_and_names_data(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    def no_network(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    t0 = time.time()
+    with pytest.raises(DataError, match=r"seems offline: pass --data PATH.*cifar10-sample") as e:
+        load_dataset("cifar10", split="test")
+    assert time.time() - t0 < 5 and "cs.toronto.edu" in str(e.value)
+    assert not (tmp_path / "home" / ".cache" / "leanvit" / "cifar-10-batches-py").exists()
+
+
+def test_download_really_offline_here_is_quick(tmp_path):
+    """Without monkeypatching: on an offline machine (CI) the error comes within seconds; online,
+    only the connection is tried (nothing is downloaded into the test's folder: it is checked)."""
+    import socket
+    import time
+    try:
+        socket.create_connection(("www.cs.toronto.edu", 443), timeout=3).close()
+        pytest.skip("this machine is online")  # not counted: CI and the fresh-clone check are offline
+    except OSError:
+        pass
+    t0 = time.time()
+    with pytest.raises(DataError, match="--data"):
+        D.download_cifar10(tmp_path, timeout=3)
+    assert time.time() - t0 < 10
 
 
 @needs_imagenette
@@ -105,18 +152,32 @@ def test_imagenette_num_classes_10_and_mismatch():
         load_dataset(IMAGENETTE_TAR, split="train")
 
 
-@needs_imagenette
-def test_imagenette_grayscale_through_transform():
-    ds = load_dataset(IMAGENETTE_TAR, limit=40, transform=eval_transform(CFG32))
+def test_wnid_tar_grayscale_through_transform(tmp_path):
+    """ImageNet-style archive (val/<wnid>/*.JPEG, grayscale among them), as Imagenette's."""
+    import tarfile
+    path = tmp_path / "nette.tar"
+    with tarfile.open(path, "w") as tar:
+        for i, (wnid, mode) in enumerate([("n01440764", "L"), ("n01440764", "RGB"), ("n03888257", "L")]):
+            buf = io.BytesIO()
+            Image.new(mode, (224, 224), 90).save(buf, "JPEG")
+            info = tarfile.TarInfo(f"val/{wnid}/img{i}.JPEG")
+            info.size = buf.tell()
+            tar.addfile(info, io.BytesIO(buf.getvalue()))
+    ds = load_dataset(path, limit=40, transform=eval_transform(CFG32), num_classes=1000)
+    assert ds.targets == [0, 0, 701]
     xs = [ds[i][0] for i in range(len(ds))]
     assert all(x.shape == (3, 32, 32) for x in xs)
 
 
-def test_find_default_cifar10_finds_shared_archive(monkeypatch):
-    if not CIFAR_TAR.is_file():
-        pytest.skip(f"{CIFAR_TAR} not present")
+def test_find_default_cifar10_finds_shared_archive(tmp_path, monkeypatch):
+    """../shared/data/cifar10-jpeg.tar.gz next to the working directory is found."""
+    shared = tmp_path / "shared" / "data" / "cifar10-jpeg.tar.gz"
+    shared.parent.mkdir(parents=True)
+    shared.write_bytes(b"")
+    (tmp_path / "project").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
     monkeypatch.delenv("LEANVIT_DATA", raising=False)
-    assert Path(find_default_cifar10()).resolve() == CIFAR_TAR.resolve()
+    assert Path(find_default_cifar10()).resolve() == shared.resolve()
 
 
 # ----------------------------------------------------------------- ImageFolder + bad images
@@ -257,6 +318,51 @@ def test_cifar_batches_round_trip(cifar_batches):
                                   out["data_batch_2"][0][0].reshape(3, 32, 32).transpose(1, 2, 0))
     b = next(iter(make_loader(train, batch_size=12, num_workers=0)))
     assert b.images.shape == (12, 3, 32, 32) and b.labels.tolist() == train.targets
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_batches_any_pickle_protocol(tmp_path, protocol):
+    """Python 3 pickles of every protocol numpy writes (bytes via _codecs.encode at protocol 2,
+    arrays via _reconstruct or _frombuffer) pass the restricted unpickler."""
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    arr = np.arange(2 * 3072, dtype=np.int64).astype(np.uint8).reshape(2, 3072)
+    (d / "test_batch").write_bytes(pickle.dumps({b"data": arr, b"labels": [3, 4], b"batch_label": b"t"}, protocol))
+    ds = load_dataset(d, split="test")
+    assert ds.targets == [3, 4]
+    np.testing.assert_array_equal(np.asarray(ds[1][0]), arr[1].reshape(3, 32, 32).transpose(1, 2, 0))
+
+
+class _Payload:
+    """Unpickling this runs ``touch <marker>`` (if the reader lets it)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("name", ["test_batch", "data_batch_1", "batches.meta"])
+def test_crafted_cifar_pickle_stays_inert(tmp_path, name):
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    marker = tmp_path / "pwned"
+    arr = np.zeros((2, 3072), dtype=np.uint8)
+    good = {b"data": arr, b"labels": [0, 1]}
+    for f in ("test_batch", "data_batch_1", "batches.meta"):
+        payload = {b"label_names": [_Payload(marker)]} if f == "batches.meta" else dict(good, x=_Payload(marker))
+        (d / f).write_bytes(pickle.dumps(payload if f == name else ({b"label_names": [b"a", b"b"]}
+                                                                      if f == "batches.meta" else good)))
+    split = "train" if name == "data_batch_1" else "test"
+    if name == "batches.meta":  # class names are optional: warned about, then CIFAR-10's are used
+        assert load_dataset(d, split=split).classes == list(CIFAR10_CLASSES)
+    else:
+        with pytest.raises(DataError, match=r"not a CIFAR-10 batch.*refused to load posix.system|"
+                                            r"not a CIFAR-10 batch.*refused to load os.system"):
+            load_dataset(d, split=split)
+    assert not marker.exists()
 
 
 # ----------------------------------------------------------------- errors and defaults

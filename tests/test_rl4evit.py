@@ -6,7 +6,7 @@ import leanvit
 from leanvit.flops import tokens_per_block
 from leanvit.methods.rl4evit import agent_rewards
 
-from conftest import images, small_vit
+from conftest import CIFAR, images, small_vit
 
 
 def test_rewards_hand_made():
@@ -112,10 +112,8 @@ def test_sampling_records_a_rollout():
     assert not (steps[1]["alive"] & pruned).any()
 
 
-CIFAR = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
-@pytest.mark.skipif(not CIFAR.is_file(), reason="offline CIFAR-10 in ../shared/data not present")
 def test_short_policy_training_raises_the_reward(tmp_path):
     """On an untrained ViT accuracy is at chance, so the reward mostly counts kept tokens: the
     agents must learn to prune, and the mean reward must rise."""
@@ -137,7 +135,6 @@ def test_short_policy_training_raises_the_reward(tmp_path):
     assert f.method.actor[0].weight.shape == (64, 96)
 
 
-@pytest.mark.skipif(not CIFAR.is_file(), reason="offline CIFAR-10 in ../shared/data not present")
 def test_single_agent_ablation_trains(tmp_path):
     """The single-agent variant (one agent takes a layer's joint action) runs the same loop."""
     from leanvit.rl import PPOConfig
@@ -152,7 +149,6 @@ def test_single_agent_ablation_trains(tmp_path):
         leanvit.adapt(small_vit(), "rl4evit", agents="both")
 
 
-@pytest.mark.skipif(not CIFAR.is_file(), reason="offline CIFAR-10 in ../shared/data not present")
 def test_alternate_epochs_finetune_the_vit_under_frozen_agents(tmp_path):
     """With finetune_vit, epoch 1 trains the agents (ViT frozen) and epoch 2 the ViT (agents
     frozen): the exported policy equals the agents after epoch 1, the exported ViT has moved."""
@@ -175,8 +171,7 @@ def test_alternate_epochs_finetune_the_vit_under_frozen_agents(tmp_path):
     assert vit.keys() == start.keys() and any(not torch.equal(vit[k], start[k]) for k in vit) and not (tmp_path / "agents" / "vit.safetensors").exists()
 
 
-@pytest.mark.skipif(not CIFAR.is_file() or __import__("shutil").which("torchrun") is None,
-                    reason="offline CIFAR-10 in ../shared/data or torchrun not present")
+@pytest.mark.skipif(__import__("shutil").which("torchrun") is None, reason="torchrun not on PATH")
 def test_torchrun_two_processes_keep_identical_agents(tmp_path):
     """Under torchrun each process rolls out its own shard; the averaged actor/critic gradients
     keep both processes' agents identical."""
@@ -211,19 +206,16 @@ def test_shipped_policy_loads_by_name_and_reduces_tokens():
     model = leanvit.load_model(name)
     f = leanvit.adapt(model, "rl4evit", weights=name)
     assert f.method.weights == name
-    if CIFAR.is_file():  # real test photos; noise otherwise
-        from leanvit.data import eval_transform, load_dataset
-        data = load_dataset(str(CIFAR), split="test", transform=eval_transform(model), num_classes=10, limit=8)
-        x = torch.stack([data[i][0] for i in range(8)])
-    else:
-        x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    from leanvit.data import eval_transform, load_dataset
+    data = load_dataset(str(CIFAR), split="test", transform=eval_transform(model), num_classes=10, limit=8)
+    x = torch.stack([data[i][0] for i in range(8)])  # real test photos
     with torch.no_grad(), f.tracing() as trace:
         logits = f(x)
     assert logits.shape == (8, 10) and torch.isfinite(logits).all()
     after = tokens_per_block(trace, 8)[-1]
     assert (after < 65).all() and (after >= 2).all()  # tokens really removed, CLS + at least one patch
-    if CIFAR.is_file():  # on photos it costs less than dense, its actor included (not on noise)
-        assert leanvit.count_macs(f, x) < leanvit.count_macs(model, x)
+    # on photos it costs less than dense, its actor included (not on noise)
+    assert leanvit.count_macs(f, x) < leanvit.count_macs(model, x)
     with pytest.raises(leanvit.OptionError, match="shipped rl4evit weights: cifar10_vit12_w128"):
         leanvit.adapt(model, "rl4evit", weights="no_such_model")
 

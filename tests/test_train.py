@@ -10,10 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import CIFAR
 from leanvit.train import TrainConfig, epoch_indices, lr_at, train
 
-CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
-pytestmark = pytest.mark.skipif(not CIFAR.is_file(), reason="offline CIFAR-10 in ../shared/data not present")
 
 SMALL = dict(model="vit12_convstem_w96_cifar", data=str(CIFAR), epochs=2, batch_size=16, limit_train=64,
              limit_eval=32, workers=0, save_every=3, lr=1e-3, warmup_epochs=0.5)
@@ -54,6 +53,42 @@ def test_resume_refuses_another_configuration(tmp_path):
     train(TrainConfig(out=str(tmp_path), max_steps=1, **SMALL), log=lambda s: None)
     with pytest.raises(ValueError, match="different configuration"):
         train(TrainConfig(out=str(tmp_path), **dict(SMALL, lr=5e-4)), log=lambda s: None)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_planted_or_corrupt_checkpoint_is_refused_and_inert(tmp_path, capsys):
+    """Resume reads OUT/last.pt with weights_only=True: a pickle that would run code is refused
+    before it runs; a corrupt file names itself and the way out (--restart), which works."""
+    from leanvit.cli import main
+    from leanvit.train import CheckpointError
+    marker = tmp_path / "pwned"
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"config": {}, "rng": _Payload(marker)}, out / "last.pt")
+    with pytest.raises(CheckpointError, match=r"last.pt is corrupt or not a leanvit checkpoint.*--restart"):
+        train(TrainConfig(out=str(out), **SMALL), log=lambda s: None)
+    assert not marker.exists()
+    for bad in (b"", b"PK\x03\x04 truncated zip", os.urandom(4096)):
+        (out / "last.pt").write_bytes(bad)
+        with pytest.raises(CheckpointError, match="remove it, or pass --restart"):
+            train(TrainConfig(out=str(out), **SMALL), log=lambda s: None)
+    torch.save([1, 2], out / "last.pt")  # loads, but is no resume state
+    with pytest.raises(CheckpointError, match="not a leanvit resume checkpoint"):
+        train(TrainConfig(out=str(out), **SMALL), log=lambda s: None)
+    args = ["train", "--model", SMALL["model"], "--data", SMALL["data"], "--out", str(out), "--epochs", "1",
+            "--batch-size", "16", "--limit-train", "32", "--limit-eval", "16", "--workers", "0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "leanvit: error:" in err and str(out / "last.pt") in err and "Traceback" not in err
+    assert main(args + ["--restart"]) == 0 and (out / "final.safetensors").is_file()
+    assert not marker.exists()
 
 
 def test_training_learns_and_finetunes_with_a_method(tmp_path):

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import leanvit
+from conftest import CIFAR
 from leanvit.cli import main
 from leanvit.demo import DEMO_MODEL, PRANCE_MODEL
 from leanvit.zoo import ZOO_DIR, list_method_weights
 
-CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
 def test_reference_model_is_shipped_small_and_loads_offline():
@@ -42,15 +42,17 @@ def test_prance_meta_network_and_selector_are_shipped():
         assert fast(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
-@pytest.mark.skipif(not CIFAR.is_file(), reason="offline CIFAR-10 in ../shared/data not present")
-def test_demo_on_the_reference_model(tmp_path, capsys):
+def test_demo_on_the_reference_model(tmp_path, capsys, monkeypatch):
+    """With no CIFAR-10 anywhere (a fresh machine), the demo runs on the sample shipped in the package."""
+    monkeypatch.setattr("leanvit.data.find_default_cifar10", lambda: None)
     out = tmp_path / "demo"
-    code = main(["demo", "--data", str(CIFAR), "--limit", "100", "--batch-size", "50", "--workers", "0",
-                 "--out", str(out)])
+    code = main(["demo", "--limit", "100", "--batch-size", "50", "--workers", "0", "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0
+    assert "using the 2,000 CIFAR-10 test images shipped with leanvit" in printed
     result = json.loads((out / "results.json").read_text())
     assert result["n_images"] == 100 and result["model"] == DEMO_MODEL
+    assert result["data"].endswith("cifar10-test-2000.tar.gz:test/")
     methods = {r["method"] for r in result["rows"]}
     assert {"tome", "evit", "ppt", "ats", "random", "rl4evit", "prance"} <= methods
     assert [r.get("model") for r in result["rows"] if r["method"] == "prance"] == [PRANCE_MODEL]
@@ -59,3 +61,14 @@ def test_demo_on_the_reference_model(tmp_path, capsys):
         assert r["gmacs"] < result["dense"]["gmacs"] * 1.001
     assert (out / "pareto.png").stat().st_size > 10_000 and (out / "token_maps.png").stat().st_size > 10_000
     assert "ppt" in printed and "vs dense" in printed
+
+
+def test_demo_full_and_download_need_the_full_set(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("leanvit.data.find_default_cifar10", lambda: None)
+    assert main(["demo", "--full", "--out", str(tmp_path / "a")]) == 2
+    assert "--full needs the full CIFAR-10 test set" in capsys.readouterr().err
+    assert main(["demo", "--full", "--data", "cifar10-sample", "--out", str(tmp_path / "b")]) == 2
+    assert "the shipped sample has 2,000" in capsys.readouterr().err
+    assert main(["demo", "--download", "--data", str(CIFAR), "--out", str(tmp_path / "c")]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -12,6 +12,9 @@ from typing import List, Tuple
 
 import torch
 
+DATA_HELP = ("an ImageFolder dir, a tar of [<split>/]<class>/<img>, a cifar-10-batches-py dir, or a name: "
+             "cifar10 (the full CIFAR-10, downloaded into ~/.cache/leanvit) or cifar10-sample (2,000 CIFAR-10 "
+             "test images shipped with leanvit); default for training/sweep: CIFAR-10 from the standard locations")
 EPILOG = "Method options: --opt key=value (repeatable), e.g. --method ppt --opt r=50 --opt layers=3,6,9"
 
 
@@ -113,6 +116,16 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _start_run(args) -> None:
+    """Threads; with --restart, forget the run's resume checkpoints (one per budget for train-selector).
+    Rank 0 removes them before the process group forms, so no process can have read them yet."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.restart and int(os.environ.get("RANK", "0")) == 0:
+        for ckpt in [Path(args.out) / "last.pt", *Path(args.out).glob("budget-*/last.pt")]:
+            ckpt.unlink(missing_ok=True)
+
+
 def _run_log(out: str):
     """A logger that prints a line and appends it to OUT/train.log."""
     path = Path(out) / "train.log"
@@ -135,8 +148,7 @@ def cmd_train(args) -> int:
                       save_every=args.save_every, train_split=args.train_split, eval_split=args.eval_split,
                       limit_train=args.limit_train, limit_eval=args.limit_eval, max_steps=args.max_steps,
                       sandwich=args.sandwich, reorder=args.reorder)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _start_run(args)
     log = _run_log(args.out)
     metrics = train(cfg, log=log)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -159,8 +171,7 @@ def cmd_train_selector(args) -> int:
                          seed=args.seed, workers=args.workers, save_every=args.save_every,
                          eval_split=args.eval_split, limit_train=args.limit_train, limit_eval=args.limit_eval,
                          max_steps=args.max_steps)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _start_run(args)
     log = _run_log(args.out)
     main = int(os.environ.get("RANK", "0")) == 0
     for budget in args.budget or [None]:
@@ -186,8 +197,7 @@ def cmd_train_policy(args) -> int:
                        batch_size=args.batch_size, ppo=ppo, finetune_vit=args.finetune_vit, lr_vit=args.lr_vit,
                        seed=args.seed, workers=args.workers, save_every=args.save_every,
                        limit_train=args.limit_train, limit_eval=args.limit_eval, max_steps=args.max_steps)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _start_run(args)
     log = _run_log(args.out)
     metrics = train_policy(cfg, log=log)
     if int(os.environ.get("RANK", "0")) == 0 and metrics["history"]:
@@ -235,7 +245,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .data import DataError, describe_search, find_default_cifar10
+    from .data import EMBEDDED_CIFAR10, DataError, describe_search, download_cifar10, find_default_cifar10, resolve_data
     from .demo import DEMO_MODEL, demo_specs
     from .models import list_models
     from .zoo import load_model
@@ -246,10 +256,20 @@ def cmd_demo(args) -> int:
               "Meanwhile try: leanvit eval --model deit_tiny_patch16_224 --data DIR --method ppt --opt r=50",
               file=sys.stderr)
         return 1
-    data = args.data or find_default_cifar10()
+    if args.download and args.data:
+        raise DataError("give either --download or --data, not both")
+    data = download_cifar10() if args.download else args.data or find_default_cifar10()
     if data is None:
-        raise DataError("leanvit demo needs CIFAR-10 and found none.\n" + describe_search())
+        if args.full:
+            raise DataError("--full needs the full CIFAR-10 test set and found none; looked in:\n"
+                            + describe_search() + "\npass --data PATH to a local copy, or --download")
+        print("leanvit demo: no full CIFAR-10 found (--data PATH, $LEANVIT_DATA, ./data, ~/.cache/leanvit or "
+              "--download); using the 2,000 CIFAR-10 test images shipped with leanvit")
+        data = EMBEDDED_CIFAR10
     if args.full:
+        if resolve_data(data) == EMBEDDED_CIFAR10:
+            raise DataError("--full needs the full CIFAR-10 test set; the shipped sample has 2,000 of its images: "
+                            "pass --data PATH to a local copy, or --download")
         args.limit = None
     return _comparison(args, load_model(DEMO_MODEL), DEMO_MODEL, demo_specs(), data)
 
@@ -266,7 +286,7 @@ def _write_json(path: str, payload: dict) -> None:
 def _add_train_args(p) -> None:
     _add_model_args(p)
     p.add_argument("--out", required=True, help="run directory: checkpoints, log, final weights, metrics")
-    p.add_argument("--data", help="training data (default: CIFAR-10 from the standard locations)")
+    p.add_argument("--data", help=DATA_HELP)
     p.add_argument("--train-split", default="train")
     p.add_argument("--eval-split", default="test")
     p.add_argument("--epochs", type=int, default=30)
@@ -285,6 +305,7 @@ def _add_train_args(p) -> None:
     p.add_argument("--limit-train", type=int)
     p.add_argument("--limit-eval", type=int)
     p.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule still spans --epochs)")
+    p.add_argument("--restart", action="store_true", help="start over: ignore (and remove) OUT/last.pt")
 
 
 def _add_ppo_args(p, ppo) -> None:
@@ -302,6 +323,7 @@ def _add_ppo_args(p, ppo) -> None:
     p.add_argument("--limit-train", type=int)
     p.add_argument("--limit-eval", type=int)
     p.add_argument("--max-steps", type=int)
+    p.add_argument("--restart", action="store_true", help="start over: ignore (and remove) OUT/last.pt")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="top-1, GMACs and images/s of the dense model and a method", epilog=EPILOG)
     _add_model_args(p)
-    p.add_argument("--data", required=True, help="ImageFolder dir, tar of <split>/<class>/<img>, or cifar-10-batches-py")
+    p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--split", default="val", help="split folder inside --data (default val; test also accepted)")
     p.add_argument("--method", default="none", help="a method from `leanvit methods`")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
@@ -362,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="prance option: strategy=prune|merge|prune-merge|none, channels=true|false, stages=4")
     p.add_argument("--out", required=True)
-    p.add_argument("--data", help="training data (default: CIFAR-10 from the standard locations)")
+    p.add_argument("--data", help=DATA_HELP)
     p.add_argument("--budget", type=float, nargs="+", help="target mean GMACs as a fraction of dense, e.g. 0.5; "
                    "several budgets train one selector each, in OUT/budget-B/")
     p.add_argument("--budget-tolerance", type=float, default=0.05,
@@ -389,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="rl4evit")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="rl4evit option (layers, hidden)")
     p.add_argument("--out", required=True)
-    p.add_argument("--data", help="training data (default: CIFAR-10 from the standard locations)")
+    p.add_argument("--data", help=DATA_HELP)
     p.add_argument("--alpha", type=float, default=0.8, help="weight of r1 (-1 per kept token)")
     p.add_argument("--beta", type=float, default=1.0, help="weight of r2 (correct / tokens kept)")
     p.add_argument("--epochs", type=int, default=2)
@@ -402,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list leanvit's reference models").set_defaults(func=cmd_models)
     p = sub.add_parser("sweep", help="every method at several budgets: table, JSON, Pareto plot, token maps")
     _add_model_args(p)
-    p.add_argument("--data", help="data set (default: CIFAR-10 from the standard locations)")
+    p.add_argument("--data", help=DATA_HELP)
     p.add_argument("--split", default="test")
     p.add_argument("--methods", nargs="+", required=True, metavar="SPEC",
                    help="method specs name:key=value:..., e.g. tome:r=2 tome:r=4 ppt:r=10:threshold=scaled")
@@ -413,11 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("demo", help="the shipped reference model against every parameter-free method")
-    p.add_argument("--data", help="CIFAR-10 (default: ../shared/data, $LEANVIT_DATA or a standard location)")
+    p.add_argument("--data", help="CIFAR-10 (default: $LEANVIT_DATA, ./data, ../shared/data or ~/.cache/leanvit; "
+                   "without any, the 2,000 test images shipped with leanvit)")
+    p.add_argument("--download", action="store_true",
+                   help="download the full CIFAR-10 through torchvision into ~/.cache/leanvit (once)")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=2000,
-                   help="class-balanced subset of the test set (default 2000, about 3 minutes on 2 cores)")
-    p.add_argument("--full", action="store_true", help="all 10,000 test images")
+                   help="class-balanced subset of the test set (default 2000: the shipped sample, about 3 minutes "
+                        "on 2 cores)")
+    p.add_argument("--full", action="store_true", help="all 10,000 test images (needs the full set)")
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)

@@ -7,6 +7,10 @@ Three on-disk forms are accepted (see :func:`load_dataset`):
   into memory without extracting anything to disk;
 * a torchvision CIFAR-10 download (``cifar-10-batches-py`` or its parent directory).
 
+Two names stand for data sets instead of a path (a file or folder of that name wins):
+``cifar10-sample``, the 2,000 CIFAR-10 test images embedded in the package, and ``cifar10``,
+the full CIFAR-10 in ``~/.cache/leanvit/``, downloaded through torchvision on first use.
+
 Images that cannot be decoded never raise: the dataset returns ``(None, path)`` and
 the loader's collate function drops them and lists them in ``Batch.skipped``, so an
 evaluation can report exactly what it did not score.
@@ -33,14 +37,17 @@ from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
     "CIFAR10_CLASSES",
+    "EMBEDDED_CIFAR10",
     "Batch",
     "DataError",
+    "download_cifar10",
     "LabeledImages",
     "describe_search",
     "eval_transform",
     "find_default_cifar10",
     "load_dataset",
     "make_loader",
+    "resolve_data",
 ]
 
 log = logging.getLogger(__name__)
@@ -77,6 +84,10 @@ ACCEPTED_LAYOUTS = (
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 _CIFAR_ARCHIVE = "cifar10-jpeg.tar.gz"
 _CIFAR_BATCHES = "cifar-10-batches-py"
+# The demo's 2,000-image class-balanced CIFAR-10 test subset, shipped as package data
+# (assets/README.md says what it is; tools/make_cifar10_sample.py builds it).
+EMBEDDED_CIFAR10 = Path(__file__).resolve().parent / "assets" / "cifar10-test-2000.tar.gz"
+SAMPLE_NAME, DOWNLOAD_NAME = "cifar10-sample", "cifar10"
 
 
 class DataError(ValueError):
@@ -362,11 +373,39 @@ def _cifar_batches_dir(d: Path) -> Optional[Path]:
     return None
 
 
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    # What Python 3 pickles of bytes call (``_codecs.encode(text, 'latin1')``); no other codec.
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"codec {encoding!r} is not allowed in a CIFAR-10 batch")
+    return text.encode("latin1")
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what a CIFAR-10 batch holds: builtin containers, bytes, str, numbers and numpy
+    arrays. Any other global (``os.system``, ``builtins.eval``, ...) is refused before it runs."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR-10 batch holds only "
+                                     "dicts, lists, bytes, str, numbers and numpy arrays")
+
+
 def _unpickle(f: Path) -> dict:
     # The official files are Python 2 pickles holding numpy arrays: latin1 is what numpy
-    # needs for those, as in torchvision. (Pickles run code: only load files you trust.)
+    # needs for those, as in torchvision. The restricted unpickler keeps a crafted file inert.
     with open(f, "rb") as fh:
-        d = pickle.load(fh, encoding="latin1")
+        d = _CifarUnpickler(fh, encoding="latin1").load()
+    if not isinstance(d, dict):
+        raise pickle.UnpicklingError(f"holds a {type(d).__name__}, not a dict")
     return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in d.items()}
 
 
@@ -463,20 +502,14 @@ def load_dataset(
 ) -> LabeledImages:
     """Load a labelled image set from a folder, a tar archive or a torchvision CIFAR-10 dir.
 
-    ``path=None`` uses :func:`find_default_cifar10`. Labels are sorted class-folder
+    ``path=None`` uses :func:`find_default_cifar10`; the names ``cifar10-sample`` and ``cifar10``
+    are resolved by :func:`resolve_data`. Labels are sorted class-folder
     indices; if ``num_classes`` differs from the number of classes, ImageNet wnid
     folders are mapped to ImageNet-1k indices for a 1000-class model, anything else
     raises :class:`DataError`. ``limit`` keeps a seeded, class-balanced subset.
     For split ``'val'`` a ``test`` folder is accepted (and vice versa).
     """
-    if path is None:
-        found = find_default_cifar10()
-        if found is None:
-            raise DataError("no CIFAR-10 found; looked in:\n" + describe_search()
-                            + "\npass --data PATH (an ImageFolder dir, a tar of <split>/<class>/<img>, "
-                              "or a torchvision cifar-10-batches-py dir)")
-        path = found
-    p = Path(os.fspath(path)).expanduser()
+    p = resolve_data(path)
     args = (split, num_classes, limit, seed, transform)
     if not p.exists():
         raise DataError(f"data path {p} does not exist; expected {ACCEPTED_LAYOUTS}")
@@ -494,6 +527,87 @@ def load_dataset(
             return _load_cifar_batches(batches, *args)
         return _load_folder(p, *args)
     raise DataError(f"{p} is neither a file nor a directory; expected {ACCEPTED_LAYOUTS}")
+
+
+def resolve_data(path: Optional[PathLike]) -> Path:
+    """The path that ``path`` names: itself if it exists; ``None`` -> :func:`find_default_cifar10`;
+    ``cifar10-sample`` -> the embedded sample; ``cifar10`` -> the full set, downloaded if missing."""
+    if path is None:
+        found = find_default_cifar10()
+        if found is None:
+            raise DataError("no CIFAR-10 found; looked in:\n" + describe_search()
+                            + f"\npass --data PATH (an ImageFolder dir, a tar of <split>/<class>/<img>, "
+                              f"or a torchvision cifar-10-batches-py dir), --data {DOWNLOAD_NAME} to download "
+                              f"it, or --data {SAMPLE_NAME} for the 2,000 test images shipped with leanvit")
+        return Path(found)
+    p = Path(os.fspath(path)).expanduser()
+    if not p.exists() and str(path) == SAMPLE_NAME:
+        return EMBEDDED_CIFAR10
+    if not p.exists() and str(path) == DOWNLOAD_NAME:
+        return download_cifar10()
+    return p
+
+
+# --------------------------------------------------------------------------- download
+
+
+def cache_dir() -> Path:
+    """Where leanvit keeps what it downloads: ``~/.cache/leanvit``."""
+    return Path.home() / ".cache" / "leanvit"
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download_cifar10(root: Optional[PathLike] = None, timeout: float = 10.0) -> Path:
+    """The full CIFAR-10 (python format) in ``root`` (default :func:`cache_dir`), downloaded through
+    torchvision with a progress bar if it is not there yet; every file's md5 is checked.
+
+    Offline, this fails within ``timeout`` seconds with a :class:`DataError` that names ``--data``.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    root = Path(root) if root is not None else cache_dir()
+    batches = root / CIFAR10.base_folder
+    expected = CIFAR10.train_list + CIFAR10.test_list + [[CIFAR10.meta["filename"], CIFAR10.meta["md5"]]]
+
+    def complete() -> bool:
+        return all((batches / f).is_file() and _md5(batches / f) == md5 for f, md5 in expected)
+
+    if complete():
+        return batches
+    offline = (f"cannot download CIFAR-10 from {CIFAR10.url} ({{}}); this machine seems offline: "
+               f"pass --data PATH to a local copy (a cifar-10-batches-py dir, an ImageFolder dir or a tar "
+               f"of <split>/<class>/<img>), or --data {SAMPLE_NAME} for the 2,000 test images shipped with leanvit")
+    url = urlparse(CIFAR10.url)
+    try:  # fail fast when there is no network: urllib itself would wait without a limit
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError as err:
+        raise DataError(offline.format(err)) from err
+    log.warning("downloading CIFAR-10 (163 MB) into %s", root)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(max(timeout, 30.0))  # a stalled transfer ends instead of hanging
+    try:
+        download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5,
+                                     remove_finished=True)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError; a bad checksum a RuntimeError
+        raise DataError(offline.format(err)) from err
+    finally:
+        socket.setdefaulttimeout(previous)
+    if not complete():
+        raise DataError(f"CIFAR-10 in {batches} failed its md5 check after the download; remove the folder "
+                        "and try again")
+    return batches
 
 
 # --------------------------------------------------------------------------- batching
@@ -589,7 +703,8 @@ def _search_candidates() -> list[Path]:
         cwd.parent / "shared" / "data" / _CIFAR_ARCHIVE,
         _REPO_ROOT / "data" / _CIFAR_ARCHIVE,
         _REPO_ROOT.parent / "shared" / "data" / _CIFAR_ARCHIVE,
-        Path.home() / ".cache" / "leanvit" / _CIFAR_ARCHIVE,
+        cache_dir() / _CIFAR_ARCHIVE,
+        cache_dir() / _CIFAR_BATCHES,
         cwd / "data" / _CIFAR_BATCHES,
         Path.home() / "data" / _CIFAR_BATCHES,
         Path.home() / ".cache" / "torchvision" / _CIFAR_BATCHES,

@@ -106,6 +106,16 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
+def _plain(value):
+    """``value`` with tuples as lists and paths as strings: what weights_only loading gives back,
+    so a saved configuration compares equal to the running one."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value) if isinstance(value, os.PathLike) else value
+
+
 def atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -113,13 +123,39 @@ def atomic_save(obj, path: Path) -> None:
 
 
 def _rng_state() -> dict:
-    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+    """The RNG states as tensors, ints and lists only, so a checkpoint loads with weights_only=True."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return dict(torch=torch.get_rng_state(),
+                numpy=dict(name=name, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                           has_gauss=int(has_gauss), cached=float(cached)),
+                python=dict(version=version, internal=list(internal), gauss=gauss))
 
 
 def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
+    n = s["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = s["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+
+
+class CheckpointError(ValueError):
+    """A resume checkpoint that cannot be used; the message names the file and the way out."""
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A resume checkpoint, read with ``weights_only=True``: tensors, numbers, strings and containers
+    only, so a planted or tampered file cannot run code. Anything else is a :class:`CheckpointError`."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, unpickling refused, EOF, ...: all mean "not usable"
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise CheckpointError(f"{path} is corrupt or not a leanvit checkpoint ({type(err).__name__}: {first}); "
+                              "remove it, or pass --restart to start the run over") from err
+    if not isinstance(ckpt, dict) or not {"config", "rng"} <= ckpt.keys():
+        raise CheckpointError(f"{path} is not a leanvit resume checkpoint; remove it, or pass --restart")
+    return ckpt
 
 
 # --- distributed ----------------------------------------------------------------------------------
@@ -204,20 +240,20 @@ class Run:
         """The checkpoint to resume from (RNG restored), or None; refuses another configuration."""
         if not self.state_path.is_file():
             return None
-        ckpt = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(self.state_path)
         saved = {k: v for k, v in ckpt["config"].items() if k not in self.RESUME_FREE}
-        mine = {k: v for k, v in self.config.items() if k not in self.RESUME_FREE}
+        mine = {k: v for k, v in _plain(self.config).items() if k not in self.RESUME_FREE}
         if saved != mine:
             diff = {k: (saved.get(k), mine.get(k)) for k in mine if saved.get(k) != mine.get(k)}
-            raise ValueError(f"{self.state_path} was written by a different configuration {diff}; "
-                             "use another --out or delete it to start over")
+            raise CheckpointError(f"{self.state_path} was written by a different configuration {diff}; "
+                                  "use another --out, or pass --restart to start over")
         _set_rng_state(ckpt["rng"])
         self.t0 = time.time() - ckpt.get("elapsed_s", 0.0)  # wall time counts across resumes
         return ckpt
 
     def save(self, **state) -> None:
         if self.is_main:
-            atomic_save(dict(state, config=self.config, rng=_rng_state(), elapsed_s=time.time() - self.t0),
+            atomic_save(dict(state, config=_plain(self.config), rng=_rng_state(), elapsed_s=time.time() - self.t0),
                         self.state_path)
 
     def progress(self, step: int, desc: str) -> tqdm:
