@@ -154,3 +154,24 @@ def test_sweep_writes_table_json_and_plots(tmp_path, capsys):
         w, h = Image.open(out / png).size
         assert w > 300 and h > 200
     assert "tome" in stdout and "vs dense" in stdout
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_crafted_checkpoint_stays_inert(tmp_path, capsys):
+    """--checkpoint reads torch files with weights_only=True: a pickle that would run code is refused."""
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "weights.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "x": _Payload(marker)}, bad)
+    code, out, err = run_cli(["eval", "--model", "vit12_convstem_w96_cifar", "--checkpoint", str(bad),
+                              "--data", "cifar10-sample", "--limit", "4"], capsys)
+    assert code == 2 and "cannot read checkpoint" in err and "weights_only=True" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not marker.exists()

@@ -36,8 +36,10 @@ def read_state_dict(path: str) -> dict:
             sd = load_file(str(p))
         else:
             sd = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, wrong format
-        raise ModelError(f"cannot read checkpoint {path}: {e}") from None
+    except Exception as e:  # corrupt file, wrong format, or a pickle that would run code (refused)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ModelError(f"cannot read checkpoint {path} ({type(e).__name__}: {first}); leanvit reads "
+                         "safetensors, or torch files holding only tensors (weights_only=True)") from None
     for key in ("model_ema", "model", "state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
