@@ -110,6 +110,34 @@ def test_download_offline_fails_fast_and_names_data(tmp_path, monkeypatch):
     assert not (tmp_path / "home" / ".cache" / "leanvit" / "cifar-10-batches-py").exists()
 
 
+def test_download_checks_every_file(tmp_path, monkeypatch):
+    """A download whose files do not match torchvision's md5 list is an error, not data; with
+    the right files in place nothing is fetched (the network is never asked)."""
+    import socket
+
+    import torchvision.datasets.utils as tvu
+    from torchvision.datasets import CIFAR10
+
+    class Connection:
+        def close(self):
+            pass
+
+    def fake_download(url, root, filename=None, md5=None, remove_finished=False):
+        d = Path(root) / CIFAR10.base_folder
+        d.mkdir(parents=True, exist_ok=True)
+        for name, _ in CIFAR10.train_list + CIFAR10.test_list + [[CIFAR10.meta["filename"], ""]]:
+            (d / name).write_bytes(b"not cifar")
+
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: Connection())
+    monkeypatch.setattr(tvu, "download_and_extract_archive", fake_download)
+    with pytest.raises(DataError, match="failed its md5 check after the download"):
+        D.download_cifar10(tmp_path)
+    monkeypatch.setattr(D, "_md5", lambda path: dict(CIFAR10.train_list + CIFAR10.test_list)
+                        .get(path.name, CIFAR10.meta["md5"]))
+    monkeypatch.setattr(socket, "create_connection", None)  # would raise if called
+    assert D.download_cifar10(tmp_path) == tmp_path / "cifar-10-batches-py"
+
+
 def test_download_really_offline_here_is_quick(tmp_path):
     """Without monkeypatching: on an offline machine (CI) the error comes within seconds; online,
     only the connection is tried (nothing is downloaded into the test's folder: it is checked)."""

@@ -65,8 +65,10 @@ def _load(args):
 
 def cmd_eval(args) -> int:
     import leanvit
-    from .data import eval_transform, load_dataset, make_loader
+    from .data import eval_transform, load_dataset, make_loader, resolve_data
     from .evaluate import evaluate
+    from .provenance import method_weights, provenance
+    from .report import format_table
     model = _load(args)
     method = leanvit.adapt(model, args.method, **parse_options(args.opt))
     dataset = load_dataset(args.data, split=args.split, transform=eval_transform(model),
@@ -79,23 +81,28 @@ def cmd_eval(args) -> int:
     dense = results["dense"]
     print(f"model {args.model}  data {dataset.root} ({args.split}, {dense.n_images} images, "
           f"{dense.skipped} unreadable skipped)  threads {torch.get_num_threads()}  batch {args.batch_size}")
-    print(f"{'method':<12}{'top-1 %':>9}{'delta':>8}{'GMACs':>9}{'img/s':>9}")
-    for name, r in results.items():
-        print(f"{name:<12}{r.top1:>9.2f}{r.top1 - dense.top1:>+8.2f}{r.gmacs:>9.3f}{r.images_per_second:>9.1f}")
+    options = parse_options(args.opt)
+    rows = [dict(r.to_dict(), label=" ".join(args.opt)) for name, r in results.items() if name != "dense"]
+    print(format_table(rows, dense), end="")
+    for r in results.values():
         if "prune_fraction_per_layer" in r.extra:
             mix = ", ".join(f"L{l}: {100 * f:.0f}% prune" for l, f in r.extra["prune_fraction_per_layer"].items())
-            print(f"{'':<12}policy mix  {mix}")
+            print(f"{r.method} policy mix: {mix}")
     main_result = results[args.method if args.method != "none" else "dense"]
     if args.json:
         payload = dict(main_result.to_dict(), model=args.model, data=str(dataset.root), split=args.split,
-                       options=parse_options(args.opt), batch_size=args.batch_size,
-                       threads=torch.get_num_threads(), dense=dense.to_dict())
+                       options=options, batch_size=args.batch_size, threads=torch.get_num_threads(),
+                       dense=dense.to_dict(), method_weights=method_weights(args.method, options),
+                       provenance=provenance(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                                             data=resolve_data(args.data), split=args.split, limit=args.limit))
         _write_json(args.json, payload)
     return 0
 
 
 def cmd_bench(args) -> int:
     from .bench import benchmark, format_table
+    from .data import resolve_data
+    from .provenance import provenance
     model = _load(args)
     size = args.input_size or list(model.pretrained_cfg.get("input_size", (3, 224, 224)))
     if args.data:
@@ -110,6 +117,8 @@ def cmd_bench(args) -> int:
     result = benchmark(model, methods, images, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
                        one_at_a_time=args.one_at_a_time)
     result["settings"].update(model=args.model, data=args.data or "gaussian noise")
+    result["provenance"] = provenance(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                                      data=resolve_data(args.data) if args.data else None, split=args.split)
     print(format_table(result))
     if args.json:
         _write_json(args.json, result)
@@ -225,12 +234,16 @@ def cmd_models(args) -> int:
 
 
 def _comparison(args, model, model_name, specs, data_path) -> int:
-    from .data import eval_transform, load_dataset
+    from .data import eval_transform, load_dataset, resolve_data
     from .demo import run_comparison
+    from .provenance import provenance
     dataset = load_dataset(data_path, split=args.split, transform=eval_transform(model),
                            num_classes=model.num_classes, limit=args.limit)
+    source = provenance(model=model_name, checkpoint=getattr(args, "checkpoint", None),
+                        pretrained=getattr(args, "pretrained", False), data=resolve_data(data_path), split=args.split,
+                        limit=args.limit)
     result = run_comparison(model, model_name, dataset, specs, args.out, batch_size=args.batch_size,
-                            workers=args.workers)
+                            workers=args.workers, provenance=source)
     print(f"{model_name} on {dataset.root} ({args.split}, {result['n_images']} images), "
           f"{result['threads']} threads, batch {args.batch_size}, {result['seconds']:.0f} s")
     print(result["table"])

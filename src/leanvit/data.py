@@ -18,6 +18,7 @@ evaluation can report exactly what it did not score.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -571,11 +572,7 @@ def download_cifar10(root: Optional[PathLike] = None, timeout: float = 10.0) -> 
 
     Offline, this fails within ``timeout`` seconds with a :class:`DataError` that names ``--data``.
     """
-    import socket
-    from urllib.parse import urlparse
-
     from torchvision.datasets import CIFAR10
-    from torchvision.datasets.utils import download_and_extract_archive
 
     root = Path(root) if root is not None else cache_dir()
     batches = root / CIFAR10.base_folder
@@ -586,6 +583,42 @@ def download_cifar10(root: Optional[PathLike] = None, timeout: float = 10.0) -> 
 
     if complete():
         return batches
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"cannot create {root} for the CIFAR-10 download ({err}); pass --data PATH") from err
+    with _exclusive(root / ".download.lock"):  # torchrun's processes: one downloads, the others wait
+        if not complete():
+            _download_cifar10(root, timeout)
+    if not complete():
+        raise DataError(f"CIFAR-10 in {batches} failed its md5 check after the download; remove the folder "
+                        "and try again")
+    return batches
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Hold an exclusive lock on ``lock_path`` (POSIX; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock_path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _download_cifar10(root: Path, timeout: float) -> None:
+    import socket
+    from urllib.parse import urlparse
+
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import download_and_extract_archive
+
     offline = (f"cannot download CIFAR-10 from {CIFAR10.url} ({{}}); this machine seems offline: "
                f"pass --data PATH to a local copy (a cifar-10-batches-py dir, an ImageFolder dir or a tar "
                f"of <split>/<class>/<img>), or --data {SAMPLE_NAME} for the 2,000 test images shipped with leanvit")
@@ -600,14 +633,13 @@ def download_cifar10(root: Optional[PathLike] = None, timeout: float = 10.0) -> 
     try:
         download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5,
                                      remove_finished=True)
-    except (OSError, RuntimeError) as err:  # URLError is an OSError; a bad checksum a RuntimeError
+    except RuntimeError as err:  # torchvision's md5 check of the archive
+        raise DataError(f"the CIFAR-10 download from {CIFAR10.url} failed its md5 check ({err}); "
+                        "try again, or pass --data PATH") from err
+    except OSError as err:  # URLError, a timeout, a full disk
         raise DataError(offline.format(err)) from err
     finally:
         socket.setdefaulttimeout(previous)
-    if not complete():
-        raise DataError(f"CIFAR-10 in {batches} failed its md5 check after the download; remove the folder "
-                        "and try again")
-    return batches
 
 
 # --------------------------------------------------------------------------- batching

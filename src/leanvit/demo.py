@@ -70,8 +70,9 @@ def adapt_spec(model, spec: Spec, models: Optional[dict] = None):
 
 
 def run_comparison(model, model_name: str, dataset, specs, out_dir: str, batch_size: int = 250,
-                   workers: Optional[int] = None, map_images: int = 4) -> dict:
-    """Evaluate dense + ``specs`` on ``dataset``; write results.json, pareto.png, token_maps.png."""
+                   workers: Optional[int] = None, map_images: int = 4, provenance: Optional[dict] = None) -> dict:
+    """Evaluate dense + ``specs`` on ``dataset``; write results.json (with ``provenance``, what the
+    numbers were computed from), pareto.png, token_maps.png."""
     from .data import make_loader
     from .evaluate import sweep
     from .report import format_table, pareto_plot, token_maps
@@ -82,12 +83,9 @@ def run_comparison(model, model_name: str, dataset, specs, out_dir: str, batch_s
     result = sweep(model, loader, specs, desc=f"{model_name}: {len(specs) + 1} configurations")
     result.update(model=model_name, data=str(dataset.root), split=getattr(dataset, "split", None),
                   n_images=result["dense"]["n_images"], threads=torch.get_num_threads(), batch_size=batch_size,
-                  date=time.strftime("%Y-%m-%d"), seconds=round(time.time() - t0, 1))
-    for row in result["rows"]:
-        row["speedup"] = row["images_per_second"] / result["dense"]["images_per_second"]
+                  date=time.strftime("%Y-%m-%d"), seconds=round(time.time() - t0, 1), provenance=provenance)
     _write_json(out / "results.json", result)
-    pareto_plot([dict(method=r["method"], label=r["label"], gmacs=r["gmacs"], top1=r["top1"]) for r in result["rows"]],
-                out / "pareto.png", title=f"{model_name} on {Path(str(dataset.root)).name} "
+    pareto_plot(result["rows"], out / "pareto.png", title=f"{model_name} on {Path(str(dataset.root)).name} "
                 f"({result['n_images']} images)", dense=result["dense"])
     # token maps: the middle budget of every method, on the first few images
     firsts = {}

@@ -57,43 +57,49 @@ _MARKERS = "osD^vP<>Xph"
 
 def pareto_plot(results: Sequence[Mapping], path, title: Optional[str] = None,
                 dense: Optional[Mapping] = None) -> str:
-    """Top-1 against GMACs per image: one line per method, each point labelled with its budget.
+    """Top-1 against GMACs per image: one line per method, each point labelled with its budget;
+    next to it, where the results carry ``kl_to_dense``, KL to the dense model against GMACs
+    (log scale), which separates methods that top-1 on a few thousand images cannot.
 
-    ``results``: dicts with ``method``, ``label`` (e.g. "r=50"), ``gmacs`` and ``top1`` (percent).
-    ``dense``: optional dict with ``gmacs`` and ``top1`` of the unreduced model, drawn as a star.
-    Writes a PNG (parent folders are created) and returns ``path``.
+    ``results``: dicts with ``method``, ``label`` (e.g. "r=50"), ``gmacs``, ``top1`` (percent) and
+    optionally ``kl_to_dense``. ``dense``: optional dict with ``gmacs`` and ``top1`` of the
+    unreduced model, drawn as a star. Writes a PNG (parent folders are created), returns ``path``.
     """
     by_method: Dict[str, List[Mapping]] = {}
     for r in results:
         by_method.setdefault(str(_get(r, "method")), []).append(r)
+    with_kl = [r for r in results if _get(r, "kl_to_dense") is not None]
+    panels = [("top1", "top-1 (%)")] + ([("kl_to_dense", "KL(dense || method), nats")] if with_kl else [])
 
-    fig = _new_figure(7.0, 5.0)
-    ax = fig.add_subplot(1, 1, 1)
-    colors = [f"C{i}" for i in range(10)]
-    for i, (method, pts) in enumerate(by_method.items()):
-        pts = sorted(pts, key=lambda p: float(_get(p, "gmacs")))
-        xs = [float(_get(p, "gmacs")) for p in pts]
-        ys = [float(_get(p, "top1")) for p in pts]
-        color = colors[i % len(colors)]
-        ax.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], color=color, label=method,
-                linewidth=1.5, markersize=6)
-        for p, x, y in zip(pts, xs, ys):
-            label = _get(p, "label")
-            if label not in (None, ""):
-                ax.annotate(str(label), (x, y), xytext=(4, 4), textcoords="offset points",
-                            fontsize=7, color=color)
-    if dense is not None:
-        x, y = float(_get(dense, "gmacs")), float(_get(dense, "top1"))
-        ax.plot([x], [y], marker="*", color="black", markersize=15, linestyle="none",
-                label=str(_get(dense, "method", None) or "dense"))
-        ax.annotate(f"{y:.1f}%", (x, y), xytext=(6, -10), textcoords="offset points", fontsize=7)
-    ax.set_xlabel("GMACs per image")
-    ax.set_ylabel("top-1 (%)")
-    ax.grid(True, alpha=0.35)
-    ax.margins(x=0.08, y=0.08)
-    if by_method or dense is not None:
-        ax.legend(fontsize=8, loc="best")
-    ax.set_title(title if title is not None else "accuracy vs. compute")
+    fig = _new_figure(7.0 * len(panels), 5.0)
+    for k, (key, ylabel) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), k + 1)
+        for i, (method, pts) in enumerate(by_method.items()):
+            pts = sorted((p for p in pts if _get(p, key) is not None), key=lambda p: float(_get(p, "gmacs")))
+            xs = [float(_get(p, "gmacs")) for p in pts]
+            ys = [max(float(_get(p, key)), 1e-6) if key == "kl_to_dense" else float(_get(p, key)) for p in pts]
+            color = f"C{i % 10}"
+            ax.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], color=color, label=method,
+                    linewidth=1.5, markersize=6)
+            for p, x, y in zip(pts, xs, ys):
+                label = _get(p, "label")
+                if label not in (None, ""):
+                    ax.annotate(str(label), (x, y), xytext=(4, 4), textcoords="offset points",
+                                fontsize=7, color=color)
+        if dense is not None and key == "top1":
+            x, y = float(_get(dense, "gmacs")), float(_get(dense, "top1"))
+            ax.plot([x], [y], marker="*", color="black", markersize=15, linestyle="none",
+                    label=str(_get(dense, "method", None) or "dense"))
+            ax.annotate(f"{y:.1f}%", (x, y), xytext=(6, -10), textcoords="offset points", fontsize=7)
+        if key == "kl_to_dense":
+            ax.set_yscale("log")
+        ax.set_xlabel("GMACs per image")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.35)
+        ax.margins(x=0.08, y=0.08)
+        if by_method or dense is not None:
+            ax.legend(fontsize=8, loc="best")
+        ax.set_title((title if title is not None else "accuracy vs. compute") if k == 0 else "fidelity to dense")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -392,28 +398,34 @@ def token_maps(runners: Mapping[str, LeanViT], images: Tensor, path, layers: Opt
 
 # --------------------------------------------------------------------------- table
 def format_table(rows: Sequence[Mapping], dense: Mapping) -> str:
-    """A plain-text table: method, budget, top-1 %, change vs dense (points), GMACs, speedup.
+    """A plain-text table: method, budget, top-1 %, change vs dense (points; ``*`` where its paired
+    95% interval excludes 0), agreement with dense %, KL to dense, GMACs, speedup.
 
-    ``rows`` and ``dense``: dicts with ``method``, ``label``, ``top1`` (percent), ``gmacs`` and
-    ``images_per_second``; speedup is images/s over the dense model's images/s. The dense model
-    is the first line.
+    ``rows`` and ``dense``: dicts (or :class:`~leanvit.evaluate.EvalResult`) with ``method``,
+    ``label``, ``top1``, ``gmacs``, ``images_per_second`` and, from an evaluation against dense,
+    ``delta_top1_ci95``, ``agreement``, ``kl_to_dense`` and ``speedup``. The dense model is the
+    first line.
     """
     d_top1 = float(_get(dense, "top1"))
     d_ips = _get(dense, "images_per_second")
 
     def line(r, is_dense=False):
         top1 = float(_get(r, "top1"))
-        ips = _get(r, "images_per_second")
-        gmacs = _get(r, "gmacs")
-        speed = "-" if not ips or not d_ips else f"{float(ips) / float(d_ips):.2f}x"
+        speedup = _get(r, "speedup")
+        if speedup is None and _get(r, "images_per_second") and d_ips:
+            speedup = float(_get(r, "images_per_second")) / float(d_ips)
+        lo, hi = _get(r, "delta_top1_ci95") or (0.0, 0.0)
+        agreement, kl, gmacs = _get(r, "agreement"), _get(r, "kl_to_dense"), _get(r, "gmacs")
         return [str(_get(r, "method", "") or ("dense" if is_dense else "")),
                 str(_get(r, "label", "") or ""),
                 f"{top1:.2f}",
-                "-" if is_dense else f"{top1 - d_top1:+.2f}",
+                "-" if is_dense else f"{top1 - d_top1:+.2f}" + ("*" if lo > 0 or hi < 0 else " "),
+                "-" if is_dense or agreement is None else f"{float(agreement):.2f}",
+                "-" if is_dense or kl is None else f"{float(kl):.4f}",
                 "-" if gmacs is None else f"{float(gmacs):.3f}",
-                speed]
+                "-" if speedup is None else f"{float(speedup):.2f}x"]
 
-    header = ["method", "budget", "top-1 %", "vs dense", "GMACs", "speedup"]
+    header = ["method", "budget", "top-1 %", "vs dense", "agree %", "KL", "GMACs", "speedup"]
     body = [line(dense, True)] + [line(r) for r in rows]
     widths = [max(len(c[i]) for c in [header] + body) for i in range(len(header))]
     left = {0, 1}
@@ -426,4 +438,7 @@ def format_table(rows: Sequence[Mapping], dense: Mapping) -> str:
     if len(body) > 1:
         out.append("  ".join("-" * w for w in widths))
         out.extend(fmt(c) for c in body[1:])
+    if any(_get(r, "delta_top1_ci95") is not None for r in rows):
+        out.append("* the paired 95% interval of the top-1 difference excludes 0; agree % and KL(dense || method) "
+                   "are measured on the same images")
     return "\n".join(out) + "\n"

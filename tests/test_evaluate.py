@@ -1,0 +1,111 @@
+"""Evaluation: fidelity to dense (agreement, KL, paired interval), unbiased runner order,
+provenance in every result JSON."""
+import hashlib
+import json
+
+import pytest
+import torch
+
+import leanvit
+from leanvit.cli import main
+from leanvit.data import EMBEDDED_CIFAR10, eval_transform, load_dataset, make_loader
+from leanvit.evaluate import evaluate, kl_per_image, paired_delta
+from leanvit.report import format_table
+
+
+def test_paired_delta_by_hand():
+    ref = torch.tensor([1, 1, 0, 0, 1, 0, 1, 1], dtype=torch.bool)
+    new = torch.tensor([1, 0, 1, 0, 1, 0, 0, 1], dtype=torch.bool)
+    delta, (lo, hi) = paired_delta(new, ref)
+    d = torch.tensor([0, -1, 1, 0, 0, 0, -1, 0], dtype=torch.float64)  # per-image differences
+    half = 100 * 1.96 * float(d.std()) / 8 ** 0.5
+    assert delta == pytest.approx(-12.5) and lo == pytest.approx(-12.5 - half) and hi == pytest.approx(-12.5 + half)
+    same, ci = paired_delta(ref, ref)
+    assert same == 0 and ci == [0, 0]
+
+
+def test_kl_per_image_by_hand():
+    p = torch.tensor([[0.7, 0.2, 0.1]], dtype=torch.float64)
+    q = torch.tensor([[0.5, 0.25, 0.25]], dtype=torch.float64)
+    expected = float((p * (p / q).log()).sum())
+    assert float(kl_per_image(p.log(), q.log())) == pytest.approx(expected, rel=1e-9)
+    assert float(kl_per_image(q.log() + 3.0, q.log())) == pytest.approx(0.0, abs=1e-12)  # logits, not probs
+
+
+def test_eval_json_fidelity_matches_a_recomputation(tmp_path, capsys):
+    """`eval --json` has agreement, kl_to_dense, delta_top1 and its interval, equal to what the
+    logits of dense and the method on the same images give; and its provenance names the data
+    and weights with their sha256."""
+    out = tmp_path / "r.json"
+    code = main(["eval", "--model", "cifar10_vit12_w128", "--data", "cifar10-sample", "--split", "test",
+                 "--method", "evit", "--opt", "keep_rate=0.5", "--limit", "60", "--batch-size", "25",
+                 "--workers", "0", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "agree %" in printed and "KL" in printed
+    r = json.loads(out.read_text())
+    model = leanvit.load_model("cifar10_vit12_w128")
+    ds = load_dataset(EMBEDDED_CIFAR10, split="test", transform=eval_transform(model), num_classes=10, limit=60)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    y = torch.tensor(ds.targets)
+    with torch.inference_mode():
+        dense = leanvit.adapt(model, "none")(x)
+        evit = leanvit.adapt(model, "evit", keep_rate=0.5)(x)
+    assert r["agreement"] == pytest.approx(100 * float((dense.argmax(1) == evit.argmax(1)).double().mean()))
+    assert r["kl_to_dense"] == pytest.approx(float(kl_per_image(dense, evit).mean()), rel=1e-4, abs=1e-7)
+    delta, ci = paired_delta(evit.argmax(1) == y, dense.argmax(1) == y)
+    assert r["delta_top1"] == pytest.approx(delta) and r["delta_top1_ci95"] == pytest.approx(ci)
+    assert r["delta_top1"] == pytest.approx(r["top1"] - r["dense"]["top1"])
+    assert r["kl_to_dense"] > 0 and r["dense"]["agreement"] == 100.0 and r["dense"]["kl_to_dense"] == 0.0
+    assert r["speedup"] > 0 and r["speedup_iqr"][0] <= r["speedup_iqr"][1]
+    p = r["provenance"]
+    assert p["data"] == str(EMBEDDED_CIFAR10) and p["data_sha256"] == hashlib.sha256(
+        EMBEDDED_CIFAR10.read_bytes()).hexdigest()
+    assert p["weights"] == "shipped" and p["checkpoint_sha256"] == hashlib.sha256(
+        open(p["checkpoint"], "rb").read()).hexdigest()
+    assert p["limit"] == 60 and p["split"] == "test" and p["leanvit_version"]
+    assert p["leanvit_commit"] is None or len(p["leanvit_commit"].split("+")[0]) == 40
+
+
+class _Clock(torch.nn.Module):
+    """A stand-in runner that records when it ran."""
+
+    def __init__(self, name, log):
+        super().__init__()
+        self.name, self.log = name, log
+        self.method = None
+
+    def forward(self, x):
+        self.log.append(self.name)
+        return torch.zeros(x.shape[0], 10)
+
+    def tracing(self):
+        import contextlib
+        return contextlib.nullcontext([])
+
+
+def test_runner_order_is_shuffled_per_batch_and_seeded(monkeypatch):
+    """No runner always runs first (dense was timed first on every batch, which favoured the rest)."""
+    monkeypatch.setattr("leanvit.evaluate.macs_per_image", lambda runner, trace, images: torch.zeros(images.shape[0]))
+    ds = load_dataset(EMBEDDED_CIFAR10, split="test", transform=eval_transform(leanvit.load_model("cifar10_vit12_w128")),
+                      limit=40)
+    orders = []
+    for seed in (0, 0, 1):
+        log = []
+        runners = {n: _Clock(n, log) for n in ("dense", "a", "b")}
+        res = evaluate(runners, make_loader(ds, batch_size=2, num_workers=0), seed=seed)
+        orders.append([tuple(log[i:i + 3]) for i in range(0, len(log), 3)])
+        assert res["a"].agreement == 100.0
+    assert orders[0] == orders[1] != orders[2]  # seeded
+    assert {o[0] for o in orders[0]} == {"dense", "a", "b"}  # each runner runs first on some batch
+    assert all(sorted(o) == ["a", "b", "dense"] for o in orders[0])
+
+
+def test_table_marks_significant_differences():
+    dense = dict(method="dense", top1=80.0, gmacs=1.0, images_per_second=10.0)
+    rows = [dict(method="x", label="a", top1=78.0, gmacs=0.5, images_per_second=20.0, agreement=90.0,
+                 kl_to_dense=0.02, delta_top1_ci95=[-3.0, -1.0], speedup=2.0),
+            dict(method="y", label="b", top1=79.8, gmacs=0.5, images_per_second=20.0, agreement=99.0,
+                 kl_to_dense=0.001, delta_top1_ci95=[-0.5, 0.1], speedup=1.9)]
+    table = format_table(rows, dense)
+    assert "-2.00*" in table and "-0.20 " in table and "90.00" in table and "0.0200" in table and "1.90x" in table
+    assert "paired 95% interval" in table
