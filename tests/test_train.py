@@ -135,3 +135,24 @@ def test_training_a_learned_method_with_distillation(tmp_path):
     trained = f.method.state_dict()
     assert start.keys() == trained.keys()
     assert any(not torch.equal(start[k], trained[k]) for k in start)  # the predictors were trained
+
+
+def test_policy_training_evaluates_on_held_out_training_images(tmp_path):
+    """The policy trainings' default evaluation (budget checks, calibration, selection) is a
+    class-balanced slice of the training split, disjoint from the images they train on."""
+    from types import SimpleNamespace
+
+    from leanvit.data import eval_transform
+    from leanvit.train import holdout_split
+    from leanvit.train_policy import PolicyRun
+    from leanvit.train_prance import SelectorConfig
+    assert PolicyRun(model="m", out="o").eval_split == SelectorConfig(model="m", out="o").eval_split == "holdout"
+    cfg = SimpleNamespace(data=str(CIFAR), train_split="train", limit_train=100, limit_eval=40, seed=0)
+    tf = eval_transform(dict(input_size=(3, 32, 32)))
+    train_set, held = holdout_split(cfg, 10, tf, tf)
+    assert len(train_set) == 100 and len(held) == 40
+    assert not set(train_set.paths) & set(held.paths)
+    assert all(":train/" in p for p in train_set.paths + held.paths)
+    assert sorted(held.targets) == sorted(list(range(10)) * 4)  # balanced
+    with pytest.raises(ValueError, match="too few to hold out"):
+        holdout_split(SimpleNamespace(**dict(cfg.__dict__, limit_train=None, limit_eval=5000)), 10, tf, tf)

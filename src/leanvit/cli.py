@@ -205,7 +205,8 @@ def cmd_train_policy(args) -> int:
                        options=parse_options(args.opt), alpha=args.alpha, beta=args.beta, epochs=args.epochs,
                        batch_size=args.batch_size, ppo=ppo, finetune_vit=args.finetune_vit, lr_vit=args.lr_vit,
                        seed=args.seed, workers=args.workers, save_every=args.save_every,
-                       limit_train=args.limit_train, limit_eval=args.limit_eval, max_steps=args.max_steps)
+                       eval_split=args.eval_split, limit_train=args.limit_train, limit_eval=args.limit_eval,
+                       max_steps=args.max_steps)
     _start_run(args)
     log = _run_log(args.out)
     metrics = train_policy(cfg, log=log)
@@ -336,6 +337,11 @@ def _add_ppo_args(p, ppo) -> None:
     p.add_argument("--limit-train", type=int)
     p.add_argument("--limit-eval", type=int)
     p.add_argument("--max-steps", type=int)
+    p.add_argument("--eval-split", default="holdout",
+                   help="where the policy is evaluated, its budget checked and calibrated: 'holdout' (default), "
+                        "--limit-eval images (default 1000) of the training split, class-balanced and never "
+                        "trained on; or a split name: 'test' evaluates on test images (recorded in metrics.json; "
+                        "do not select or tune on it)")
     p.add_argument("--restart", action="store_true", help="start over: ignore (and remove) OUT/last.pt")
 
 
@@ -415,7 +421,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "the GMACs ratio's")
     p.add_argument("--epochs", type=int, default=1)
     _add_ppo_args(p, SelectorConfig(model="", out="").ppo)
-    p.add_argument("--eval-split", default="test", help="where the GMACs ratio (and top-1) is measured")
     p.set_defaults(func=cmd_train_selector)
 
     p = sub.add_parser("train-policy", help="train RL4EViT's agents by multi-agent PPO (resumable; torchrun)",

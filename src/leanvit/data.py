@@ -43,6 +43,7 @@ __all__ = [
     "DataError",
     "download_cifar10",
     "LabeledImages",
+    "balanced_subset",
     "describe_search",
     "eval_transform",
     "find_default_cifar10",
@@ -239,6 +240,15 @@ class LabeledImages(Dataset):
             img = self.transform(img)
         return img, self.targets[i]
 
+    def subset(self, indices, transform: Optional[Callable] = None) -> "LabeledImages":
+        """The images at ``indices`` (sharing their storage), with ``transform``."""
+        ix = list(indices)
+        return LabeledImages(
+            [self.paths[i] for i in ix], [self.targets[i] for i in ix], self.classes, self.root,
+            transform=transform, split=self.split,
+            blobs=None if self._blobs is None else [self._blobs[i] for i in ix],
+            array=None if self._array is None else self._array[ix])
+
     def __repr__(self) -> str:
         return (f"LabeledImages({len(self)} images, {len(self.classes)} classes, "
                 f"split={self.split!r}, root={self.root!r})")
@@ -268,7 +278,7 @@ def _label_map(classes: list[str], num_classes: Optional[int], where: str) -> li
     )
 
 
-def _balanced_subset(class_idx: list[int], limit: Optional[int], seed: int) -> list[int]:
+def balanced_subset(class_idx: list[int], limit: Optional[int], seed: int) -> list[int]:
     """Indices of a deterministic subset of ``limit`` items spread evenly over classes.
 
     Each class's items are shuffled with ``seed``, then classes are taken round-robin, so
@@ -352,7 +362,7 @@ def _load_tar(path: Path, split: str, num_classes, limit, seed, transform) -> La
         cidx = {c: i for i, c in enumerate(classes)}
         class_idx = [cidx[c] for _, c in keep]
         labels = _label_map(classes, num_classes, root)  # fail before reading the bytes
-        sel = _balanced_subset(class_idx, limit, seed)
+        sel = balanced_subset(class_idx, limit, seed)
         # Read in archive order: a gzip stream can only seek forward cheaply.
         blobs: dict[int, bytes] = {}
         for i in sorted(sel, key=lambda i: keep[i][0].offset_data):
@@ -446,7 +456,7 @@ def _load_cifar_batches(d: Path, split: str, num_classes, limit, seed, transform
     if labels and max(labels) >= len(classes):
         raise DataError(f"{d}: label {max(labels)} out of range for {len(classes)} classes")
     label_of = _label_map(classes, num_classes, str(d))
-    sel = _balanced_subset(labels, limit, seed)
+    sel = balanced_subset(labels, limit, seed)
     array = np.concatenate(arrays)[sel]
     return LabeledImages(
         paths=[paths[i] for i in sel], targets=[label_of[labels[i]] for i in sel],
@@ -485,7 +495,7 @@ def _load_folder(root: Path, split: str, num_classes, limit, seed, transform) ->
     classes = top
     class_idx = [c for _, c in items]
     labels = _label_map(classes, num_classes, str(base))
-    sel = _balanced_subset(class_idx, limit, seed)
+    sel = balanced_subset(class_idx, limit, seed)
     return LabeledImages(
         paths=[items[i][0] for i in sel], targets=[labels[class_idx[i]] for i in sel],
         classes=classes, root=str(base), transform=transform, split=chosen or split,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from .data import collate, eval_transform, load_dataset, make_loader
+from .data import balanced_subset, collate, eval_transform, load_dataset, make_loader
 
 
 @dataclass
@@ -174,6 +174,24 @@ def _all_sum(values):
     return t.tolist()
 
 
+HOLDOUT = "holdout"  # eval_split: a class-balanced slice of the training split, never trained on
+HOLDOUT_IMAGES = 1000  # its size when limit_eval is not given
+
+
+def holdout_split(cfg, num_classes: int, train_tf, eval_tf):
+    """(training images, held-out images), disjoint, both from ``cfg.train_split``: what policy
+    trainings select, calibrate and check budgets on, so that they never tune on the test set."""
+    held_n = cfg.limit_eval or HOLDOUT_IMAGES
+    total = None if cfg.limit_train is None else cfg.limit_train + held_n
+    both = load_dataset(cfg.data, split=cfg.train_split, num_classes=num_classes, limit=total, seed=cfg.seed)
+    if len(both) <= held_n:
+        raise ValueError(f"the {cfg.train_split} split has {len(both)} images: too few to hold out {held_n} "
+                         "for evaluation (--limit-eval) and train on the rest")
+    held = set(balanced_subset(both.targets, held_n, cfg.seed + 1))
+    rest = [i for i in range(len(both)) if i not in held]
+    return both.subset(rest, train_tf), both.subset(sorted(held), eval_tf)
+
+
 # --- what every training loop shares -----------------------------------------------------------------
 class Run:
     """Processes, seeding, data shards, per-epoch loaders and the resumable checkpoint of a run.
@@ -202,10 +220,14 @@ class Run:
 
     def setup_data(self, model) -> None:
         cfg = self.cfg
-        self.train_set = load_dataset(cfg.data, split=cfg.train_split, transform=train_transform(eval_transform_cfg(model)),
-                                      num_classes=model.num_classes, limit=cfg.limit_train, seed=cfg.seed)
-        self.eval_set = load_dataset(cfg.data, split=cfg.eval_split, transform=eval_transform(model),
-                                     num_classes=model.num_classes, limit=cfg.limit_eval, seed=cfg.seed)
+        train_tf, eval_tf = train_transform(eval_transform_cfg(model)), eval_transform(model)
+        if cfg.eval_split == HOLDOUT:
+            self.train_set, self.eval_set = holdout_split(cfg, model.num_classes, train_tf, eval_tf)
+        else:
+            self.train_set = load_dataset(cfg.data, split=cfg.train_split, transform=train_tf,
+                                          num_classes=model.num_classes, limit=cfg.limit_train, seed=cfg.seed)
+            self.eval_set = load_dataset(cfg.data, split=cfg.eval_split, transform=eval_tf,
+                                         num_classes=model.num_classes, limit=cfg.limit_eval, seed=cfg.seed)
         self.per_rank = cfg.batch_size // self.world
         if self.per_rank < 1 or cfg.batch_size % self.world:
             raise ValueError(f"batch size {cfg.batch_size} must be a multiple of the {self.world} processes")
@@ -216,6 +238,17 @@ class Run:
         self.stop_at = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
         self.eval_loader = make_loader(_shard(self.eval_set, self.rank, self.world), batch_size=250, num_workers=0)
         self._augmented = SeededAugment(self.train_set, cfg.seed)
+
+    def about(self) -> dict:
+        """For metrics.json: what the run's evaluations were measured on, and its provenance."""
+        from .data import resolve_data
+        from .provenance import provenance
+        cfg = self.cfg
+        where = (f"{len(self.eval_set)} held-out images of the {cfg.train_split} split (never trained on)"
+                 if cfg.eval_split == HOLDOUT else f"the {cfg.eval_split} split ({len(self.eval_set)} images)")
+        return dict(evaluated_on=where, provenance=provenance(
+            model=cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained, data=resolve_data(cfg.data),
+            split=cfg.train_split, limit=cfg.limit_train, seed=cfg.seed))
 
     def epoch_loader(self, step: int) -> DataLoader:
         """The rest of the epoch that ``step`` falls in, for this process."""
@@ -370,7 +403,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     bar.close()
     save()
     metrics = dict(steps=step, total_steps=run.total_steps, epochs_done=step / run.steps_per_epoch,
-                   history=history, config=asdict(cfg), world_size=run.world)
+                   history=history, config=asdict(cfg), world_size=run.world, **run.about())
     done = history and history[-1]["step"] == step
     final = history[-1] if done else evaluate_now()
     metrics.update({k: v for k, v in final.items() if k.startswith("top1")})

@@ -40,7 +40,7 @@ class PolicyRun:
     workers: int = 1
     save_every: int = 50
     train_split: str = "train"
-    eval_split: str = "test"
+    eval_split: str = "holdout"  # selection, calibration, budgets: held-out training images, never test
     limit_train: Optional[int] = None
     limit_eval: Optional[int] = None
     max_steps: Optional[int] = None
@@ -228,7 +228,7 @@ def train_policy(cfg: PolicyConfig, log: Callable[[str], None] = print) -> dict:
                 log(json.dumps(history[-1]))
             save()
     bar.close()
-    metrics = dict(steps=step, history=history, world_size=run.world, config=_config_dict(cfg))
+    metrics = dict(steps=step, history=history, world_size=run.world, config=_config_dict(cfg), **run.about())
     if run.world > 1:  # every process must hold the same agents (and ViT, when fine-tuned)
         metrics["replica_max_abs_diff"] = _replica_diff(runner if cfg.finetune_vit else method)
     if run.is_main:

@@ -292,7 +292,7 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
             log(f"calibrated the greedy selector for budget {cfg.budget}: actor output shifted by {shift:+.3f}")
             log(json.dumps(history[-1]))
         save()
-    metrics = dict(steps=step, epochs=history[-1]["epoch"], history=history, world_size=run.world, config=_config_dict(cfg),
+    metrics = dict(steps=step, epochs=history[-1]["epoch"], history=history, world_size=run.world, config=_config_dict(cfg), **run.about(),
                    **{k: history[-1][k] for k in ("top1", "gmacs", "gmacs_ratio", "cost_weight")})
     if cfg.budget:
         metrics["budget_met"] = _meets(metrics["gmacs_ratio"], cfg)
