@@ -30,7 +30,7 @@ def main():
             for batch in make_loader(data, batch_size=250, num_workers=0):
                 with runner.tracing() as trace:
                     runner(batch.images)
-                counts = tokens_per_block(trace, batch.images.shape[0]).double()  # (blocks, B)
+                counts = tokens_per_block(trace).double()  # (blocks, B)
                 sums = counts.sum(1) if sums is None else sums + counts.sum(1)
                 n += counts.shape[1]
         mean = (sums / n).tolist()

@@ -35,7 +35,7 @@ def test_inference_keeps_rho_powers_for_real():
     f = leanvit.adapt(small_vit(), "dynamicvit", keep_rate=0.5)
     with torch.no_grad(), f.tracing() as trace:
         f(images(2))
-    attn = tokens_per_block(trace, 2, "attn_tokens")[:, 0].tolist()
+    attn = tokens_per_block(trace, "attn_tokens")[:, 0].tolist()
     # predictors before blocks 3, 6, 9 keep 32, 16, 8 of the 64 patches (+ CLS)
     assert attn[:3] == [65] * 3 and attn[3:6] == [33] * 3 and attn[6:9] == [17] * 3 and attn[9:] == [9] * 3
 

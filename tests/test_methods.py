@@ -10,8 +10,8 @@ import torch
 
 import leanvit
 from leanvit import OptionError, TokenState
-from leanvit.tokens import (bipartite_soft_matching, fuse_rest, keep_mask, keep_top, max_merge, merge_tokens,
-                            split_by_count)
+from leanvit.tokens import (bipartite_soft_matching, choose, fuse_rest, keep_first, keep_mask, keep_top, max_merge,
+                            merge_into_first, merge_tokens, sort_by_score)
 
 from conftest import deit, images, mlp_counts, run_traced, small_vit
 
@@ -404,26 +404,48 @@ def test_fuse_rest_hand_made_not_renormalised():
         fuse_rest(s.replace(valid=torch.ones(1, 5, dtype=torch.bool)), scores, 2)
 
 
-def test_combine_puts_rows_back_in_order():
-    a = TokenState(x=torch.full((2, 3, 1), 1.0), n_prefix=1, size=None)
-    b = TokenState(x=torch.full((1, 3, 1), 2.0), n_prefix=1, size=torch.tensor([[1., 2., 3.]]))
-    out = TokenState.combine([(torch.tensor([0, 2]), a), (torch.tensor([1]), b)], 3)
+def test_choose_takes_each_image_from_its_branch():
+    a = TokenState(x=torch.full((3, 3, 1), 1.0), n_prefix=1, size=None)
+    b = TokenState(x=torch.full((3, 3, 1), 2.0), n_prefix=1, size=torch.tensor([[1., 2., 3.]] * 3))
+    out = choose(torch.tensor([True, False, True]), a, b)
     assert out.x[:, 0, 0].tolist() == [1., 2., 1.]
     assert out.size.tolist() == [[1, 1, 1], [1, 2, 3], [1, 1, 1]]
+    with pytest.raises(ValueError, match="same token count"):
+        choose(torch.tensor([True]), a, TokenState(x=torch.zeros(3, 2, 1), n_prefix=1))
 
 
-def test_split_by_count_groups_similar_counts_and_combine_pads_them_back():
-    counts = [6, 2, 4, 3, 5]  # tokens per image, CLS included, of a ragged batch of width 6
-    valid = torch.arange(6)[None, :] < torch.tensor(counts)[:, None]
-    x = torch.randn(5, 6, 2) * valid[..., None]  # padding is zero, as combine pads
-    state = TokenState(x=x, n_prefix=1, valid=valid)
-    parts = split_by_count(state, 2)
-    assert [rows.tolist() for rows, _ in parts] == [[0, 4], [2, 3], [1]]  # by count, most first
-    assert [g.x.shape[1] for _, g in parts] == [6, 4, 2]  # each padded to its own widest image
-    assert [g.counts().tolist() for _, g in parts] == [[6, 5], [4, 3], [2]]
-    assert parts[2][1].valid is None  # a group of one image has no padding
-    back = TokenState.combine(parts, 5)
-    assert torch.equal(back.x, x) and torch.equal(back.valid, valid) and back.rows.tolist() == list(range(5))
+def test_keep_first_per_image_counts_after_sorting_by_score():
+    x = torch.arange(2 * 5, dtype=torch.float32).reshape(2, 5, 1)
+    s = TokenState(x=x, n_prefix=1, source=torch.eye(5).expand(2, 5, 5))
+    scores = torch.tensor([[0.1, 0.5, 0.3, 0.05], [0.4, 0.3, 0.2, 0.1]])
+    ordered, sc = sort_by_score(s, scores)
+    assert ordered.x[:, :, 0].tolist() == [[0, 2, 3, 1, 4], [5, 6, 7, 8, 9]]
+    assert sc[0].tolist() == pytest.approx([0.5, 0.3, 0.1, 0.05])
+    out = keep_first(ordered, torch.tensor([2, 3]))
+    assert out.x.shape == (2, 4, 1) and out.counts().tolist() == [3, 4]
+    assert out.valid.tolist() == [[True, True, True, False], [True] * 4]
+    assert out.source[0, :3].argmax(-1).tolist() == [0, 2, 3]
+    assert keep_first(ordered, torch.tensor([2, 2])).valid is None  # equal counts: no padding
+    # padding never sorts before a real token
+    ragged = TokenState(x=x, n_prefix=1, valid=torch.tensor([[True] * 5, [True, True, False, False, False]]))
+    assert sort_by_score(ragged, torch.tensor([[0.] * 4, [0.1, 9., 9., 9.]]))[0].x[1, :2, 0].tolist() == [5, 6]
+
+
+def test_merge_into_first_per_image_equals_each_image_alone():
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 4)
+    valid = torch.arange(7)[None] < torch.tensor([7, 5, 6])[:, None]
+    s = TokenState(x=x * valid[..., None], n_prefix=1, valid=valid, source=torch.eye(7).expand(3, 7, 7) * valid[..., None])
+    k = torch.tensor([3, 2, 1])
+    out = merge_into_first(s, k)
+    assert out.counts().tolist() == [4, 3, 2]
+    assert out.size.sum(1).tolist() == [7, 5, 6]  # every real token lands in one destination
+    for i in range(3):
+        n = int(valid[i].sum())
+        alone = merge_into_first(TokenState(x=x[i:i + 1, :n], n_prefix=1, source=torch.eye(7)[None, :n]), k[i:i + 1])
+        m = int(out.counts()[i])
+        torch.testing.assert_close(out.x[i, :m], alone.x[0])
+        assert torch.equal(out.size[i, :m], alone.size[0]) and torch.equal(out.source[i, :m], alone.source[0])
 
 
 # --------------------------------------------------------------------------- decisions vs independent computation
@@ -562,14 +584,13 @@ def test_tome_uses_key_mean_metric_on_real_model():
     assert torch.equal(state.source, (ref_src > 0).float())
 
 
-def test_merge_into_top_hand_made():
-    from leanvit.tokens import merge_into_top
+def test_merge_into_first_hand_made():
     # CLS + 4 patches; scores pick patches 0 and 2 as destinations; patch 1 looks like patch 2,
     # patch 3 like patch 0
     x = torch.tensor([[[9.0, 9.0], [1.0, 0.0], [0.0, 2.0], [0.0, 1.0], [2.0, 0.1]]])
     s = TokenState(x=x, n_prefix=1, size=torch.tensor([[1.0, 1.0, 3.0, 1.0, 1.0]]),
                    source=torch.eye(5)[None])
-    out = merge_into_top(s, torch.tensor([[0.9, 0.1, 0.5, 0.2]]), k=2)
+    out = merge_into_first(sort_by_score(s, torch.tensor([[0.9, 0.1, 0.5, 0.2]]))[0], torch.tensor([2]))
     assert out.x.shape == (1, 3, 2)
     torch.testing.assert_close(out.x[0, 0], x[0, 0])  # CLS untouched
     # destination patch 0 (score .9) absorbs patch 3 ([2, .1]); destination patch 2 (score .5, size 1)

@@ -38,13 +38,13 @@ def _half_pruning_rl4evit(**opts):
 
 
 def test_greedy_inference_removes_tokens_and_matches_masked():
-    f = _half_pruning_rl4evit(group_size=None)  # one padded batch
+    f = _half_pruning_rl4evit()
     x = images(4)
     with torch.no_grad(), f.tracing() as trace:
         gathered = f(x)
-    counts = tokens_per_block(trace, 4).tolist()
+    counts = tokens_per_block(trace).tolist()
     assert counts[3] == [65] * 4  # decisions come after block 3: block 3 itself runs on all tokens
-    n4 = tokens_per_block(trace, 4, "attn_tokens")[4].tolist()
+    n4 = tokens_per_block(trace, "attn_tokens")[4].tolist()
     assert all(n < 65 for n in n4) and len(set(n4)) > 1  # per image, for real
     f.masked = True
     with torch.no_grad():
@@ -56,47 +56,45 @@ def test_greedy_inference_removes_tokens_and_matches_masked():
         torch.testing.assert_close(f(x), gathered)
 
 
-def test_grouped_execution_equals_one_image_at_a_time_and_masked():
-    """Groups of images with similar token counts (group_size) give the logits, predictions and
-    per-image token counts of one padded batch, of masked execution and of each image alone,
-    while computing less padding."""
-    f = _half_pruning_rl4evit(group_size=None)
+def test_packed_execution_equals_one_image_at_a_time_and_masked():
+    """The ragged batch runs packed (one record per block, no groups): its logits, predictions and
+    per-image token counts equal those of each image alone and of masked execution, and it
+    computes less than padding every image to the widest."""
+    f = _half_pruning_rl4evit()
     x = images(7)
     runs = {}
-    for mode in ("padded", "grouped", "masked"):
-        f.method.group_size = 2 if mode == "grouped" else None
-        f.masked = mode == "masked"
+    for masked in (False, True):
+        f.masked = masked
         with torch.no_grad(), f.tracing() as trace:
-            runs[mode] = (f(x), tokens_per_block(trace, 7), f.last_state)
-        if mode == "grouped":
-            assert max(sum(rec["layer"] == l for rec in trace) for l in range(12)) > 1  # groups ran apart
-            assert f.last_state.x.shape[0] == 7  # the head saw the whole batch, in order
-    f.masked, f.method.group_size = False, None
+            runs[masked] = (f(x), tokens_per_block(trace), f.last_state)
+        assert [rec["layer"] for rec in trace if rec["layer"] is not None] == list(range(12))
+    f.masked = False
     with torch.no_grad():
         alone = torch.cat([f(x[i:i + 1]) for i in range(7)])
-    logits, counts, _ = runs["grouped"]
-    assert len(set(counts[4].tolist())) > 2  # ragged: several counts to group
-    for other in (alone, runs["padded"][0], runs["masked"][0]):
-        torch.testing.assert_close(logits, other, rtol=1e-4, atol=1e-5)
+    logits, counts, _ = runs[False]
+    assert len(set(counts[4].tolist())) > 2  # ragged
+    for other in (alone, runs[True][0]):
+        torch.testing.assert_close(logits, other, rtol=0, atol=1e-5)
         assert torch.equal(logits.argmax(1), other.argmax(1))
-    assert torch.equal(counts, runs["padded"][1]) and torch.equal(counts, runs["masked"][1])
-    f.method.group_size = 2
-    grouped = leanvit.count_macs(f, x, padded=True)
-    f.method.group_size = None
-    assert leanvit.count_macs(f, x) < grouped < leanvit.count_macs(f, x, padded=True)
+    assert torch.equal(counts, runs[True][1])
+    width = counts.max(dim=1).values.double()  # padded to the widest image at every block
+    blocks = f.model.blocks
+    from leanvit.flops import block_macs
+    padded_everything = float(sum(block_macs(blocks[i], width[i], width[i]) for i in range(12)))
+    with torch.no_grad(), f.tracing() as trace:
+        f(x)
+    ran = float(sum(block_macs(blocks[r["layer"]], r["attn_run"], r["mlp_run"], span=r["attn_span"]).double().mean()
+                    if isinstance(r["attn_run"], torch.Tensor) else block_macs(blocks[r["layer"]], r["attn_run"], r["mlp_run"])
+                    for r in trace if r["layer"] is not None))
+    assert ran < padded_everything
 
 
-def test_grouped_token_maps_record_the_whole_batch():
+def test_packed_token_maps_record_the_whole_batch():
     from leanvit.report import record_token_states
-    f = _half_pruning_rl4evit(group_size=2)
+    f = _half_pruning_rl4evit()
     recs = record_token_states(f, images(5))
     assert [r.layer for r in recs] == [3, 6, 9] and all(r.source.shape[0] == 5 for r in recs)
 
-
-def test_group_size_is_checked():
-    assert leanvit.adapt(small_vit(), "rl4evit").method.group_size == 16
-    with pytest.raises(leanvit.OptionError, match="group_size"):
-        leanvit.adapt(small_vit(), "rl4evit", group_size=0)
 
 
 def test_sampling_records_a_rollout():
@@ -212,7 +210,7 @@ def test_shipped_policy_loads_by_name_and_reduces_tokens():
     with torch.no_grad(), f.tracing() as trace:
         logits = f(x)
     assert logits.shape == (8, 10) and torch.isfinite(logits).all()
-    after = tokens_per_block(trace, 8)[-1]
+    after = tokens_per_block(trace)[-1]
     assert (after < 65).all() and (after >= 2).all()  # tokens really removed, CLS + at least one patch
     # on photos it costs less than dense, its actor included (not on noise)
     assert leanvit.count_macs(f, x) < leanvit.count_macs(model, x)
@@ -220,12 +218,10 @@ def test_shipped_policy_loads_by_name_and_reduces_tokens():
         leanvit.adapt(model, "rl4evit", weights="no_such_model")
 
 
-def test_bench_times_grouped_rl4evit_without_a_token_floor():
-    """Grouped execution has no single token count per block, so bench times no random floor."""
+def test_bench_times_rl4evit_with_its_per_image_floor():
+    """The floor keeps random tokens at the policy's per-image counts."""
     from leanvit.bench import benchmark
     f = _half_pruning_rl4evit()
     x = images(5)
-    res = benchmark(f.model, [("grouped", "rl4evit", dict(group_size=2)), ("one batch", "rl4evit", dict(group_size=None))],
-                    x, repeats=1, warmup=0, progress=False)
-    assert "floor_speedup" not in res["methods"]["grouped"] and "floor_speedup" in res["methods"]["one batch"]
-    assert res["methods"]["grouped"]["gmacs"] > 0
+    res = benchmark(f.model, [("rl4evit", "rl4evit", {})], x, repeats=1, warmup=0, progress=False)
+    assert "floor_speedup" in res["methods"]["rl4evit"] and res["methods"]["rl4evit"]["gmacs"] > 0

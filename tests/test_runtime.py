@@ -385,7 +385,7 @@ def test_tracing_restores_state_and_records_every_block():
     assert f.track_source is False and f._trace is None
     assert [int(r["attn_tokens"][0]) for r in trace] == [65, 61, 57, 53, 49]
     assert [int(r["mlp_tokens"][0]) for r in trace] == [61, 57, 53, 49, 45]
-    assert [r["mlp_width"] for r in trace] == [61, 57, 53, 49, 45]
+    assert [r["mlp_run"] for r in trace] == [61, 57, 53, 49, 45]  # one batch: what ran is what it needs
 
 
 # --------------------------------------------------------------------------- gradients

@@ -2,8 +2,9 @@
 
 For every method three forwards are timed, interleaved repeat by repeat so that drift of the
 machine hits all alike: the dense model, the method, and the method's *floor*: a forward that
-keeps random tokens at exactly the token counts the method produced (no scoring, sorting or
-policy). ``method - floor`` is the cost of the decision itself.
+keeps random tokens at exactly the per-image token counts (and channel widths) the method
+produced, with no scoring, sorting or policy (:class:`Floor`). ``method - floor`` is the cost of
+the decision itself.
 """
 from __future__ import annotations
 
@@ -18,14 +19,66 @@ from tqdm import tqdm
 
 from . import adapt
 from .flops import count_macs
+from .methods.base import Reduction
 from .runtime import LeanViT
+from .tokens import keep_first, sort_by_score
 
 
-def token_schedule(runner: LeanViT, images: torch.Tensor) -> List[int]:
-    """Tokens (padded width) after each block, as the method ran on ``images``."""
+class Floor(Reduction):
+    """The cheapest execution of what a method ran: per image, the same token counts and channel
+    widths in every block, with random tokens kept (no scoring, sorting or policy). Replays a trace
+    of the method on a batch; successive forwards take its images in turn (a forward of one image
+    at a time replays them one by one)."""
+
+    name = "floor"
+
+    def __init__(self, trace: List[dict], position: str, seed: int = 0):
+        blocks = [rec for rec in trace if rec["layer"] is not None]
+        self.position = position
+        attn = torch.stack([rec["attn_tokens"] for rec in blocks]).cpu()  # (blocks, B)
+        mlp = torch.stack([rec["mlp_tokens"] for rec in blocks]).cpu()
+        # tokens per image before and after each block's decision (after its attention, or after it)
+        before, self.counts = (attn, mlp) if position == "attention" else (mlp, torch.cat([attn[1:], mlp[-1:]]))
+        self.layers = [i for i in range(len(blocks)) if bool((self.counts[i] < before[i]).any())]
+        batch = attn.shape[1]
+        self.width = [(_per_image(rec["heads"], batch), _per_image(rec["hidden"], batch)) for rec in blocks]
+        self.generator = torch.Generator().manual_seed(seed)
+        self.cursor, self.images = 0, None
+
+    def decision_layers(self):
+        return self.layers
+
+    def prepare_layers(self):
+        return [i for i, (h, m) in enumerate(self.width) if h is not None or m is not None]
+
+    def begin(self, batch):
+        n = self.counts.shape[1]
+        self.images = (self.cursor + torch.arange(batch)) % n
+        self.cursor = (self.cursor + batch) % n
+
+    def prepare(self, runner, layer, state):
+        heads, hidden = self.width[layer]
+        return state.replace(heads=None if heads is None else heads[self.images].to(state.x.device),
+                             hidden=None if hidden is None else hidden[self.images].to(state.x.device))
+
+    def reduce(self, layer, state, attn):
+        p = state.n_prefix
+        k = (self.counts[layer][self.images] - p).to(state.x.device)
+        noise = torch.rand(state.batch, state.x.shape[1] - p, generator=self.generator).to(state.x.device)
+        return keep_first(sort_by_score(state, noise)[0], k)
+
+
+def _per_image(width, batch: int) -> Optional[torch.Tensor]:
+    if width is None or not isinstance(width, torch.Tensor):
+        return None if width is None else torch.full((batch,), int(width))
+    return width.cpu()
+
+
+def floor_of(runner: LeanViT, images: torch.Tensor) -> LeanViT:
+    """A :class:`Floor` of ``runner``'s method on ``images``, on the same model."""
     with torch.inference_mode(), runner.tracing() as trace:
         runner(images)
-    return [rec["mlp_width"] for rec in trace if "mlp_width" in rec]
+    return LeanViT(runner.model, Floor(trace, runner.method.position))
 
 
 def _time(runner: torch.nn.Module, images: torch.Tensor, one_at_a_time: bool = False) -> float:
@@ -63,8 +116,7 @@ def benchmark(model: torch.nn.Module, methods: Sequence[Tuple[str, str, dict]], 
         macs[label] = count_macs(runner, images)
         if hasattr(runner.method, "prune_fraction"):  # PPT: which images pruned rather than pooled
             policy[label] = runner.method.prune_fraction()
-        if runner.method.token_floor and not runner.method.groups_images:  # one width per block
-            runners[label + " floor"] = adapt(model, "random", schedule=token_schedule(runner, images))
+        runners[label + " floor"] = floor_of(runner, images)
     times: Dict[str, List[float]] = {k: [] for k in runners}
     total = (warmup + repeats) * len(runners)
     with tqdm(total=total, desc="bench", unit="forward", disable=not progress) as bar:

@@ -35,49 +35,45 @@ def macs_per_image(runner: LeanViT, trace: List[dict], images: Tensor, padded: b
     """(B,) MACs of each image from a trace of :meth:`LeanViT.tracing`.
 
     ``padded=False`` counts each image's own tokens (what the image needs); ``padded=True``
-    counts what the ragged batch executed, padding included.
+    counts what the batch executed, padding included (packed batches pad only attention).
     """
     m = runner.model
     total = torch.full((images.shape[0],), float(embed_macs(m, images)), dtype=torch.float64)
     for rec in trace:
-        rows = rec.get("rows")  # a group of the batch (methods whose images take different paths)
         if "macs" in rec:  # a method's own counted cost (PRANCE's selector, RL4EViT's actor, ...)
-            macs = rec["padded_macs" if padded else "macs"]
-            if isinstance(macs, Tensor):  # one entry per image of the record
-                macs = macs.detach().double().cpu()
+            macs = _numbers(rec["padded_macs" if padded else "macs"])
+        elif padded:
+            macs = block_macs(m.blocks[rec["layer"]], _numbers(rec["attn_run"]), _numbers(rec["mlp_run"]),
+                              _numbers(rec["heads"]), _numbers(rec["hidden"]), _numbers(rec["attn_span"]))
         else:
-            n_attn = float(rec["attn_width"]) if padded else rec["attn_tokens"].double().cpu()
-            n_mlp = float(rec["mlp_width"]) if padded else rec["mlp_tokens"].double().cpu()
-            macs = block_macs(m.blocks[rec["layer"]], n_attn, n_mlp, rec["heads"], rec["hidden"])
-        if rows is None:
-            total += macs
-        else:
-            total[rows.cpu()] += macs
+            macs = block_macs(m.blocks[rec["layer"]], _numbers(rec["attn_tokens"]), _numbers(rec["mlp_tokens"]),
+                              _numbers(rec["heads"]), _numbers(rec["hidden"]))
+        total += macs
     return total + head_macs(m)
 
 
-def tokens_per_block(trace: List[dict], batch: int, key: str = "mlp_tokens") -> Tensor:
+def _numbers(v):
+    return v.detach().double().cpu() if isinstance(v, Tensor) else v
+
+
+def tokens_per_block(trace: List[dict], key: str = "mlp_tokens") -> Tensor:
     """(blocks, B) tokens per image that each block's MLP (``key="mlp_tokens"``) or attention
-    (``"attn_tokens"``) ran on, from a trace of :meth:`LeanViT.tracing`: the records of groups of
-    the batch (their ``rows``) are put back in the batch's order; counted costs are skipped."""
-    blocks = [rec for rec in trace if rec["layer"] is not None]
-    layers = sorted({rec["layer"] for rec in blocks})
-    out = torch.zeros(len(layers), batch, dtype=torch.long)
-    for rec in blocks:
-        rows = rec.get("rows")
-        out[layers.index(rec["layer"]), slice(None) if rows is None else rows.cpu()] = rec[key].cpu()
-    return out
+    (``"attn_tokens"``) ran on, from a trace of :meth:`LeanViT.tracing` (counted costs skipped)."""
+    return torch.stack([rec[key].cpu() for rec in trace if rec["layer"] is not None])
 
 
-def block_macs(blk: nn.Module, n_attn, n_mlp, heads=None, hidden=None):
-    """MACs of one block whose attention runs on ``n_attn`` tokens and MLP on ``n_mlp`` tokens
-    (numbers or tensors), with its first ``heads`` heads and ``hidden`` MLP neurons (None: all)."""
+def block_macs(blk: nn.Module, n_attn, n_mlp, heads=None, hidden=None, span=None):
+    """MACs of one block whose attention's linear layers run on ``n_attn`` tokens and its
+    softmax(QKᵀ)V over a sequence of ``span`` (padding included; default ``n_attn``), and whose MLP
+    runs on ``n_mlp`` tokens, with its first ``heads``
+    heads and ``hidden`` MLP neurons (None: all). Numbers, or tensors with one entry per image."""
     attn = blk.attn
-    heads = attn.num_heads if heads is None else heads
-    width = heads * attn.head_dim  # first-k sliced heads (channel-elastic methods)
-    attn_lin = linear_macs(attn) if heads == attn.num_heads else width * (3 * attn.qkv.in_features + attn.proj.out_features)
+    span = n_attn if span is None else span
+    full = heads is None or (not isinstance(heads, Tensor) and heads == attn.num_heads)
+    width = (attn.num_heads if heads is None else heads) * attn.head_dim  # first-k sliced heads
+    attn_lin = linear_macs(attn) if full else width * (3 * attn.qkv.in_features + attn.proj.out_features)
     mlp_lin = linear_macs(blk.mlp) if hidden is None else hidden * (blk.mlp.fc1.in_features + blk.mlp.fc2.out_features)
-    return n_attn * attn_lin + 2 * n_attn * n_attn * width + n_mlp * mlp_lin
+    return n_attn * attn_lin + 2 * span * span * width + n_mlp * mlp_lin
 
 
 def head_macs(model: nn.Module) -> int:

@@ -171,9 +171,6 @@ def record_token_states(runner: LeanViT, images: Tensor) -> List[LayerTokens]:
     ``last_state`` are restored too, so later forwards are as if this one had not happened.
     """
     method = runner.method
-    if getattr(method, "groups_images", False) and images.shape[0] > 1:  # groups of images run apart: one image at a time
-        per_image = [record_token_states(runner, images[i:i + 1]) for i in range(images.shape[0])]
-        return [_stack([recs[j] for recs in per_image]) for j in range(len(per_image[0]))]
     saved = _snapshot(method)
     own_reduce = "reduce" in saved  # already an instance attribute (someone else's wrapper)
     original = method.reduce
@@ -202,20 +199,6 @@ def record_token_states(runner: LeanViT, images: Tensor) -> List[LayerTokens]:
         _restore(method, saved)
         runner.last_state = last_state
     return records
-
-
-def _stack(records: List[LayerTokens]) -> LayerTokens:
-    """One-image records of the same layer as one batch, padded to the most tokens."""
-    width = max(r.source.shape[1] for r in records)
-
-    def pad(t, value):
-        return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1]), value=value)
-    valid = torch.cat([pad(r.valid if r.valid is not None else torch.ones(r.source.shape[:2], dtype=torch.bool), False)
-                       for r in records])
-    size = torch.cat([pad(r.size if r.size is not None else torch.ones(r.source.shape[:2]), 1.0) for r in records])
-    return LayerTokens(layer=records[0].layer, n_prefix=records[0].n_prefix,
-                       source=torch.cat([pad(r.source, 0.0) for r in records]),
-                       valid=None if bool(valid.all()) else valid, size=size)
 
 
 # --------------------------------------------------------------------------- token maps

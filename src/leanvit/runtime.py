@@ -8,7 +8,7 @@ attention and returns the reduced tokens, which the block's MLP and all later bl
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -99,6 +99,7 @@ class LeanViT(nn.Module):
         layers = frozenset(method.decision_layers())
         self.decision_layers = layers if method.position == "attention" else frozenset()
         self.after_block_layers = layers if method.position == "block" else frozenset()
+        self.prepare_layers = frozenset(method.prepare_layers())
         self.track_source = False  # set True to record which input tokens each token stands for
         # True: pruning marks tokens invalid instead of removing them (training with a fixed batch
         # shape, as RL4EViT and DynamicViT train); merging methods cannot run masked
@@ -113,7 +114,19 @@ class LeanViT(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------
     def forward(self, images: Tensor) -> Tensor:
-        return self.method.run(self, self.embed(images))
+        return self.run(self.embed(images))
+
+    def run(self, state: TokenState, start: int = 0, decide: bool = True) -> Tensor:
+        """Blocks ``start``.. on ``state``, then the head: the one loop over the blocks. With
+        ``decide=False`` the blocks run as the state says, without the method (a look-ahead, as
+        PRANCE's Result-to-Go finishes the network from a stage on)."""
+        blocks = self.model.blocks
+        for i in range(start, len(blocks) + 1):
+            if decide and i in self.prepare_layers:
+                state = self.method.prepare(self, i, state)
+            if i < len(blocks):
+                state = self.run_block(i, blocks[i], state, decide)
+        return self.finish(state) if decide else self.head(state)
 
     def finish(self, state: TokenState) -> Tensor:
         """The head's logits for the final tokens (kept as ``last_state`` when tracing)."""
@@ -131,48 +144,103 @@ class LeanViT(nn.Module):
         self.method.begin(x.shape[0])
         return TokenState(x=x, n_prefix=self.n_prefix, source=source, compact=not self.masked)
 
-    def run_block(self, index: int, blk: Block, state: TokenState, widths=None) -> TokenState:
+    def run_block(self, index: int, blk: Block, state: TokenState, decide: bool = True) -> TokenState:
         """timm's Block.forward, with the method's decision between attention and MLP (or after
-        the block, for methods whose decision layers sit between blocks). ``widths`` (heads, MLP
-        neurons) overrides the method's ``block_widths`` (per-group widths of PRANCE)."""
-        attn = blk.attn
-        x = state.x
-        B, N, C = x.shape
+        the block, for methods whose decision layers sit between blocks).
+
+        A batch whose images differ (per-image token counts, or per-image widths ``state.heads`` /
+        ``state.hidden``) runs packed (:class:`_Packed`): the token-wise work (norms, qkv, proj,
+        MLP) runs once on the real tokens of the whole batch, one call per distinct width, and
+        attention once per head count, over that group's images padded to its widest one (SDPA
+        with the padding in its additive mask). Otherwise the batch runs as one (B, N, C) tensor,
+        as timm runs it.
+        """
+        static = self.method.block_widths(index) or (None, None)  # static channel widths
+        head_groups = _width_groups(state.heads, static[0])
+        mlp_groups = _width_groups(state.hidden, static[1])
+        mixed = len(head_groups) > 1 or len(mlp_groups) > 1
+        tokens = _Packed.of(state, mixed)
+        trace = self._trace is not None and decide  # a look-ahead is not what the forward ran
+        counts_in = state.counts() if trace else None
+        attn_run, attn_span = (tokens.counts, tokens.spans(head_groups)) if tokens and trace else \
+            (float(state.x.shape[1]),) * 2
+
+        x = tokens.x if tokens else state.x
         h = blk.norm1(x)
-        gate = attn.gate(h).sigmoid() if attn.gate is not None else None
-        heads, hidden = widths or self.method.block_widths(index) or (None, None)  # channel-elastic methods
-        qkv, heads = elastic.attention_projections(attn, h, heads)
-        q, k, v = qkv.reshape(B, N, 3, heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)
         bias = state.attn_bias()
-        dropout = attn.attn_drop.p if self.training else 0.0
-        if state.policy is None:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
-        else:
-            o = policy_attention(q, k, v, bias, state.policy, dropout)
-        o = attn.norm(o.transpose(1, 2).reshape(B, N, heads * attn.head_dim))
-        if gate is not None:
-            o = o * gate
-        o = attn.proj_drop(elastic.output_projection(attn, o))
-        state = state.replace(x=x + blk.drop_path1(blk.ls1(o)))
-        counts_in = state.counts() if self._trace is not None else None
+        attended = []  # (group, q, k, v) per head count
+        out = None
+        for width, images in head_groups:
+            g = tokens.group(images) if tokens else None
+            hg = h if g is None else g.take(h)
+            qkv, width = elastic.attention_projections(blk.attn, hg, width)
+            q, k, v, o = self._attention(blk.attn, qkv if g is None else g.pad(qkv), width,
+                                         bias if g is None else g.bias(bias), state.policy)
+            o = self._attention_output(blk.attn, hg, o if g is None else g.unpad(o))
+            out = _put(out, g, o, x)
+            attended.append((g, q, k, v))
+        x = x + blk.drop_path1(blk.ls1(out))
 
-        if index in self.decision_layers:
+        if decide and index in self.decision_layers:
+            state = tokens.unpack(x) if tokens else state.replace(x=x)
             self._note_decision(index, state)
-            state = self.method.reduce(index, state, AttentionView(q, k, v, bias, self.n_prefix))
-        del q, k, v, o  # free the attention buffers before the MLP allocates its own
+            state = self.method.reduce(index, state, self._attention_view(attended, state, bias))
+            tokens = _Packed.of(state, mixed)
+            x = tokens.x if tokens else state.x
+        del attended, out, q, k, v, o  # free the attention buffers before the MLP allocates its own
 
-        x = state.x
-        x = x + blk.drop_path2(blk.ls2(elastic.mlp_forward(blk.mlp, blk.norm2(x), hidden)))
-        if self._trace is not None:
-            self._trace.append(dict(layer=index, attn_tokens=counts_in, attn_width=N, heads=heads,
-                                    mlp_tokens=state.counts(), mlp_width=x.shape[1], hidden=hidden,
-                                    rows=state.rows))
-        state = state.replace(x=x)
-        if index in self.after_block_layers:
+        h = blk.norm2(x)
+        out = None
+        for width, images in mlp_groups:
+            g = tokens.group(images) if tokens else None
+            out = _put(out, g, elastic.mlp_forward(blk.mlp, h if g is None else g.take(h), width), x)
+        x = x + blk.drop_path2(blk.ls2(out))
+        state = tokens.unpack(x) if tokens else state.replace(x=x)
+        if trace:
+            self._trace.append(dict(
+                layer=index, attn_tokens=counts_in, mlp_tokens=state.counts(),
+                heads=state.heads if state.heads is not None else static[0],
+                hidden=state.hidden if state.hidden is not None else static[1],
+                # what ran, padding included: tokens of the linear layers, and attention's span
+                attn_run=attn_run, attn_span=attn_span,
+                mlp_run=tokens.counts if tokens else float(state.x.shape[1])))
+        if decide and index in self.after_block_layers:
             self._note_decision(index, state)
             state = self.method.reduce(index, state, None)
         return state
+
+    def _attention(self, attn: Attention, qkv: Tensor, heads: int, bias: Optional[Tensor],
+                   policy: Optional[Tensor]):
+        """q, k, v (B, heads, N, d) and the attention output (B, N, heads·d) of qkv (B, N, 3·heads·d)."""
+        B, N = qkv.shape[:2]
+        q, k, v = qkv.reshape(B, N, 3, heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        dropout = attn.attn_drop.p if self.training else 0.0
+        if policy is None:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+        else:
+            o = policy_attention(q, k, v, bias, policy, dropout)
+        return q, k, v, o.transpose(1, 2).reshape(B, N, heads * attn.head_dim)
+
+    @staticmethod
+    def _attention_output(attn: Attention, h: Tensor, o: Tensor) -> Tensor:
+        o = attn.norm(o)
+        if attn.gate is not None:
+            o = o * attn.gate(h).sigmoid()
+        return attn.proj_drop(elastic.output_projection(attn, o))
+
+    def _attention_view(self, attended: list, state: TokenState, bias: Optional[Tensor]) -> AttentionView:
+        """The block's attention as the method sees it: (B, H, N, d) for the whole batch."""
+        g, q, k, v = attended[0]
+        if len(attended) == 1 and (g is None or g.whole):
+            return AttentionView(q, k, v, bias, self.n_prefix)
+        B, N = state.batch, state.x.shape[1]
+        H = max(q.shape[1] for _, q, _, _ in attended)
+        full = [q.new_zeros(B, H, N, q.shape[-1]) for _ in range(3)]
+        for g, *qkv in attended:
+            for t, part in zip(full, qkv):
+                t[g.images, :part.shape[1], :part.shape[2]] = part
+        return AttentionView(*full, bias, self.n_prefix, heads=state.heads)
 
     def head(self, state: TokenState) -> Tensor:
         m = self.model
@@ -224,15 +292,14 @@ class LeanViT(nn.Module):
         finally:
             self._trace, self.track_source = old
 
-    def note_macs(self, rows: Optional[Tensor], macs: Union[float, Tensor],
-                  padded: Union[float, Tensor, None] = None) -> None:
-        """Count a method's own cost (e.g. PRANCE's selector, RL4EViT's actor) for images ``rows``
-        (None: all): ``macs`` per image, a number or a tensor with one entry per image; ``padded``
-        what the batch executed for them if padding made it more (default: ``macs``)."""
+    def note_macs(self, macs: Union[float, Tensor], padded: Union[float, Tensor, None] = None) -> None:
+        """Count a method's own cost (e.g. PRANCE's selector, RL4EViT's actor): ``macs`` per image,
+        a number or a tensor with one entry per image; ``padded`` what the batch executed for
+        them if padding made it more (default: ``macs``)."""
         if self._trace is not None:
             macs = macs if isinstance(macs, Tensor) else float(macs)
             padded = macs if padded is None else padded if isinstance(padded, Tensor) else float(padded)
-            self._trace.append(dict(layer=None, macs=macs, padded_macs=padded, rows=rows))
+            self._trace.append(dict(layer=None, macs=macs, padded_macs=padded))
 
     def _note_decision(self, index: int, state: TokenState) -> None:
         """When tracing, count the method's decision network at ``index`` on ``state``."""
@@ -241,7 +308,110 @@ class LeanViT(nn.Module):
         macs = self.method.decision_macs(index, state)
         if macs is not None:
             padded = macs if state.valid is None else self.method.decision_macs(index, state.replace(valid=None))
-            self.note_macs(state.rows, macs, padded)
+            self.note_macs(macs, padded)
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}"
+
+
+# --- packed execution -----------------------------------------------------------------------
+def _width_groups(per_image: Optional[Tensor], static: Optional[int]) -> List[Tuple[Optional[int], Optional[Tensor]]]:
+    """[(width, images)]: which images (None: all) run a block part with which first-k width."""
+    if per_image is None:
+        return [(static, None)]
+    widths = per_image.unique().tolist()  # host sync: a width selects a weight slice
+    if len(widths) == 1:
+        return [(widths[0], None)]
+    return [(w, (per_image == w).nonzero().squeeze(1)) for w in widths]
+
+
+def _put(out: Optional[Tensor], g: Optional["_Group"], part: Tensor, like: Tensor) -> Tensor:
+    """Write a group's rows of a token-wise result into the batch's result."""
+    if g is None or g.rows is None:
+        return part
+    out = like.new_empty(like.shape[:-1] + part.shape[-1:]) if out is None else out
+    out[g.rows] = part
+    return out
+
+
+class _Packed:
+    """The real tokens of a batch whose images differ, packed image by image into one (T, C)
+    matrix, and the way back to the (B, N, C) state. Relies on compact states keeping each
+    image's real tokens first (padding at the end)."""
+
+    @staticmethod
+    def of(state: TokenState, mixed_widths: bool) -> Optional["_Packed"]:
+        """Packed tokens of ``state``, or None when it runs as one (B, N, C) batch."""
+        if not state.compact or state.policy is not None or (state.valid is None and not mixed_widths):
+            return None
+        return _Packed(state)
+
+    def __init__(self, state: TokenState):
+        self.state = state
+        B, N, C = state.x.shape
+        flat = state.x.reshape(B * N, C)
+        self.counts = state.counts()
+        if state.valid is None:
+            self.index, self.x = None, flat
+            self.image = torch.arange(B, device=flat.device).repeat_interleave(N)
+            self.pos = torch.arange(N, device=flat.device).repeat(B)
+        else:
+            self.index = state.valid.flatten().nonzero().squeeze(1)  # host sync: T is a shape
+            self.x = flat[self.index]
+            self.image, self.pos = self.index // N, self.index % N
+
+    def group(self, images: Optional[Tensor]) -> "_Group":
+        return _Group(self, images)
+
+    def spans(self, groups) -> Tensor:
+        """(B,) the length each image's attention runs over (its group's widest image)."""
+        spans = torch.empty_like(self.counts)
+        for _, images in groups:
+            sel = slice(None) if images is None else images
+            spans[sel] = self.counts[sel].max()
+        return spans
+
+    def unpack(self, x: Tensor) -> TokenState:
+        B, N, _ = self.state.x.shape
+        if self.index is None:
+            return self.state.replace(x=x.reshape(B, N, -1))
+        out = x.new_zeros(B * N, x.shape[-1]).index_copy_(0, self.index, x)
+        return self.state.replace(x=out.reshape(B, N, -1))
+
+
+class _Group:
+    """The images of a packed batch that run attention together (one head count): their rows
+    in the packed matrix and their positions in the group's own padded (Bg, span) layout."""
+
+    def __init__(self, packed: _Packed, images: Optional[Tensor]):
+        B, N = packed.state.x.shape[:2]
+        dev = packed.x.device
+        if images is None:
+            self.images, self.rows = torch.arange(B, device=dev), None
+            image, pos = packed.image, packed.pos
+        else:
+            member = torch.zeros(B, dtype=torch.bool, device=dev)
+            member[images] = True
+            self.images, self.rows = images, member[packed.image].nonzero().squeeze(1)
+            image, pos = packed.image[self.rows], packed.pos[self.rows]
+        self.span = int(packed.counts[self.images].max())  # host sync: the group's padded length
+        rank = torch.empty(B, dtype=torch.long, device=dev)
+        rank[self.images] = torch.arange(len(self.images), device=dev)
+        self.local = rank[image] * self.span + pos
+        self.whole = images is None and self.span == N  # its padded layout is the batch's
+
+    def take(self, t: Tensor) -> Tensor:
+        return t if self.rows is None else t[self.rows]
+
+    def pad(self, t: Tensor) -> Tensor:
+        """(T_g, D) -> (Bg, span, D), zeros at the padding."""
+        out = t.new_zeros(len(self.images) * self.span, t.shape[-1]).index_copy_(0, self.local, t)
+        return out.reshape(len(self.images), self.span, -1)
+
+    def unpad(self, t: Tensor) -> Tensor:
+        return t.reshape(-1, t.shape[-1])[self.local]
+
+    def bias(self, bias: Optional[Tensor]) -> Optional[Tensor]:
+        if bias is None:
+            return None
+        return bias[..., :self.span] if self.rows is None else bias[self.images][..., :self.span]

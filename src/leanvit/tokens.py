@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -28,8 +28,15 @@ class TokenState:
               in place, marked invalid, so attention ignores them exactly as if removed.
     policy:   (B, N) differentiable keep decisions in [0, 1] (DynamicViT's training): attention
               weights are multiplied by them, so gradients reach the decisions.
-    rows:     (B,) which images of the forward's batch these are, once the batch was split into
-              groups that take different paths (PRANCE); ``None`` for the whole batch in order.
+    heads:    (B,) long, first-k attention heads each image runs with (per-image channel widths,
+              PRANCE); ``None``: the method's static widths for every image.
+    hidden:   (B,) long, first-k MLP neurons each image runs with; ``None`` as for ``heads``.
+    plan:     a method's per-image decisions (tensors with the batch first) that later layers of
+              the same forward carry out (PRANCE: keep ratios chosen before a stage, applied after
+              its first attention). Carried with the tokens, so methods keep no per-forward state.
+
+    In compact execution each image's real tokens are its first ``counts()[i]`` (padding is at the
+    end): the runtime relies on it to pack the real tokens of a ragged batch.
     """
 
     x: Tensor
@@ -39,7 +46,9 @@ class TokenState:
     source: Optional[Tensor] = None
     compact: bool = True
     policy: Optional[Tensor] = None
-    rows: Optional[Tensor] = None
+    heads: Optional[Tensor] = None
+    hidden: Optional[Tensor] = None
+    plan: Optional[Dict[str, Tensor]] = None
 
     @property
     def batch(self) -> int:
@@ -89,45 +98,6 @@ class TokenState:
             policy=None if self.policy is None else self.policy.gather(1, idx),
             source=None if self.source is None else _take(self.source, idx),
         )
-
-    def select_images(self, rows: Tensor) -> "TokenState":
-        """The sub-batch of images ``rows``."""
-        return self.replace(
-            rows=rows if self.rows is None else self.rows[rows],
-            x=self.x[rows],
-            size=None if self.size is None else self.size[rows],
-            valid=None if self.valid is None else self.valid[rows],
-            policy=None if self.policy is None else self.policy[rows],
-            source=None if self.source is None else self.source[rows],
-        )
-
-    @staticmethod
-    def combine(parts: Sequence[Tuple[Tensor, "TokenState"]], batch: int) -> "TokenState":
-        """Put sub-batches (rows, state) back into one batch in order. Parts narrower than the
-        widest are padded to it (zeros, marked invalid): the result is then a ragged batch."""
-        first = parts[0][1]
-        width = max(part.x.shape[1] for _, part in parts)
-        x = first.x.new_zeros((batch, width) + first.x.shape[2:])
-        any_size = any(p.size is not None for _, p in parts)
-        any_valid = any(p.valid is not None or p.x.shape[1] < width for _, p in parts)
-        size = x.new_ones(x.shape[:2]) if any_size else None
-        valid = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device) if any_valid else None
-        source = None
-        if first.source is not None:
-            source = first.source.new_zeros((batch, width) + first.source.shape[2:])
-        images = None if first.rows is None else first.rows.new_empty(batch)
-        for rows, part in parts:
-            n = part.x.shape[1]
-            if images is not None:
-                images[rows] = part.rows
-            x[rows, :n] = part.x
-            if size is not None:
-                size[rows, :n] = part.sizes()
-            if valid is not None:
-                valid[rows, :n] = part.valid if part.valid is not None else True
-            if source is not None:
-                source[rows, :n] = part.source
-        return first.replace(x=x, size=size, valid=valid, source=source, rows=images)
 
 
 def _expand_index(idx: Tensor, t: Tensor) -> Tensor:
@@ -179,20 +149,6 @@ def keep_mask(state: TokenState, keep: Tensor) -> TokenState:
         return out.replace(valid=None)
     valid = torch.arange(width, device=counts.device)[None, :] < counts[:, None]
     return out.replace(valid=valid)
-
-
-def split_by_count(state: TokenState, size: int) -> List[Tuple[Tensor, TokenState]]:
-    """The images of a ragged batch in groups of at most ``size`` with similar token counts
-    (sorted by count, most first), each group padded only to its own widest image:
-    ``[(rows, group)]``, ``rows`` the images' positions in ``state``."""
-    p = state.n_prefix
-    parts = []
-    for rows in state.counts().argsort(descending=True, stable=True).split(size):
-        group = state.select_images(rows)
-        if group.valid is not None:  # drop the padding the group does not need
-            group = keep_mask(group, group.valid[:, p:])
-        parts.append((rows, group))
-    return parts
 
 
 def fuse_rest(state: TokenState, scores: Tensor, k: int) -> TokenState:
@@ -266,29 +222,70 @@ def merge_tokens(state: TokenState, metric: Tensor, r: int) -> TokenState:
     return state.replace(x=x / size[..., None], size=size, source=source)
 
 
-def merge_into_top(state: TokenState, scores: Tensor, k: int) -> TokenState:
-    """PRANCE's merging: the ``k`` patches with the highest ``scores`` (B, n_patches) are
-    destinations; every other patch joins its most similar destination (cosine on the hidden
-    states) as a size-weighted average; sizes add. Output: prefix, then destinations by score."""
-    if state.valid is not None:
-        raise ValueError("merging on a ragged (padded) batch is not supported")
+def sort_by_score(state: TokenState, scores: Tensor) -> Tuple[TokenState, Tensor]:
+    """Each image's real patches in descending order of ``scores`` (B, n_patches), padding last
+    (the prefix stays in front); and the scores in that order."""
     p = state.n_prefix
-    order = scores.argsort(dim=1, descending=True) + p
-    dst, src = order[:, :k], order[:, k:]
-    metric = state.x / state.x.norm(dim=-1, keepdim=True)
-    sim = _take(metric, src) @ _take(metric, dst).transpose(-1, -2)  # (B, n_src, k)
-    target = sim.argmax(dim=-1) + p  # destination position in the output (after the prefix)
+    if state.valid is not None:
+        scores = scores.masked_fill(~state.valid[:, p:], float("-inf"))
+    scores, order = scores.sort(dim=1, descending=True, stable=True)
     prefix = torch.arange(p, device=order.device).expand(state.batch, p)
-    keep = torch.cat([prefix, dst], dim=1)
-    size = state.sizes()
+    return state.gather(torch.cat([prefix, order + p], dim=1)), scores
 
-    def merge(t: Tensor) -> Tensor:
-        return _take(t, keep).scatter_add_(1, _expand_index(target, t), _take(t, src))
 
-    x = merge(state.x * size[..., None])
-    new_size = merge(size)
-    source = None if state.source is None else merge(state.source)
-    return state.replace(x=x / new_size[..., None], size=new_size, source=source)
+def keep_first(state: TokenState, k: Tensor) -> TokenState:
+    """Keep the prefix and the first ``k[i]`` patches of image i (``k`` (B,) long, at most its
+    patches): per-image counts, a ragged batch unless all ``k`` are equal."""
+    p = state.n_prefix
+    width = p + int(k.max())  # host sync: the batch's new width is a shape
+    out = state.replace(**{f: t[:, :width] for f in ("x", "size", "valid", "policy", "source")
+                           if (t := getattr(state, f)) is not None})
+    valid = torch.arange(width, device=k.device)[None, :] < (p + k)[:, None]
+    return out.replace(valid=None if bool(valid.all()) else valid)
+
+
+def merge_into_first(state: TokenState, k: Tensor) -> TokenState:
+    """PRANCE's merging, per image: its first ``k[i]`` patches (B,) are destinations (sort them
+    first, see :func:`sort_by_score`); every other real patch joins its most similar destination
+    (cosine on the hidden states) as a size-weighted average; sizes add."""
+    p, n = state.n_prefix, state.x.shape[1] - state.n_prefix
+    pos = torch.arange(n, device=k.device)[None, :]
+    dst = pos < k[:, None]  # (B, n) destination patches
+    src = ~dst if state.valid is None else ~dst & state.valid[:, p:]
+    patches = state.x[:, p:]
+    metric = patches / patches.norm(dim=-1, keepdim=True)
+    # similarities only of the rows that may be sources to the columns that may be destinations
+    lo, hi = int(k.min()), int(k.max())  # host sync: they are shapes
+    sim = metric[:, lo:] @ metric[:, :hi].transpose(-1, -2)
+    best = torch.cat([pos[:, :lo].expand(state.batch, lo),
+                      sim.masked_fill(~dst[:, None, :hi], float("-inf")).argmax(dim=-1)], dim=1)
+    target = torch.where(src, best, pos)  # a non-source (destination, padding) stays
+    size = state.sizes()[:, p:]
+    w = torch.where(src | dst, size, torch.zeros_like(size))  # padding adds nothing
+
+    def merge(t: Tensor) -> Tensor:  # every patch folded into its target, sums
+        return torch.zeros_like(t).scatter_add_(1, _expand_index(target, t), t)
+
+    new_size = merge(w)
+    x = merge(patches * w[..., None]) / new_size.clamp_min(1e-12)[..., None]
+    merged = state.replace(
+        x=torch.cat([state.x[:, :p], x], dim=1), size=torch.cat([state.sizes()[:, :p], new_size], dim=1),
+        source=None if state.source is None else torch.cat(
+            [state.source[:, :p], merge(state.source[:, p:] * (src | dst)[..., None])], dim=1))
+    return keep_first(merged, k)
+
+
+def choose(which: Tensor, a: TokenState, b: TokenState) -> TokenState:
+    """Per image, ``a`` where ``which`` (B,) is True, else ``b``: two reductions of one batch to
+    the same token count (PPT's prune and pool branches), without splitting the batch."""
+    if a.x.shape != b.x.shape or a.valid is not None or b.valid is not None:
+        raise ValueError("choose needs two reductions to the same token count, without padding")
+
+    def pick(s: Optional[Tensor], t: Optional[Tensor]) -> Tensor:
+        return torch.where(which.reshape((-1,) + (1,) * (s.dim() - 1)), s, t)
+    sizes = None if a.size is None and b.size is None else pick(a.sizes(), b.sizes())
+    source = None if a.source is None else pick(a.source, b.source)
+    return a.replace(x=pick(a.x, b.x), size=sizes, source=source)
 
 
 def max_merge(n_tokens: int, n_prefix: int) -> int:

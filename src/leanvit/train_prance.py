@@ -139,8 +139,8 @@ def rollout_tensors(rollout: List[dict], batch: int, stages: int, dense_macs: fl
         for key in ("features", "actions", "logp"):
             out[key][t, rows] = step[key]
         out["correct"][t, rows] = step["logits"].argmax(dim=1) == labels[rows]
-        out["macs_ratio"][t, rows] = step["block_macs"] / dense_macs
-        out["kept"][t, rows] = step["kept"]
+        out["macs_ratio"][t, rows] = torch.as_tensor(step["block_macs"] / dense_macs, dtype=torch.float32)
+        out["kept"][t, rows] = torch.as_tensor(step["kept"], dtype=torch.float32)
     return out
 
 

@@ -10,12 +10,12 @@ import abc
 import inspect
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable, Dict, Iterable, List, Optional, Tuple, Type
+from typing import Dict, Iterable, List, Optional, Tuple, Type
 
 import torch
 from torch import Tensor
 
-from ..tokens import TokenState, split_by_count
+from ..tokens import TokenState
 
 
 class OptionError(ValueError):
@@ -36,24 +36,49 @@ class ModelInfo:
 
 
 class AttentionView:
-    """The block's attention, as a decision may read it. Everything is computed lazily."""
+    """The block's attention, as a decision may read it. Everything is computed lazily.
 
-    def __init__(self, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], n_prefix: int):
-        self.q, self.k, self.v, self.bias, self.n_prefix = q, k, v, bias, n_prefix
+    q, k, v: (B, H, N, d), padding included. ``heads`` (B,): with per-image channel widths, the
+    heads image i ran with (its q, k, v are zero beyond them); None: all H for every image.
+    """
+
+    def __init__(self, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], n_prefix: int,
+                 heads: Optional[Tensor] = None):
+        self.q, self.k, self.v, self.bias, self.n_prefix, self.heads = q, k, v, bias, n_prefix, heads
+
+    @cached_property
+    def _head_weights(self) -> Optional[Tensor]:
+        """(B, H, 1) 1 for the heads an image ran with, 0 beyond; None when it ran with all."""
+        if self.heads is None:
+            return None
+        return (torch.arange(self.q.shape[1], device=self.q.device)[None, :] < self.heads[:, None])[..., None].to(self.q.dtype)
+
+    def _mean_over_heads(self, t: Tensor) -> Tensor:
+        if self._head_weights is None:
+            return t.mean(dim=1)
+        return (t * self._head_weights.reshape(t.shape[:2] + (1,) * (t.dim() - 2))).sum(dim=1) \
+            / self.heads.reshape((-1,) + (1,) * (t.dim() - 2)).to(t.dtype)
 
     @cached_property
     def cls_attn(self) -> Tensor:
-        """(B, H, N) post-softmax attention of the CLS query, with the block's bias."""
+        """(B, H, N) post-softmax attention of the CLS query, with the block's bias (zero for heads
+        an image did not run)."""
         q, k = self.q[:, :, :1], self.k
         logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
         if self.bias is not None:
             logits = logits + self.bias
-        return logits.softmax(dim=-1)[:, :, 0]
+        a = logits.softmax(dim=-1)[:, :, 0]
+        return a if self._head_weights is None else a * self._head_weights
+
+    @cached_property
+    def cls_attn_mean(self) -> Tensor:
+        """(B, N) CLS attention averaged over the heads each image ran with (EViT's score)."""
+        return self._mean_over_heads(self.cls_attn)
 
     @cached_property
     def key_mean(self) -> Tensor:
         """(B, N, D) keys averaged over heads: ToMe's similarity metric."""
-        return self.k.mean(dim=1)
+        return self._mean_over_heads(self.k)
 
     @cached_property
     def v_norm(self) -> Tensor:
@@ -79,18 +104,6 @@ class Reduction(abc.ABC):
 
     name: str = ""
     position: str = "attention"
-    # leanvit bench times a "floor" that keeps random tokens at the method's counts; methods that
-    # also slice channels or split the batch into groups have no such floor
-    token_floor: bool = True
-    # ragged batches (per-image token counts) run on after each decision layer in groups of this
-    # many images with similar counts, each padded only to its widest image; None: one batch
-    group_size: Optional[int] = None
-
-    @property
-    def groups_images(self) -> bool:
-        """Whether images of one batch may run as separate sub-batches (then a trace holds one
-        record per group and block, with the group's ``rows``)."""
-        return bool(self.group_size)
 
     def bind(self, info: ModelInfo) -> None:
         """Check the options against the model; called once by :func:`leanvit.adapt`."""
@@ -121,21 +134,16 @@ class Reduction(abc.ABC):
         """The reduced tokens; what runs after the decision sees only these. ``attn`` is the
         block's attention for ``position == "attention"``, None for ``"block"``."""
 
-    def run(self, runner, state: TokenState) -> Tensor:
-        """All blocks, then the head. With ``group_size``, a decision that leaves the batch ragged
-        splits it into groups of images with similar token counts (:func:`split_by_count`; the
-        groups are put together and split again at each later decision), and the head runs on
-        the batch put back in order. Methods whose images take different paths override it."""
-        groups: List[Tuple[Optional[Tensor], TokenState]] = [(None, state)]
-        regroup = set(self.decision_layers()) if self.group_size and state.compact else set()
-        for i, blk in enumerate(runner.model.blocks):
-            groups = [(rows, runner.run_block(i, blk, g)) for rows, g in groups]
-            if i in regroup and state.batch > self.group_size and any(g.valid is not None for _, g in groups):
-                whole = groups[0][1] if groups[0][0] is None else TokenState.combine(groups, state.batch)
-                groups = split_by_count(whole, self.group_size)
-        if groups[0][0] is not None:
-            return runner.finish(TokenState.combine(groups, state.batch).replace(rows=state.rows))
-        return runner.finish(groups[0][1])
+    def prepare_layers(self) -> Iterable[int]:
+        """Blocks before which :meth:`prepare` is called (``depth``: before the head); none by default."""
+        return ()
+
+    def prepare(self, runner, layer: int, state: TokenState) -> TokenState:
+        """Look at the tokens before block ``layer`` and return them with decisions for the blocks
+        to come (per-image widths ``state.heads``/``state.hidden``, or a ``state.plan`` that a later
+        ``reduce`` carries out). ``runner`` runs blocks for a method that needs a look ahead
+        (:meth:`LeanViT.run` from ``layer``, PRANCE's Result-to-Go)."""
+        return state
 
     def extra_repr(self) -> str:
         return ""

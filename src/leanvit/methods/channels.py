@@ -22,7 +22,6 @@ class Channels(Reduction):
     """Static channel slimming: every block runs its first k heads and MLP neurons (no token reduction)."""
 
     name = "channels"
-    token_floor = False
 
     def __init__(self, heads=1.0, mlp=1.0):
         self.heads_option, self.mlp_option = heads, mlp

@@ -21,7 +21,7 @@ class EViT(Reduction):
         return self.layers
 
     def reduce(self, layer, state, attn):
-        scores = attn.cls_attn.mean(dim=1)[:, state.n_prefix:]
+        scores = attn.cls_attn_mean[:, state.n_prefix:]
         k = ceil_keep(self.keep_rate, state.n_patches)
         if k >= state.n_patches:
             return state

@@ -1,6 +1,6 @@
 import torch
 
-from ..tokens import TokenState, keep_top, max_merge, merge_tokens
+from ..tokens import choose, keep_top, max_merge, merge_tokens
 from .base import Reduction, check_int, check_layers, check_number, register, require_cls
 
 
@@ -10,7 +10,7 @@ class PPT(Reduction):
 
     The policy is the unbiased variance of the ATS significance scores: below ``threshold`` the
     tokens are alike in importance, so pool; otherwise a few dominate, so prune. Both branches
-    remove exactly ``r`` tokens, so a mixed batch is split by policy and put back in order.
+    remove exactly ``r`` tokens, so in a mixed batch each image takes its own branch's result.
 
     ``threshold`` was set for 197 tokens (scores sum to 1, so their variance scales like
     1/(N-1)^2); ``threshold="scaled"`` uses 7e-5 * (196 / (N0 - 1))^2 for a model with N0 tokens.
@@ -47,18 +47,15 @@ class PPT(Reduction):
             return state
         scores = attn.significance
         prune = scores.var(dim=1, unbiased=True) >= self.threshold
-        n_prune = int(prune.sum())
+        n_prune = int(prune.sum())  # host sync: statistics, and skipping a branch no image takes
         self.prune_counts[layer] = self.prune_counts.get(layer, 0) + n_prune
         self.seen_counts[layer] = self.seen_counts.get(layer, 0) + state.batch
-        keep = state.n_patches - r
         if n_prune == state.batch:
-            return keep_top(state, scores, keep)
+            return keep_top(state, scores, state.n_patches - r)
         if n_prune == 0:
             return merge_tokens(state, attn.key_mean, r)
-        rows_prune, rows_pool = prune.nonzero().squeeze(1), (~prune).nonzero().squeeze(1)
-        pruned = keep_top(state.select_images(rows_prune), scores[rows_prune], keep)
-        pooled = merge_tokens(state.select_images(rows_pool), attn.key_mean[rows_pool], r)
-        return TokenState.combine([(rows_prune, pruned), (rows_pool, pooled)], state.batch)
+        # a mixed batch: both branches on every image, each image takes its own (one batch, no split)
+        return choose(prune, keep_top(state, scores, state.n_patches - r), merge_tokens(state, attn.key_mean, r))
 
     def prune_fraction(self):
         """{layer: fraction of images that chose pruning} since the last reset_stats()."""

@@ -7,9 +7,9 @@ weights, see :mod:`leanvit.elastic`) and the ratio of patch tokens to keep. The 
 reduced inside the stage's first block, after its attention (which gives the CLS-attention
 importance, as in EViT), so that block's MLP and the rest of the stage run on the kept tokens.
 
-Decisions are per image and executed for real: images that chose the same configuration run
-together as one sub-batch, with physically smaller matmuls and fewer tokens; a batch splits into
-groups at every stage boundary and the logits are put back in order at the end.
+Decisions are per image and executed for real, without splitting the batch: the choices travel
+with the tokens (``TokenState.heads``/``hidden``/``plan``) and the runtime runs the batch packed,
+one matmul per distinct width and fewer tokens where images kept fewer.
 
 Token strategies: ``prune`` (keep the top ⌊ρN⌋ patches by CLS attention), ``merge`` (those are
 destinations; every other patch joins its most similar one), ``prune-merge`` (prune to ⌊ρ₁N⌋,
@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..tokens import TokenState, keep_top, merge_into_top
+from ..tokens import TokenState, keep_first, merge_into_first, sort_by_score
 from .base import OptionError, Reduction, check_int, load_weights, register, require_cls
 from .rl4evit import mlp
 
@@ -70,19 +70,11 @@ def _choices(fractions, full: int) -> Tuple[int, ...]:
     return tuple(sorted({max(1, math.ceil(f * full)) for f in fractions}))
 
 
-def _pick(options: tuple, a: Tensor) -> List:
-    """Map actions in [0, 1] (any real, clamped) to ``options``: [0, 1/n) -> the first, ..."""
-    idx = (a.clamp(0, 1) * len(options)).long().clamp(max=len(options) - 1)
-    return [options[i] for i in idx.tolist()]
-
-
 @register
 class Prance(Reduction, nn.Module):
     """PRANCE: a selector picks channels and tokens per image and stage (see the module doc)."""
 
     name = "prance"
-    token_floor = False
-    groups_images = True  # images that chose differently run as separate sub-batches
 
     def __init__(self, strategy=None, channels=None, stages=4, weights=None, subnet=None):
         nn.Module.__init__(self)
@@ -98,7 +90,6 @@ class Prance(Reduction, nn.Module):
         # the network is finished at full width from there (Result-to-Go)
         self.sampling = False
         self.rollout: List[dict] = []
-        self._choice: Optional[StageChoice] = None  # the configuration of the group being run
 
     def _resolve_options(self) -> None:
         trained = self._trained_options() if self.weights else {}
@@ -166,124 +157,128 @@ class Prance(Reduction, nn.Module):
         return StageChoice(pick(self.head_options), pick(self.mlp_options))
 
     def decision_layers(self):
-        return self.bounds[1:-1]  # the first block of every stage after the first
+        return self.bounds[1:-1]  # tokens are reduced after the first attention of every later stage
+
+    def prepare_layers(self):
+        return self.bounds[1:]  # before every later stage (choices), and before the head (depth)
 
     def stage_blocks(self, k: int) -> range:
         return range(self.bounds[k], self.bounds[k + 1])
 
+    def begin(self, batch: int) -> None:
+        self.rollout = []
+
     # --- decisions -------------------------------------------------------------------------
     def features(self, state: TokenState, k: int) -> Tensor:
-        """The selector's view of the tokens before stage ``k``: [CLS ; mean patch ; stage one-hot ;
-        fraction of the patches left]."""
+        """The selector's view of each image's tokens before stage ``k``: [CLS ; mean patch ;
+        stage one-hot ; fraction of the patches left]."""
         x, p = state.x, state.n_prefix
+        patches = state.counts() - p
+        if state.valid is None:
+            mean = x[:, p:].mean(dim=1)
+        else:
+            mean = (x[:, p:] * state.valid[:, p:, None]).sum(dim=1) / patches[:, None]
         stage = x.new_zeros(state.batch, self.n_stages - 1)
         stage[:, k - 1] = 1.0
-        left = x.new_full((state.batch, 1), state.n_patches / (self.info.n_tokens - p))
-        return torch.cat([x[:, 0], x[:, p:].mean(dim=1), stage, left], dim=1)
+        left = (patches / (self.info.n_tokens - p)).to(x.dtype)[:, None]
+        return torch.cat([x[:, 0], mean, stage, left], dim=1)
 
-    def to_choices(self, actions: Tensor) -> List[StageChoice]:
-        """(B, action_dim) actions in [0, 1] -> a StageChoice per image."""
+    def to_choices(self, actions: Tensor) -> Dict[str, Tensor]:
+        """(B, action_dim) actions in [0, 1] -> per image: heads, hidden (long), keep, merge (float64)."""
         cols = iter(actions.unbind(dim=1))
-        b = actions.shape[0]
-        heads = _pick(self.head_options, next(cols)) if self.channels else [self.full.heads] * b
-        hidden = _pick(self.mlp_options, next(cols)) if self.channels else [self.full.hidden] * b
-        keep = _pick(KEEP_RATIOS, next(cols)) if self.strategy != "none" else [1.0] * b
-        merge = _pick(KEEP_RATIOS, next(cols)) if self.strategy == "prune-merge" else [1.0] * b
-        return [StageChoice(*c) for c in zip(heads, hidden, keep, merge)]
+        dev = actions.device
 
-    def decide(self, state: TokenState, k: int) -> Tuple[List[StageChoice], Optional[dict]]:
+        def pick(options, dtype):
+            a = next(cols)
+            idx = (a.clamp(0, 1) * len(options)).long().clamp(max=len(options) - 1)
+            return torch.tensor(options, dtype=dtype, device=dev)[idx]
+
+        def fixed(value, dtype):
+            return torch.full((actions.shape[0],), value, dtype=dtype, device=dev)
+        long, f64 = torch.long, torch.float64  # float64: floor(ratio * n) as Python computes it
+        return dict(heads=pick(self.head_options, long) if self.channels else fixed(self.full.heads, long),
+                    hidden=pick(self.mlp_options, long) if self.channels else fixed(self.full.hidden, long),
+                    keep=pick(KEEP_RATIOS, f64) if self.strategy != "none" else fixed(1.0, f64),
+                    merge=pick(KEEP_RATIOS, f64) if self.strategy == "prune-merge" else fixed(1.0, f64))
+
+    def decide(self, state: TokenState, k: int) -> Tuple[Dict[str, Tensor], Optional[dict]]:
         """Per-image choices for stage ``k`` (and, when sampling, what the rollout records)."""
         if self.fixed is not None:
-            return [self.fixed] * state.batch, None
+            f, b, dev = self.fixed, state.batch, state.x.device
+            return dict(heads=torch.full((b,), f.heads, device=dev), hidden=torch.full((b,), f.hidden, device=dev),
+                        keep=torch.full((b,), f.keep, dtype=torch.float64, device=dev),
+                        merge=torch.full((b,), f.merge, dtype=torch.float64, device=dev)), None
         feats = self.features(state, k)
         dist = self.selector.distribution(feats)
         if not self.sampling:
             return self.to_choices(dist.mean), None
         actions = dist.sample()
-        record = dict(stage=k, rows=_rows(state), features=feats, actions=actions,
-                      logp=dist.log_prob(actions).sum(dim=-1))
-        return self.to_choices(actions), record
+        return self.to_choices(actions), dict(features=feats, actions=actions, logp=dist.log_prob(actions).sum(dim=-1))
+
+    def prepare(self, runner, layer, state):
+        """Before stage ``k``: record the stage just run (when sampling), then choose per image the
+        stage's widths and keep ratios; they travel with the tokens (``heads``, ``hidden``, ``plan``)."""
+        k = self.bounds.index(layer)  # the stage about to start; n_stages: the head
+        if self.sampling and k > 1:
+            self._record(runner, layer, state, k - 1)
+        if k == self.n_stages:
+            return state
+        choice, record = self.decide(state, k)
+        if self.fixed is None:
+            runner.note_macs(self.selector_macs())
+        plan = dict(keep=choice["keep"], merge=choice["merge"], n_in=state.counts() - state.n_prefix)
+        if self.sampling:
+            plan.update(record, macs=self._macs_before(runner, state, k))
+        return state.replace(heads=choice["heads"], hidden=choice["hidden"], plan=plan)
 
     def reduce(self, layer, state, attn):
-        c = self._choice
-        if c is None or self.strategy == "none" or (c.keep >= 1.0 and c.merge >= 1.0):
+        plan = state.plan
+        if plan is None or self.strategy == "none" or bool((plan["keep"] >= 1.0).all() & (plan["merge"] >= 1.0).all()):
             return state
-        scores = attn.cls_attn.mean(dim=1)[:, state.n_prefix:]
-        n = state.n_patches
-        k = max(1, math.floor(c.keep * n))
-        if self.strategy == "prune":
-            return keep_top(state, scores, k)
+        p = state.n_prefix
+        k = (plan["keep"] * (state.counts() - p)).floor().long().clamp(min=1)
+        state, _ = sort_by_score(state, attn.cls_attn_mean[:, p:])
         if self.strategy == "merge":
-            return merge_into_top(state, scores, k)
-        pruned = keep_top(state, scores, k)  # prune-merge: survivors come ordered by score
-        return merge_into_top(pruned, scores.topk(k, dim=1).values, max(1, math.floor(c.merge * k)))
+            return merge_into_first(state, k)
+        state = keep_first(state, k)
+        if self.strategy == "prune":
+            return state
+        return merge_into_first(state, (plan["merge"] * k).floor().long().clamp(min=1))  # prune-merge
 
-    # --- execution -------------------------------------------------------------------------
-    def run(self, runner, state: TokenState) -> Tensor:
-        """Stage 0 at full width, then per stage: decide per image, run each group of images that
-        chose alike as one sub-batch, recurse; the logits come back in the batch's order."""
-        self.rollout = []
-        self._choice = None
-        for i in self.stage_blocks(0):
-            state = runner.run_block(i, runner.model.blocks[i], state)
-        parts: List[Tuple[Tensor, Tensor]] = []
-        self._descend(runner, state, 1, self._stage_macs(runner, 0, None, state.n_patches, state.n_patches), parts)
-        self._choice = None
-        if len(parts) == 1:
-            return parts[0][1]
-        out = parts[0][1].new_empty((state.batch,) + parts[0][1].shape[1:])
-        for rows, logits in parts:
-            out[rows] = logits
-        return out
+    # --- Result-to-Go (selector training) ----------------------------------------------------
+    def _macs_before(self, runner, state: TokenState, k: int) -> Tensor:
+        """(B,) block MACs per image of the stages before ``k``, as they ran."""
+        if k == 1:
+            n = self.info.n_tokens - self.info.n_prefix
+            return torch.full((state.batch,), self._stage_macs(runner, 0, None, None, n, n), dtype=torch.float64)
+        plan = state.plan
+        n_out = (state.counts() - state.n_prefix).double().cpu()
+        return plan["macs"] + self._stage_macs(runner, k - 1, state.heads.double().cpu(), state.hidden.double().cpu(),
+                                               plan["n_in"].double().cpu(), n_out)
 
-    def _descend(self, runner, state: TokenState, k: int, macs: float, parts: list) -> None:
-        if k == self.n_stages:
-            parts.append((_rows(state), runner.finish(state)))
-            return
-        choices, record = self.decide(state, k)
-        if self.fixed is None:
-            runner.note_macs(state.rows, self.selector_macs())
-        groups: Dict[StageChoice, List[int]] = {}
-        for i, c in enumerate(choices):
-            groups.setdefault(c, []).append(i)
-        for choice, idx in groups.items():
-            sub = state if len(idx) == state.batch else state.select_images(torch.tensor(idx, device=state.x.device))
-            n_in = sub.n_patches
-            self._choice = choice
-            for i in self.stage_blocks(k):
-                sub = runner.run_block(i, runner.model.blocks[i], sub, widths=(choice.heads, choice.hidden))
-            self._choice = None
-            done = macs + self._stage_macs(runner, k, choice, n_in, sub.n_patches)
-            if record is not None:
-                self._record(runner, record, idx, sub, k, done)
-            self._descend(runner, sub, k + 1, done, parts)
-
-    def _record(self, runner, record: dict, idx: List[int], state: TokenState, k: int, macs: float) -> None:
-        """One rollout step for a group: its part of the decision, and (Result-to-Go) the
+    def _record(self, runner, layer: int, state: TokenState, k: int) -> None:
+        """One rollout step for stage ``k`` (just run): its decision, and (Result-to-Go) the
         prediction and block MACs of the network finished at full width from here."""
-        sel = torch.tensor(idx, device=state.x.device)
-        step = {key: (v[sel] if isinstance(v, Tensor) else v) for key, v in record.items()}
-        step["kept"] = state.n_patches / (self.info.n_tokens - self.info.n_prefix)
-        x = state
-        for j in range(self.bounds[k + 1], self.bounds[-1]):
-            x = runner.run_block(j, runner.model.blocks[j], x)
-        rest = sum(self._stage_macs(runner, s, None, x.n_patches, x.n_patches) for s in range(k + 1, self.n_stages))
-        step["logits"] = runner.head(x)
-        step["block_macs"] = macs + rest
+        p = state.n_prefix
+        step = {key: state.plan[key] for key in ("features", "actions", "logp")}
+        patches = (state.counts() - p).double().cpu()
+        rest = sum(self._stage_macs(runner, s, None, None, patches, patches) for s in range(k + 1, self.n_stages))
+        step.update(stage=k, rows=torch.arange(state.batch), kept=patches / (self.info.n_tokens - p),
+                    block_macs=self._macs_before(runner, state, k + 1) + rest,
+                    logits=runner.run(state.replace(heads=None, hidden=None, plan=None), start=layer, decide=False))
         self.rollout.append(step)
 
-    def _stage_macs(self, runner, k: int, choice: Optional[StageChoice], n_in: int, n_out: int) -> float:
-        """Block MACs of stage ``k`` for one image: ``n_in`` patches at its first attention,
-        ``n_out`` after the reduction."""
+    def _stage_macs(self, runner, k: int, heads, hidden, n_in, n_out):
+        """Block MACs of stage ``k`` per image (numbers or (B,) tensors): ``n_in`` patches at its
+        first attention, ``n_out`` after the reduction, first ``heads``/``hidden`` widths."""
         from ..flops import block_macs
         p = self.info.n_prefix
-        widths = (choice.heads, choice.hidden) if choice is not None else (None, None)
-        return float(sum(block_macs(runner.model.blocks[i], (n_in if i == self.bounds[k] else n_out) + p, n_out + p, *widths)
-                         for i in self.stage_blocks(k)))
+        return sum(block_macs(runner.model.blocks[i], (n_in if i == self.bounds[k] else n_out) + p, n_out + p, heads, hidden)
+                   for i in self.stage_blocks(k))
 
     def dense_block_macs(self, runner) -> float:
         n = self.info.n_tokens - self.info.n_prefix
-        return sum(self._stage_macs(runner, k, None, n, n) for k in range(self.n_stages))
+        return float(sum(self._stage_macs(runner, k, None, None, n, n) for k in range(self.n_stages)))
 
     def selector_macs(self) -> int:
         from ..flops import linear_macs
@@ -296,6 +291,3 @@ class Prance(Reduction, nn.Module):
         return f"strategy={strategy}, channels={channels}, stages={self.n_stages}{fixed}" + \
             (f", weights={self.weights}" if self.weights else "")
 
-
-def _rows(state: TokenState) -> Tensor:
-    return state.rows if state.rows is not None else torch.arange(state.batch, device=state.x.device)

@@ -3,8 +3,7 @@
 Pruning layers sit after blocks 3, 6 and 9. Every patch token is an agent; one shared actor reads
 the token's feature and outputs keep/prune logits; one shared critic reads [token ; CLS].
 Inference is greedy and removes the pruned tokens for real: per-image counts, a ragged batch that
-runs on after each decision in groups of ``group_size`` images with similar counts, so that little
-padding is computed. Training samples actions and runs masked (``LeanViT.masked``) so the batch
+the runtime runs packed (no padding in the token-wise work). Training samples actions and runs masked (``LeanViT.masked``) so the batch
 keeps its shape and every token keeps its position, which lines agents up across layers for GAE.
 """
 from __future__ import annotations
@@ -16,7 +15,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..tokens import keep_mask
-from .base import OptionError, Reduction, check_int, check_layers, load_weights, register
+from .base import OptionError, Reduction, check_layers, load_weights, register
 
 
 def mlp(sizes: Sequence[int]) -> nn.Sequential:
@@ -49,11 +48,8 @@ class RL4EViT(Reduction, nn.Module):
     name = "rl4evit"
     position = "block"
 
-    def __init__(self, layers=(3, 6, 9), hidden=None, weights=None, agents="multi", group_size=16):
+    def __init__(self, layers=(3, 6, 9), hidden=None, weights=None, agents="multi"):
         nn.Module.__init__(self)
-        if group_size is not None:
-            group_size = check_int("rl4evit", "group_size", group_size, low=1)
-        self.group_size = group_size
         self.layers, self.hidden, self.weights = layers, hidden, weights
         if agents not in ("multi", "single"):
             raise OptionError(f"rl4evit: agents must be 'multi' (one per token) or 'single' (one per layer), got {agents!r}")
@@ -118,5 +114,5 @@ class RL4EViT(Reduction, nn.Module):
         return keep_mask(state, keep)
 
     def extra_repr(self):
-        return f"layers={self.layers}, agents={self.agents}, group_size={self.group_size}" + \
+        return f"layers={self.layers}, agents={self.agents}" + \
             (f", weights={self.weights}" if self.weights else "")
