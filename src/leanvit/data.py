@@ -523,19 +523,20 @@ def _subdirs(d: Path) -> list[str]:
         raise DataError(f"cannot read the folder {d} ({err}); check its permissions") from err
 
 
-def _walk_images(top: Path, skipped: list[str]) -> list[str]:
-    """Image files under ``top``, following links to folders but never into one already read
-    (a link back to an ancestor would loop); unreadable folders and loops go to ``skipped``."""
-    seen: set[str] = set()
+def _walk_images(top: Path, skipped: list[str], seen: set[str]) -> list[str]:
+    """Image files under ``top``, following links to folders, but never into a folder already read
+    (``seen``, shared by all classes) or into an ancestor of ``top`` (a loop); those, and
+    unreadable folders, go to ``skipped``."""
     found: list[str] = []
+    top_real = os.path.realpath(top)
 
     def unreadable(err: OSError) -> None:
         skipped.append(f"{err.filename} (unreadable: {err.strerror})")
 
     for dirpath, dirnames, filenames in os.walk(top, followlinks=True, onerror=unreadable):
         real = os.path.realpath(dirpath)
-        if real in seen:
-            skipped.append(f"{dirpath} (a link to {real}, already read)")
+        if real in seen or (real != top_real and os.path.commonpath([real, top_real]) == real):
+            skipped.append(f"{dirpath} (leads to {real}, already read or an ancestor: a loop)")
             dirnames[:] = []
             continue
         seen.add(real)
@@ -555,8 +556,9 @@ def _load_folder(root: Path, split: str, num_classes, limit, seed, transform) ->
         top = _subdirs(base)
     items: list[tuple[str, int]] = []
     skipped: list[str] = []
+    seen = {os.path.realpath(base)}  # a link back to the data folder would read every class again
     for ci, cls in enumerate(top):
-        items += [(path, ci) for path in _walk_images(base / cls, skipped)]
+        items += [(path, ci) for path in _walk_images(base / cls, skipped, seen)]
     if skipped:
         log.warning("%s: skipped %d folder(s) (first: %s)", base, len(skipped), skipped[0])
     if not items:
