@@ -28,6 +28,8 @@ def list_models() -> List[str]:
 def read_state_dict(path: str) -> dict:
     """A state dict from a safetensors file or a torch checkpoint (``model``/``state_dict`` keys ok)."""
     p = Path(path)
+    if p.is_dir():
+        raise ModelError(f"checkpoint {path} is a directory; pass a weights file (.safetensors or torch)")
     if not p.is_file():
         raise ModelError(f"checkpoint {path} does not exist")
     try:
@@ -98,6 +100,10 @@ def create_model(name: str, *, checkpoint: Optional[str] = None, pretrained: boo
             raise ModelError(f"{name} is a leanvit reference model: it loads its shipped weights, "
                              "--pretrained does not apply")
         model = zoo.load_model(name, checkpoint=checkpoint)
+        if num_classes is not None and num_classes != model.num_classes:  # its head is what was shipped
+            raise ModelError(f"{name} is a leanvit reference model with {model.num_classes} classes; "
+                             f"--num-classes {num_classes} does not apply (fine-tune a timm model for another "
+                             "number of classes)")
         return model.eval()
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models() + zoo.list_models(), n=3, cutoff=0.6)
