@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import traceback
@@ -46,6 +47,13 @@ unit = _bounded(float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
 below_one = _bounded(float, "a number in [0, 1)", lambda v: 0 <= v < 1)
 
 
+def path(text: str) -> str:
+    """A path option: an empty one would mean the current directory (``--out ""`` trained into it)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a path, got an empty string")
+    return text
+
+
 def parse_value(text: str):
     """'50' -> 50, '0.7' -> 0.7, '3,6,9' -> (3, 6, 9), 'true' -> True, anything else stays a string."""
     low = text.strip().lower()
@@ -63,12 +71,16 @@ def _finite(value) -> bool:
         return all(map(_finite, value))
     if isinstance(value, dict):
         return all(map(_finite, value.values()))
-    if isinstance(value, str):
-        try:
-            return math.isfinite(float(value))
-        except ValueError:
-            return True
+    if isinstance(value, str):  # also the pieces of a list literal_eval could not read: '(2,inf)'
+        return all(_finite(_float_or_none(piece)) for piece in re.split(r"[\s,()\[\]]+", value))
     return not isinstance(value, (float, complex)) or math.isfinite(abs(value))
+
+
+def _float_or_none(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def _check_weights(key: str, value) -> None:
@@ -93,6 +105,8 @@ def parse_options(pairs: List[str]) -> dict:
         key, parsed = key.strip(), parse_value(value)
         if not _finite(parsed):
             raise ValueError(f"option {key}={value}: numbers must be finite (no inf or nan)")
+        if key in opts:
+            raise ValueError(f"option {key} is given twice ({key}={opts[key]!r} and {pair}); give it once")
         if key == "weights":
             _check_weights(key, parsed)
         opts[key] = parsed
@@ -108,7 +122,7 @@ def parse_method_spec(spec: str) -> Tuple[str, str, dict]:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a timm model name or a leanvit reference model")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", help="local weights (.safetensors or torch file)")
+    src.add_argument("--checkpoint", type=path, help="local weights (.safetensors or torch file)")
     src.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs network)")
     p.add_argument("--num-classes", type=positive_int, help="classifier size (default: from the checkpoint or the model)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -433,8 +447,8 @@ def out_lock(out: Path):
 
 def _add_train_args(p) -> None:
     _add_model_args(p)
-    p.add_argument("--out", required=True, help="run directory: checkpoints, log, final weights, metrics")
-    p.add_argument("--data", help=DATA_HELP)
+    p.add_argument("--out", type=path, required=True, help="run directory: checkpoints, log, final weights, metrics")
+    p.add_argument("--data", type=path, help=DATA_HELP)
     p.add_argument("--train-split", default="train")
     p.add_argument("--eval-split", default="test")
     p.add_argument("--epochs", type=positive_int, default=30)
@@ -504,14 +518,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("eval", help="top-1, GMACs and images/s of the dense model and a method", epilog=EPILOG)
     _add_model_args(p)
-    p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument("--data", type=path, required=True, help=DATA_HELP)
     p.add_argument("--split", default="val", help="split folder inside --data (default val; test also accepted)")
     p.add_argument("--method", default="none", help="a method from `leanvit methods`")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--workers", type=natural, default=None, help="data loading processes")
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate a seeded subset of this many images")
-    p.add_argument("--json", help="write the result as JSON here")
+    p.add_argument("--json", type=path, help="write the result as JSON here")
     p.set_defaults(func=cmd_eval)
 
     p = command("bench", help="throughput of dense vs methods (median of repeats)")
@@ -520,13 +534,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method specs name:key=value:..., e.g. tome:r=13 evit:keep_rate=0.7 ppt:r=50")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--input-size", type=positive_int, nargs=3, metavar=("C", "H", "W"))
-    p.add_argument("--data", help="take the batch from this data set instead of noise")
+    p.add_argument("--data", type=path, help="take the batch from this data set instead of noise")
     p.add_argument("--split", default="val")
     p.add_argument("--one-at-a-time", action="store_true",
                    help="batch size 1: time --batch-size images, each its own forward")
     p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--warmup", type=natural, default=1)
-    p.add_argument("--json", help="write the result as JSON here")
+    p.add_argument("--json", type=path, help="write the result as JSON here")
     p.set_defaults(func=cmd_bench)
 
     p = command("train", help="train or fine-tune a ViT (resumable; torchrun for data-parallel)",
@@ -552,8 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="prance option: strategy=prune|merge|prune-merge|none, channels=true|false, stages=4")
-    p.add_argument("--out", required=True)
-    p.add_argument("--data", help=DATA_HELP)
+    p.add_argument("--out", type=path, required=True)
+    p.add_argument("--data", type=path, help=DATA_HELP)
     p.add_argument("--budget", type=fraction, nargs="+", help="target mean GMACs as a fraction of dense, e.g. 0.5; "
                    "several budgets train one selector each, in OUT/budget-B/")
     p.add_argument("--budget-tolerance", type=positive, default=0.05,
@@ -578,8 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--method", default="rl4evit")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="rl4evit option (layers, hidden)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--data", help=DATA_HELP)
+    p.add_argument("--out", type=path, required=True)
+    p.add_argument("--data", type=path, help=DATA_HELP)
     p.add_argument("--alpha", type=nonnegative, default=0.8, help="weight of r1 (-1 per kept token)")
     p.add_argument("--beta", type=nonnegative, default=1.0, help="weight of r2 (correct / tokens kept)")
     p.add_argument("--epochs", type=positive_int, default=2)
@@ -592,18 +606,18 @@ def build_parser() -> argparse.ArgumentParser:
     command("models", help="list leanvit's reference models").set_defaults(func=cmd_models)
     p = command("sweep", help="every method at several budgets: table, JSON, Pareto plot, token maps")
     _add_model_args(p)
-    p.add_argument("--data", help=DATA_HELP)
+    p.add_argument("--data", type=path, help=DATA_HELP)
     p.add_argument("--split", default="test")
     p.add_argument("--methods", nargs="+", required=True, metavar="SPEC",
                    help="method specs name:key=value:..., e.g. tome:r=2 tome:r=4 ppt:r=10:threshold=scaled")
     p.add_argument("--limit", type=positive_int, help="a class-balanced subset of this many images (default: all)")
     p.add_argument("--batch-size", type=positive_int, default=250)
     p.add_argument("--workers", type=natural, default=None)
-    p.add_argument("--out", default="leanvit-sweep", help="output directory")
+    p.add_argument("--out", type=path, default="leanvit-sweep", help="output directory")
     p.set_defaults(func=cmd_sweep)
 
     p = command("demo", help="the shipped reference model against every parameter-free method")
-    p.add_argument("--data", help="CIFAR-10 (default: $LEANVIT_DATA, ./data, ../shared/data or ~/.cache/leanvit; "
+    p.add_argument("--data", type=path, help="CIFAR-10 (default: $LEANVIT_DATA, ./data, ../shared/data or ~/.cache/leanvit; "
                    "without any, the 2,000 test images shipped with leanvit)")
     p.add_argument("--download", action="store_true",
                    help="download the full CIFAR-10 through torchvision into ~/.cache/leanvit (once)")
@@ -615,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=250)
     p.add_argument("--workers", type=natural, default=None)
     p.add_argument("--threads", type=positive_int, default=None)
-    p.add_argument("--out", default="leanvit-demo", help="output directory (default ./leanvit-demo)")
+    p.add_argument("--out", type=path, default="leanvit-demo", help="output directory (default ./leanvit-demo)")
     p.set_defaults(func=cmd_demo)
     return parser
 
