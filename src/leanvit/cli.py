@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
+import math
 import os
+import re
 import sys
+import tempfile
+import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import List, Tuple
@@ -18,6 +23,37 @@ DATA_HELP = ("an ImageFolder dir, a tar of [<split>/]<class>/<img>, a cifar-10-b
 EPILOG = "Method options: --opt key=value (repeatable), e.g. --method ppt --opt r=50 --opt layers=3,6,9"
 
 
+# --- numeric options: checked by argparse as they are parsed, before anything runs ---------------
+def _bounded(cast, what: str, ok):
+    """An argparse ``type=`` that accepts a finite ``cast(text)`` for which ``ok`` holds."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+positive_int = _bounded(int, "an integer >= 1", lambda v: v >= 1)
+natural = _bounded(int, "an integer >= 0", lambda v: v >= 0)
+positive = _bounded(float, "a number > 0", lambda v: v > 0)
+nonnegative = _bounded(float, "a number >= 0", lambda v: v >= 0)
+fraction = _bounded(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
+unit = _bounded(float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+below_one = _bounded(float, "a number in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def path(text: str) -> str:
+    """A path option: an empty one would mean the current directory (``--out ""`` trained into it)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a path, got an empty string")
+    return text
+
+
 def parse_value(text: str):
     """'50' -> 50, '0.7' -> 0.7, '3,6,9' -> (3, 6, 9), 'true' -> True, anything else stays a string."""
     low = text.strip().lower()
@@ -25,8 +61,39 @@ def parse_value(text: str):
         return low == "true"
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         return text
+
+
+def _finite(value) -> bool:
+    """No inf or nan anywhere in an option value ('1e999', 'nan', '(13, inf)')."""
+    if isinstance(value, (list, tuple, set)):
+        return all(map(_finite, value))
+    if isinstance(value, dict):
+        return all(map(_finite, value.values()))
+    if isinstance(value, str):  # also the pieces of a list literal_eval could not read: '(2,inf)'
+        return all(_finite(_float_or_none(piece)) for piece in re.split(r"[\s,()\[\]]+", value))
+    return not isinstance(value, (float, complex)) or math.isfinite(abs(value))
+
+
+def _float_or_none(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _check_weights(key: str, value) -> None:
+    """A local file given as method weights must be safetensors: say so here, naming the file."""
+    if not isinstance(value, str) or not Path(value).exists():
+        return  # a shipped model's name, or missing: the method says which weights it knows
+    from safetensors import safe_open
+    try:
+        with safe_open(value, framework="pt"):
+            pass
+    except Exception as e:  # SafetensorError, IsADirectoryError, ...: not a readable safetensors file
+        raise ValueError(f"option {key}={value}: not a safetensors file ({type(e).__name__}: {e}); pass the "
+                         ".safetensors a leanvit training wrote, or a reference model's name") from None
 
 
 def parse_options(pairs: List[str]) -> dict:
@@ -35,7 +102,14 @@ def parse_options(pairs: List[str]) -> dict:
         if "=" not in pair:
             raise ValueError(f"option {pair!r} is not key=value")
         key, value = pair.split("=", 1)
-        opts[key.strip()] = parse_value(value)
+        key, parsed = key.strip(), parse_value(value)
+        if not _finite(parsed):
+            raise ValueError(f"option {key}={value}: numbers must be finite (no inf or nan)")
+        if key in opts:
+            raise ValueError(f"option {key} is given twice ({key}={opts[key]!r} and {pair}); give it once")
+        if key == "weights":
+            _check_weights(key, parsed)
+        opts[key] = parsed
     return opts
 
 
@@ -48,10 +122,10 @@ def parse_method_spec(spec: str) -> Tuple[str, str, dict]:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a timm model name or a leanvit reference model")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", help="local weights (.safetensors or torch file)")
+    src.add_argument("--checkpoint", type=path, help="local weights (.safetensors or torch file)")
     src.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs network)")
-    p.add_argument("--num-classes", type=int, help="classifier size (default: from the checkpoint or the model)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--num-classes", type=positive_int, help="classifier size (default: from the checkpoint or the model)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def _load(args):
@@ -65,23 +139,24 @@ def _load(args):
 
 def cmd_eval(args) -> int:
     import leanvit
-    from .data import eval_transform, load_dataset, make_loader, resolve_data
+    from .data import eval_transform, load_dataset, make_loader, model_label_names, resolve_data
     from .evaluate import evaluate
     from .provenance import method_weights, provenance
     from .report import format_table
+    options = parse_options(args.opt)
     model = _load(args)
-    method = leanvit.adapt(model, args.method, **parse_options(args.opt))
+    method = leanvit.adapt(model, args.method, **options)
     dataset = load_dataset(args.data, split=args.split, transform=eval_transform(model),
-                           num_classes=model.num_classes, limit=args.limit)
+                           num_classes=model.num_classes, limit=args.limit, classes=model_label_names(model))
     loader = make_loader(dataset, batch_size=args.batch_size, num_workers=args.workers)
     runners = {"dense": leanvit.adapt(model, "none")}
     if args.method != "none":
         runners[args.method] = method
     results = evaluate(runners, loader, desc=f"eval {args.model}")
     dense = results["dense"]
+    folders = f", {len(dataset.skipped_folders)} folders skipped" if dataset.skipped_folders else ""
     print(f"model {args.model}  data {dataset.root} ({args.split}, {dense.n_images} images, "
-          f"{dense.skipped} unreadable skipped)  threads {torch.get_num_threads()}  batch {args.batch_size}")
-    options = parse_options(args.opt)
+          f"{dense.skipped} unreadable skipped{folders})  threads {torch.get_num_threads()}  batch {args.batch_size}")
     rows = [dict(r.to_dict(), label=" ".join(args.opt)) for name, r in results.items() if name != "dense"]
     print(format_table(rows, dense), end="")
     for r in results.values():
@@ -92,6 +167,7 @@ def cmd_eval(args) -> int:
     if args.json:
         payload = dict(main_result.to_dict(), model=args.model, data=str(dataset.root), split=args.split,
                        options=options, batch_size=args.batch_size, threads=torch.get_num_threads(),
+                       skipped_folders=dataset.skipped_folders,
                        dense=dense.to_dict(), method_weights=method_weights(args.method, options),
                        provenance=provenance(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
                                              data=resolve_data(args.data), split=args.split, limit=args.limit))
@@ -103,6 +179,7 @@ def cmd_bench(args) -> int:
     from .bench import benchmark, format_table
     from .data import resolve_data
     from .provenance import provenance
+    methods = [parse_method_spec(s) for s in args.methods]
     model = _load(args)
     size = args.input_size or list(model.pretrained_cfg.get("input_size", (3, 224, 224)))
     if args.data:
@@ -113,7 +190,6 @@ def cmd_bench(args) -> int:
             raise ValueError(f"{args.data} has only {images.shape[0]} readable images; need --batch-size")
     else:
         images = torch.randn(args.batch_size, *size, generator=torch.Generator().manual_seed(0))
-    methods = [parse_method_spec(s) for s in args.methods]
     result = benchmark(model, methods, images, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
                        one_at_a_time=args.one_at_a_time)
     result["settings"].update(model=args.model, data=args.data or "gaussian noise")
@@ -235,11 +311,11 @@ def cmd_models(args) -> int:
 
 
 def _comparison(args, model, model_name, specs, data_path) -> int:
-    from .data import eval_transform, load_dataset, resolve_data
+    from .data import eval_transform, load_dataset, model_label_names, resolve_data
     from .demo import run_comparison
     from .provenance import provenance
     dataset = load_dataset(data_path, split=args.split, transform=eval_transform(model),
-                           num_classes=model.num_classes, limit=args.limit)
+                           num_classes=model.num_classes, limit=args.limit, classes=model_label_names(model))
     source = provenance(model=model_name, checkpoint=getattr(args, "checkpoint", None),
                         pretrained=getattr(args, "pretrained", False), data=resolve_data(data_path), split=args.split,
                         limit=args.limit)
@@ -254,8 +330,8 @@ def _comparison(args, model, model_name, specs, data_path) -> int:
 
 def cmd_sweep(args) -> int:
     from .demo import spec_from_text
-    model = _load(args)
-    return _comparison(args, model, args.model, [spec_from_text(s) for s in args.methods], args.data)
+    specs = [spec_from_text(s) for s in args.methods]
+    return _comparison(args, _load(args), args.model, specs, args.data)
 
 
 def cmd_demo(args) -> int:
@@ -297,46 +373,118 @@ def _write_json(path: str, payload: dict) -> None:
     print(f"wrote {path}")
 
 
+class CliError(ValueError):
+    """A usage problem the command line finds itself (an output path, a busy run directory)."""
+
+
+def _check_writable(folder: Path, option: str, path) -> None:
+    """``folder`` (made if missing) can hold what ``option`` writes: checked by writing a probe
+    file into the nearest folder that exists, so read-only mounts and permissions both show."""
+    if folder.exists() and not folder.is_dir():
+        raise CliError(f"{option} {path}: {folder} is a file, not a directory; pass another path")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CliError(f"{option} {path}: {existing} is a file, not a directory; pass another path")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise CliError(f"{option} {path} cannot be written ({existing}: {e.strerror or e}); pass a path you "
+                       "can write to") from None
+
+
+def check_outputs(args) -> None:
+    """Where the command will write, checked before any work: a bad path fails now, not after
+    the evaluation or training it would have held."""
+    if getattr(args, "json", None):
+        path = Path(args.json)
+        if path.is_dir():
+            raise CliError(f"--json {path} is a directory; pass a file name, e.g. {path / 'result.json'}")
+        _check_writable(path.parent, "--json", path)
+    if getattr(args, "out", None):
+        _check_writable(Path(args.out), "--out", args.out)
+
+
+@contextlib.contextmanager
+def out_lock(out: Path):
+    """Hold ``OUT/.lock`` (flock) while a command writes into ``out``: a second run into the same
+    directory stops at once, before it touches the first one's checkpoints or results. The lock
+    goes with the process, however it ends. Under torchrun, rank 0 holds it for all processes."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / ".lock"
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not lock.exists() or os.fstat(f.fileno()).st_ino != lock.stat().st_ino:
+                raise BlockingIOError  # the run we waited on removed this lock file: someone else's turn
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            raise CliError(f"another leanvit run{f' (pid {holder})' if holder else ''} is writing into {out} "
+                           f"(it holds {lock}); wait for it to finish, or pass another --out") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            if created and os.listdir(out) == [lock.name]:  # a run that wrote nothing leaves nothing
+                lock.unlink()
+                out.rmdir()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _add_train_args(p) -> None:
     _add_model_args(p)
-    p.add_argument("--out", required=True, help="run directory: checkpoints, log, final weights, metrics")
-    p.add_argument("--data", help=DATA_HELP)
+    p.add_argument("--out", type=path, required=True, help="run directory: checkpoints, log, final weights, metrics")
+    p.add_argument("--data", type=path, help=DATA_HELP)
     p.add_argument("--train-split", default="train")
     p.add_argument("--eval-split", default="test")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=128, help="global batch size over all processes")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--min-lr", type=float, default=1e-5)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--drop-path", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--distill", type=float, default=0.0, help="weight of KL to the starting model run dense")
+    p.add_argument("--epochs", type=positive_int, default=30)
+    p.add_argument("--batch-size", type=positive_int, default=128, help="global batch size over all processes")
+    p.add_argument("--lr", type=positive, default=2e-3)
+    p.add_argument("--min-lr", type=nonnegative, default=1e-5)
+    p.add_argument("--weight-decay", type=nonnegative, default=0.05)
+    p.add_argument("--warmup-epochs", type=nonnegative, default=1.0)
+    p.add_argument("--label-smoothing", type=below_one, default=0.1)
+    p.add_argument("--drop-path", type=below_one, default=0.0)
+    p.add_argument("--seed", type=natural, default=0)
+    p.add_argument("--distill", type=nonnegative, default=0.0, help="weight of KL to the starting model run dense")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
-    p.add_argument("--workers", type=int, default=1, help="data loading processes")
-    p.add_argument("--save-every", type=int, default=100, help="steps between resumable checkpoints")
-    p.add_argument("--limit-train", type=int)
-    p.add_argument("--limit-eval", type=int)
-    p.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule still spans --epochs)")
+    p.add_argument("--workers", type=natural, default=1, help="data loading processes")
+    p.add_argument("--save-every", type=positive_int, default=100, help="steps between resumable checkpoints")
+    p.add_argument("--limit-train", type=positive_int)
+    p.add_argument("--limit-eval", type=positive_int)
+    p.add_argument("--max-steps", type=positive_int, help="stop after this many steps (the schedule still spans --epochs)")
     p.add_argument("--restart", action="store_true", help="start over: ignore (and remove) OUT/last.pt")
 
 
 def _add_ppo_args(p, ppo) -> None:
     """PPO hyperparameters (defaults from ``ppo``) and the run options of the policy trainings."""
-    p.add_argument("--batch-size", type=int, default=64, help="images per PPO batch, over all processes")
-    p.add_argument("--clip", type=float, default=ppo.clip)
-    p.add_argument("--gamma", type=float, default=ppo.gamma)
-    p.add_argument("--lam", type=float, default=ppo.lam)
-    p.add_argument("--ppo-epochs", type=int, default=ppo.epochs, help="K PPO iterations per batch")
-    p.add_argument("--lr-actor", type=float, default=ppo.lr_actor)
-    p.add_argument("--lr-critic", type=float, default=ppo.lr_critic)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--limit-train", type=int)
-    p.add_argument("--limit-eval", type=int)
-    p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per PPO batch, over all processes")
+    p.add_argument("--clip", type=positive, default=ppo.clip)
+    p.add_argument("--gamma", type=unit, default=ppo.gamma)
+    p.add_argument("--lam", type=unit, default=ppo.lam)
+    p.add_argument("--ppo-epochs", type=positive_int, default=ppo.epochs, help="K PPO iterations per batch")
+    p.add_argument("--lr-actor", type=positive, default=ppo.lr_actor)
+    p.add_argument("--lr-critic", type=positive, default=ppo.lr_critic)
+    p.add_argument("--seed", type=natural, default=0)
+    p.add_argument("--workers", type=natural, default=1)
+    p.add_argument("--save-every", type=positive_int, default=50)
+    p.add_argument("--limit-train", type=positive_int)
+    p.add_argument("--limit-eval", type=positive_int)
+    p.add_argument("--max-steps", type=positive_int)
     p.add_argument("--eval-split", default="holdout",
                    help="where the policy is evaluated, its budget checked and calibrated: 'holdout' (default), "
                         "--limit-eval images (default 1000) of the training split, class-balanced and never "
@@ -345,145 +493,176 @@ def _add_ppo_args(p, ppo) -> None:
     p.add_argument("--restart", action="store_true", help="start over: ignore (and remove) OUT/last.pt")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors in one line (the problem, then where the options are listed)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+DEBUG_HELP = "show the Python traceback of an error (for reporting a bug)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .rl import PPOConfig
     from .train_prance import SelectorConfig
-    parser = argparse.ArgumentParser(prog="leanvit", description="Cheaper Vision Transformers per image.",
-                                     epilog=EPILOG)
+    parser = _Parser(prog="leanvit", description="Cheaper Vision Transformers per image.", epilog=EPILOG)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    # also after the command (leanvit eval ... --debug); SUPPRESS keeps a leading --debug
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("eval", help="top-1, GMACs and images/s of the dense model and a method", epilog=EPILOG)
+    def command(name, **kw):
+        return sub.add_parser(name, parents=[common], **kw)
+
+    p = command("eval", help="top-1, GMACs and images/s of the dense model and a method", epilog=EPILOG)
     _add_model_args(p)
-    p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument("--data", type=path, required=True, help=DATA_HELP)
     p.add_argument("--split", default="val", help="split folder inside --data (default val; test also accepted)")
     p.add_argument("--method", default="none", help="a method from `leanvit methods`")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=None, help="data loading processes")
-    p.add_argument("--limit", type=int, default=None, help="evaluate a seeded subset of this many images")
-    p.add_argument("--json", help="write the result as JSON here")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--workers", type=natural, default=None, help="data loading processes")
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate a seeded subset of this many images")
+    p.add_argument("--json", type=path, help="write the result as JSON here")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("bench", help="throughput of dense vs methods (median of repeats)")
+    p = command("bench", help="throughput of dense vs methods (median of repeats)")
     _add_model_args(p)
     p.add_argument("--methods", nargs="+", required=True, metavar="SPEC",
                    help="method specs name:key=value:..., e.g. tome:r=13 evit:keep_rate=0.7 ppt:r=50")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
-    p.add_argument("--data", help="take the batch from this data set instead of noise")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--input-size", type=positive_int, nargs=3, metavar=("C", "H", "W"))
+    p.add_argument("--data", type=path, help="take the batch from this data set instead of noise")
     p.add_argument("--split", default="val")
     p.add_argument("--one-at-a-time", action="store_true",
                    help="batch size 1: time --batch-size images, each its own forward")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--json", help="write the result as JSON here")
+    p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument("--warmup", type=natural, default=1)
+    p.add_argument("--json", type=path, help="write the result as JSON here")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("train", help="train or fine-tune a ViT (resumable; torchrun for data-parallel)",
+    p = command("train", help="train or fine-tune a ViT (resumable; torchrun for data-parallel)",
                        epilog="Re-running the same command resumes from OUT/last.pt. " + EPILOG)
     _add_train_args(p)
     p.add_argument("--method", default="none", help="train with this reduction method active (fine-tuning)")
     p.set_defaults(func=cmd_train, sandwich=0, reorder=True)
 
-    p = sub.add_parser("train-supernet", help="PRANCE's channel-elastic meta-network: weight-sharing fine-tuning",
+    p = command("train-supernet", help="PRANCE's channel-elastic meta-network: weight-sharing fine-tuning",
                        epilog="Heads and MLP neurons are reordered by importance first (--no-reorder to skip); "
                               "every step trains the largest sub-network on the labels, then the smallest and "
                               "random ones on its predictions. Re-running the same command resumes from OUT/last.pt.")
     _add_train_args(p)
-    p.add_argument("--sandwich", type=int, default=2, help="sub-networks per step besides the largest: "
+    p.add_argument("--sandwich", type=natural, default=2, help="sub-networks per step besides the largest: "
                    "the smallest, then random ones")
     p.add_argument("--no-reorder", dest="reorder", action="store_false")
     p.set_defaults(func=cmd_train, method="prance")
 
-    p = sub.add_parser("train-selector", help="PRANCE's selector: PPO with Result-to-Go (resumable; torchrun)",
+    p = command("train-selector", help="PRANCE's selector: PPO with Result-to-Go (resumable; torchrun)",
                        epilog="With --budget, the cost weight is a Lagrange multiplier moved toward the budget "
                               "after every batch by a PI controller on the greedy selector's GMACs ratio. "
                               "Load the selector with --method prance --opt weights=OUT/selector.safetensors.")
     _add_model_args(p)
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="prance option: strategy=prune|merge|prune-merge|none, channels=true|false, stages=4")
-    p.add_argument("--out", required=True)
-    p.add_argument("--data", help=DATA_HELP)
-    p.add_argument("--budget", type=float, nargs="+", help="target mean GMACs as a fraction of dense, e.g. 0.5; "
+    p.add_argument("--out", type=path, required=True)
+    p.add_argument("--data", type=path, help=DATA_HELP)
+    p.add_argument("--budget", type=fraction, nargs="+", help="target mean GMACs as a fraction of dense, e.g. 0.5; "
                    "several budgets train one selector each, in OUT/budget-B/")
-    p.add_argument("--budget-tolerance", type=float, default=0.05,
+    p.add_argument("--budget-tolerance", type=positive, default=0.05,
                    help="relative (default 5%%): the final selector is reported as within it or not")
-    p.add_argument("--dual-lr", type=float, default=0.02, help="integral gain: cost-weight step per unit of "
+    p.add_argument("--dual-lr", type=nonnegative, default=0.02, help="integral gain: cost-weight step per unit of "
                    "GMACs-ratio excess over the budget, per batch")
-    p.add_argument("--dual-p", type=float, default=0.1, help="proportional gain on the same excess")
-    p.add_argument("--max-epochs", type=int, help="with --budget: while the budget is not met after --epochs, "
+    p.add_argument("--dual-p", type=nonnegative, default=0.1, help="proportional gain on the same excess")
+    p.add_argument("--max-epochs", type=positive_int, help="with --budget: while the budget is not met after --epochs, "
                    "train on an epoch at a time, up to this many (default: --epochs)")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                    help="with --budget: do not shift the final selector's actions to meet a missed budget")
-    p.add_argument("--cost-weight", type=float, help="reward cost per unit of GMACs ratio (default 0.5; "
+    p.add_argument("--cost-weight", type=nonnegative, help="reward cost per unit of GMACs ratio (default 0.5; "
                    "with --budget, the starting value, default 0)")
-    p.add_argument("--token-weight", type=float, default=0.25, help="cost of the kept-token ratio, relative to "
+    p.add_argument("--token-weight", type=nonnegative, default=0.25, help="cost of the kept-token ratio, relative to "
                    "the GMACs ratio's")
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=positive_int, default=1)
     _add_ppo_args(p, SelectorConfig(model="", out="").ppo)
     p.set_defaults(func=cmd_train_selector)
 
-    p = sub.add_parser("train-policy", help="train RL4EViT's agents by multi-agent PPO (resumable; torchrun)",
+    p = command("train-policy", help="train RL4EViT's agents by multi-agent PPO (resumable; torchrun)",
                        epilog="Re-running the same command resumes from OUT/last.pt.")
     _add_model_args(p)
     p.add_argument("--method", default="rl4evit")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="rl4evit option (layers, hidden)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--data", help=DATA_HELP)
-    p.add_argument("--alpha", type=float, default=0.8, help="weight of r1 (-1 per kept token)")
-    p.add_argument("--beta", type=float, default=1.0, help="weight of r2 (correct / tokens kept)")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--out", type=path, required=True)
+    p.add_argument("--data", type=path, help=DATA_HELP)
+    p.add_argument("--alpha", type=nonnegative, default=0.8, help="weight of r1 (-1 per kept token)")
+    p.add_argument("--beta", type=nonnegative, default=1.0, help="weight of r2 (correct / tokens kept)")
+    p.add_argument("--epochs", type=positive_int, default=2)
     _add_ppo_args(p, PPOConfig())
     p.add_argument("--finetune-vit", action="store_true", help="even epochs fine-tune the ViT, agents frozen")
-    p.add_argument("--lr-vit", type=float, default=1e-5)
+    p.add_argument("--lr-vit", type=positive, default=1e-5)
     p.set_defaults(func=cmd_train_policy)
 
-    sub.add_parser("methods", help="list the token-reduction methods").set_defaults(func=cmd_methods)
-    sub.add_parser("models", help="list leanvit's reference models").set_defaults(func=cmd_models)
-    p = sub.add_parser("sweep", help="every method at several budgets: table, JSON, Pareto plot, token maps")
+    command("methods", help="list the token-reduction methods").set_defaults(func=cmd_methods)
+    command("models", help="list leanvit's reference models").set_defaults(func=cmd_models)
+    p = command("sweep", help="every method at several budgets: table, JSON, Pareto plot, token maps")
     _add_model_args(p)
-    p.add_argument("--data", help=DATA_HELP)
+    p.add_argument("--data", type=path, help=DATA_HELP)
     p.add_argument("--split", default="test")
     p.add_argument("--methods", nargs="+", required=True, metavar="SPEC",
                    help="method specs name:key=value:..., e.g. tome:r=2 tome:r=4 ppt:r=10:threshold=scaled")
-    p.add_argument("--limit", type=int, help="a class-balanced subset of this many images (default: all)")
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--out", default="leanvit-sweep", help="output directory")
+    p.add_argument("--limit", type=positive_int, help="a class-balanced subset of this many images (default: all)")
+    p.add_argument("--batch-size", type=positive_int, default=250)
+    p.add_argument("--workers", type=natural, default=None)
+    p.add_argument("--out", type=path, default="leanvit-sweep", help="output directory")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("demo", help="the shipped reference model against every parameter-free method")
-    p.add_argument("--data", help="CIFAR-10 (default: $LEANVIT_DATA, ./data, ../shared/data or ~/.cache/leanvit; "
+    p = command("demo", help="the shipped reference model against every parameter-free method")
+    p.add_argument("--data", type=path, help="CIFAR-10 (default: $LEANVIT_DATA, ./data, ../shared/data or ~/.cache/leanvit; "
                    "without any, the 2,000 test images shipped with leanvit)")
     p.add_argument("--download", action="store_true",
                    help="download the full CIFAR-10 through torchvision into ~/.cache/leanvit (once)")
     p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=int, default=2000,
+    p.add_argument("--limit", type=positive_int, default=2000,
                    help="class-balanced subset of the test set (default 2000: the shipped sample, about 3 minutes "
                         "on 2 cores)")
     p.add_argument("--full", action="store_true", help="all 10,000 test images (needs the full set)")
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default="leanvit-demo", help="output directory (default ./leanvit-demo)")
+    p.add_argument("--batch-size", type=positive_int, default=250)
+    p.add_argument("--workers", type=natural, default=None)
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.add_argument("--out", type=path, default="leanvit-demo", help="output directory (default ./leanvit-demo)")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv=None) -> int:
-    from .data import DataError
-    from .methods.base import OptionError
-    from .models import ModelError
+    """The one error boundary: an expected failure (bad option, missing or corrupt file, data
+    problem, unwritable output) is one line on stderr and exit code 2; a traceback only with
+    --debug, or for an exception no check anticipated (a bug)."""
+    from safetensors import SafetensorError
     from .runtime import UnsupportedModelError
-    args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except (DataError, OptionError, ModelError, UnsupportedModelError, ValueError) as e:
-        print(f"leanvit: error: {e}", file=sys.stderr)
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0), or a usage error argparse has printed (2)
+        return 0 if e.code is None else e.code if isinstance(e.code, int) else 2
+    try:
+        check_outputs(args)
+        with out_lock(Path(args.out)) if getattr(args, "out", None) else contextlib.nullcontext():
+            return args.func(args)
+    except (ValueError, OSError, SafetensorError, UnsupportedModelError) as e:
+        # DataError, OptionError, ModelError, CheckpointError and CliError are ValueErrors
+        if args.debug:
+            traceback.print_exc()
+        hint = " (check the path, its permissions and the free disk space)" if isinstance(e, OSError) else ""
+        print(f"leanvit: error: {_one_line(e)}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("leanvit: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return text or type(e).__name__
 
 
 if __name__ == "__main__":

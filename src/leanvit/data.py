@@ -26,6 +26,7 @@ import pickle
 import re
 import tarfile
 import warnings
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ __all__ = [
     "find_default_cifar10",
     "load_dataset",
     "make_loader",
+    "model_label_names",
     "resolve_data",
 ]
 
@@ -204,6 +206,7 @@ class LabeledImages(Dataset):
         blobs: Optional[list[bytes]] = None,
         array: Optional[np.ndarray] = None,
         split: Optional[str] = None,
+        skipped_folders: Optional[list[str]] = None,
     ):
         n = len(paths)
         if len(targets) != n or (blobs is not None and len(blobs) != n) or (array is not None and len(array) != n):
@@ -213,6 +216,8 @@ class LabeledImages(Dataset):
         self.classes = classes
         self.root = root
         self.split = split
+        # folders a directory walk could not read (or that lead back to one already read)
+        self.skipped_folders = list(skipped_folders or [])
         self.transform = transform
         self._blobs = blobs
         self._array = array
@@ -245,7 +250,7 @@ class LabeledImages(Dataset):
         ix = list(indices)
         return LabeledImages(
             [self.paths[i] for i in ix], [self.targets[i] for i in ix], self.classes, self.root,
-            transform=transform, split=self.split,
+            transform=transform, split=self.split, skipped_folders=self.skipped_folders,
             blobs=None if self._blobs is None else [self._blobs[i] for i in ix],
             array=None if self._array is None else self._array[ix])
 
@@ -276,6 +281,32 @@ def _label_map(classes: list[str], num_classes: Optional[int], where: str) -> li
         f"num_classes={num_classes}; use data with the model's classes (ImageNet wnid "
         f"folders n######## are accepted for a 1000-class model)"
     )
+
+
+def model_label_names(model: Any) -> Optional[list[str]]:
+    """The class names a model was trained on, where it says (``pretrained_cfg["label_names"]``:
+    ``"cifar10"`` for leanvit's CIFAR models, or a list); None when it does not (timm's models)."""
+    inner = _unwrap_model(model)
+    names = (getattr(inner, "pretrained_cfg", None) or {}).get("label_names") if inner is not None else None
+    if names == "cifar10":
+        return list(CIFAR10_CLASSES)
+    if isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names):
+        return list(names)
+    return None
+
+
+def check_classes(classes: list[str], expected: Optional[list[str]], where: str, strict: bool = True) -> None:
+    """Refuse (``strict``) or warn about a data set whose class folders are not the model's labels:
+    class i of the data is scored as the model's output i, so other names mean a wrong top-1."""
+    if expected is None or [c.lower() for c in classes] == [c.lower() for c in expected]:
+        return
+    shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+    want = ", ".join(expected[:5]) + (", ..." if len(expected) > 5 else "")
+    msg = (f"the classes of {where} ({shown}) are not the model's labels ({want}); class folders are "
+           "matched to the model's outputs by name, in sorted order")
+    if strict:
+        raise DataError(msg + ": rename the folders to the model's labels, or use data of the model's classes")
+    log.warning("leanvit: warning: %s; the training relearns the labels from the folders", msg)
 
 
 def balanced_subset(class_idx: list[int], limit: Optional[int], seed: int) -> list[int]:
@@ -332,15 +363,34 @@ def _choose_split(available: set[str], split: str, where: str) -> str:
     )
 
 
+# What a damaged archive raises while it is read: a gzip stream that ends early (EOFError),
+# a bad block (TarError), bad compressed data (zlib.error) or a read error (OSError).
+_ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
+
+
 def _load_tar(path: Path, split: str, num_classes, limit, seed, transform) -> LabeledImages:
     """Read one split of a tar archive into memory (no extraction); decode lazily later."""
-    where = str(path)
     try:
-        tf = tarfile.open(path, "r:*")
-    except (tarfile.TarError, OSError) as err:
-        raise DataError(f"{where} is not a readable tar archive ({err}); expected {ACCEPTED_LAYOUTS}") from err
-    with tf:
+        return _read_tar(path, split, num_classes, limit, seed, transform)
+    except _ARCHIVE_ERRORS as err:
+        raise DataError(f"{path} is truncated or corrupt ({type(err).__name__}: {err}); download or "
+                        "create the archive again") from err
+
+
+def _check_complete(tf: tarfile.TarFile) -> None:
+    """tarfile stops without a word where an archive is cut between members (or holds garbage
+    there); a complete archive has a zero block (the end-of-archive marker) after its last member."""
+    tf.fileobj.seek(tf.offset)
+    block = tf.fileobj.read(tarfile.BLOCKSIZE)
+    if len(block) < tarfile.BLOCKSIZE or block.strip(b"\0"):
+        raise EOFError(f"it ends after {len(tf.getmembers())} members without the end-of-archive marker")
+
+
+def _read_tar(path: Path, split: str, num_classes, limit, seed, transform) -> LabeledImages:
+    where = str(path)
+    with tarfile.open(path, "r:*") as tf:
         members = [m for m in tf.getmembers() if m.isfile() and _is_image_name(m.name)]
+        _check_complete(tf)
         parts = [_member_parts(m.name) for m in members]
         # Drop a single wrapper directory (e.g. "imagenette2/val/<class>/<img>").
         while parts and all(len(p) >= 3 for p in parts) and len({p[0] for p in parts}) == 1 \
@@ -465,24 +515,52 @@ def _load_cifar_batches(d: Path, split: str, num_classes, limit, seed, transform
     )
 
 
-def _has_subdirs(d: Path) -> bool:
-    return any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(d))
+def _subdirs(d: Path) -> list[str]:
+    """Names of the visible sub-folders of ``d``, sorted; an unreadable ``d`` is a DataError."""
+    try:
+        return sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith("."))
+    except OSError as err:
+        raise DataError(f"cannot read the folder {d} ({err}); check its permissions") from err
+
+
+def _walk_images(top: Path, skipped: list[str], seen: set[str]) -> list[str]:
+    """Image files under ``top``, following links to folders, but never into a folder already read
+    (``seen``, shared by all classes) or into an ancestor of ``top`` (a loop); those, and
+    unreadable folders, go to ``skipped``."""
+    found: list[str] = []
+    top_real = os.path.realpath(top)
+
+    def unreadable(err: OSError) -> None:
+        skipped.append(f"{err.filename} (unreadable: {err.strerror})")
+
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True, onerror=unreadable):
+        real = os.path.realpath(dirpath)
+        if real in seen or (real != top_real and os.path.commonpath([real, top_real]) == real):
+            skipped.append(f"{dirpath} (leads to {real}, already read or an ancestor: a loop)")
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+        found += [os.path.join(dirpath, fn) for fn in sorted(filenames) if _is_image_name(fn)]
+    return found
 
 
 def _load_folder(root: Path, split: str, num_classes, limit, seed, transform) -> LabeledImages:
     """ImageFolder layout, either at ``root`` or under ``root/<split>``."""
-    top = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    split_dirs = {n for n in top if n in _SPLIT_NAMES and _has_subdirs(root / n)}
+    top = _subdirs(root)
+    split_dirs = {n for n in top if n in _SPLIT_NAMES and _subdirs(root / n)}
     base, chosen = root, None
     if split_dirs:
         chosen = _choose_split(split_dirs, split, str(root))
         base = root / chosen
-        top = sorted(e.name for e in os.scandir(base) if e.is_dir() and not e.name.startswith("."))
+        top = _subdirs(base)
     items: list[tuple[str, int]] = []
+    skipped: list[str] = []
+    seen = {os.path.realpath(base)}  # a link back to the data folder would read every class again
     for ci, cls in enumerate(top):
-        for dirpath, dirnames, filenames in os.walk(base / cls, followlinks=True):
-            dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
-            items += [(os.path.join(dirpath, fn), ci) for fn in sorted(filenames) if _is_image_name(fn)]
+        items += [(path, ci) for path in _walk_images(base / cls, skipped, seen)]
+    if skipped:
+        log.warning("%s: skipped %d folder(s) (first: %s)", base, len(skipped), skipped[0])
     if not items:
         loose = [n for n in os.listdir(base) if _is_image_name(n)]
         archives = [n for n in os.listdir(base) if n.lower().endswith(_ARCHIVE_SUFFIXES)]
@@ -498,7 +576,7 @@ def _load_folder(root: Path, split: str, num_classes, limit, seed, transform) ->
     sel = balanced_subset(class_idx, limit, seed)
     return LabeledImages(
         paths=[items[i][0] for i in sel], targets=[labels[class_idx[i]] for i in sel],
-        classes=classes, root=str(base), transform=transform, split=chosen or split,
+        classes=classes, root=str(base), transform=transform, split=chosen or split, skipped_folders=skipped,
     )
 
 
@@ -510,6 +588,7 @@ def load_dataset(
     num_classes: Optional[int] = None,
     limit: Optional[int] = None,
     seed: int = 0,
+    classes: Optional[list[str]] = None,
 ) -> LabeledImages:
     """Load a labelled image set from a folder, a tar archive or a torchvision CIFAR-10 dir.
 
@@ -518,18 +597,26 @@ def load_dataset(
     indices; if ``num_classes`` differs from the number of classes, ImageNet wnid
     folders are mapped to ImageNet-1k indices for a 1000-class model, anything else
     raises :class:`DataError`. ``limit`` keeps a seeded, class-balanced subset.
-    For split ``'val'`` a ``test`` folder is accepted (and vice versa).
+    For split ``'val'`` a ``test`` folder is accepted (and vice versa). ``classes``: the labels
+    the model knows (:func:`model_label_names`); other class names are a :class:`DataError`.
     """
-    p = resolve_data(path)
+    ds = _load_any(resolve_data(path), split, num_classes, limit, seed, transform)
+    check_classes(ds.classes, classes, ds.root)
+    return ds
+
+
+def _load_any(p: Path, split, num_classes, limit, seed, transform) -> LabeledImages:
     args = (split, num_classes, limit, seed, transform)
     if not p.exists():
         raise DataError(f"data path {p} does not exist; expected {ACCEPTED_LAYOUTS}")
     if p.is_file():
         try:
             is_tar = tarfile.is_tarfile(p)
-        except OSError as err:  # e.g. permission denied
+        except PermissionError as err:
             raise DataError(f"cannot read {p}: {err}") from err
-        if not is_tar:
+        except _ARCHIVE_ERRORS:  # a damaged archive: _load_tar says what is wrong with it
+            is_tar = True
+        if not is_tar and not p.name.lower().endswith(_ARCHIVE_SUFFIXES):
             raise DataError(f"{p} is a file but not a tar archive; expected {ACCEPTED_LAYOUTS}")
         return _load_tar(p, *args)
     if p.is_dir():

@@ -28,6 +28,8 @@ def list_models() -> List[str]:
 def read_state_dict(path: str) -> dict:
     """A state dict from a safetensors file or a torch checkpoint (``model``/``state_dict`` keys ok)."""
     p = Path(path)
+    if p.is_dir():
+        raise ModelError(f"checkpoint {path} is a directory; pass a weights file (.safetensors or torch)")
     if not p.is_file():
         raise ModelError(f"checkpoint {path} does not exist")
     try:
@@ -47,6 +49,26 @@ def read_state_dict(path: str) -> dict:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ModelError(f"{path} holds no state dict of tensors")
     return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def load_fitting(model: nn.Module, sd: dict, path: str, name: str) -> None:
+    """Load ``sd`` into ``model`` exactly; weights of another architecture are one ModelError line
+    (what is missing, left over or of another shape), not torch's dump of every key."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in sd and sd[k].shape != v.shape]
+
+    def some(keys):
+        return f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+
+    problems = [f"{what} {some(keys)}" for what, keys in
+                (("missing", missing), ("unexpected", unexpected), ("shape differs", shapes)) if keys]
+    if problems:
+        raise ModelError(f"checkpoint {path} does not fit {name}: {'; '.join(problems)}; pass weights "
+                         f"saved from {name} (leanvit train writes OUT/final.safetensors)")
+    model.load_state_dict(sd)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -78,6 +100,10 @@ def create_model(name: str, *, checkpoint: Optional[str] = None, pretrained: boo
             raise ModelError(f"{name} is a leanvit reference model: it loads its shipped weights, "
                              "--pretrained does not apply")
         model = zoo.load_model(name, checkpoint=checkpoint)
+        if num_classes is not None and num_classes != model.num_classes:  # its head is what was shipped
+            raise ModelError(f"{name} is a leanvit reference model with {model.num_classes} classes; "
+                             f"--num-classes {num_classes} does not apply (fine-tune a timm model for another "
+                             "number of classes)")
         return model.eval()
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models() + zoo.list_models(), n=3, cutoff=0.6)
@@ -88,14 +114,7 @@ def create_model(name: str, *, checkpoint: Optional[str] = None, pretrained: boo
         if num_classes is None and "head.weight" in sd:
             num_classes = sd["head.weight"].shape[0]
         model = _timm_create(name, num_classes=num_classes, **kwargs)
-        try:
-            missing, unexpected = model.load_state_dict(sd, strict=False)
-        except RuntimeError as e:  # shape mismatches
-            raise ModelError(f"checkpoint {checkpoint} does not fit {name}: {e}") from None
-        if missing or unexpected:
-            raise ModelError(f"checkpoint {checkpoint} does not fit {name}: "
-                             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        load_fitting(model, sd, checkpoint, name)
         return model.eval()
     if pretrained:
         if not _hub_reachable():

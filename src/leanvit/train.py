@@ -204,6 +204,10 @@ class Run:
     RESUME_FREE = ("max_steps", "workers", "save_every", "max_epochs", "calibrate")
 
     def __init__(self, cfg, config: dict):
+        for name in ("epochs", "batch_size", "save_every", "max_steps"):  # 0 would mean "all" or divide by 0
+            value = getattr(cfg, name, None)
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.cfg, self.config = cfg, config
         self.rank, self.world = _dist_setup()
         self.is_main = self.rank == 0
@@ -228,6 +232,8 @@ class Run:
                                           num_classes=model.num_classes, limit=cfg.limit_train, seed=cfg.seed)
             self.eval_set = load_dataset(cfg.data, split=cfg.eval_split, transform=eval_tf,
                                          num_classes=model.num_classes, limit=cfg.limit_eval, seed=cfg.seed)
+        from .data import check_classes, model_label_names
+        check_classes(self.train_set.classes, model_label_names(model), self.train_set.root, strict=False)
         self.per_rank = cfg.batch_size // self.world
         if self.per_rank < 1 or cfg.batch_size % self.world:
             raise ValueError(f"batch size {cfg.batch_size} must be a multiple of the {self.world} processes")
@@ -235,7 +241,7 @@ class Run:
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(self.train_set)} training images are fewer than one batch of {cfg.batch_size}")
         self.total_steps = self.steps_per_epoch * cfg.epochs
-        self.stop_at = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
+        self.stop_at = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
         self.eval_loader = make_loader(_shard(self.eval_set, self.rank, self.world), batch_size=250, num_workers=0)
         self._augmented = SeededAugment(self.train_set, cfg.seed)
 

@@ -39,14 +39,14 @@ def list_method_weights(method: str) -> List[str]:
 
 def load_model(name: str, checkpoint: Optional[str] = None) -> torch.nn.Module:
     """A reference model by name, offline, with ``pretrained_cfg`` carrying its preprocessing."""
-    from .models import ModelError, _timm_create, read_state_dict
+    from .models import ModelError, _timm_create, load_fitting, read_state_dict
     spec_path = ZOO_DIR / f"{name}.json"
     if not spec_path.is_file():
         raise ModelError(f"no reference model {name!r}; shipped: {', '.join(list_models()) or '(none yet)'}")
     spec = json.loads(spec_path.read_text())
     model = _timm_create(spec["timm_model"], **spec.get("kwargs", {}))
-    sd = read_state_dict(checkpoint or str(ZOO_DIR / f"{name}.safetensors"))
-    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    path = checkpoint or str(ZOO_DIR / f"{name}.safetensors")
+    load_fitting(model, {k: v.float() for k, v in read_state_dict(path).items()}, path, name)
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["pretrained_cfg"].items()}  # JSON lists
     model.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}) or {}, **cfg)
     return model.eval()
