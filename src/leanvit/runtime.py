@@ -114,6 +114,9 @@ class LeanViT(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------
     def forward(self, images: Tensor) -> Tensor:
+        if isinstance(images, Tensor) and images.dim() == 4 and images.shape[0] == 0:
+            self._check_images(images)
+            return self.model(images)  # nothing to decide: timm's own (empty) output
         return self.run(self.embed(images))
 
     def run(self, state: TokenState, start: int = 0, decide: bool = True) -> Tensor:

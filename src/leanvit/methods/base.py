@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import inspect
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Dict, Iterable, List, Optional, Tuple, Type
@@ -215,7 +216,7 @@ def load_weights(method, path: str, what: str) -> None:
     path = method_weights_path(path, method.name)
     try:
         method.load_state_dict(load_file(path))
-    except (OSError, RuntimeError) as e:
+    except Exception as e:  # missing, not safetensors (SafetensorError), or another model's weights
         shipped = ", ".join(list_method_weights(method.name)) or "none"
         raise OptionError(f"{method.name}: cannot load {what} {path}: {e} "
                           f"(reference models with shipped {method.name} weights: {shipped})") from None
@@ -228,6 +229,7 @@ def require_cls(name: str, info: ModelInfo) -> None:
 
 
 def check_int(name: str, option: str, value, low: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < low:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or int(value) != value or value < low:
         raise OptionError(f"{name}: {option} must be an integer >= {low}, got {value!r}")
     return int(value)

@@ -1,5 +1,5 @@
 from ..tokens import ceil_keep, fuse_rest, keep_top
-from .base import Reduction, check_layers, check_rate, register, require_cls
+from .base import OptionError, Reduction, check_layers, check_rate, register, require_cls
 
 
 @register
@@ -10,7 +10,9 @@ class EViT(Reduction):
 
     def __init__(self, keep_rate=0.7, layers=(3, 6, 9), fuse=True):
         self.keep_rate = check_rate("evit", "keep_rate", keep_rate)
-        self.layers, self.fuse = layers, bool(fuse)
+        if not isinstance(fuse, bool):
+            raise OptionError(f"evit: fuse must be true or false, got {fuse!r}")
+        self.layers, self.fuse = layers, fuse
 
     def bind(self, info):
         super().bind(info)

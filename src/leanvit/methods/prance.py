@@ -60,7 +60,8 @@ class Selector(nn.Module):
 
     def distribution(self, features: Tensor) -> torch.distributions.Normal:
         mean = torch.sigmoid(self.actor(self.norm(features)))
-        return torch.distributions.Normal(mean, self.log_std.exp().expand_as(mean))
+        # no argument validation: one NaN image must not fail its batch (it runs at full width)
+        return torch.distributions.Normal(mean, self.log_std.exp().expand_as(mean), validate_args=False)
 
     def value(self, features: Tensor) -> Tensor:
         return self.critic(self.norm(features)).squeeze(-1)
@@ -189,7 +190,7 @@ class Prance(Reduction, nn.Module):
         dev = actions.device
 
         def pick(options, dtype):
-            a = next(cols)
+            a = next(cols).nan_to_num(nan=1.0)  # an image with NaN features: the full choice
             idx = (a.clamp(0, 1) * len(options)).long().clamp(max=len(options) - 1)
             return torch.tensor(options, dtype=dtype, device=dev)[idx]
 
