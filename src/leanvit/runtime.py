@@ -105,6 +105,7 @@ class LeanViT(nn.Module):
         # shape, as RL4EViT and DynamicViT train); merging methods cannot run masked
         self.masked = False
         self._trace: Optional[List[dict]] = None
+        self._cached_layout: Optional[_Layout] = None
         self.last_state: Optional[TokenState] = None  # final tokens of the last forward when tracing
         self.train(model.training)  # a wrapper of an eval-mode model starts in eval mode
 
@@ -159,22 +160,20 @@ class LeanViT(nn.Module):
         as timm runs it.
         """
         static = self.method.block_widths(index) or (None, None)  # static channel widths
-        head_groups = _width_groups(state.heads, static[0])
-        mlp_groups = _width_groups(state.hidden, static[1])
-        mixed = len(head_groups) > 1 or len(mlp_groups) > 1
-        tokens = _Packed.of(state, mixed)
+        tokens = self._layout(state)
+        head_groups = tokens.width_groups("heads", static[0]) if tokens else [(static[0], None)]
+        mlp_groups = tokens.width_groups("hidden", static[1]) if tokens else [(static[1], None)]
         trace = self._trace is not None and decide  # a look-ahead is not what the forward ran
         counts_in = state.counts() if trace else None
         attn_run, attn_span = (tokens.counts, tokens.spans(head_groups)) if tokens and trace else \
             (float(state.x.shape[1]),) * 2
 
-        x = tokens.x if tokens else state.x
+        x = tokens.pack(state.x) if tokens else state.x
         h = blk.norm1(x)
         bias = state.attn_bias()
         attended = []  # (group, q, k, v) per head count
         out = None
-        for width, images in head_groups:
-            g = tokens.group(images) if tokens else None
+        for width, g in head_groups:
             hg = h if g is None else g.take(h)
             qkv, width = elastic.attention_projections(blk.attn, hg, width)
             q, k, v, o = self._attention(blk.attn, qkv if g is None else g.pad(qkv), width,
@@ -185,20 +184,20 @@ class LeanViT(nn.Module):
         x = x + blk.drop_path1(blk.ls1(out))
 
         if decide and index in self.decision_layers:
-            state = tokens.unpack(x) if tokens else state.replace(x=x)
+            state = tokens.unpack(state, x) if tokens else state.replace(x=x)
             self._note_decision(index, state)
             state = self.method.reduce(index, state, self._attention_view(attended, state, bias))
-            tokens = _Packed.of(state, mixed)
-            x = tokens.x if tokens else state.x
+            tokens = self._layout(state)
+            mlp_groups = tokens.width_groups("hidden", static[1]) if tokens else [(static[1], None)]
+            x = tokens.pack(state.x) if tokens else state.x
         del attended, out, q, k, v, o  # free the attention buffers before the MLP allocates its own
 
         h = blk.norm2(x)
         out = None
-        for width, images in mlp_groups:
-            g = tokens.group(images) if tokens else None
+        for width, g in mlp_groups:
             out = _put(out, g, elastic.mlp_forward(blk.mlp, h if g is None else g.take(h), width), x)
         x = x + blk.drop_path2(blk.ls2(out))
-        state = tokens.unpack(x) if tokens else state.replace(x=x)
+        state = tokens.unpack(state, x) if tokens else state.replace(x=x)
         if trace:
             self._trace.append(dict(
                 layer=index, attn_tokens=counts_in, mlp_tokens=state.counts(),
@@ -211,6 +210,18 @@ class LeanViT(nn.Module):
             self._note_decision(index, state)
             state = self.method.reduce(index, state, None)
         return state
+
+    def _layout(self, state: TokenState) -> Optional["_Layout"]:
+        """Where the real tokens of ``state`` are, when it runs packed (None: one (B, N, C) batch).
+        Kept while the tokens' layout is (the same ``valid``, ``heads`` and ``hidden`` tensors), so
+        the blocks between two decisions build it once."""
+        if not state.compact or state.policy is not None or \
+                (state.valid is None and state.heads is None and state.hidden is None):
+            return None
+        cached = self._cached_layout
+        if cached is None or not cached.fits(state):
+            cached = self._cached_layout = _Layout(state)
+        return cached
 
     def _attention(self, attn: Attention, qkv: Tensor, heads: int, bias: Optional[Tensor],
                    policy: Optional[Tensor]):
@@ -318,16 +329,6 @@ class LeanViT(nn.Module):
 
 
 # --- packed execution -----------------------------------------------------------------------
-def _width_groups(per_image: Optional[Tensor], static: Optional[int]) -> List[Tuple[Optional[int], Optional[Tensor]]]:
-    """[(width, images)]: which images (None: all) run a block part with which first-k width."""
-    if per_image is None:
-        return [(static, None)]
-    widths = per_image.unique().tolist()  # host sync: a width selects a weight slice
-    if len(widths) == 1:
-        return [(widths[0], None)]
-    return [(w, (per_image == w).nonzero().squeeze(1)) for w in widths]
-
-
 def _put(out: Optional[Tensor], g: Optional["_Group"], part: Tensor, like: Tensor) -> Tensor:
     """Write a group's rows of a token-wise result into the batch's result."""
     if g is None or g.rows is None:
@@ -337,82 +338,101 @@ def _put(out: Optional[Tensor], g: Optional["_Group"], part: Tensor, like: Tenso
     return out
 
 
-class _Packed:
+class _Layout:
     """The real tokens of a batch whose images differ, packed image by image into one (T, C)
-    matrix, and the way back to the (B, N, C) state. Relies on compact states keeping each
-    image's real tokens first (padding at the end)."""
-
-    @staticmethod
-    def of(state: TokenState, mixed_widths: bool) -> Optional["_Packed"]:
-        """Packed tokens of ``state``, or None when it runs as one (B, N, C) batch."""
-        if not state.compact or state.policy is not None or (state.valid is None and not mixed_widths):
-            return None
-        return _Packed(state)
+    matrix, the way back to the (B, N, C) state, and the groups of images that run each width.
+    Relies on compact states keeping each image's real tokens first (padding at the end)."""
 
     def __init__(self, state: TokenState):
-        self.state = state
-        B, N, C = state.x.shape
-        flat = state.x.reshape(B * N, C)
+        self.valid, self.heads, self.hidden = state.valid, state.heads, state.hidden
+        B, N = self.shape = tuple(state.x.shape[:2])
+        dev = state.x.device
         self.counts = state.counts()
         if state.valid is None:
-            self.index, self.x = None, flat
-            self.image = torch.arange(B, device=flat.device).repeat_interleave(N)
-            self.pos = torch.arange(N, device=flat.device).repeat(B)
+            self.index = None
+            self.image = torch.arange(B, device=dev).repeat_interleave(N)
+            self.pos = torch.arange(N, device=dev).repeat(B)
         else:
             self.index = state.valid.flatten().nonzero().squeeze(1)  # host sync: T is a shape
-            self.x = flat[self.index]
             self.image, self.pos = self.index // N, self.index % N
+        self._groups = {}
 
-    def group(self, images: Optional[Tensor]) -> "_Group":
-        return _Group(self, images)
+    def fits(self, state: TokenState) -> bool:
+        return (state.valid is self.valid and state.heads is self.heads and state.hidden is self.hidden
+                and tuple(state.x.shape[:2]) == self.shape)
+
+    def width_groups(self, name: str, static: Optional[int]) -> List[Tuple[Optional[int], "_Group"]]:
+        """[(width, group)]: which images run a block part with which first-k width (``name``:
+        "heads" or "hidden"; ``static`` when the state has no per-image widths)."""
+        if name not in self._groups:
+            per_image = getattr(self, name)
+            widths = [] if per_image is None else per_image.unique().tolist()  # host sync: widths slice weights
+            if len(widths) > 1:
+                self._groups[name] = [(w, _Group(self, (per_image == w).nonzero().squeeze(1))) for w in widths]
+            else:
+                self._groups[name] = [(widths[0] if widths else None, self._whole())]
+        groups = self._groups[name]
+        return groups if groups[0][0] is not None or len(groups) > 1 else [(static, groups[0][1])]
+
+    def _whole(self) -> "_Group":
+        if "whole" not in self._groups:
+            self._groups["whole"] = _Group(self, None)
+        return self._groups["whole"]
 
     def spans(self, groups) -> Tensor:
         """(B,) the length each image's attention runs over (its group's widest image)."""
         spans = torch.empty_like(self.counts)
-        for _, images in groups:
-            sel = slice(None) if images is None else images
-            spans[sel] = self.counts[sel].max()
+        for _, g in groups:
+            spans[g.images] = g.span
         return spans
 
-    def unpack(self, x: Tensor) -> TokenState:
-        B, N, _ = self.state.x.shape
+    def pack(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        return flat if self.index is None else flat[self.index]
+
+    def unpack(self, state: TokenState, x: Tensor) -> TokenState:
+        B, N = self.shape
         if self.index is None:
-            return self.state.replace(x=x.reshape(B, N, -1))
+            return state.replace(x=x.reshape(B, N, -1))
         out = x.new_zeros(B * N, x.shape[-1]).index_copy_(0, self.index, x)
-        return self.state.replace(x=out.reshape(B, N, -1))
+        return state.replace(x=out.reshape(B, N, -1))
 
 
 class _Group:
     """The images of a packed batch that run attention together (one head count): their rows
     in the packed matrix and their positions in the group's own padded (Bg, span) layout."""
 
-    def __init__(self, packed: _Packed, images: Optional[Tensor]):
-        B, N = packed.state.x.shape[:2]
-        dev = packed.x.device
+    def __init__(self, layout: _Layout, images: Optional[Tensor]):
+        B, N = layout.shape
+        dev = layout.counts.device
         if images is None:
             self.images, self.rows = torch.arange(B, device=dev), None
-            image, pos = packed.image, packed.pos
+            image, pos = layout.image, layout.pos
         else:
             member = torch.zeros(B, dtype=torch.bool, device=dev)
             member[images] = True
-            self.images, self.rows = images, member[packed.image].nonzero().squeeze(1)
-            image, pos = packed.image[self.rows], packed.pos[self.rows]
-        self.span = int(packed.counts[self.images].max())  # host sync: the group's padded length
+            self.images, self.rows = images, member[layout.image].nonzero().squeeze(1)
+            image, pos = layout.image[self.rows], layout.pos[self.rows]
+        self.span = int(layout.counts[self.images].max())  # host sync: the group's padded length
         rank = torch.empty(B, dtype=torch.long, device=dev)
         rank[self.images] = torch.arange(len(self.images), device=dev)
         self.local = rank[image] * self.span + pos
-        self.whole = images is None and self.span == N  # its padded layout is the batch's
+        # its padded layout is the batch's own: padding and unpadding are reshapes
+        self.whole = images is None and self.span == N and layout.index is None
 
     def take(self, t: Tensor) -> Tensor:
         return t if self.rows is None else t[self.rows]
 
     def pad(self, t: Tensor) -> Tensor:
         """(T_g, D) -> (Bg, span, D), zeros at the padding."""
+        if self.whole:
+            return t.reshape(len(self.images), self.span, -1)
         out = t.new_zeros(len(self.images) * self.span, t.shape[-1]).index_copy_(0, self.local, t)
         return out.reshape(len(self.images), self.span, -1)
 
     def unpad(self, t: Tensor) -> Tensor:
-        return t.reshape(-1, t.shape[-1])[self.local]
+        t = t.reshape(-1, t.shape[-1])
+        return t if self.whole else t[self.local]
 
     def bias(self, bias: Optional[Tensor]) -> Optional[Tensor]:
         if bias is None:
