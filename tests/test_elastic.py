@@ -78,3 +78,27 @@ def test_width_errors():
         leanvit.adapt(m, "channels", heads=5)
     with pytest.raises(leanvit.OptionError, match="one entry per block"):
         leanvit.adapt(m, "channels", mlp=[64, 64])
+
+
+def test_sliced_weights_are_cached_at_inference_and_follow_weight_updates():
+    """Narrow widths run on contiguous copies of the weight slices, kept while the weights are
+    unchanged; an in-place update (an optimizer step, load_state_dict) refreshes them, and with
+    gradients on the slices are not cached at all."""
+    from leanvit.elastic import mlp_forward
+    from timm.layers import Mlp
+    torch.manual_seed(0)
+    mlp = Mlp(8, 16).eval()
+    x = torch.randn(5, 8)
+
+    def reference():
+        h = torch.nn.functional.gelu(x @ mlp.fc1.weight[:4].T + mlp.fc1.bias[:4])
+        return h @ mlp.fc2.weight[:, :4].T + mlp.fc2.bias
+    with torch.no_grad():
+        torch.testing.assert_close(mlp_forward(mlp, x, 4), reference())
+        assert ("out", 4) in mlp.fc1.__dict__["_leanvit_slices"]
+        mlp.fc1.weight.mul_(2.0)  # in place: the version counter moves
+        torch.testing.assert_close(mlp_forward(mlp, x, 4), reference())
+    mlp.fc1.__dict__.pop("_leanvit_slices")
+    out = mlp_forward(mlp, x, 4)  # gradients on: no cache, the gradient reaches the weights
+    out.sum().backward()
+    assert "_leanvit_slices" not in mlp.fc1.__dict__ and mlp.fc1.weight.grad[:4].abs().sum() > 0

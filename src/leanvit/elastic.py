@@ -35,29 +35,48 @@ def qkv_rows(attn: nn.Module, heads: int) -> Tensor:
     return torch.cat([first, first + full, first + 2 * full])
 
 
+def _sliced(linear: nn.Linear, kind: str, width: int, make) -> Tuple[Tensor, Optional[Tensor]]:
+    """``make(linear) -> (weight, bias)`` sliced for ``width``, as contiguous tensors: a matmul with a
+    strided or gathered weight costs 3-4x on CPU. Kept on the layer while its weights are unchanged
+    (their version counters) and no gradient must flow into them (inference)."""
+    if torch.is_grad_enabled() and linear.weight.requires_grad:
+        return make(linear)
+    key = (kind, width)
+    stamp = (linear.weight._version, linear.weight.data_ptr(), linear.weight.dtype, linear.weight.device,
+             None if linear.bias is None else linear.bias._version)
+    cache = linear.__dict__.setdefault("_leanvit_slices", {})
+    hit = cache.get(key)
+    if hit is None or hit[0] != stamp:
+        w, b = make(linear)
+        hit = cache[key] = (stamp, w.contiguous(), None if b is None else b.contiguous())
+    return hit[1], hit[2]
+
+
 def attention_projections(attn: nn.Module, h: Tensor, heads: Optional[int]) -> Tuple[Tensor, int]:
     """qkv of the first ``heads`` heads: (B, N, 3 * heads * head_dim), and the head count."""
     if heads is None or heads == attn.num_heads:
         return attn.qkv(h), attn.num_heads
-    rows = qkv_rows(attn, heads)
-    bias = None if attn.qkv.bias is None else attn.qkv.bias[rows]
-    return F.linear(h, attn.qkv.weight[rows], bias), heads
+
+    def make(qkv):
+        rows = qkv_rows(attn, heads)
+        return qkv.weight[rows], None if qkv.bias is None else qkv.bias[rows]
+    return F.linear(h, *_sliced(attn.qkv, "qkv", heads, make)), heads
 
 
 def output_projection(attn: nn.Module, o: Tensor) -> Tensor:
     width = o.shape[-1]
     if width == attn.proj.in_features:
         return attn.proj(o)
-    return F.linear(o, attn.proj.weight[:, :width], attn.proj.bias)
+    return F.linear(o, *_sliced(attn.proj, "in", width, lambda m: (m.weight[:, :width], m.bias)))
 
 
 def mlp_forward(mlp: nn.Module, x: Tensor, hidden: Optional[int]) -> Tensor:
     """timm's Mlp with its first ``hidden`` neurons (the whole MLP when None)."""
     if hidden is None or hidden == mlp.fc1.out_features:
         return mlp(x)
-    b1 = None if mlp.fc1.bias is None else mlp.fc1.bias[:hidden]
-    x = mlp.drop1(mlp.act(F.linear(x, mlp.fc1.weight[:hidden], b1)))
-    return mlp.drop2(F.linear(x, mlp.fc2.weight[:, :hidden], mlp.fc2.bias))
+    fc1 = _sliced(mlp.fc1, "out", hidden, lambda m: (m.weight[:hidden], None if m.bias is None else m.bias[:hidden]))
+    x = mlp.drop1(mlp.act(F.linear(x, *fc1)))
+    return mlp.drop2(F.linear(x, *_sliced(mlp.fc2, "in", hidden, lambda m: (m.weight[:, :hidden], m.bias))))
 
 
 @torch.no_grad()
