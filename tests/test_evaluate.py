@@ -72,7 +72,7 @@ class _Clock(torch.nn.Module):
     def __init__(self, name, log):
         super().__init__()
         self.name, self.log = name, log
-        self.method = None
+        self.method = torch.nn.Identity()  # a stateless method
 
     def forward(self, x):
         self.log.append(self.name)
@@ -93,11 +93,30 @@ def test_runner_order_is_shuffled_per_batch_and_seeded(monkeypatch):
         log = []
         runners = {n: _Clock(n, log) for n in ("dense", "a", "b")}
         res = evaluate(runners, make_loader(ds, batch_size=2, num_workers=0), seed=seed)
+        assert sorted(log[:3]) == ["a", "b", "dense"] and len(log) == 3 + 3 * 20  # one untimed warm-up each
+        log = log[3:]
         orders.append([tuple(log[i:i + 3]) for i in range(0, len(log), 3)])
         assert res["a"].agreement == 100.0
     assert orders[0] == orders[1] != orders[2]  # seeded
     assert {o[0] for o in orders[0]} == {"dense", "a", "b"}  # each runner runs first on some batch
     assert all(sorted(o) == ["a", "b", "dense"] for o in orders[0])
+
+
+def test_warm_up_leaves_no_trace_on_the_methods():
+    """The untimed warm-up forward does not count in PPT's statistics nor move random's draws."""
+    from conftest import small_vit
+    ds = load_dataset(EMBEDDED_CIFAR10, split="test", transform=eval_transform(dict(input_size=(3, 32, 32))), limit=8)
+    m = small_vit()
+    ppt = leanvit.adapt(m, "ppt", r=4, threshold="scaled")
+    rnd = leanvit.adapt(m, "random", keep_rate=0.5)
+    evaluate({"dense": leanvit.adapt(m, "none"), "ppt": ppt, "random": rnd},
+                   make_loader(ds, batch_size=4, num_workers=0))
+    assert ppt.method.seen_counts == {3: 8, 6: 8, 9: 8}  # the 8 images, not 8 + the warm-up's 4
+    fresh = leanvit.adapt(m, "random", keep_rate=0.5)
+    with torch.no_grad():
+        for batch in make_loader(ds, batch_size=4, num_workers=0):  # the two timed forwards, alone
+            fresh(batch.images)
+    assert torch.equal(fresh.method.generator.get_state(), rnd.method.generator.get_state())
 
 
 def test_table_marks_significant_differences():

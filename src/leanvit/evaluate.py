@@ -22,6 +22,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .flops import macs_per_image
+from .methods.base import leaves_no_trace
 from .runtime import LeanViT
 
 
@@ -76,7 +77,7 @@ def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", 
     """Run every runner on each batch of ``loader`` (one pass over the data for all of them).
 
     The runners run in a seeded random order on every batch, so that none is favoured by always
-    running first or last (caches, allocator, CPU clock). If ``reference`` names a runner, every
+    running first or last (caches, allocator, CPU clock), after one untimed warm-up forward each. If ``reference`` names a runner, every
     result carries its fidelity and speedup against it.
     """
     names = list(runners)
@@ -93,6 +94,10 @@ def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", 
         if batch.images.shape[0] == 0:
             continue
         images, labels = batch.images, batch.labels
+        if n == 0:  # warm-up, untimed: the first forward pays one-time costs (kernels, allocator)
+            for runner in runners.values():
+                with torch.inference_mode(), leaves_no_trace(runner.method):
+                    runner(images)
         n += images.shape[0]
         logits = {}
         for name in order.sample(names, len(names)):

@@ -12,7 +12,6 @@ backend is left alone).
 from __future__ import annotations
 
 import colorsys
-import copy
 import math
 import os
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .methods.base import leaves_no_trace
 from .runtime import LeanViT
 
 
@@ -126,42 +126,6 @@ class LayerTokens:
         return self.valid.sum(1)
 
 
-def _snapshot(obj) -> dict:
-    """The attributes of a method, copied so that a diagnostic forward leaves no trace
-    (PPT's prune statistics, the random method's generator, ...)."""
-    saved = {}
-    for k, v in vars(obj).items():
-        if isinstance(v, torch.Generator):
-            saved[k] = (v, v.get_state())
-        elif isinstance(v, (dict, list, set)):
-            try:
-                saved[k] = (v, copy.deepcopy(v))
-            except Exception:  # not copyable: keep the reference only
-                saved[k] = (v, None)
-        else:
-            saved[k] = (v, None)
-    return saved
-
-
-def _restore(obj, saved: dict) -> None:
-    """Put back every attribute (the same objects, with their saved contents) and drop new ones."""
-    for k in [k for k in vars(obj) if k not in saved]:
-        delattr(obj, k)
-    for k, (v, content) in saved.items():
-        if content is not None:
-            if isinstance(v, torch.Generator):
-                v.set_state(content)
-            elif isinstance(v, dict):
-                v.clear()
-                v.update(content)
-            elif isinstance(v, list):
-                v[:] = content
-            else:
-                v.clear()
-                v |= content
-        setattr(obj, k, v)
-
-
 def record_token_states(runner: LeanViT, images: Tensor) -> List[LayerTokens]:
     """Run ``runner`` on ``images`` (inference mode, source tracking) and return the token state
     after each of its decision layers, in order.
@@ -171,8 +135,6 @@ def record_token_states(runner: LeanViT, images: Tensor) -> List[LayerTokens]:
     ``last_state`` are restored too, so later forwards are as if this one had not happened.
     """
     method = runner.method
-    saved = _snapshot(method)
-    own_reduce = "reduce" in saved  # already an instance attribute (someone else's wrapper)
     original = method.reduce
     last_state = runner.last_state
     records: List[LayerTokens] = []
@@ -187,16 +149,12 @@ def record_token_states(runner: LeanViT, images: Tensor) -> List[LayerTokens]:
             size=None if out.size is None else out.size.detach().clone()))
         return out
 
-    method.reduce = recording_reduce
     try:
-        with torch.inference_mode(), runner.tracing(track_source=True):
-            runner(images)
+        with leaves_no_trace(method):  # the wrapper goes too, and any instance reduce comes back
+            method.reduce = recording_reduce
+            with torch.inference_mode(), runner.tracing(track_source=True):
+                runner(images)
     finally:
-        if own_reduce:
-            method.reduce = original
-        else:
-            vars(method).pop("reduce", None)
-        _restore(method, saved)
         runner.last_state = last_state
     return records
 

@@ -153,11 +153,12 @@ class LeanViT(nn.Module):
         the block, for methods whose decision layers sit between blocks).
 
         A batch whose images differ (per-image token counts, or per-image widths ``state.heads`` /
-        ``state.hidden``) runs packed (:class:`_Packed`): the token-wise work (norms, qkv, proj,
+        ``state.hidden``) runs packed (:class:`_Layout`): the token-wise work (norms, qkv, proj,
         MLP) runs once on the real tokens of the whole batch, one call per distinct width, and
         attention once per head count, over that group's images padded to its widest one (SDPA
-        with the padding in its additive mask). Otherwise the batch runs as one (B, N, C) tensor,
-        as timm runs it.
+        with the padding in its additive mask; a block-diagonal mask over all packed tokens would
+        cost T² instead of the sum of the images' N², and per-image calls cost a call each).
+        Otherwise the batch runs as one (B, N, C) tensor, as timm runs it.
         """
         static = self.method.block_widths(index) or (None, None)  # static channel widths
         tokens = self._layout(state)

@@ -7,6 +7,8 @@ Methods register themselves by name; options are validated when the method is bu
 from __future__ import annotations
 
 import abc
+import contextlib
+import copy
 import inspect
 import math
 from dataclasses import dataclass
@@ -233,3 +235,51 @@ def check_int(name: str, option: str, value, low: int = 0) -> int:
             or int(value) != value or value < low:
         raise OptionError(f"{name}: {option} must be an integer >= {low}, got {value!r}")
     return int(value)
+
+
+# --- forwards that leave no trace on a method ------------------------------------------------
+def _snapshot(obj) -> dict:
+    """The attributes of a method, copied so that a diagnostic forward leaves no trace
+    (PPT's prune statistics, the random method's generator, ...)."""
+    saved = {}
+    for k, v in vars(obj).items():
+        if isinstance(v, torch.Generator):
+            saved[k] = (v, v.get_state())
+        elif isinstance(v, (dict, list, set)):
+            try:
+                saved[k] = (v, copy.deepcopy(v))
+            except Exception:  # not copyable: keep the reference only
+                saved[k] = (v, None)
+        else:
+            saved[k] = (v, None)
+    return saved
+
+
+def _restore(obj, saved: dict) -> None:
+    """Put back every attribute (the same objects, with their saved contents) and drop new ones."""
+    for k in [k for k in vars(obj) if k not in saved]:
+        delattr(obj, k)
+    for k, (v, content) in saved.items():
+        if content is not None:
+            if isinstance(v, torch.Generator):
+                v.set_state(content)
+            elif isinstance(v, dict):
+                v.clear()
+                v.update(content)
+            elif isinstance(v, list):
+                v[:] = content
+            else:
+                v.clear()
+                v |= content
+        setattr(obj, k, v)
+
+
+@contextlib.contextmanager
+def leaves_no_trace(method):
+    """A forward inside (a warm-up, a diagnostic) leaves the method as it was: statistics,
+    random generators and any attribute it sets are put back afterwards, also on error."""
+    saved = _snapshot(method)
+    try:
+        yield
+    finally:
+        _restore(method, saved)
