@@ -3,7 +3,6 @@
 Usage: python benchmarks/packed_tables.py > benchmarks/results/packed/tables.md
 """
 import json
-import statistics
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "packed"

@@ -1,7 +1,7 @@
 import torch
 
 from ..tokens import keep_mask
-from .base import OptionError, Reduction, check_layers, check_rate, register, require_cls
+from .base import OptionError, Reduction, check_layers, register, require_cls
 
 
 @register

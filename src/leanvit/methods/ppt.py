@@ -1,5 +1,3 @@
-import torch
-
 from ..tokens import choose, keep_top, max_merge, merge_tokens
 from .base import Reduction, check_int, check_layers, check_number, register, require_cls
 

@@ -8,7 +8,7 @@ keeps its shape and every token keeps its position, which lines agents up across
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 import torch.nn as nn
