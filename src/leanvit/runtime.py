@@ -8,7 +8,7 @@ attention and returns the reduced tokens, which the block's MLP and all later bl
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -125,11 +125,15 @@ class LeanViT(nn.Module):
         ``decide=False`` the blocks run as the state says, without the method (a look-ahead, as
         PRANCE's Result-to-Go finishes the network from a stage on)."""
         blocks = self.model.blocks
+        packed = None  # the tokens as the last block left them packed (state.x is then stale)
         for i in range(start, len(blocks) + 1):
             if decide and i in self.prepare_layers:
+                state, packed = packed.unpack(state) if packed else state, None  # the method reads tokens
                 state = self.method.prepare(self, i, state)
             if i < len(blocks):
-                state = self.run_block(i, blocks[i], state, decide)
+                state, packed = self.run_block(i, blocks[i], state, decide, packed)
+        if packed:
+            state = packed.unpack(state)
         return self.finish(state) if decide else self.head(state)
 
     def finish(self, state: TokenState) -> Tensor:
@@ -148,57 +152,62 @@ class LeanViT(nn.Module):
         self.method.begin(x.shape[0])
         return TokenState(x=x, n_prefix=self.n_prefix, source=source, compact=not self.masked)
 
-    def run_block(self, index: int, blk: Block, state: TokenState, decide: bool = True) -> TokenState:
+    def run_block(self, index: int, blk: Block, state: TokenState, decide: bool = True,
+                  packed: Optional["_Packed"] = None) -> Tuple[TokenState, Optional["_Packed"]]:
         """timm's Block.forward, with the method's decision between attention and MLP (or after
         the block, for methods whose decision layers sit between blocks).
 
         A batch whose images differ (per-image token counts, or per-image widths ``state.heads`` /
         ``state.hidden``) runs packed (:class:`_Layout`): the token-wise work (norms, qkv, proj,
-        MLP) runs once on the real tokens of the whole batch, one call per distinct width, and
-        attention once per head count, over that group's images padded to its widest one (SDPA
-        with the padding in its additive mask; a block-diagonal mask over all packed tokens would
-        cost T² instead of the sum of the images' N², and per-image calls cost a call each).
-        Otherwise the batch runs as one (B, N, C) tensor, as timm runs it.
+        MLP) runs on the real tokens of the whole batch as one (T, C) matrix, sorted so that the
+        images of one width are one contiguous block of rows: one call per distinct width, on a
+        view. Attention runs once per head count, over that group's images padded to its widest
+        one (SDPA with the padding in its additive mask; a block-diagonal mask over all packed
+        tokens would cost T² instead of the sum of the images' N², and per-image calls cost a call
+        each). The packed tokens stay packed from block to block until a method reads them: then
+        the block returns ``(state, packed)`` with ``state.x`` stale and ``packed`` to unpack.
+        Otherwise the batch runs as one (B, N, C) tensor, as timm runs it, and ``packed`` is None.
         """
         static = self.method.block_widths(index) or (None, None)  # static channel widths
-        tokens = self._layout(state)
-        head_groups = tokens.width_groups("heads", static[0]) if tokens else [(static[0], None)]
-        mlp_groups = tokens.width_groups("hidden", static[1]) if tokens else [(static[1], None)]
+        if packed is None:
+            layout = self._layout(state)
+            x = layout.pack(state.x) if layout else state.x
+        else:
+            layout, x = packed.layout, packed.x
         trace = self._trace is not None and decide  # a look-ahead is not what the forward ran
         counts_in = state.counts() if trace else None
-        attn_run, attn_span = (tokens.counts, tokens.spans(head_groups)) if tokens and trace else \
-            (float(state.x.shape[1]),) * 2
+        attn_run, attn_span = (layout.counts, layout.spans()) if layout and trace else (float(state.x.shape[1]),) * 2
 
-        x = tokens.pack(state.x) if tokens else state.x
         h = blk.norm1(x)
         bias = state.attn_bias()
-        attended = []  # (group, q, k, v) per head count
-        out = None
-        for width, g in head_groups:
+        attended, outs = [], []  # (group, q, k, v) and the output rows per head count
+        for g in layout.attention_groups(static[0]) if layout else [None]:
+            width = static[0] if g is None else g.width
             hg = h if g is None else g.take(h)
             qkv, width = elastic.attention_projections(blk.attn, hg, width)
             q, k, v, o = self._attention(blk.attn, qkv if g is None else g.pad(qkv), width,
                                          bias if g is None else g.bias(bias), state.policy)
-            o = self._attention_output(blk.attn, hg, o if g is None else g.unpad(o))
-            out = _put(out, g, o, x)
+            outs.append(self._attention_output(blk.attn, hg, o if g is None else g.unpad(o)))
             attended.append((g, q, k, v))
-        x = x + blk.drop_path1(blk.ls1(out))
+        x = x + blk.drop_path1(blk.ls1(outs[0] if len(outs) == 1 else torch.cat(outs)))
 
         if decide and index in self.decision_layers:
-            state = tokens.unpack(state, x) if tokens else state.replace(x=x)
+            state = layout.unpack(state, x) if layout else state.replace(x=x)
             self._note_decision(index, state)
             state = self.method.reduce(index, state, self._attention_view(attended, state, bias))
-            tokens = self._layout(state)
-            mlp_groups = tokens.width_groups("hidden", static[1]) if tokens else [(static[1], None)]
-            x = tokens.pack(state.x) if tokens else state.x
-        del attended, out, q, k, v, o  # free the attention buffers before the MLP allocates its own
+            layout = self._layout(state)
+            x = layout.pack(state.x, mlp_order=True) if layout else state.x
+        elif layout:
+            x = layout.to_mlp_order(x)
+        del attended, outs, q, k, v, o  # free the attention buffers before the MLP allocates its own
 
         h = blk.norm2(x)
-        out = None
-        for width, g in mlp_groups:
-            out = _put(out, g, elastic.mlp_forward(blk.mlp, h if g is None else g.take(h), width), x)
-        x = x + blk.drop_path2(blk.ls2(out))
-        state = tokens.unpack(state, x) if tokens else state.replace(x=x)
+        outs = [elastic.mlp_forward(blk.mlp, h if g is None else g.take(h), static[1] if g is None else g.width)
+                for g in (layout.mlp_groups(static[1]) if layout else [None])]
+        x = x + blk.drop_path2(blk.ls2(outs[0] if len(outs) == 1 else torch.cat(outs)))
+        packed = _Packed(layout, layout.to_attention_order(x)) if layout else None
+        if not layout:
+            state = state.replace(x=x)
         if trace:
             self._trace.append(dict(
                 layer=index, attn_tokens=counts_in, mlp_tokens=state.counts(),
@@ -206,11 +215,12 @@ class LeanViT(nn.Module):
                 hidden=state.hidden if state.hidden is not None else static[1],
                 # what ran, padding included: tokens of the linear layers, and attention's span
                 attn_run=attn_run, attn_span=attn_span,
-                mlp_run=tokens.counts if tokens else float(state.x.shape[1])))
+                mlp_run=layout.counts if layout else float(state.x.shape[1])))
         if decide and index in self.after_block_layers:
+            state, packed = packed.unpack(state) if packed else state, None
             self._note_decision(index, state)
             state = self.method.reduce(index, state, None)
-        return state
+        return state, packed
 
     def _layout(self, state: TokenState) -> Optional["_Layout"]:
         """Where the real tokens of ``state`` are, when it runs packed (None: one (B, N, C) batch).
@@ -330,112 +340,163 @@ class LeanViT(nn.Module):
 
 
 # --- packed execution -----------------------------------------------------------------------
-def _put(out: Optional[Tensor], g: Optional["_Group"], part: Tensor, like: Tensor) -> Tensor:
-    """Write a group's rows of a token-wise result into the batch's result."""
-    if g is None or g.rows is None:
-        return part
-    out = like.new_empty(like.shape[:-1] + part.shape[-1:]) if out is None else out
-    out[g.rows] = part
-    return out
+class _Packed(NamedTuple):
+    """A batch's real tokens packed by ``layout`` (attention order), between two blocks."""
+
+    layout: "_Layout"
+    x: Tensor
+
+    def unpack(self, state: TokenState) -> TokenState:
+        return self.layout.unpack(state, self.x)
 
 
 class _Layout:
-    """The real tokens of a batch whose images differ, packed image by image into one (T, C)
-    matrix, the way back to the (B, N, C) state, and the groups of images that run each width.
-    Relies on compact states keeping each image's real tokens first (padding at the end)."""
+    """The real tokens of a batch whose images differ, packed into one (T, C) matrix; the way back
+    to the (B, N, C) state; and which rows run which width.
+
+    Rows are ordered image by image, the images sorted by their head count (attention order) or
+    by their MLP width (MLP order), so that every width's rows are one contiguous block. When
+    only one of the two varies per image, both orders are the same. Relies on compact states
+    keeping each image's real tokens first (padding at the end)."""
 
     def __init__(self, state: TokenState):
         self.valid, self.heads, self.hidden = state.valid, state.heads, state.hidden
         B, N = self.shape = tuple(state.x.shape[:2])
-        dev = state.x.device
         self.counts = state.counts()
-        if state.valid is None:
-            self.index = None
-            self.image = torch.arange(B, device=dev).repeat_interleave(N)
-            self.pos = torch.arange(N, device=dev).repeat(B)
-        else:
-            self.index = state.valid.flatten().nonzero().squeeze(1)  # host sync: T is a shape
-            self.image, self.pos = self.index // N, self.index % N
-        self._groups = {}
+        counts = self.counts.tolist()  # host sync, once per layout: row counts are shapes
+        by_heads, by_hidden = _sorted_images(state.heads), _sorted_images(state.hidden)
+        self.attention = _Rows(self, by_heads if by_heads is not None else by_hidden, counts)
+        self.mlp = self.attention if by_hidden is None or by_heads is None else _Rows(self, by_hidden, counts)
+        self._to_mlp = self._to_attention = None
+        if self.mlp is not self.attention:  # both vary: one gather per block each way
+            self._to_mlp = self.attention.rows_of(self.mlp.index)
+            self._to_attention = self.mlp.rows_of(self.attention.index)
 
     def fits(self, state: TokenState) -> bool:
         return (state.valid is self.valid and state.heads is self.heads and state.hidden is self.hidden
                 and tuple(state.x.shape[:2]) == self.shape)
 
-    def width_groups(self, name: str, static: Optional[int]) -> List[Tuple[Optional[int], "_Group"]]:
-        """[(width, group)]: which images run a block part with which first-k width (``name``:
-        "heads" or "hidden"; ``static`` when the state has no per-image widths)."""
-        if name not in self._groups:
-            per_image = getattr(self, name)
-            widths = [] if per_image is None else per_image.unique().tolist()  # host sync: widths slice weights
-            if len(widths) > 1:
-                self._groups[name] = [(w, _Group(self, (per_image == w).nonzero().squeeze(1))) for w in widths]
-            else:
-                self._groups[name] = [(widths[0] if widths else None, self._whole())]
-        groups = self._groups[name]
-        return groups if groups[0][0] is not None or len(groups) > 1 else [(static, groups[0][1])]
+    def attention_groups(self, static: Optional[int]) -> List["_Group"]:
+        return self.attention.groups("heads", self.heads, static)
 
-    def _whole(self) -> "_Group":
-        if "whole" not in self._groups:
-            self._groups["whole"] = _Group(self, None)
-        return self._groups["whole"]
+    def mlp_groups(self, static: Optional[int]) -> List["_Group"]:
+        return self.mlp.groups("hidden", self.hidden, static)
 
-    def spans(self, groups) -> Tensor:
-        """(B,) the length each image's attention runs over (its group's widest image)."""
+    def spans(self) -> Tensor:
+        """(B,) the length each image's attention runs over (its head count's widest image)."""
         spans = torch.empty_like(self.counts)
-        for _, g in groups:
+        for g in self.attention_groups(None):
             spans[g.images] = g.span
         return spans
 
-    def pack(self, x: Tensor) -> Tensor:
+    def pack(self, x: Tensor, mlp_order: bool = False) -> Tensor:
+        rows = self.mlp if mlp_order else self.attention
         flat = x.reshape(-1, x.shape[-1])
-        return flat if self.index is None else flat[self.index]
+        return flat if rows.index is None else flat[rows.index]
+
+    def to_mlp_order(self, x: Tensor) -> Tensor:
+        return x if self._to_mlp is None else x[self._to_mlp]
+
+    def to_attention_order(self, x: Tensor) -> Tensor:
+        return x if self._to_attention is None else x[self._to_attention]
 
     def unpack(self, state: TokenState, x: Tensor) -> TokenState:
+        """The state with the packed tokens ``x`` (attention order) back in its (B, N, C) ``x``."""
         B, N = self.shape
-        if self.index is None:
+        index = self.attention.index
+        if index is None:
             return state.replace(x=x.reshape(B, N, -1))
-        out = x.new_zeros(B * N, x.shape[-1]).index_copy_(0, self.index, x)
+        out = x.new_zeros(B * N, x.shape[-1]).index_copy_(0, index, x)
         return state.replace(x=out.reshape(B, N, -1))
 
 
-class _Group:
-    """The images of a packed batch that run attention together (one head count): their rows
-    in the packed matrix and their positions in the group's own padded (Bg, span) layout."""
+def _sorted_images(widths: Optional[Tensor]) -> Optional[Tensor]:
+    """The images in order of their width (stable), or None when every image has the same."""
+    if widths is None or bool((widths == widths[0]).all()):  # host sync, once per layout
+        return None
+    return widths.argsort(stable=True)
 
-    def __init__(self, layout: _Layout, images: Optional[Tensor]):
+
+class _Rows:
+    """One order of the packed rows: image by image, the images in the order ``images`` (None:
+    0..B-1). ``index`` holds each row's flat position in the (B·N, C) state (None: the state's
+    own layout, every token real and the images in order)."""
+
+    def __init__(self, layout: _Layout, images: Optional[Tensor], counts: List[int]):
         B, N = layout.shape
         dev = layout.counts.device
-        if images is None:
-            self.images, self.rows = torch.arange(B, device=dev), None
-            image, pos = layout.image, layout.pos
+        self.layout = layout
+        self.images = torch.arange(B, device=dev) if images is None else images
+        self.counts = counts if images is None else [counts[i] for i in images.tolist()]
+        self.starts = [0]
+        for c in self.counts:
+            self.starts.append(self.starts[-1] + c)
+        if layout.valid is None and images is None:
+            self.index = None
         else:
-            member = torch.zeros(B, dtype=torch.bool, device=dev)
-            member[images] = True
-            self.images, self.rows = images, member[layout.image].nonzero().squeeze(1)
-            image, pos = layout.image[self.rows], layout.pos[self.rows]
-        self.span = int(layout.counts[self.images].max())  # host sync: the group's padded length
-        rank = torch.empty(B, dtype=torch.long, device=dev)
-        rank[self.images] = torch.arange(len(self.images), device=dev)
-        self.local = rank[image] * self.span + pos
-        # its padded layout is the batch's own: padding and unpadding are reshapes
-        self.whole = images is None and self.span == N and layout.index is None
+            valid = torch.ones(B, N, dtype=torch.bool, device=dev) if layout.valid is None else layout.valid
+            flat = valid[self.images].flatten().nonzero().squeeze(1)  # positions in the sorted grid
+            self.index = self.images[flat // N] * N + flat % N
+        self._groups = {}
+
+    def rows_of(self, index: Tensor) -> Tensor:
+        """The rows of this order that hold the flat positions ``index``."""
+        if self.index is None:
+            return index
+        rows = torch.empty(self.layout.shape[0] * self.layout.shape[1], dtype=torch.long, device=index.device)
+        rows[self.index] = torch.arange(len(self.index), device=index.device)
+        return rows[index]
+
+    def groups(self, name: str, widths: Optional[Tensor], static: Optional[int]) -> List["_Group"]:
+        """The images of each distinct width in ``widths`` (B,), the layout's ``name`` ("heads" or
+        "hidden"), as contiguous rows (``static``: the width when the state has none per image)."""
+        key = name, static
+        if key not in self._groups:
+            if widths is None:
+                spans = [(static, 0, len(self.counts))]
+            else:
+                ordered = widths[self.images].tolist()  # host sync: widths slice weights
+                spans, a = [], 0
+                for b in range(1, len(ordered) + 1):
+                    if b == len(ordered) or ordered[b] != ordered[a]:
+                        spans.append((ordered[a], a, b))
+                        a = b
+            self._groups[key] = [_Group(self, w, a, b) for w, a, b in spans]
+        return self._groups[key]
+
+
+class _Group:
+    """The images ``a``..``b`` of an order, which run one width: their rows ``start``..``end`` of
+    the packed matrix, and for attention their positions ``local`` in the group's own padded
+    (Bg, span) layout (None: the rows already are that layout, every image ``span`` long)."""
+
+    def __init__(self, rows: _Rows, width: Optional[int], a: int, b: int):
+        counts = rows.counts[a:b]
+        self.width, self.start, self.end = width, rows.starts[a], rows.starts[b]
+        self.images, self.span, self.local = rows.images[a:b], max(counts), None
+        if min(counts) != self.span:
+            dev = rows.images.device
+            rank = torch.repeat_interleave(torch.arange(b - a, device=dev), torch.tensor(counts, device=dev))
+            starts = torch.tensor(rows.starts[a:b], device=dev) - self.start
+            self.local = rank * self.span + torch.arange(self.end - self.start, device=dev) - starts[rank]
+        # the group is the batch as it is: all images in order, every token real
+        self.whole = rows.index is None and a == 0 and b == len(rows.counts)
 
     def take(self, t: Tensor) -> Tensor:
-        return t if self.rows is None else t[self.rows]
+        return t[self.start:self.end]
 
     def pad(self, t: Tensor) -> Tensor:
         """(T_g, D) -> (Bg, span, D), zeros at the padding."""
-        if self.whole:
+        if self.local is None:
             return t.reshape(len(self.images), self.span, -1)
         out = t.new_zeros(len(self.images) * self.span, t.shape[-1]).index_copy_(0, self.local, t)
         return out.reshape(len(self.images), self.span, -1)
 
     def unpad(self, t: Tensor) -> Tensor:
         t = t.reshape(-1, t.shape[-1])
-        return t if self.whole else t[self.local]
+        return t if self.local is None else t[self.local]
 
     def bias(self, bias: Optional[Tensor]) -> Optional[Tensor]:
         if bias is None:
             return None
-        return bias[..., :self.span] if self.rows is None else bias[self.images][..., :self.span]
+        return bias[..., :self.span] if self.whole else bias[self.images][..., :self.span]
