@@ -8,6 +8,7 @@ attention and returns the reduced tokens, which the block's MLP and all later bl
 from __future__ import annotations
 
 import contextlib
+from functools import cached_property
 from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -257,15 +258,9 @@ class LeanViT(nn.Module):
     def _attention_view(self, attended: list, state: TokenState, bias: Optional[Tensor]) -> AttentionView:
         """The block's attention as the method sees it: (B, H, N, d) for the whole batch."""
         g, q, k, v = attended[0]
-        if len(attended) == 1 and (g is None or g.whole):
-            return AttentionView(q, k, v, bias, self.n_prefix)
-        B, N = state.batch, state.x.shape[1]
-        H = max(q.shape[1] for _, q, _, _ in attended)
-        full = [q.new_zeros(B, H, N, q.shape[-1]) for _ in range(3)]
-        for g, *qkv in attended:
-            for t, part in zip(full, qkv):
-                t[g.images, :part.shape[1], :part.shape[2]] = part
-        return AttentionView(*full, bias, self.n_prefix, heads=state.heads)
+        if len(attended) == 1 and (g is None or g.natural and g.span == state.x.shape[1]):
+            return AttentionView(q, k, v, bias, self.n_prefix)  # one head count: all of q's heads
+        return _GroupedAttention(attended, state, bias, self.n_prefix)
 
     def head(self, state: TokenState) -> Tensor:
         m = self.model
@@ -340,6 +335,28 @@ class LeanViT(nn.Module):
 
 
 # --- packed execution -----------------------------------------------------------------------
+class _GroupedAttention(AttentionView):
+    """An attention view of a batch whose attention ran in groups (head counts, padded spans):
+    the batch's (B, H, N, d) q, k, v are assembled only if a method reads them."""
+
+    def __init__(self, attended: list, state: TokenState, bias: Optional[Tensor], n_prefix: int):
+        self.attended, self.shape = attended, (state.batch, state.x.shape[1])
+        self.bias, self.n_prefix, self.heads = bias, n_prefix, state.heads
+
+    def _assemble(self, part: int) -> Tensor:
+        B, N = self.shape
+        first = self.attended[0][part + 1]
+        full = first.new_zeros(B, max(a[part + 1].shape[1] for a in self.attended), N, first.shape[-1])
+        for g, *qkv in self.attended:
+            t = qkv[part]
+            full[g.images, :t.shape[1], :t.shape[2]] = t
+        return full
+
+    q = cached_property(lambda self: self._assemble(0))
+    k = cached_property(lambda self: self._assemble(1))
+    v = cached_property(lambda self: self._assemble(2))
+
+
 class _Packed(NamedTuple):
     """A batch's real tokens packed by ``layout`` (attention order), between two blocks."""
 
@@ -427,16 +444,17 @@ class _Rows:
         dev = layout.counts.device
         self.layout = layout
         self.images = torch.arange(B, device=dev) if images is None else images
+        self.natural = images is None
         self.counts = counts if images is None else [counts[i] for i in images.tolist()]
         self.starts = [0]
         for c in self.counts:
             self.starts.append(self.starts[-1] + c)
-        if layout.valid is None and images is None:
-            self.index = None
-        else:
+        self.index = self.rank = self.pos = None  # per row: flat position, image rank, token position
+        if layout.valid is not None or images is not None:
             valid = torch.ones(B, N, dtype=torch.bool, device=dev) if layout.valid is None else layout.valid
             flat = valid[self.images].flatten().nonzero().squeeze(1)  # positions in the sorted grid
-            self.index = self.images[flat // N] * N + flat % N
+            self.rank, self.pos = flat // N, flat % N
+            self.index = self.images[self.rank] * N + self.pos
         self._groups = {}
 
     def rows_of(self, index: Tensor) -> Tensor:
@@ -475,12 +493,10 @@ class _Group:
         self.width, self.start, self.end = width, rows.starts[a], rows.starts[b]
         self.images, self.span, self.local = rows.images[a:b], max(counts), None
         if min(counts) != self.span:
-            dev = rows.images.device
-            rank = torch.repeat_interleave(torch.arange(b - a, device=dev), torch.tensor(counts, device=dev))
-            starts = torch.tensor(rows.starts[a:b], device=dev) - self.start
-            self.local = rank * self.span + torch.arange(self.end - self.start, device=dev) - starts[rank]
-        # the group is the batch as it is: all images in order, every token real
-        self.whole = rows.index is None and a == 0 and b == len(rows.counts)
+            rows_g = slice(self.start, self.end)
+            self.local = (rows.rank[rows_g] - a) * self.span + rows.pos[rows_g]
+        self.natural = rows.natural and a == 0 and b == len(rows.counts)  # all images, in order
+        self.whole = self.natural and rows.index is None  # and every token real: the batch as it is
 
     def take(self, t: Tensor) -> Tensor:
         return t[self.start:self.end]
