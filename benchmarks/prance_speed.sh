@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
+# the meta-network the selectors were trained on (as in prance_selectors.sh)
+META="${META:-runs/prance-supernet/final.safetensors}"
+if [[ -f "$META" ]]; then model=(--model cifar10_vit12_w128 --checkpoint "$META"); else model=(--model cifar10_vit12_w128_prance); fi
 specs=(prance:subnet=middle prance:subnet=smallest)
 for name in prune-merge prune merge none prune-tokens-only; do
     for budget in 0.5 0.7; do
@@ -16,7 +19,7 @@ for name in prune-merge prune merge none prune-tokens-only; do
         specs+=("$spec")
     done
 done
-common=(--model cifar10_vit12_w128 --checkpoint runs/prance-supernet/final.safetensors --data "$DATA" --split test
+common=("${model[@]}" --data "$DATA" --split test
         --batch-size 32 --threads 2 --repeats 7 --warmup 2 --methods "${specs[@]}")
 leanvit bench "${common[@]}" --json benchmarks/results/prance_speed_b32.json
 leanvit bench "${common[@]}" --one-at-a-time --json benchmarks/results/prance_speed_b1.json

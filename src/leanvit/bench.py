@@ -49,7 +49,8 @@ class Floor(Reduction):
         return self.layers
 
     def prepare_layers(self):
-        return [i for i, (h, m) in enumerate(self.width) if h is not None or m is not None]
+        # where the widths change (as the method set them): a new width is a new packed layout
+        return [i for i, w in enumerate(self.width) if not _same(w, self.width[i - 1] if i else (None, None))]
 
     def begin(self, batch):
         n = self.counts.shape[1]
@@ -66,6 +67,10 @@ class Floor(Reduction):
         k = (self.counts[layer][self.images] - p).to(state.x.device)
         noise = torch.rand(state.batch, state.x.shape[1] - p, generator=self.generator).to(state.x.device)
         return keep_first(sort_by_score(state, noise)[0], k)
+
+
+def _same(a: Tuple[Optional[torch.Tensor], ...], b: Tuple[Optional[torch.Tensor], ...]) -> bool:
+    return all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y)) for x, y in zip(a, b))
 
 
 def _per_image(width, batch: int) -> Optional[torch.Tensor]:

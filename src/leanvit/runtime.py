@@ -11,6 +11,7 @@ import contextlib
 from functools import cached_property
 from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -374,30 +375,40 @@ class _Layout:
     Rows are ordered image by image, the images sorted by their head count (attention order) or
     by their MLP width (MLP order), so that every width's rows are one contiguous block. When
     only one of the two varies per image, both orders are the same. Relies on compact states
-    keeping each image's real tokens first (padding at the end)."""
+    keeping each image's real tokens first (padding at the end). The bookkeeping runs on the host
+    (numpy, one sync per layout: token counts and widths are shapes and weight slices), so a
+    layout costs a few tensor copies instead of hundreds of tiny tensor ops."""
 
     def __init__(self, state: TokenState):
         self.valid, self.heads, self.hidden = state.valid, state.heads, state.hidden
         B, N = self.shape = tuple(state.x.shape[:2])
+        self.device = state.x.device
         self.counts = state.counts()
-        counts = self.counts.tolist()  # host sync, once per layout: row counts are shapes
-        by_heads, by_hidden = _sorted_images(state.heads), _sorted_images(state.hidden)
+        host = torch.stack([self.counts] + [w.to(self.counts.dtype) for w in (state.heads, state.hidden)
+                                            if w is not None]).cpu().numpy()  # the host sync
+        counts, widths = host[0], iter(host[1:])
+        self.widths = {name: next(widths) if w is not None else None
+                       for name, w in (("heads", state.heads), ("hidden", state.hidden))}
+        by_heads, by_hidden = (_sorted_images(w) for w in self.widths.values())
         self.attention = _Rows(self, by_heads if by_heads is not None else by_hidden, counts)
         self.mlp = self.attention if by_hidden is None or by_heads is None else _Rows(self, by_hidden, counts)
         self._to_mlp = self._to_attention = None
         if self.mlp is not self.attention:  # both vary: one gather per block each way
-            self._to_mlp = self.attention.rows_of(self.mlp.index)
-            self._to_attention = self.mlp.rows_of(self.attention.index)
+            self._to_mlp = self._tensor(self.attention.rows_of(self.mlp.flat))
+            self._to_attention = self._tensor(self.mlp.rows_of(self.attention.flat))
+
+    def _tensor(self, a: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device)
 
     def fits(self, state: TokenState) -> bool:
         return (state.valid is self.valid and state.heads is self.heads and state.hidden is self.hidden
                 and tuple(state.x.shape[:2]) == self.shape)
 
     def attention_groups(self, static: Optional[int]) -> List["_Group"]:
-        return self.attention.groups("heads", self.heads, static)
+        return self.attention.groups("heads", static)
 
     def mlp_groups(self, static: Optional[int]) -> List["_Group"]:
-        return self.mlp.groups("hidden", self.hidden, static)
+        return self.mlp.groups("hidden", static)
 
     def spans(self) -> Tensor:
         """(B,) the length each image's attention runs over (its head count's widest image)."""
@@ -427,58 +438,51 @@ class _Layout:
         return state.replace(x=out.reshape(B, N, -1))
 
 
-def _sorted_images(widths: Optional[Tensor]) -> Optional[Tensor]:
+def _sorted_images(widths: Optional[np.ndarray]) -> Optional[np.ndarray]:
     """The images in order of their width (stable), or None when every image has the same."""
-    if widths is None or bool((widths == widths[0]).all()):  # host sync, once per layout
+    if widths is None or (widths == widths[0]).all():
         return None
-    return widths.argsort(stable=True)
+    return np.argsort(widths, kind="stable")
 
 
 class _Rows:
     """One order of the packed rows: image by image, the images in the order ``images`` (None:
-    0..B-1). ``index`` holds each row's flat position in the (B·N, C) state (None: the state's
-    own layout, every token real and the images in order)."""
+    0..B-1). ``flat`` (host) and ``index`` hold each row's flat position in the (B·N, C) state
+    (``index`` None: the state's own layout, every token real and the images in order)."""
 
-    def __init__(self, layout: _Layout, images: Optional[Tensor], counts: List[int]):
+    def __init__(self, layout: _Layout, images: Optional[np.ndarray], counts: np.ndarray):
         B, N = layout.shape
-        dev = layout.counts.device
         self.layout = layout
-        self.images = torch.arange(B, device=dev) if images is None else images
         self.natural = images is None
-        self.counts = counts if images is None else [counts[i] for i in images.tolist()]
-        self.starts = [0]
-        for c in self.counts:
-            self.starts.append(self.starts[-1] + c)
-        self.index = self.rank = self.pos = None  # per row: flat position, image rank, token position
-        if layout.valid is not None or images is not None:
-            valid = torch.ones(B, N, dtype=torch.bool, device=dev) if layout.valid is None else layout.valid
-            flat = valid[self.images].flatten().nonzero().squeeze(1)  # positions in the sorted grid
-            self.rank, self.pos = flat // N, flat % N
-            self.index = self.images[self.rank] * N + self.pos
+        self.order = np.arange(B) if images is None else images
+        self.counts = counts[self.order]
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)])
+        # per row: the image's rank in this order, and the token's position in its image
+        self.rank = np.repeat(np.arange(B), self.counts)
+        self.pos = np.arange(self.starts[-1]) - self.starts[:-1][self.rank]
+        self.flat = self.order[self.rank] * N + self.pos
+        self.index = None if layout.valid is None and images is None else layout._tensor(self.flat)
+        self.images = layout._tensor(self.order)
         self._groups = {}
 
-    def rows_of(self, index: Tensor) -> Tensor:
-        """The rows of this order that hold the flat positions ``index``."""
-        if self.index is None:
-            return index
-        rows = torch.empty(self.layout.shape[0] * self.layout.shape[1], dtype=torch.long, device=index.device)
-        rows[self.index] = torch.arange(len(self.index), device=index.device)
-        return rows[index]
+    def rows_of(self, flat: np.ndarray) -> np.ndarray:
+        """The rows of this order that hold the flat positions ``flat``."""
+        rows = np.empty(self.layout.shape[0] * self.layout.shape[1], dtype=np.int64)
+        rows[self.flat] = np.arange(len(self.flat))
+        return rows[flat]
 
-    def groups(self, name: str, widths: Optional[Tensor], static: Optional[int]) -> List["_Group"]:
-        """The images of each distinct width in ``widths`` (B,), the layout's ``name`` ("heads" or
-        "hidden"), as contiguous rows (``static``: the width when the state has none per image)."""
+    def groups(self, name: str, static: Optional[int]) -> List["_Group"]:
+        """The images of each distinct width of the layout's ``name`` ("heads" or "hidden"), as
+        contiguous rows (``static``: the width when the state has none per image)."""
         key = name, static
         if key not in self._groups:
+            widths = self.layout.widths[name]
             if widths is None:
                 spans = [(static, 0, len(self.counts))]
             else:
-                ordered = widths[self.images].tolist()  # host sync: widths slice weights
-                spans, a = [], 0
-                for b in range(1, len(ordered) + 1):
-                    if b == len(ordered) or ordered[b] != ordered[a]:
-                        spans.append((ordered[a], a, b))
-                        a = b
+                ordered = widths[self.order]
+                cuts = [0] + [b for b in range(1, len(ordered)) if ordered[b] != ordered[b - 1]] + [len(ordered)]
+                spans = [(int(ordered[a]), a, b) for a, b in zip(cuts, cuts[1:])]
             self._groups[key] = [_Group(self, w, a, b) for w, a, b in spans]
         return self._groups[key]
 
@@ -490,11 +494,12 @@ class _Group:
 
     def __init__(self, rows: _Rows, width: Optional[int], a: int, b: int):
         counts = rows.counts[a:b]
-        self.width, self.start, self.end = width, rows.starts[a], rows.starts[b]
-        self.images, self.span, self.local = rows.images[a:b], max(counts), None
-        if min(counts) != self.span:
-            rows_g = slice(self.start, self.end)
-            self.local = (rows.rank[rows_g] - a) * self.span + rows.pos[rows_g]
+        self.width, self.start, self.end = width, int(rows.starts[a]), int(rows.starts[b])
+        self.span, self.local = int(counts.max()), None
+        self.images = rows.images if a == 0 and b == len(rows.counts) else rows.images[a:b]
+        if counts.min() != self.span:
+            r = slice(self.start, self.end)
+            self.local = rows.layout._tensor((rows.rank[r] - a) * self.span + rows.pos[r])
         self.natural = rows.natural and a == 0 and b == len(rows.counts)  # all images, in order
         self.whole = self.natural and rows.index is None  # and every token real: the batch as it is
 
