@@ -22,7 +22,7 @@ def selector_of(options: dict):
 
 
 def training_table() -> str:
-    summary, lines = {}, ["| selector | budget | steps | final cost weight | GMACs ratio (1,000 train images) "
+    summary, lines = {}, ["| selector | budget | steps | final cost weight | GMACs ratio (1,000 holdout images) "
                           "| within 5% | calibration shift | min |", "|---|---:|---:|---:|---:|---|---:|---:|"]
     for path in sorted(RUNS.glob("*/budget-*/metrics.json")):
         m = json.loads(path.read_text())
@@ -45,19 +45,12 @@ def test_table() -> str:
              f"{dense['images_per_second']:.0f} img/s)", "",
              "| method | setting | top-1 % | vs dense | GMACs | of dense | img/s | speedup |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    extra = RES / "prance_reference_tokens_only" / "results.json"  # benchmarks/prance_tokens_only.sh
-    more = json.loads(extra.read_text())["rows"] if extra.is_file() else []
-    for row in more:
-        row["own_sweep"] = True
-    if more:
-        lines.insert(1, "(rows marked * come from the sweep of benchmarks/prance_tokens_only.sh, same images and "
-                        "meta-network; their img/s and speedup are from that sweep)")
-    rows = sorted(r["rows"] + more, key=lambda row: -row["gmacs"])
+    rows = sorted(r["rows"], key=lambda row: -row["gmacs"])
     for row in rows:
         sel = selector_of(row["options"])
         alpha = re.search(r"multi_a([0-9.]+)/", str(row["options"].get("weights", "")))
         if sel:
-            name, setting = f"**prance {sel[0]}**{'*' if row.get('own_sweep') else ''}", f"selector for budget {sel[1]}"
+            name, setting = f"**prance {sel[0]}**", f"selector for budget {sel[1]}"
         elif row["method"] == "rl4evit" and alpha:
             name, setting = "rl4evit (MAPPO)", f"alpha {alpha.group(1)}, trained on the reference model"
         else:
@@ -78,13 +71,13 @@ def speed_table() -> str:
         s = r["settings"]
         out += [f"{what}: {s['threads']} threads, input {'x'.join(map(str, s['input_size']))}, median of "
                 f"{s['repeats']} repeats, {s['date']}; dense {r['dense']['images_per_second']:.0f} img/s", "",
-                "| configuration | GMACs | dense/GMACs | measured speedup | speedup / (dense/GMACs) |",
-                "|---|---:|---:|---:|---:|"]
+                "| configuration | GMACs | dense/GMACs | measured speedup | speedup / (dense/GMACs) | floor speedup | floor / (dense/GMACs) |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
         for label, m in r["methods"].items():
             sel = selector_of(m["options"])
             name = f"prance {sel[0]}, budget {sel[1]}" if sel else label
             out.append(f"| {name} | {m['gmacs']:.4f} | {m['gmacs_ratio']:.2f} | {m['speedup']:.2f}x | "
-                       f"{m['efficiency']:.2f} |")
+                       f"{m['efficiency']:.2f} | {m['floor_speedup']:.2f}x | {m['floor_speedup'] / m['gmacs_ratio']:.2f} |")
         out.append("")
     return "\n".join(out)
 
