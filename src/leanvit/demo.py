@@ -6,22 +6,14 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import List, NamedTuple, Optional
+from typing import List, Optional
 
 import torch
 
+from .options import Spec
+
 DEMO_MODEL = "cifar10_vit12_w128"
 PRANCE_MODEL = "cifar10_vit12_w128_prance"  # the demo model made channel-elastic (PRANCE's meta-network)
-
-
-class Spec(NamedTuple):
-    """One configuration of a comparison: a method, a label for its budget, its options, and
-    the shipped model it runs on when not the compared one (PRANCE runs on its meta-network)."""
-
-    method: str
-    label: str
-    options: dict
-    model: Optional[str] = None
 
 
 # Budgets for a 65-token model (CLS + 8x8): two or three per parameter-free method.
@@ -48,13 +40,6 @@ def demo_specs() -> List[Spec]:
     from .zoo import list_method_weights, list_models
     return DEMO_SPECS + [s for s in DEMO_LEARNED if (s.model or DEMO_MODEL) in list_method_weights(s.method)
                          and (s.model is None or s.model in list_models())]
-
-
-def spec_from_text(text: str) -> Spec:
-    """'ppt:r=10:threshold=scaled' -> Spec('ppt', 'r=10 threshold=scaled', {...})."""
-    from .cli import parse_options
-    method, *pairs = text.split(":")
-    return Spec(method, " ".join(pairs) or "default", parse_options(pairs))
 
 
 def adapt_spec(model, spec: Spec, models: Optional[dict] = None):
