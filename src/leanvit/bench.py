@@ -17,10 +17,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from tqdm import tqdm
 
-from . import adapt
-from .flops import count_macs
+from .measure import count_macs
 from .methods.base import Reduction
-from .runtime import LeanViT
+from .runtime import LeanViT, adapt
 from .tokens import keep_first, sort_by_score
 
 

@@ -72,18 +72,18 @@ def _load(args):
 
 
 def cmd_eval(args) -> int:
-    import leanvit
     from .data import eval_transform, load_dataset, make_loader, model_label_names, resolve_data
     from .evaluate import evaluate
     from .provenance import method_weights, provenance
     from .report import format_table
+    from .runtime import adapt
     options = parse_options(args.opt)
     model = _load(args)
-    method = leanvit.adapt(model, args.method, **options)
+    method = adapt(model, args.method, **options)
     dataset = load_dataset(args.data, split=args.split, transform=eval_transform(model),
                            num_classes=model.num_classes, limit=args.limit, classes=model_label_names(model))
     loader = make_loader(dataset, batch_size=args.batch_size, num_workers=args.workers)
-    runners = {"dense": leanvit.adapt(model, "none")}
+    runners = {"dense": adapt(model, "none")}
     if args.method != "none":
         runners[args.method] = method
     results = evaluate(runners, loader, desc=f"eval {args.model}")
@@ -228,10 +228,10 @@ def cmd_train_policy(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    import leanvit
+    from .methods import list_methods
     from .methods.base import REGISTRY
-    width = max(map(len, leanvit.list_methods())) + 2
-    for name in leanvit.list_methods():
+    width = max(map(len, list_methods())) + 2
+    for name in list_methods():
         doc = (REGISTRY[name].__doc__ or "").strip().splitlines()[0]
         print(f"{name:<{width}}{doc}")
     return 0

@@ -45,13 +45,14 @@ def demo_specs() -> List[Spec]:
 def adapt_spec(model, spec: Spec, models: Optional[dict] = None):
     """``spec``'s method on ``model``, or on the shipped model the spec names (loaded once into
     ``models``, a cache by name)."""
-    import leanvit
+    from .runtime import adapt
+    from .zoo import load_model
     if spec.model is not None:
         models = {} if models is None else models
         if spec.model not in models:
-            models[spec.model] = leanvit.load_model(spec.model)
+            models[spec.model] = load_model(spec.model)
         model = models[spec.model]
-    return leanvit.adapt(model, spec.method, **spec.options)
+    return adapt(model, spec.method, **spec.options)
 
 
 def run_comparison(model, model_name: str, dataset, specs, out_dir: str, batch_size: int = 250,

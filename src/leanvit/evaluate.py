@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from .flops import macs_per_image
+from .measure import macs_per_image
 from .methods.base import leaves_no_trace
-from .runtime import LeanViT
+from .runtime import LeanViT, adapt
 
 
 @dataclass
@@ -143,10 +143,9 @@ def sweep(model, loader, specs: list, desc: str = "sweep") -> dict:
     Returns ``{"dense": EvalResult-dict, "rows": [dict(method, label, options, ...EvalResult)]}``
     (and ``model`` in the rows of specs that run on a model of their own).
     """
-    import leanvit
     from .demo import adapt_spec
     from .provenance import method_weights, model_weights
-    runners, models = {"dense": leanvit.adapt(model, "none")}, {}
+    runners, models = {"dense": adapt(model, "none")}, {}
     for spec in specs:
         runners[f"{spec.method} {spec.label}"] = adapt_spec(model, spec, models)
     results = evaluate(runners, loader, desc=desc)

@@ -317,8 +317,8 @@ def evaluate_top1(model, loader) -> float:
 
 def train(cfg: TrainConfig, log=print) -> dict:
     """Train (or resume) per ``cfg``; returns the final metrics (also in ``out/metrics.json``)."""
-    import leanvit
     from .models import create_model
+    from .runtime import adapt
     run = Run(cfg, asdict(cfg))
     kwargs = {"drop_path_rate": cfg.drop_path} if cfg.drop_path else {}
     model = create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained,
@@ -329,7 +329,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if cfg.sandwich and cfg.reorder and not run.state_path.is_file():
         from .elastic import reorder_by_importance
         reorder_by_importance(model)  # so that the first k heads/neurons are the best k
-    runner = leanvit.adapt(model, cfg.method, **cfg.options)
+    runner = adapt(model, cfg.method, **cfg.options)
     if cfg.method == "prance":  # the selector is trained by train-selector; here it is frozen (or unused)
         runner.method.requires_grad_(False)
     runner.train()

@@ -132,7 +132,7 @@ def _sum_all(values):
 
 def evaluate_policy(runner, loader) -> dict:
     """Greedy policy, real token removal: top-1 and GMACs per image (summed over processes)."""
-    from .flops import macs_per_image
+    from .measure import macs_per_image
     runner.eval()
     runner.masked, runner.method.sampling = False, False
     correct = total = macs = 0.0
@@ -150,12 +150,12 @@ def evaluate_policy(runner, loader) -> dict:
 
 
 def train_policy(cfg: PolicyConfig, log: Callable[[str], None] = print) -> dict:
-    import leanvit
     from .models import create_model
+    from .runtime import adapt
     run = Run(cfg, _config_dict(cfg))
     model = create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained)
     run.setup_data(model)
-    runner = leanvit.adapt(model, "rl4evit", **cfg.options)
+    runner = adapt(model, "rl4evit", **cfg.options)
     method = runner.method
     opt_actor = torch.optim.Adam(method.actor.parameters(), lr=cfg.ppo.lr_actor)
     opt_critic = torch.optim.Adam(method.critic.parameters(), lr=cfg.ppo.lr_critic)

@@ -176,16 +176,16 @@ def ppo_update(selector, ro: dict, rewards: Tensor, cfg: PPOConfig, opt_actor, o
 def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> dict:
     """Train (or resume) one selector; exports ``out/selector.safetensors``. With ``cfg.budget`` the
     cost weight is PI-controlled toward it (see the module doc)."""
-    import leanvit
-    from .flops import count_macs
+    from .measure import count_macs
+    from .runtime import adapt
     if cfg.budget is not None and not 0 < cfg.budget <= 1:
         raise ValueError(f"budget must be a fraction of the dense GMACs in (0, 1], got {cfg.budget}")
     from .models import create_model
     run = Run(cfg, _config_dict(cfg))
     model = create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained)
     run.setup_data(model)
-    runner = leanvit.adapt(model.eval(), "prance", **cfg.options)
-    dense = leanvit.adapt(model, "none")
+    runner = adapt(model.eval(), "prance", **cfg.options)
+    dense = adapt(model, "none")
     method, selector = runner.method, runner.method.selector
     if method.fixed is not None:
         raise ValueError("train-selector trains the selector; do not pass the 'subnet' option")
@@ -331,7 +331,7 @@ def calibrate(ratio_at: Callable[[float], float], ratio: float, budget: float, t
 def greedy_macs_ratio(runner, images: Tensor, dense_gmacs: float) -> float:
     """The greedy selector's mean GMACs on ``images`` over the dense model's ``dense_gmacs``
     (averaged over processes)."""
-    from .flops import macs_per_image
+    from .measure import macs_per_image
     method = runner.method
     method.sampling = False
     with torch.no_grad(), runner.tracing() as trace:
