@@ -11,8 +11,7 @@ from .measure import count_macs
 from .methods import OptionError, Reduction, build_method, list_methods, register
 from .runtime import LeanViT, UnsupportedModelError, adapt
 from .tokens import TokenState
-from .models import create_model, list_models
-from .zoo import load_model
+from .models import create_model, list_models, load_model
 
 __version__ = "0.1.0"
 

@@ -270,8 +270,7 @@ def cmd_sweep(args) -> int:
 def cmd_demo(args) -> int:
     from .data import EMBEDDED_CIFAR10, DataError, describe_search, download_cifar10, find_default_cifar10, resolve_data
     from .demo import DEMO_MODEL, demo_specs
-    from .models import list_models
-    from .zoo import load_model
+    from .models import list_models, load_model
     if args.threads:
         torch.set_num_threads(args.threads)
     if DEMO_MODEL not in list_models():

@@ -37,7 +37,8 @@ DEMO_LEARNED: List[Spec] = [
 
 def demo_specs() -> List[Spec]:
     """The parameter-free methods' budgets, then every learned method shipped for the demo model."""
-    from .zoo import list_method_weights, list_models
+    from .models import list_models
+    from .zoo import list_method_weights
     return DEMO_SPECS + [s for s in DEMO_LEARNED if (s.model or DEMO_MODEL) in list_method_weights(s.method)
                          and (s.model is None or s.model in list_models())]
 
@@ -45,8 +46,8 @@ def demo_specs() -> List[Spec]:
 def adapt_spec(model, spec: Spec, models: Optional[dict] = None):
     """``spec``'s method on ``model``, or on the shipped model the spec names (loaded once into
     ``models``, a cache by name)."""
+    from .models import load_model
     from .runtime import adapt
-    from .zoo import load_model
     if spec.model is not None:
         models = {} if models is None else models
         if spec.model not in models:
