@@ -43,25 +43,12 @@ def demo_specs() -> List[Spec]:
                          and (s.model is None or s.model in list_models())]
 
 
-def adapt_spec(model, spec: Spec, models: Optional[dict] = None):
-    """``spec``'s method on ``model``, or on the shipped model the spec names (loaded once into
-    ``models``, a cache by name)."""
-    from .models import load_model
-    from .runtime import adapt
-    if spec.model is not None:
-        models = {} if models is None else models
-        if spec.model not in models:
-            models[spec.model] = load_model(spec.model)
-        model = models[spec.model]
-    return adapt(model, spec.method, **spec.options)
-
-
 def run_comparison(model, model_name: str, dataset, specs, out_dir: str, batch_size: int = 250,
                    workers: Optional[int] = None, map_images: int = 4, provenance: Optional[dict] = None) -> dict:
     """Evaluate dense + ``specs`` on ``dataset``; write results.json (with ``provenance``, what the
     numbers were computed from), pareto.png, token_maps.png."""
     from .data import make_loader
-    from .evaluate import sweep
+    from .evaluate import adapt_spec, sweep
     from .report import format_table, pareto_plot, token_maps
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,8 @@ from tqdm import tqdm
 
 from .measure import macs_per_image
 from .methods.base import leaves_no_trace
+from .models import load_model
+from .options import Spec
 from .runtime import LeanViT, adapt
 
 
@@ -137,13 +139,23 @@ def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", 
     return results
 
 
+def adapt_spec(model, spec: Spec, models: Optional[dict] = None) -> LeanViT:
+    """``spec``'s method on ``model``, or on the shipped model the spec names (loaded once into
+    ``models``, a cache by name)."""
+    if spec.model is not None:
+        models = {} if models is None else models
+        if spec.model not in models:
+            models[spec.model] = load_model(spec.model)
+        model = models[spec.model]
+    return adapt(model, spec.method, **spec.options)
+
+
 def sweep(model, loader, specs: list, desc: str = "sweep") -> dict:
-    """Dense and every :class:`~leanvit.demo.Spec` in one pass over ``loader``.
+    """Dense and every :class:`~leanvit.options.Spec` in one pass over ``loader``.
 
     Returns ``{"dense": EvalResult-dict, "rows": [dict(method, label, options, ...EvalResult)]}``
     (and ``model`` in the rows of specs that run on a model of their own).
     """
-    from .demo import adapt_spec
     from .provenance import method_weights, model_weights
     runners, models = {"dense": adapt(model, "none")}, {}
     for spec in specs:
