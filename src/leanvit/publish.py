@@ -13,7 +13,7 @@ from .data import eval_transform, load_dataset, make_loader
 from .evaluate import evaluate
 from .models import create_model, load_model
 from .runtime import adapt
-from .train import export_weights
+from .training import export_weights
 from .zoo import ZOO_DIR
 
 
