@@ -108,13 +108,12 @@ def benchmark(model: torch.nn.Module, methods: Sequence[Tuple[str, str, dict]], 
     dense = adapt(model, "none")
     runners: Dict[str, torch.nn.Module] = {"timm": model, "dense": dense}  # timm's own forward: the reference
     macs = {"dense": count_macs(dense, images)}
-    policy = {}
+    stats = {}
     for label, name, opts in methods:
         runner = adapt(model, name, **opts)
         runners[label] = runner
         macs[label] = count_macs(runner, images)
-        if hasattr(runner.method, "prune_fraction"):  # PPT: which images pruned rather than pooled
-            policy[label] = runner.method.prune_fraction()
+        stats[label] = runner.method.stats()  # PPT: which images pruned rather than pooled
         runners[label + " floor"] = floor_of(runner, images)
     times: Dict[str, List[float]] = {k: [] for k in runners}
     total = (warmup + repeats) * len(runners)
@@ -153,8 +152,7 @@ def benchmark(model: torch.nn.Module, methods: Sequence[Tuple[str, str, dict]], 
                 floor_images_per_second=batch / floor, floor_speedup=med["dense"] / floor,
                 decision_overhead_ms=1000 * (t - floor), decision_overhead_fraction=(t - floor) / t,
                 floor_seconds=times[label + " floor"])
-        if label in policy:
-            out["methods"][label]["prune_fraction_per_layer"] = policy[label]
+        out["methods"][label].update(stats[label])
     return out
 
 

@@ -88,8 +88,7 @@ def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", 
     order = random.Random(seed)
     for r in runners.values():
         r.eval()
-        if hasattr(r.method, "reset_stats"):
-            r.method.reset_stats()
+        r.method.reset_stats()
     bar = tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True)
     for batch in bar:
         skipped.extend(batch.skipped)
@@ -122,9 +121,7 @@ def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", 
     for name, runner in runners.items():
         s = stats[name]
         correct = torch.cat(s["correct"])
-        extra = {}
-        if hasattr(runner.method, "prune_fraction"):
-            extra["prune_fraction_per_layer"] = runner.method.prune_fraction()
+        extra = dict(runner.method.stats())
         fidelity = {}
         if reference in stats:
             ref = stats[reference]

@@ -117,7 +117,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
             else:
                 logits = net(batch.images)
                 loss = F.cross_entropy(logits, batch.labels, label_smoothing=cfg.label_smoothing)
-                extra = getattr(runner.method, "extra_loss", lambda: None)()  # e.g. DynamicViT's keep ratio
+                extra = runner.method.extra_loss()  # e.g. DynamicViT's keep ratio
                 if extra is not None:
                     loss = loss + extra
                 if teacher is not None:
