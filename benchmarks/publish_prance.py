@@ -18,7 +18,8 @@ import torch
 import leanvit
 from leanvit.data import eval_transform, load_dataset, make_loader
 from leanvit.evaluate import evaluate
-from leanvit.zoo import ZOO_DIR, ship_model, timm_architecture
+from leanvit.publish import ship_model
+from leanvit.zoo import ZOO_DIR, timm_architecture
 
 NAME = "cifar10_vit12_w128_prance"
 BASE = "cifar10_vit12_w128"

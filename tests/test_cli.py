@@ -10,7 +10,8 @@ import timm
 from safetensors.torch import save_file
 
 from conftest import CIFAR
-from leanvit.cli import main, parse_method_spec, parse_options
+from leanvit.cli import main
+from leanvit.options import Spec, parse_options, parse_spec
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 IMAGENETTE = SHARED / "imagenette-val-224.tar"
@@ -20,7 +21,9 @@ needs_data = pytest.mark.skipif(not IMAGENETTE.is_file(), reason="offline data i
 def test_option_parsing():
     assert parse_options(["r=50", "layers=3,6,9", "threshold=7e-5", "fuse=false", "threshold2=scaled"]) == {
         "r": 50, "layers": (3, 6, 9), "threshold": 7e-5, "fuse": False, "threshold2": "scaled"}
-    assert parse_method_spec("tome:r=(13,0.5)") == ("tome:r=(13,0.5)", "tome", {"r": (13, 0.5)})
+    assert parse_spec("tome:r=(13,0.5)") == Spec("tome", "r=(13,0.5)", {"r": (13, 0.5)})
+    assert parse_spec("ppt:r=10:threshold=scaled") == Spec("ppt", "r=10 threshold=scaled", {"r": 10, "threshold": "scaled"})
+    assert parse_spec("none") == Spec("none", "default", {})
     with pytest.raises(ValueError, match="key=value"):
         parse_options(["r50"])
 

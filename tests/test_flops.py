@@ -136,7 +136,8 @@ def test_decision_networks_analytic_equals_measured(method, opts):
 def test_gmacs_include_the_decision_network(method):
     """What the decision network adds to the ViT on the same tokens: exactly its linear MACs per
     token (hand-computed for width 64) times the live patches it scored, per image."""
-    from leanvit.flops import linear_macs, macs_per_image, tokens_per_block
+    from leanvit.flops import linear_macs, tokens_per_block
+    from leanvit.measure import macs_per_image
     f = _learned(method) if method == "rl4evit" else _learned(method, keep_rate=0.6)
     x = images(5)
     with torch.no_grad(), f.tracing() as trace:
@@ -157,7 +158,7 @@ def test_gmacs_include_the_decision_network(method):
 
 
 def test_note_macs_numbers_and_tensors():
-    from leanvit.flops import macs_per_image
+    from leanvit.measure import macs_per_image
     f = leanvit.adapt(small_vit(), "none")
     x = images(3)
     with torch.no_grad(), f.tracing() as trace:

@@ -212,7 +212,7 @@ def no_work(monkeypatch):
     def refuse(*a, **kw):
         raise AssertionError("work started before the output path was checked")
     monkeypatch.setattr("leanvit.models.create_model", refuse)
-    monkeypatch.setattr("leanvit.zoo.load_model", refuse)
+    monkeypatch.setattr("leanvit.models.load_model", refuse)
     monkeypatch.setattr("leanvit.data.load_dataset", refuse)
 
 

@@ -560,6 +560,19 @@ def test_ppt_threshold_extremes():
     assert pool.method.prune_fraction() == {}
 
 
+def test_methods_answer_stats_and_extra_loss():
+    """Callers ask every method the same (no probing): neutral answers unless a method has more."""
+    model, x = small_vit(sharp=3.0), images(4)
+    for name in METHODS:
+        f = leanvit.adapt(model, name)
+        with torch.no_grad():
+            f(x)
+        assert f.method.extra_loss() is None
+        assert f.method.stats() == ({"prune_fraction_per_layer": f.method.prune_fraction()} if name == "ppt" else {})
+        f.method.reset_stats()
+        assert f.method.stats() == ({"prune_fraction_per_layer": {}} if name == "ppt" else {})
+
+
 def test_ppt_scaled_threshold():
     f = leanvit.adapt(small_vit(), "ppt", threshold="scaled")
     assert f.method.threshold == pytest.approx(7e-5 * (196 / 64) ** 2, rel=1e-12)

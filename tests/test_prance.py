@@ -302,7 +302,7 @@ def test_floor_replays_per_image_counts_and_widths(strategy):
 
 
 def test_selector_weights_remember_their_options(tmp_path):
-    from leanvit.train import export_weights
+    from leanvit.training import export_weights
     f = leanvit.adapt(small_vit(), "prance", strategy="prune-merge")
     path = tmp_path / "selector.safetensors"
     export_weights(f.method, path, metadata=f.method.options_metadata())
@@ -340,7 +340,8 @@ def test_supernet_and_selector_train_under_torchrun(tmp_path):
 def test_joint_finetuning_under_a_frozen_selector(tmp_path):
     """`leanvit train --method prance --opt weights=SELECTOR`: the meta-network trains under the
     selector's per-image decisions; the selector itself does not change."""
-    from leanvit.train import TrainConfig, export_weights, train
+    from leanvit.train import TrainConfig, train
+    from leanvit.training import export_weights
     model = leanvit.create_model("vit12_convstem_w96_cifar")
     f = spread(leanvit.adapt(model, "prance", strategy="prune"), scale=3.0)
     export_weights(f.method, tmp_path / "sel.safetensors", metadata=f.method.options_metadata())

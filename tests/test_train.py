@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import CIFAR
-from leanvit.train import TrainConfig, epoch_indices, lr_at, train
+from leanvit.train import TrainConfig, train
+from leanvit.training import epoch_indices, lr_at
 
 
 SMALL = dict(model="vit12_convstem_w96_cifar", data=str(CIFAR), epochs=2, batch_size=16, limit_train=64,
@@ -67,7 +68,7 @@ def test_planted_or_corrupt_checkpoint_is_refused_and_inert(tmp_path, capsys):
     """Resume reads OUT/last.pt with weights_only=True: a pickle that would run code is refused
     before it runs; a corrupt file names itself and the way out (--restart), which works."""
     from leanvit.cli import main
-    from leanvit.train import CheckpointError
+    from leanvit.training import CheckpointError
     marker = tmp_path / "pwned"
     out = tmp_path / "run"
     out.mkdir()
@@ -143,7 +144,7 @@ def test_policy_training_evaluates_on_held_out_training_images(tmp_path):
     from types import SimpleNamespace
 
     from leanvit.data import eval_transform
-    from leanvit.train import holdout_split
+    from leanvit.training import holdout_split
     from leanvit.train_policy import PolicyRun
     from leanvit.train_prance import SelectorConfig
     assert PolicyRun(model="m", out="o").eval_split == SelectorConfig(model="m", out="o").eval_split == "holdout"

@@ -17,10 +17,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from tqdm import tqdm
 
-from . import adapt
-from .flops import count_macs
+from .measure import count_macs
 from .methods.base import Reduction
-from .runtime import LeanViT
+from .runtime import LeanViT, adapt
 from .tokens import keep_first, sort_by_score
 
 
@@ -114,13 +113,12 @@ def benchmark(model: torch.nn.Module, methods: Sequence[Tuple[str, str, dict]], 
     dense = adapt(model, "none")
     runners: Dict[str, torch.nn.Module] = {"timm": model, "dense": dense}  # timm's own forward: the reference
     macs = {"dense": count_macs(dense, images)}
-    policy = {}
+    stats = {}
     for label, name, opts in methods:
         runner = adapt(model, name, **opts)
         runners[label] = runner
         macs[label] = count_macs(runner, images)
-        if hasattr(runner.method, "prune_fraction"):  # PPT: which images pruned rather than pooled
-            policy[label] = runner.method.prune_fraction()
+        stats[label] = runner.method.stats()  # PPT: which images pruned rather than pooled
         runners[label + " floor"] = floor_of(runner, images)
     times: Dict[str, List[float]] = {k: [] for k in runners}
     total = (warmup + repeats) * len(runners)
@@ -159,8 +157,7 @@ def benchmark(model: torch.nn.Module, methods: Sequence[Tuple[str, str, dict]], 
                 floor_images_per_second=batch / floor, floor_speedup=med["dense"] / floor,
                 decision_overhead_ms=1000 * (t - floor), decision_overhead_fraction=(t - floor) / t,
                 floor_seconds=times[label + " floor"])
-        if label in policy:
-            out["methods"][label]["prune_fraction_per_layer"] = policy[label]
+        out["methods"][label].update(stats[label])
     return out
 
 

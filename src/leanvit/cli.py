@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import json
 import math
 import os
-import re
 import sys
 import tempfile
 import traceback
 from dataclasses import replace
 from pathlib import Path
-from typing import List, Tuple
 
 import torch
+
+from .options import parse_options, parse_spec
 
 DATA_HELP = ("an ImageFolder dir, a tar of [<split>/]<class>/<img>, a cifar-10-batches-py dir, or a name: "
              "cifar10 (the full CIFAR-10, downloaded into ~/.cache/leanvit) or cifar10-sample (2,000 CIFAR-10 "
@@ -54,71 +53,6 @@ def path(text: str) -> str:
     return text
 
 
-def parse_value(text: str):
-    """'50' -> 50, '0.7' -> 0.7, '3,6,9' -> (3, 6, 9), 'true' -> True, anything else stays a string."""
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        return text
-
-
-def _finite(value) -> bool:
-    """No inf or nan anywhere in an option value ('1e999', 'nan', '(13, inf)')."""
-    if isinstance(value, (list, tuple, set)):
-        return all(map(_finite, value))
-    if isinstance(value, dict):
-        return all(map(_finite, value.values()))
-    if isinstance(value, str):  # also the pieces of a list literal_eval could not read: '(2,inf)'
-        return all(_finite(_float_or_none(piece)) for piece in re.split(r"[\s,()\[\]]+", value))
-    return not isinstance(value, (float, complex)) or math.isfinite(abs(value))
-
-
-def _float_or_none(text: str):
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
-def _check_weights(key: str, value) -> None:
-    """A local file given as method weights must be safetensors: say so here, naming the file."""
-    if not isinstance(value, str) or not Path(value).exists():
-        return  # a shipped model's name, or missing: the method says which weights it knows
-    from safetensors import safe_open
-    try:
-        with safe_open(value, framework="pt"):
-            pass
-    except Exception as e:  # SafetensorError, IsADirectoryError, ...: not a readable safetensors file
-        raise ValueError(f"option {key}={value}: not a safetensors file ({type(e).__name__}: {e}); pass the "
-                         ".safetensors a leanvit training wrote, or a reference model's name") from None
-
-
-def parse_options(pairs: List[str]) -> dict:
-    opts = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise ValueError(f"option {pair!r} is not key=value")
-        key, value = pair.split("=", 1)
-        key, parsed = key.strip(), parse_value(value)
-        if not _finite(parsed):
-            raise ValueError(f"option {key}={value}: numbers must be finite (no inf or nan)")
-        if key in opts:
-            raise ValueError(f"option {key} is given twice ({key}={opts[key]!r} and {pair}); give it once")
-        if key == "weights":
-            _check_weights(key, parsed)
-        opts[key] = parsed
-    return opts
-
-
-def parse_method_spec(spec: str) -> Tuple[str, str, dict]:
-    """'ppt:r=50:layers=3,6,9' -> (label, 'ppt', {'r': 50, 'layers': (3, 6, 9)})."""
-    name, *pairs = spec.split(":")
-    return spec, name, parse_options(pairs)
-
-
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a timm model name or a leanvit reference model")
     src = p.add_mutually_exclusive_group()
@@ -138,18 +72,18 @@ def _load(args):
 
 
 def cmd_eval(args) -> int:
-    import leanvit
     from .data import eval_transform, load_dataset, make_loader, model_label_names, resolve_data
     from .evaluate import evaluate
     from .provenance import method_weights, provenance
     from .report import format_table
+    from .runtime import adapt
     options = parse_options(args.opt)
     model = _load(args)
-    method = leanvit.adapt(model, args.method, **options)
+    method = adapt(model, args.method, **options)
     dataset = load_dataset(args.data, split=args.split, transform=eval_transform(model),
                            num_classes=model.num_classes, limit=args.limit, classes=model_label_names(model))
     loader = make_loader(dataset, batch_size=args.batch_size, num_workers=args.workers)
-    runners = {"dense": leanvit.adapt(model, "none")}
+    runners = {"dense": adapt(model, "none")}
     if args.method != "none":
         runners[args.method] = method
     results = evaluate(runners, loader, desc=f"eval {args.model}")
@@ -179,7 +113,7 @@ def cmd_bench(args) -> int:
     from .bench import benchmark, format_table
     from .data import resolve_data
     from .provenance import provenance
-    methods = [parse_method_spec(s) for s in args.methods]
+    methods = [(text, spec.method, spec.options) for text, spec in zip(args.methods, map(parse_spec, args.methods))]
     model = _load(args)
     size = args.input_size or list(model.pretrained_cfg.get("input_size", (3, 224, 224)))
     if args.data:
@@ -294,10 +228,10 @@ def cmd_train_policy(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    import leanvit
+    from .methods import list_methods
     from .methods.base import REGISTRY
-    width = max(map(len, leanvit.list_methods())) + 2
-    for name in leanvit.list_methods():
+    width = max(map(len, list_methods())) + 2
+    for name in list_methods():
         doc = (REGISTRY[name].__doc__ or "").strip().splitlines()[0]
         print(f"{name:<{width}}{doc}")
     return 0
@@ -329,16 +263,14 @@ def _comparison(args, model, model_name, specs, data_path) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .demo import spec_from_text
-    specs = [spec_from_text(s) for s in args.methods]
+    specs = [parse_spec(s) for s in args.methods]
     return _comparison(args, _load(args), args.model, specs, args.data)
 
 
 def cmd_demo(args) -> int:
     from .data import EMBEDDED_CIFAR10, DataError, describe_search, download_cifar10, find_default_cifar10, resolve_data
     from .demo import DEMO_MODEL, demo_specs
-    from .models import list_models
-    from .zoo import load_model
+    from .models import list_models, load_model
     if args.threads:
         torch.set_num_threads(args.threads)
     if DEMO_MODEL not in list_models():

@@ -6,22 +6,14 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import List, NamedTuple, Optional
+from typing import List, Optional
 
 import torch
 
+from .options import Spec
+
 DEMO_MODEL = "cifar10_vit12_w128"
 PRANCE_MODEL = "cifar10_vit12_w128_prance"  # the demo model made channel-elastic (PRANCE's meta-network)
-
-
-class Spec(NamedTuple):
-    """One configuration of a comparison: a method, a label for its budget, its options, and
-    the shipped model it runs on when not the compared one (PRANCE runs on its meta-network)."""
-
-    method: str
-    label: str
-    options: dict
-    model: Optional[str] = None
 
 
 # Budgets for a 65-token model (CLS + 8x8): two or three per parameter-free method.
@@ -45,28 +37,10 @@ DEMO_LEARNED: List[Spec] = [
 
 def demo_specs() -> List[Spec]:
     """The parameter-free methods' budgets, then every learned method shipped for the demo model."""
-    from .zoo import list_method_weights, list_models
+    from .models import list_models
+    from .zoo import list_method_weights
     return DEMO_SPECS + [s for s in DEMO_LEARNED if (s.model or DEMO_MODEL) in list_method_weights(s.method)
                          and (s.model is None or s.model in list_models())]
-
-
-def spec_from_text(text: str) -> Spec:
-    """'ppt:r=10:threshold=scaled' -> Spec('ppt', 'r=10 threshold=scaled', {...})."""
-    from .cli import parse_options
-    method, *pairs = text.split(":")
-    return Spec(method, " ".join(pairs) or "default", parse_options(pairs))
-
-
-def adapt_spec(model, spec: Spec, models: Optional[dict] = None):
-    """``spec``'s method on ``model``, or on the shipped model the spec names (loaded once into
-    ``models``, a cache by name)."""
-    import leanvit
-    if spec.model is not None:
-        models = {} if models is None else models
-        if spec.model not in models:
-            models[spec.model] = leanvit.load_model(spec.model)
-        model = models[spec.model]
-    return leanvit.adapt(model, spec.method, **spec.options)
 
 
 def run_comparison(model, model_name: str, dataset, specs, out_dir: str, batch_size: int = 250,
@@ -74,7 +48,7 @@ def run_comparison(model, model_name: str, dataset, specs, out_dir: str, batch_s
     """Evaluate dense + ``specs`` on ``dataset``; write results.json (with ``provenance``, what the
     numbers were computed from), pareto.png, token_maps.png."""
     from .data import make_loader
-    from .evaluate import sweep
+    from .evaluate import adapt_spec, sweep
     from .report import format_table, pareto_plot, token_maps
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

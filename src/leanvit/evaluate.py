@@ -21,9 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from .flops import macs_per_image
+from .measure import macs_per_image
 from .methods.base import leaves_no_trace
-from .runtime import LeanViT
+from .models import load_model
+from .options import Spec
+from .runtime import LeanViT, adapt
 
 
 @dataclass
@@ -86,8 +88,7 @@ def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", 
     order = random.Random(seed)
     for r in runners.values():
         r.eval()
-        if hasattr(r.method, "reset_stats"):
-            r.method.reset_stats()
+        r.method.reset_stats()
     bar = tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True)
     for batch in bar:
         skipped.extend(batch.skipped)
@@ -120,9 +121,7 @@ def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", 
     for name, runner in runners.items():
         s = stats[name]
         correct = torch.cat(s["correct"])
-        extra = {}
-        if hasattr(runner.method, "prune_fraction"):
-            extra["prune_fraction_per_layer"] = runner.method.prune_fraction()
+        extra = dict(runner.method.stats())
         fidelity = {}
         if reference in stats:
             ref = stats[reference]
@@ -137,16 +136,25 @@ def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", 
     return results
 
 
+def adapt_spec(model, spec: Spec, models: Optional[dict] = None) -> LeanViT:
+    """``spec``'s method on ``model``, or on the shipped model the spec names (loaded once into
+    ``models``, a cache by name)."""
+    if spec.model is not None:
+        models = {} if models is None else models
+        if spec.model not in models:
+            models[spec.model] = load_model(spec.model)
+        model = models[spec.model]
+    return adapt(model, spec.method, **spec.options)
+
+
 def sweep(model, loader, specs: list, desc: str = "sweep") -> dict:
-    """Dense and every :class:`~leanvit.demo.Spec` in one pass over ``loader``.
+    """Dense and every :class:`~leanvit.options.Spec` in one pass over ``loader``.
 
     Returns ``{"dense": EvalResult-dict, "rows": [dict(method, label, options, ...EvalResult)]}``
     (and ``model`` in the rows of specs that run on a model of their own).
     """
-    import leanvit
-    from .demo import adapt_spec
     from .provenance import method_weights, model_weights
-    runners, models = {"dense": leanvit.adapt(model, "none")}, {}
+    runners, models = {"dense": adapt(model, "none")}, {}
     for spec in specs:
         runners[f"{spec.method} {spec.label}"] = adapt_spec(model, spec, models)
     results = evaluate(runners, loader, desc=desc)

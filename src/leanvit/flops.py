@@ -6,6 +6,9 @@ network (RL4EViT's actor, DynamicViT's predictors, PRANCE's selector) is counted
 linear layers on the tokens it ran on (:meth:`Reduction.decision_macs`). Norms, activations,
 softmax and parameter-free scoring (attention-based, similarity) are not counted (see
 ``leanvit bench`` for the decision overhead).
+
+Pure formulas over modules and token counts; :mod:`leanvit.measure` applies them to what a
+runner ran.
 """
 from __future__ import annotations
 
@@ -16,7 +19,6 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from .runtime import LeanViT
 
 
 def linear_macs(module: nn.Module) -> int:
@@ -29,31 +31,6 @@ def embed_macs(model: nn.Module, images: Tensor) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model.patch_embed(images[:1])
     return counter.get_total_flops() // 2
-
-
-def macs_per_image(runner: LeanViT, trace: List[dict], images: Tensor, padded: bool = False) -> Tensor:
-    """(B,) MACs of each image from a trace of :meth:`LeanViT.tracing`.
-
-    ``padded=False`` counts each image's own tokens (what the image needs); ``padded=True``
-    counts what the batch executed, padding included (packed batches pad only attention).
-    """
-    m = runner.model
-    total = torch.full((images.shape[0],), float(embed_macs(m, images)), dtype=torch.float64)
-    for rec in trace:
-        if "macs" in rec:  # a method's own counted cost (PRANCE's selector, RL4EViT's actor, ...)
-            macs = _numbers(rec["padded_macs" if padded else "macs"])
-        elif padded:
-            macs = block_macs(m.blocks[rec["layer"]], _numbers(rec["attn_run"]), _numbers(rec["mlp_run"]),
-                              _numbers(rec["heads"]), _numbers(rec["hidden"]), _numbers(rec["attn_span"]))
-        else:
-            macs = block_macs(m.blocks[rec["layer"]], _numbers(rec["attn_tokens"]), _numbers(rec["mlp_tokens"]),
-                              _numbers(rec["heads"]), _numbers(rec["hidden"]))
-        total += macs
-    return total + head_macs(m)
-
-
-def _numbers(v):
-    return v.detach().double().cpu() if isinstance(v, Tensor) else v
 
 
 def tokens_per_block(trace: List[dict], key: str = "mlp_tokens") -> Tensor:
@@ -79,27 +56,3 @@ def block_macs(blk: nn.Module, n_attn, n_mlp, heads=None, hidden=None, span=None
 def head_macs(model: nn.Module) -> int:
     return linear_macs(model.head) + (linear_macs(model.head_dist) if hasattr(model, "head_dist") else 0) \
         + linear_macs(model.fc_norm)
-
-
-def as_runner(module: nn.Module) -> LeanViT:
-    if isinstance(module, LeanViT):
-        return module
-    from . import adapt
-    return adapt(module, "none")
-
-
-def count_macs(module: nn.Module, images: Tensor, padded: bool = False) -> float:
-    """GMACs per image (the mean over the batch when images differ) of ``module`` on ``images``.
-
-    ``module`` is a model from :func:`leanvit.adapt` or a plain timm VisionTransformer (counted
-    dense). Runs one forward in eval mode without gradients.
-    """
-    runner = as_runner(module)
-    was_training = runner.training
-    runner.eval()
-    try:
-        with torch.no_grad(), runner.tracing() as trace:
-            runner(images)
-    finally:
-        runner.train(was_training)
-    return float(macs_per_image(runner, trace, images, padded).mean()) / 1e9

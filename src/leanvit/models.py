@@ -1,8 +1,10 @@
 """Building models by name: leanvit's reference models and every timm ViT, from a checkpoint or
-pretrained weights."""
+pretrained weights. The one home of model loading (:mod:`leanvit.zoo` only says where the shipped
+files are)."""
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import socket
 from pathlib import Path
@@ -12,6 +14,8 @@ import torch
 import torch.nn as nn
 import timm
 
+from .zoo import ZOO_DIR
+
 HUB_HOST = "huggingface.co"
 
 
@@ -20,9 +24,25 @@ class ModelError(ValueError):
 
 
 def list_models() -> List[str]:
-    """leanvit's own reference models (trained and shipped with the package)."""
-    from . import zoo
-    return zoo.list_models()
+    """leanvit's own reference models (trained and shipped with the package) whose weights are present."""
+    if not ZOO_DIR.is_dir():
+        return []
+    return sorted(p.stem for p in ZOO_DIR.glob("*.json") if (ZOO_DIR / f"{p.stem}.safetensors").is_file()
+                  and "." not in p.stem)
+
+
+def load_model(name: str, checkpoint: Optional[str] = None) -> nn.Module:
+    """A reference model by name, offline, with ``pretrained_cfg`` carrying its preprocessing."""
+    spec_path = ZOO_DIR / f"{name}.json"
+    if not spec_path.is_file():
+        raise ModelError(f"no reference model {name!r}; shipped: {', '.join(list_models()) or '(none yet)'}")
+    spec = json.loads(spec_path.read_text())
+    model = _timm_create(spec["timm_model"], **spec.get("kwargs", {}))
+    path = checkpoint or str(ZOO_DIR / f"{name}.safetensors")
+    load_fitting(model, {k: v.float() for k, v in read_state_dict(path).items()}, path, name)
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["pretrained_cfg"].items()}  # JSON lists
+    model.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}) or {}, **cfg)
+    return model.eval()
 
 
 def read_state_dict(path: str) -> dict:
@@ -92,21 +112,20 @@ def create_model(name: str, *, checkpoint: Optional[str] = None, pretrained: boo
     ``checkpoint``: a local safetensors / torch file (its head decides ``num_classes`` unless
     given). ``pretrained``: timm's pretrained weights (needs the network or a filled HF cache).
     """
-    from . import zoo
     if checkpoint and pretrained:
         raise ModelError("pass either --checkpoint or --pretrained, not both")
-    if name in zoo.list_models():
+    if name in list_models():
         if pretrained:
             raise ModelError(f"{name} is a leanvit reference model: it loads its shipped weights, "
                              "--pretrained does not apply")
-        model = zoo.load_model(name, checkpoint=checkpoint)
+        model = load_model(name, checkpoint=checkpoint)
         if num_classes is not None and num_classes != model.num_classes:  # its head is what was shipped
             raise ModelError(f"{name} is a leanvit reference model with {model.num_classes} classes; "
                              f"--num-classes {num_classes} does not apply (fine-tune a timm model for another "
                              "number of classes)")
         return model.eval()
     if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models() + zoo.list_models(), n=3, cutoff=0.6)
+        close = difflib.get_close_matches(name, timm.list_models() + list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ModelError(f"unknown model {name!r}{hint} (see leanvit.list_models() and timm.list_models())")
     if checkpoint:

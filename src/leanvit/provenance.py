@@ -44,7 +44,8 @@ def leanvit_commit() -> Optional[str]:
 def model_weights(model: str, checkpoint: Optional[str] = None, pretrained: bool = False) -> dict:
     """Which weights a model ran with: a checkpoint file, a shipped reference model, timm's
     pretrained weights, or random ones (tests, speed)."""
-    from .zoo import ZOO_DIR, list_models
+    from .models import list_models
+    from .zoo import ZOO_DIR
     if checkpoint:
         path, source = str(checkpoint), "checkpoint"
     elif model in list_models():

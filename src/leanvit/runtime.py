@@ -21,6 +21,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from . import elastic
+from .methods import OptionError, build_method  # the package: every method registered
 from .methods.base import AttentionView, ModelInfo, Reduction
 from .tokens import TokenState
 
@@ -521,3 +522,22 @@ class _Group:
         if bias is None:
             return None
         return bias[..., :self.span] if self.whole else bias[self.images][..., :self.span]
+
+
+# --- the entry point --------------------------------------------------------------------------
+def adapt(model, method="none", **options) -> LeanViT:
+    """Wrap a timm VisionTransformer so that it runs with token-reduction ``method``.
+
+    ``method`` is a registered name (see :func:`list_methods`) or a :class:`Reduction` instance.
+    The original model is shared, not modified, and stays usable on its own.
+    """
+    if isinstance(model, LeanViT):
+        model = model.model
+    if isinstance(method, Reduction):
+        if options:
+            raise OptionError("pass options to the method's constructor, not to adapt()")
+    elif isinstance(method, str):
+        method = build_method(method, **options)
+    else:
+        raise OptionError(f"method must be a name or a Reduction, got {type(method).__name__}")
+    return LeanViT(model, method)

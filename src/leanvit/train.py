@@ -1,31 +1,20 @@
 """Supervised training and fine-tuning of a timm ViT (optionally with a reduction method active).
 
-Resumable: a checkpoint (model, optimizer, step, RNG state) is written atomically every
-``save_every`` steps and at the end of every epoch; restarting the same command continues from
-it. The data order is a seeded permutation per epoch and every image's augmentation is seeded
-by (seed, epoch, index), so a resumed run sees exactly the batches the uninterrupted run would.
-Under ``torchrun`` it trains data-parallel (DDP: gloo on CPU, nccl on GPU), each process on its
-shard of every epoch's permutation.
+Resumable and data-parallel under ``torchrun`` as every training is (:mod:`leanvit.training`).
 """
 from __future__ import annotations
 
 import json
-import math
-import os
-import random
-import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm
 
-from .data import balanced_subset, collate, eval_transform, load_dataset, make_loader
+from .runtime import adapt
+from .train_prance import evaluate_subnetworks, sandwich_step
+from .training import Run, _replica_diff, distill_loss, evaluate_top1, export_weights, lr_at
 
 
 @dataclass
@@ -61,264 +50,9 @@ class TrainConfig:
     reorder: bool = True  # with sandwich, from a fresh start: heads and neurons by importance first
 
 
-# --- data -------------------------------------------------------------------------------------
-def train_transform(cfg: dict):
-    """Crop+flip augmentation at the model's input size: pad-and-crop for small images (CIFAR),
-    timm's random-resized-crop pipeline otherwise."""
-    import torchvision.transforms as T
-    from timm.data import create_transform
-    size = cfg["input_size"][-1]
-    if size <= 64:
-        return T.Compose([T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip(), T.ToTensor(),
-                          T.Normalize(cfg["mean"], cfg["std"])])
-    return create_transform(cfg["input_size"], is_training=True, mean=cfg["mean"], std=cfg["std"],
-                            interpolation=cfg.get("interpolation", "bicubic"), hflip=0.5)
-
-
-class SeededAugment(Dataset):
-    """Applies the dataset's random transform with a seed of (seed, epoch, index), so batches are
-    the same whether a run was interrupted or not, and whatever worker loads them."""
-
-    def __init__(self, base, seed: int):
-        self.base, self.seed, self.epoch = base, seed, 0
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i))
-            return self.base[i]
-
-
-def epoch_indices(n: int, seed: int, epoch: int, rank: int, world: int, batch: int) -> list:
-    """This process's share of the epoch's permutation, cut to whole batches on every process."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
-    per_rank = (n // world) // batch * batch
-    return perm[rank::world][:per_rank]
-
-
-# --- schedule, checkpoints ------------------------------------------------------------------------
-def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    t = (step - warmup) / max(total - warmup, 1)
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
-
-
-def _plain(value):
-    """``value`` with tuples as lists and paths as strings: what weights_only loading gives back,
-    so a saved configuration compares equal to the running one."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return str(value) if isinstance(value, os.PathLike) else value
-
-
-def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _rng_state() -> dict:
-    """The RNG states as tensors, ints and lists only, so a checkpoint loads with weights_only=True."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    return dict(torch=torch.get_rng_state(),
-                numpy=dict(name=name, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
-                           has_gauss=int(has_gauss), cached=float(cached)),
-                python=dict(version=version, internal=list(internal), gauss=gauss))
-
-
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    n = s["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    p = s["python"]
-    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
-
-
-class CheckpointError(ValueError):
-    """A resume checkpoint that cannot be used; the message names the file and the way out."""
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A resume checkpoint, read with ``weights_only=True``: tensors, numbers, strings and containers
-    only, so a planted or tampered file cannot run code. Anything else is a :class:`CheckpointError`."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, unpickling refused, EOF, ...: all mean "not usable"
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise CheckpointError(f"{path} is corrupt or not a leanvit checkpoint ({type(err).__name__}: {first}); "
-                              "remove it, or pass --restart to start the run over") from err
-    if not isinstance(ckpt, dict) or not {"config", "rng"} <= ckpt.keys():
-        raise CheckpointError(f"{path} is not a leanvit resume checkpoint; remove it, or pass --restart")
-    return ckpt
-
-
-# --- distributed ----------------------------------------------------------------------------------
-def _dist_setup():
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return rank, world
-
-
-def _all_sum(values):
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-HOLDOUT = "holdout"  # eval_split: a class-balanced slice of the training split, never trained on
-HOLDOUT_IMAGES = 1000  # its size when limit_eval is not given
-
-
-def holdout_split(cfg, num_classes: int, train_tf, eval_tf):
-    """(training images, held-out images), disjoint, both from ``cfg.train_split``: what policy
-    trainings select, calibrate and check budgets on, so that they never tune on the test set."""
-    held_n = cfg.limit_eval or HOLDOUT_IMAGES
-    total = None if cfg.limit_train is None else cfg.limit_train + held_n
-    both = load_dataset(cfg.data, split=cfg.train_split, num_classes=num_classes, limit=total, seed=cfg.seed)
-    if len(both) <= held_n:
-        raise ValueError(f"the {cfg.train_split} split has {len(both)} images: too few to hold out {held_n} "
-                         "for evaluation (--limit-eval) and train on the rest")
-    held = set(balanced_subset(both.targets, held_n, cfg.seed + 1))
-    rest = [i for i in range(len(both)) if i not in held]
-    return both.subset(rest, train_tf), both.subset(sorted(held), eval_tf)
-
-
-# --- what every training loop shares -----------------------------------------------------------------
-class Run:
-    """Processes, seeding, data shards, per-epoch loaders and the resumable checkpoint of a run.
-
-    ``train`` and ``train_policy`` differ only in what one step does and what the checkpoint
-    holds; everything here is the same for both.
-    """
-
-    # may change between a run and its resume
-    RESUME_FREE = ("max_steps", "workers", "save_every", "max_epochs", "calibrate")
-
-    def __init__(self, cfg, config: dict):
-        for name in ("epochs", "batch_size", "save_every", "max_steps"):  # 0 would mean "all" or divide by 0
-            value = getattr(cfg, name, None)
-            if value is not None and not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        self.cfg, self.config = cfg, config
-        self.rank, self.world = _dist_setup()
-        self.is_main = self.rank == 0
-        self.out = Path(cfg.out)
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(cfg.seed)  # before the model is built: random inits are seeded too
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        if self.world > 1:
-            torch.set_num_threads(max(1, (os.cpu_count() or 2) // self.world))
-        self.state_path = self.out / "last.pt"
-        self.t0 = time.time()
-
-    def setup_data(self, model) -> None:
-        cfg = self.cfg
-        train_tf, eval_tf = train_transform(eval_transform_cfg(model)), eval_transform(model)
-        if cfg.eval_split == HOLDOUT:
-            self.train_set, self.eval_set = holdout_split(cfg, model.num_classes, train_tf, eval_tf)
-        else:
-            self.train_set = load_dataset(cfg.data, split=cfg.train_split, transform=train_tf,
-                                          num_classes=model.num_classes, limit=cfg.limit_train, seed=cfg.seed)
-            self.eval_set = load_dataset(cfg.data, split=cfg.eval_split, transform=eval_tf,
-                                         num_classes=model.num_classes, limit=cfg.limit_eval, seed=cfg.seed)
-        from .data import check_classes, model_label_names
-        check_classes(self.train_set.classes, model_label_names(model), self.train_set.root, strict=False)
-        self.per_rank = cfg.batch_size // self.world
-        if self.per_rank < 1 or cfg.batch_size % self.world:
-            raise ValueError(f"batch size {cfg.batch_size} must be a multiple of the {self.world} processes")
-        self.steps_per_epoch = (len(self.train_set) // self.world) // self.per_rank
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.train_set)} training images are fewer than one batch of {cfg.batch_size}")
-        self.total_steps = self.steps_per_epoch * cfg.epochs
-        self.stop_at = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
-        self.eval_loader = make_loader(_shard(self.eval_set, self.rank, self.world), batch_size=250, num_workers=0)
-        self._augmented = SeededAugment(self.train_set, cfg.seed)
-
-    def about(self) -> dict:
-        """For metrics.json: what the run's evaluations were measured on, and its provenance."""
-        from .data import resolve_data
-        from .provenance import provenance
-        cfg = self.cfg
-        where = (f"{len(self.eval_set)} held-out images of the {cfg.train_split} split (never trained on)"
-                 if cfg.eval_split == HOLDOUT else f"the {cfg.eval_split} split ({len(self.eval_set)} images)")
-        return dict(evaluated_on=where, provenance=provenance(
-            model=cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained, data=resolve_data(cfg.data),
-            split=cfg.train_split, limit=cfg.limit_train, seed=cfg.seed))
-
-    def epoch_loader(self, step: int) -> DataLoader:
-        """The rest of the epoch that ``step`` falls in, for this process."""
-        epoch, skip = divmod(step, self.steps_per_epoch)
-        self._augmented.epoch = epoch
-        idx = epoch_indices(len(self.train_set), self.cfg.seed, epoch, self.rank, self.world, self.per_rank)
-        return DataLoader(Subset(self._augmented, idx[skip * self.per_rank:]), batch_size=self.per_rank,
-                          shuffle=False, drop_last=True, collate_fn=collate, num_workers=self.cfg.workers,
-                          generator=torch.Generator().manual_seed(self.cfg.seed))  # leaves the global RNG alone
-
-    def epoch_done(self, step: int) -> bool:
-        return step % self.steps_per_epoch == 0
-
-    def should_save(self, step: int) -> bool:
-        """Every ``save_every`` steps; at an epoch's end the loop saves after its evaluation."""
-        return step % self.cfg.save_every == 0 and not self.epoch_done(step)
-
-    def elapsed(self) -> float:
-        return round(time.time() - self.t0, 1)
-
-    def load(self) -> Optional[dict]:
-        """The checkpoint to resume from (RNG restored), or None; refuses another configuration."""
-        if not self.state_path.is_file():
-            return None
-        ckpt = load_checkpoint(self.state_path)
-        saved = {k: v for k, v in ckpt["config"].items() if k not in self.RESUME_FREE}
-        mine = {k: v for k, v in _plain(self.config).items() if k not in self.RESUME_FREE}
-        if saved != mine:
-            diff = {k: (saved.get(k), mine.get(k)) for k in mine if saved.get(k) != mine.get(k)}
-            raise CheckpointError(f"{self.state_path} was written by a different configuration {diff}; "
-                                  "use another --out, or pass --restart to start over")
-        _set_rng_state(ckpt["rng"])
-        self.t0 = time.time() - ckpt.get("elapsed_s", 0.0)  # wall time counts across resumes
-        return ckpt
-
-    def save(self, **state) -> None:
-        if self.is_main:
-            atomic_save(dict(state, config=_plain(self.config), rng=_rng_state(), elapsed_s=time.time() - self.t0),
-                        self.state_path)
-
-    def progress(self, step: int, desc: str) -> tqdm:
-        return tqdm(total=self.stop_at, initial=min(step, self.stop_at), desc=desc, unit="step",
-                    disable=not self.is_main, dynamic_ncols=True)
-
-
-# --- the loop -------------------------------------------------------------------------------------
-def evaluate_top1(model, loader) -> float:
-    model.eval()
-    correct = total = 0
-    with torch.inference_mode():
-        for batch in loader:
-            if len(batch) == 0:
-                continue
-            correct += int((model(batch.images).argmax(1) == batch.labels).sum())
-            total += batch.images.shape[0]
-    correct, total = _all_sum([correct, total])
-    model.train()
-    return 100.0 * correct / max(total, 1)
-
-
 def train(cfg: TrainConfig, log=print) -> dict:
     """Train (or resume) per ``cfg``; returns the final metrics (also in ``out/metrics.json``)."""
-    import leanvit
-    from .models import create_model
+    from .models import create_model  # at call time: tests replace models.create_model
     run = Run(cfg, asdict(cfg))
     kwargs = {"drop_path_rate": cfg.drop_path} if cfg.drop_path else {}
     model = create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained,
@@ -329,7 +63,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if cfg.sandwich and cfg.reorder and not run.state_path.is_file():
         from .elastic import reorder_by_importance
         reorder_by_importance(model)  # so that the first k heads/neurons are the best k
-    runner = leanvit.adapt(model, cfg.method, **cfg.options)
+    runner = adapt(model, cfg.method, **cfg.options)
     if cfg.method == "prance":  # the selector is trained by train-selector; here it is frozen (or unused)
         runner.method.requires_grad_(False)
     runner.train()
@@ -362,7 +96,6 @@ def train(cfg: TrainConfig, log=print) -> dict:
     def evaluate_now() -> dict:
         if not cfg.sandwich:
             return dict(top1=evaluate_top1(runner, run.eval_loader))
-        from .train_prance import evaluate_subnetworks
         return evaluate_subnetworks(runner, run.eval_loader)
 
     if cfg.sandwich and step == 0 and not history:  # the sub-networks before meta-network training
@@ -380,12 +113,11 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 g["lr"] = lr
             opt.zero_grad(set_to_none=True)
             if cfg.sandwich:
-                from .train_prance import sandwich_step
                 loss = sandwich_step(net, runner.method, batch, cfg, teacher, step)
             else:
                 logits = net(batch.images)
                 loss = F.cross_entropy(logits, batch.labels, label_smoothing=cfg.label_smoothing)
-                extra = getattr(runner.method, "extra_loss", lambda: None)()  # e.g. DynamicViT's keep ratio
+                extra = runner.method.extra_loss()  # e.g. DynamicViT's keep ratio
                 if extra is not None:
                     loss = loss + extra
                 if teacher is not None:
@@ -423,45 +155,3 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if dist.is_initialized():
         dist.barrier()
     return metrics
-
-
-def distill_loss(logits, teacher, images):
-    """KL(student || teacher) on the class distributions, batch mean."""
-    with torch.no_grad():
-        target = F.log_softmax(teacher(images), dim=-1)
-    return F.kl_div(F.log_softmax(logits, dim=-1), target, reduction="batchmean", log_target=True)
-
-
-def _shard(dataset, rank, world):
-    return dataset if world == 1 else Subset(dataset, list(range(rank, len(dataset), world)))
-
-
-def _replica_diff(model) -> float:
-    """Largest difference between any process's weights and process 0's. BatchNorm statistics are
-    local to each process after its last step; DDP takes process 0's (it broadcasts them at every
-    forward), so they are synced first and the check is on the parameters."""
-    for b in model.buffers():
-        dist.broadcast(b, src=0)
-    worst = 0.0
-    for p in model.state_dict().values():
-        ref = p.detach().clone()
-        dist.broadcast(ref, src=0)
-        if p.numel():
-            worst = max(worst, float((ref - p).abs().max()))
-    t = torch.tensor([worst], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
-
-
-def eval_transform_cfg(model) -> dict:
-    from timm.data import resolve_data_config
-    return resolve_data_config({}, model=model)
-
-
-def export_weights(model, path: Path, half: bool = False, metadata: Optional[dict] = None) -> None:
-    """Weights as safetensors (fp16 if ``half``), written atomically; ``metadata``: str -> str."""
-    from safetensors.torch import save_file
-    sd = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata=metadata)
-    os.replace(tmp, path)

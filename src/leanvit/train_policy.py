@@ -19,9 +19,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .measure import macs_per_image
 from .methods.rl4evit import agent_rewards
 from .rl import PPOConfig, clipped_policy_loss, clipped_value_loss, gae
-from .train import Run, _replica_diff, export_weights
+from .runtime import adapt
+from .training import Run, _replica_diff, all_sum, export_weights
 
 
 @dataclass(kw_only=True)
@@ -123,16 +125,8 @@ def _average_grads(module, world):
                 p.grad /= world
 
 
-def _sum_all(values):
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
 def evaluate_policy(runner, loader) -> dict:
     """Greedy policy, real token removal: top-1 and GMACs per image (summed over processes)."""
-    from .flops import macs_per_image
     runner.eval()
     runner.masked, runner.method.sampling = False, False
     correct = total = macs = 0.0
@@ -145,17 +139,16 @@ def evaluate_policy(runner, loader) -> dict:
             correct += float((logits.argmax(1) == batch.labels).sum())
             total += batch.images.shape[0]
             macs += float(macs_per_image(runner, trace, batch.images).sum())
-    correct, total, macs = _sum_all([correct, total, macs])
+    correct, total, macs = all_sum([correct, total, macs])
     return dict(top1=100 * correct / max(total, 1), gmacs=macs / max(total, 1) / 1e9)
 
 
 def train_policy(cfg: PolicyConfig, log: Callable[[str], None] = print) -> dict:
-    import leanvit
-    from .models import create_model
+    from .models import create_model  # at call time: tests replace models.create_model
     run = Run(cfg, _config_dict(cfg))
     model = create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained)
     run.setup_data(model)
-    runner = leanvit.adapt(model, "rl4evit", **cfg.options)
+    runner = adapt(model, "rl4evit", **cfg.options)
     method = runner.method
     opt_actor = torch.optim.Adam(method.actor.parameters(), lr=cfg.ppo.lr_actor)
     opt_critic = torch.optim.Adam(method.critic.parameters(), lr=cfg.ppo.lr_critic)

@@ -39,9 +39,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from .measure import count_macs, macs_per_image
 from .rl import PPOConfig, clipped_policy_loss, clipped_value_loss, gae
-from .train import Run, _replica_diff, distill_loss, evaluate_top1, export_weights
-from .train_policy import PolicyRun, _average_grads, _sum_all, evaluate_policy
+from .runtime import adapt
+from .train_policy import PolicyRun, _average_grads, evaluate_policy
+from .training import Run, _replica_diff, all_sum, distill_loss, evaluate_top1, export_weights
 
 
 # --- the meta-network ---------------------------------------------------------------------------
@@ -176,16 +178,14 @@ def ppo_update(selector, ro: dict, rewards: Tensor, cfg: PPOConfig, opt_actor, o
 def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> dict:
     """Train (or resume) one selector; exports ``out/selector.safetensors``. With ``cfg.budget`` the
     cost weight is PI-controlled toward it (see the module doc)."""
-    import leanvit
-    from .flops import count_macs
     if cfg.budget is not None and not 0 < cfg.budget <= 1:
         raise ValueError(f"budget must be a fraction of the dense GMACs in (0, 1], got {cfg.budget}")
-    from .models import create_model
+    from .models import create_model  # at call time: tests replace models.create_model
     run = Run(cfg, _config_dict(cfg))
     model = create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained)
     run.setup_data(model)
-    runner = leanvit.adapt(model.eval(), "prance", **cfg.options)
-    dense = leanvit.adapt(model, "none")
+    runner = adapt(model.eval(), "prance", **cfg.options)
+    dense = adapt(model, "none")
     method, selector = runner.method, runner.method.selector
     if method.fixed is not None:
         raise ValueError("train-selector trains the selector; do not pass the 'subnet' option")
@@ -331,12 +331,11 @@ def calibrate(ratio_at: Callable[[float], float], ratio: float, budget: float, t
 def greedy_macs_ratio(runner, images: Tensor, dense_gmacs: float) -> float:
     """The greedy selector's mean GMACs on ``images`` over the dense model's ``dense_gmacs``
     (averaged over processes)."""
-    from .flops import macs_per_image
     method = runner.method
     method.sampling = False
     with torch.no_grad(), runner.tracing() as trace:
         runner(images)
-    total, n = _sum_all([float(macs_per_image(runner, trace, images).sum()), images.shape[0]])
+    total, n = all_sum([float(macs_per_image(runner, trace, images).sum()), images.shape[0]])
     return total / n / 1e9 / dense_gmacs
 
 

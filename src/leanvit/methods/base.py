@@ -148,6 +148,20 @@ class Reduction(abc.ABC):
         (:meth:`LeanViT.run` from ``layer``, PRANCE's Result-to-Go)."""
         return state
 
+    # --- what callers may ask every method (neutral defaults) ------------------------------
+    def reset_stats(self) -> None:
+        """Forget what :meth:`stats` reports (an evaluation calls it before its first batch)."""
+
+    def stats(self) -> Dict[str, object]:
+        """JSON-ready statistics of the forwards since :meth:`reset_stats`, under the keys the
+        result files use (PPT: ``prune_fraction_per_layer``); empty when there are none."""
+        return {}
+
+    def extra_loss(self) -> Optional[Tensor]:
+        """A term a training with this method active adds to its loss, from the last training
+        forward (DynamicViT's keep-ratio loss); None: nothing to add."""
+        return None
+
     def extra_repr(self) -> str:
         return ""
 

@@ -59,5 +59,8 @@ class PPT(Reduction):
         """{layer: fraction of images that chose pruning} since the last reset_stats()."""
         return {l: self.prune_counts[l] / self.seen_counts[l] for l in sorted(self.seen_counts)}
 
+    def stats(self):
+        return {"prune_fraction_per_layer": self.prune_fraction()}
+
     def extra_repr(self):
         return f"r={self.r}, layers={self.layers}, threshold={self.threshold_option}"

@@ -1,0 +1,87 @@
+"""The one parser of the option and method-spec syntax the command line and the comparisons share.
+
+    key=value                  one option: parse_options(["r=50", "layers=3,6,9"])
+    name:key=value:key=value   a method with its options: parse_spec("ppt:r=10:threshold=scaled")
+"""
+from __future__ import annotations
+
+import ast
+import math
+import re
+from pathlib import Path
+from typing import List, NamedTuple, Optional
+
+
+class Spec(NamedTuple):
+    """One configuration of a comparison: a method, a label for its budget, its options, and
+    the shipped model it runs on when not the compared one (PRANCE runs on its meta-network)."""
+
+    method: str
+    label: str
+    options: dict
+    model: Optional[str] = None
+
+
+def parse_value(text: str):
+    """'50' -> 50, '0.7' -> 0.7, '3,6,9' -> (3, 6, 9), 'true' -> True, anything else stays a string."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+
+def _finite(value) -> bool:
+    """No inf or nan anywhere in an option value ('1e999', 'nan', '(13, inf)')."""
+    if isinstance(value, (list, tuple, set)):
+        return all(map(_finite, value))
+    if isinstance(value, dict):
+        return all(map(_finite, value.values()))
+    if isinstance(value, str):  # also the pieces of a list literal_eval could not read: '(2,inf)'
+        return all(_finite(_float_or_none(piece)) for piece in re.split(r"[\s,()\[\]]+", value))
+    return not isinstance(value, (float, complex)) or math.isfinite(abs(value))
+
+
+def _float_or_none(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _check_weights(key: str, value) -> None:
+    """A local file given as method weights must be safetensors: say so here, naming the file."""
+    if not isinstance(value, str) or not Path(value).exists():
+        return  # a shipped model's name, or missing: the method says which weights it knows
+    from safetensors import safe_open
+    try:
+        with safe_open(value, framework="pt"):
+            pass
+    except Exception as e:  # SafetensorError, IsADirectoryError, ...: not a readable safetensors file
+        raise ValueError(f"option {key}={value}: not a safetensors file ({type(e).__name__}: {e}); pass the "
+                         ".safetensors a leanvit training wrote, or a reference model's name") from None
+
+
+def parse_options(pairs: List[str]) -> dict:
+    opts = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"option {pair!r} is not key=value")
+        key, value = pair.split("=", 1)
+        key, parsed = key.strip(), parse_value(value)
+        if not _finite(parsed):
+            raise ValueError(f"option {key}={value}: numbers must be finite (no inf or nan)")
+        if key in opts:
+            raise ValueError(f"option {key} is given twice ({key}={opts[key]!r} and {pair}); give it once")
+        if key == "weights":
+            _check_weights(key, parsed)
+        opts[key] = parsed
+    return opts
+
+
+def parse_spec(text: str) -> Spec:
+    """'ppt:r=10:threshold=scaled' -> Spec('ppt', 'r=10 threshold=scaled', {'r': 10, 'threshold': 'scaled'})."""
+    method, *pairs = text.split(":")
+    return Spec(method, " ".join(pairs) or "default", parse_options(pairs))
