@@ -14,7 +14,7 @@ OUT=benchmarks/results/packed
 mkdir -p "$OUT"
 run() {  # name, then bench arguments
     local name=$1; shift
-    leanvit bench --threads 2 --repeats 7 --warmup 2 "$@" --json "$OUT/$name.json" | tee "$OUT/$name.txt"
+    leanvit bench --threads 2 --repeats 11 --warmup 2 "$@" --json "$OUT/$name.json" | tee "$OUT/$name.txt"
 }
 prance=(--model cifar10_vit12_w128_prance --data "$CIFAR" --split test
         --methods prance:weights=cifar10_vit12_w128_prance prance:subnet=middle prance:subnet=smallest)
