@@ -43,8 +43,8 @@ def test_table() -> str:
     lines = [f"{r['n_images']} test images, batch {r['batch_size']}, {r['threads']} threads, {r['date']}; "
              f"dense = the meta-network's largest sub-network ({dense['top1']:.2f}%, {dense['gmacs']:.4f} GMACs, "
              f"{dense['images_per_second']:.0f} img/s)", "",
-             "| method | setting | top-1 % | vs dense | GMACs | of dense | img/s | speedup |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| method | setting | top-1 % | vs dense (95% CI) | agree % | KL to dense | GMACs | of dense | img/s | speedup |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     rows = sorted(r["rows"], key=lambda row: -row["gmacs"])
     for row in rows:
         sel = selector_of(row["options"])
@@ -55,7 +55,9 @@ def test_table() -> str:
             name, setting = "rl4evit (MAPPO)", f"alpha {alpha.group(1)}, trained on the reference model"
         else:
             name, setting = row["method"], f"`{row['label']}`"
-        lines.append(f"| {name} | {setting} | {row['top1']:.2f} | {row['top1'] - dense['top1']:+.2f} | "
+        lo, hi = row["delta_top1_ci95"]
+        lines.append(f"| {name} | {setting} | {row['top1']:.2f} | {row['top1'] - dense['top1']:+.2f} "
+                     f"({lo:+.2f}, {hi:+.2f}) | {row['agreement']:.2f} | {row['kl_to_dense']:.4f} | "
                      f"{row['gmacs']:.4f} | {row['gmacs'] / dense['gmacs']:.3f} | {row['images_per_second']:.0f} | "
                      f"{row['speedup']:.2f}x |")
     return "\n".join(lines)
