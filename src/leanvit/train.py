@@ -11,41 +11,48 @@ from typing import Optional
 
 import torch
 
+from .data import DATA_HELP
+from .options import arg, below_one, natural, nonnegative, path, positive, positive_int
 from .train_prance import MetaNetwork
 from .training import Run, Supervised, export_weights, fit, lr_at
 
 
 @dataclass
 class TrainConfig:
+    """What ``leanvit train`` (and ``train-supernet``) takes: each :func:`~leanvit.options.arg` field
+    is a command-line option of the same name."""
+
     model: str
-    out: str
-    data: Optional[str] = None  # None: CIFAR-10 from the default locations
-    epochs: int = 30
-    batch_size: int = 128  # global, over all processes
-    lr: float = 2e-3  # at batch_size
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    drop_path: float = 0.0
-    seed: int = 0
+    out: str = arg(check=path, help="run directory: checkpoints, log, final weights, metrics")
+    data: Optional[str] = arg(None, path, DATA_HELP)  # None: CIFAR-10 from the default locations
+    epochs: int = arg(30, positive_int)
+    batch_size: int = arg(128, positive_int, "global batch size over all processes")
+    lr: float = arg(2e-3, positive)  # at batch_size
+    min_lr: float = arg(1e-5, nonnegative)
+    weight_decay: float = arg(0.05, nonnegative)
+    warmup_epochs: float = arg(1.0, nonnegative)
+    label_smoothing: float = arg(0.1, below_one)
+    drop_path: float = arg(0.0, below_one)
+    seed: int = arg(0, natural)
     checkpoint: Optional[str] = None  # initial weights
     pretrained: bool = False
     num_classes: Optional[int] = None
-    method: str = "none"  # train/fine-tune with this reduction method active
+    method: str = arg("none", help="train with this reduction method active (fine-tuning)")
     options: dict = field(default_factory=dict)
-    distill: float = 0.0  # weight of KL(student || dense teacher), the starting model run dense
-    workers: int = 1
-    save_every: int = 100  # steps between resumable checkpoints
-    train_split: str = "train"
-    eval_split: str = "test"
-    limit_train: Optional[int] = None
-    limit_eval: Optional[int] = None
-    max_steps: Optional[int] = None  # stop early (tests, smoke runs); the schedule still spans all epochs
+    # KL(student || dense teacher), the teacher being the starting model run dense
+    distill: float = arg(0.0, nonnegative, "weight of KL to the starting model run dense")
+    workers: int = arg(1, natural, "data loading processes")
+    save_every: int = arg(100, positive_int, "steps between resumable checkpoints")
+    train_split: str = arg("train")
+    eval_split: str = arg("test")
+    limit_train: Optional[int] = arg(None, positive_int)
+    limit_eval: Optional[int] = arg(None, positive_int)
+    # stop early (tests, smoke runs)
+    max_steps: Optional[int] = arg(None, positive_int, "stop after this many steps (the schedule still spans --epochs)")
     # PRANCE meta-network training (method "prance"): every step trains the largest sub-network
     # on the labels, then the smallest and ``sandwich - 1`` random ones on its predictions
-    sandwich: int = 0
-    reorder: bool = True  # with sandwich, from a fresh start: heads and neurons by importance first
+    sandwich: int = arg(0, natural, "sub-networks per step besides the largest: the smallest, then random ones")
+    reorder: bool = arg(True)  # with sandwich, from a fresh start: heads and neurons by importance first
 
 
 def train(cfg: TrainConfig, log=print) -> dict:

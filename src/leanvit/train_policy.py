@@ -18,8 +18,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .data import DATA_HELP
 from .measure import macs_per_image
 from .methods.rl4evit import agent_rewards
+from .options import arg, natural, nonnegative, path, positive, positive_int
 from .rl import PPOConfig, clipped_policy_loss, clipped_value_loss, gae
 from .runtime import adapt
 from .training import Run, all_sum, export_weights, fit
@@ -28,33 +30,38 @@ from .training import Run, all_sum, export_weights, fit
 @dataclass(kw_only=True)
 class PolicyRun:
     """What every policy training (RL4EViT's agents, PRANCE's selector) is given besides its own
-    hyperparameters: the model, data, and the resumable run's options."""
+    hyperparameters: the model, data, and the resumable run's options. Each
+    :func:`~leanvit.options.arg` field is a command-line option of the same name."""
 
     model: str
-    out: str
+    out: str = arg(check=path)
     checkpoint: Optional[str] = None  # the ViT's weights
     pretrained: bool = False
-    data: Optional[str] = None
+    data: Optional[str] = arg(None, path, DATA_HELP)
     options: dict = field(default_factory=dict)  # the method's options
-    batch_size: int = 64  # images per PPO batch, over all processes
-    seed: int = 0
-    workers: int = 1
-    save_every: int = 50
+    batch_size: int = arg(64, positive_int, "images per PPO batch, over all processes")
+    seed: int = arg(0, natural)
+    workers: int = arg(1, natural)
+    save_every: int = arg(50, positive_int)
     train_split: str = "train"
-    eval_split: str = "holdout"  # selection, calibration, budgets: held-out training images, never test
-    limit_train: Optional[int] = None
-    limit_eval: Optional[int] = None
-    max_steps: Optional[int] = None
+    # selection, calibration, budgets: held-out training images, never test
+    eval_split: str = arg("holdout", help=(
+        "where the policy is evaluated, its budget checked and calibrated: 'holdout' (default), --limit-eval "
+        "images (default 1000) of the training split, class-balanced and never trained on; or a split name: "
+        "'test' evaluates on test images (recorded in metrics.json; do not select or tune on it)"))
+    limit_train: Optional[int] = arg(None, positive_int)
+    limit_eval: Optional[int] = arg(None, positive_int)
+    max_steps: Optional[int] = arg(None, positive_int)
 
 
 @dataclass(kw_only=True)
 class PolicyConfig(PolicyRun):
-    alpha: float = 0.8  # weight of r1 (-1 per kept token)
-    beta: float = 1.0  # weight of r2 (correct / tokens kept)
-    epochs: int = 2
+    alpha: float = arg(0.8, nonnegative, "weight of r1 (-1 per kept token)")
+    beta: float = arg(1.0, nonnegative, "weight of r2 (correct / tokens kept)")
+    epochs: int = arg(2, positive_int)
     ppo: PPOConfig = field(default_factory=PPOConfig)
-    finetune_vit: bool = False  # even epochs: fine-tune the ViT with the agents frozen
-    lr_vit: float = 1e-5
+    finetune_vit: bool = arg(False, help="even epochs fine-tune the ViT, agents frozen")
+    lr_vit: float = arg(1e-5, positive)
 
 
 def rollout_tensors(rollout):

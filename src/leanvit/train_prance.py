@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .measure import count_macs, macs_per_image
+from .options import arg, nonnegative, positive, positive_int
 from .rl import PPOConfig, clipped_policy_loss, clipped_value_loss, gae
 from .runtime import adapt
 from .train_policy import PolicyRun, _average_grads, evaluate_policy
@@ -116,15 +117,22 @@ def evaluate_subnetworks(runner, loader) -> dict:
 class SelectorConfig(PolicyRun):
     """``checkpoint``: the meta-network's weights (from train-supernet); ``options``: prance's."""
 
-    cost_weight: Optional[float] = None  # per unit of GMACs ratio; default 0.5, or 0 (start) with a budget
-    token_weight: float = 0.25  # kept-token ratio, relative to the GMACs ratio
-    budget: Optional[float] = None  # target mean GMACs as a fraction of dense (PI control of cost_weight)
-    budget_tolerance: float = 0.05  # relative: is the selector within it? (else max_epochs trains on)
-    dual_lr: float = 0.02  # integral gain: cost-weight step per unit of (batch GMACs ratio - budget)
-    dual_p: float = 0.1  # proportional gain
-    max_epochs: Optional[int] = None  # with a budget not met after `epochs`: go on, an epoch at a time, up to this
-    calibrate: bool = True  # with a budget still not met at the end: shift the actor's output to meet it
-    epochs: int = 1
+    cost_weight: Optional[float] = arg(None, nonnegative, (  # default 0.5, or 0 (start) with a budget
+        "reward cost per unit of GMACs ratio (default 0.5; with --budget, the starting value, default 0)"))
+    token_weight: float = arg(0.25, nonnegative, "cost of the kept-token ratio, relative to the GMACs ratio's")
+    # target mean GMACs as a fraction of dense (PI control of cost_weight); the command line takes several
+    budget: Optional[float] = None
+    budget_tolerance: float = arg(0.05, positive, "relative (default 5%): the final selector is reported as "
+                                  "within it or not")  # else max_epochs trains on
+    dual_lr: float = arg(0.02, nonnegative, "integral gain: cost-weight step per unit of GMACs-ratio excess over "
+                         "the budget, per batch")
+    dual_p: float = arg(0.1, nonnegative, "proportional gain on the same excess")
+    max_epochs: Optional[int] = arg(None, positive_int, "with --budget: while the budget is not met after --epochs, "
+                                    "train on an epoch at a time, up to this many (default: --epochs)")
+    # with a budget still not met at the end: shift the actor's output to meet it
+    calibrate: bool = arg(True, help="with --budget: do not shift the final selector's actions to meet a missed "
+                          "budget")
+    epochs: int = arg(1, positive_int)
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(gamma=0.9, lam=0.9, epochs=4, lr_actor=1e-4,
                                                              lr_critic=5e-3))
 
