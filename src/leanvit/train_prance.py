@@ -66,7 +66,7 @@ class MetaNetwork(Supervised):
             from .elastic import reorder_by_importance
             reorder_by_importance(model)  # so that the first k heads/neurons are the best k
         runner = super().adapt(model, fresh)
-        runner.method.requires_grad_(False)
+        runner.method.requires_grad_(False)  # the selector: train-selector trains it
         return runner
 
     def loss(self, net, runner, batch, teacher, step: int) -> Tensor:
