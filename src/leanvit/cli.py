@@ -3,54 +3,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import math
 import os
 import sys
 import tempfile
 import traceback
-from dataclasses import replace
+from dataclasses import MISSING, fields, is_dataclass, replace
 from pathlib import Path
 
 import torch
 
+from .data import DATA_HELP
 from .options import parse_options, parse_spec
+# the checks of option values (the trainings' configurations name theirs); the tests find them as cli.<check>
+from .options import below_one, fraction, natural, nonnegative, path, positive, positive_int, unit  # noqa: F401
 
-DATA_HELP = ("an ImageFolder dir, a tar of [<split>/]<class>/<img>, a cifar-10-batches-py dir, or a name: "
-             "cifar10 (the full CIFAR-10, downloaded into ~/.cache/leanvit) or cifar10-sample (2,000 CIFAR-10 "
-             "test images shipped with leanvit); default for training/sweep: CIFAR-10 from the standard locations")
 EPILOG = "Method options: --opt key=value (repeatable), e.g. --method ppt --opt r=50 --opt layers=3,6,9"
-
-
-# --- numeric options: checked by argparse as they are parsed, before anything runs ---------------
-def _bounded(cast, what: str, ok):
-    """An argparse ``type=`` that accepts a finite ``cast(text)`` for which ``ok`` holds."""
-    def parse(text: str):
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if not (math.isfinite(value) and ok(value)):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-        return value
-    parse.__name__ = what
-    return parse
-
-
-positive_int = _bounded(int, "an integer >= 1", lambda v: v >= 1)
-natural = _bounded(int, "an integer >= 0", lambda v: v >= 0)
-positive = _bounded(float, "a number > 0", lambda v: v > 0)
-nonnegative = _bounded(float, "a number >= 0", lambda v: v >= 0)
-fraction = _bounded(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
-unit = _bounded(float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
-below_one = _bounded(float, "a number in [0, 1)", lambda v: 0 <= v < 1)
-
-
-def path(text: str) -> str:
-    """A path option: an empty one would mean the current directory (``--out ""`` trained into it)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("must be a path, got an empty string")
-    return text
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -159,14 +126,7 @@ def _run_log(out: str):
 
 def cmd_train(args) -> int:
     from .train import TrainConfig, train
-    cfg = TrainConfig(model=args.model, out=args.out, data=args.data, epochs=args.epochs, batch_size=args.batch_size,
-                      lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-                      label_smoothing=args.label_smoothing, drop_path=args.drop_path, seed=args.seed,
-                      checkpoint=args.checkpoint, pretrained=args.pretrained, num_classes=args.num_classes,
-                      method=args.method, options=parse_options(args.opt), distill=args.distill, workers=args.workers,
-                      save_every=args.save_every, train_split=args.train_split, eval_split=args.eval_split,
-                      limit_train=args.limit_train, limit_eval=args.limit_eval, max_steps=args.max_steps,
-                      sandwich=args.sandwich, reorder=args.reorder)
+    cfg = config_from(TrainConfig, args, options=parse_options(args.opt))
     _start_run(args)
     log = _run_log(args.out)
     metrics = train(cfg, log=log)
@@ -178,18 +138,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_train_selector(args) -> int:
-    from .rl import PPOConfig
     from .train_prance import SelectorConfig, train_selector
-    ppo = PPOConfig(clip=args.clip, gamma=args.gamma, lam=args.lam, epochs=args.ppo_epochs,
-                    lr_actor=args.lr_actor, lr_critic=args.lr_critic)
-    cfg = SelectorConfig(model=args.model, out=args.out, checkpoint=args.checkpoint, pretrained=args.pretrained,
-                         data=args.data, options=parse_options(args.opt), cost_weight=args.cost_weight,
-                         token_weight=args.token_weight, budget_tolerance=args.budget_tolerance,
-                         dual_lr=args.dual_lr, dual_p=args.dual_p, max_epochs=args.max_epochs, calibrate=args.calibrate,
-                         epochs=args.epochs, batch_size=args.batch_size, ppo=ppo,
-                         seed=args.seed, workers=args.workers, save_every=args.save_every,
-                         eval_split=args.eval_split, limit_train=args.limit_train, limit_eval=args.limit_eval,
-                         max_steps=args.max_steps)
+    cfg = config_from(SelectorConfig, args, options=parse_options(args.opt), budget=None)
     _start_run(args)
     log = _run_log(args.out)
     main = int(os.environ.get("RANK", "0")) == 0
@@ -204,19 +154,10 @@ def cmd_train_selector(args) -> int:
 
 
 def cmd_train_policy(args) -> int:
-    from .rl import PPOConfig
     from .train_policy import PolicyConfig, train_policy
     if args.method != "rl4evit":
         raise ValueError(f"train-policy trains rl4evit; got --method {args.method}")
-    ppo = PPOConfig(clip=args.clip, gamma=args.gamma, lam=args.lam, epochs=args.ppo_epochs,
-                    lr_actor=args.lr_actor, lr_critic=args.lr_critic)
-    cfg = PolicyConfig(model=args.model, out=args.out, checkpoint=args.checkpoint, pretrained=args.pretrained,
-                       data=args.data,
-                       options=parse_options(args.opt), alpha=args.alpha, beta=args.beta, epochs=args.epochs,
-                       batch_size=args.batch_size, ppo=ppo, finetune_vit=args.finetune_vit, lr_vit=args.lr_vit,
-                       seed=args.seed, workers=args.workers, save_every=args.save_every,
-                       eval_split=args.eval_split, limit_train=args.limit_train, limit_eval=args.limit_eval,
-                       max_steps=args.max_steps)
+    cfg = config_from(PolicyConfig, args, options=parse_options(args.opt))
     _start_run(args)
     log = _run_log(args.out)
     metrics = train_policy(cfg, log=log)
@@ -297,11 +238,8 @@ def cmd_demo(args) -> int:
 
 
 def _write_json(path: str, payload: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
+    from .provenance import write_json
+    write_json(path, payload)
     print(f"wrote {path}")
 
 
@@ -377,51 +315,56 @@ def out_lock(out: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _add_train_args(p) -> None:
-    _add_model_args(p)
-    p.add_argument("--out", type=path, required=True, help="run directory: checkpoints, log, final weights, metrics")
-    p.add_argument("--data", type=path, help=DATA_HELP)
-    p.add_argument("--train-split", default="train")
-    p.add_argument("--eval-split", default="test")
-    p.add_argument("--epochs", type=positive_int, default=30)
-    p.add_argument("--batch-size", type=positive_int, default=128, help="global batch size over all processes")
-    p.add_argument("--lr", type=positive, default=2e-3)
-    p.add_argument("--min-lr", type=nonnegative, default=1e-5)
-    p.add_argument("--weight-decay", type=nonnegative, default=0.05)
-    p.add_argument("--warmup-epochs", type=nonnegative, default=1.0)
-    p.add_argument("--label-smoothing", type=below_one, default=0.1)
-    p.add_argument("--drop-path", type=below_one, default=0.0)
-    p.add_argument("--seed", type=natural, default=0)
-    p.add_argument("--distill", type=nonnegative, default=0.0, help="weight of KL to the starting model run dense")
-    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
-    p.add_argument("--workers", type=natural, default=1, help="data loading processes")
-    p.add_argument("--save-every", type=positive_int, default=100, help="steps between resumable checkpoints")
-    p.add_argument("--limit-train", type=positive_int)
-    p.add_argument("--limit-eval", type=positive_int)
-    p.add_argument("--max-steps", type=positive_int, help="stop after this many steps (the schedule still spans --epochs)")
-    p.add_argument("--restart", action="store_true", help="start over: ignore (and remove) OUT/last.pt")
+# --- training options: one per configuration field marked with options.arg ------------------------
+def _field_default(f):
+    return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
-def _add_ppo_args(p, ppo) -> None:
-    """PPO hyperparameters (defaults from ``ppo``) and the run options of the policy trainings."""
-    p.add_argument("--batch-size", type=positive_int, default=64, help="images per PPO batch, over all processes")
-    p.add_argument("--clip", type=positive, default=ppo.clip)
-    p.add_argument("--gamma", type=unit, default=ppo.gamma)
-    p.add_argument("--lam", type=unit, default=ppo.lam)
-    p.add_argument("--ppo-epochs", type=positive_int, default=ppo.epochs, help="K PPO iterations per batch")
-    p.add_argument("--lr-actor", type=positive, default=ppo.lr_actor)
-    p.add_argument("--lr-critic", type=positive, default=ppo.lr_critic)
-    p.add_argument("--seed", type=natural, default=0)
-    p.add_argument("--workers", type=natural, default=1)
-    p.add_argument("--save-every", type=positive_int, default=50)
-    p.add_argument("--limit-train", type=positive_int)
-    p.add_argument("--limit-eval", type=positive_int)
-    p.add_argument("--max-steps", type=positive_int)
-    p.add_argument("--eval-split", default="holdout",
-                   help="where the policy is evaluated, its budget checked and calibrated: 'holdout' (default), "
-                        "--limit-eval images (default 1000) of the training split, class-balanced and never "
-                        "trained on; or a split name: 'test' evaluates on test images (recorded in metrics.json; "
-                        "do not select or tune on it)")
+def add_config_args(p, config, skip=()) -> None:
+    """An option for every :func:`~leanvit.options.arg` field of the ``config`` dataclass but
+    ``skip``, and of the configurations it holds (PPO's), with the field's default, check and help;
+    a nested field's value goes to ``<field>_<name>``."""
+    for f in fields(config):
+        default = _field_default(f)
+        if is_dataclass(default):
+            for g in fields(default):
+                if "arg" in g.metadata:
+                    _add_field(p, g, getattr(default, g.name), dest=f"{f.name}_{g.name}")
+        elif "arg" in f.metadata and f.name not in skip:
+            _add_field(p, f, default, dest=f.name)
+
+
+def _add_field(p, f, default, dest: str) -> None:
+    spec = f.metadata["arg"]
+    help = spec["help"] and spec["help"].replace("%", "%%")  # argparse formats help with %
+    name = f.name.replace("_", "-")
+    if isinstance(default, bool):  # a switch away from the default
+        p.add_argument(spec["flag"] or (f"--no-{name}" if default else f"--{name}"), dest=dest,
+                       action="store_false" if default else "store_true", help=help)
+        return
+    flag = spec["flag"] or f"--{name}"
+    given = dict(required=True) if default is MISSING else dict(default=default)
+    p.add_argument(flag, dest=dest, type=spec["check"], metavar=flag[2:].replace("-", "_").upper(), help=help,
+                   **given)
+
+
+def config_from(config, args, **given):
+    """The ``config`` dataclass of the parsed ``args``: each field from the option of its name (a
+    nested one's from ``<field>_<name>``), ``given`` over them; a field without an option keeps its default."""
+    parsed, values = vars(args), {}
+    for f in fields(config):
+        if f.name in given:
+            continue
+        default = _field_default(f)
+        if is_dataclass(default):
+            values[f.name] = replace(default, **{g.name: parsed[f"{f.name}_{g.name}"] for g in fields(default)
+                                                 if f"{f.name}_{g.name}" in parsed})
+        elif f.name in parsed:
+            values[f.name] = parsed[f.name]
+    return config(**values, **given)
+
+
+def _add_restart(p) -> None:
     p.add_argument("--restart", action="store_true", help="start over: ignore (and remove) OUT/last.pt")
 
 
@@ -436,8 +379,9 @@ DEBUG_HELP = "show the Python traceback of an error (for reporting a bug)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .rl import PPOConfig
-    from .train_prance import SelectorConfig
+    from .train import TrainConfig
+    from .train_policy import PolicyConfig
+    from .train_prance import SUPERNET, SelectorConfig
     parser = _Parser(prog="leanvit", description="Cheaper Vision Transformers per image.", epilog=EPILOG)
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     # also after the command (leanvit eval ... --debug); SUPPRESS keeps a leading --debug
@@ -477,19 +421,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("train", help="train or fine-tune a ViT (resumable; torchrun for data-parallel)",
                        epilog="Re-running the same command resumes from OUT/last.pt. " + EPILOG)
-    _add_train_args(p)
-    p.add_argument("--method", default="none", help="train with this reduction method active (fine-tuning)")
-    p.set_defaults(func=cmd_train, sandwich=0, reorder=True)
+    _add_model_args(p)
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
+    add_config_args(p, TrainConfig, skip={"sandwich", "reorder"})
+    _add_restart(p)
+    p.set_defaults(func=cmd_train)
 
     p = command("train-supernet", help="PRANCE's channel-elastic meta-network: weight-sharing fine-tuning",
                        epilog="Heads and MLP neurons are reordered by importance first (--no-reorder to skip); "
                               "every step trains the largest sub-network on the labels, then the smallest and "
                               "random ones on its predictions. Re-running the same command resumes from OUT/last.pt.")
-    _add_train_args(p)
-    p.add_argument("--sandwich", type=natural, default=2, help="sub-networks per step besides the largest: "
-                   "the smallest, then random ones")
-    p.add_argument("--no-reorder", dest="reorder", action="store_false")
-    p.set_defaults(func=cmd_train, method="prance")
+    _add_model_args(p)
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
+    add_config_args(p, TrainConfig, skip={"method"})
+    _add_restart(p)
+    p.set_defaults(func=cmd_train, **SUPERNET)
 
     p = command("train-selector", help="PRANCE's selector: PPO with Result-to-Go (resumable; torchrun)",
                        epilog="With --budget, the cost weight is a Lagrange multiplier moved toward the budget "
@@ -498,25 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="prance option: strategy=prune|merge|prune-merge|none, channels=true|false, stages=4")
-    p.add_argument("--out", type=path, required=True)
-    p.add_argument("--data", type=path, help=DATA_HELP)
     p.add_argument("--budget", type=fraction, nargs="+", help="target mean GMACs as a fraction of dense, e.g. 0.5; "
                    "several budgets train one selector each, in OUT/budget-B/")
-    p.add_argument("--budget-tolerance", type=positive, default=0.05,
-                   help="relative (default 5%%): the final selector is reported as within it or not")
-    p.add_argument("--dual-lr", type=nonnegative, default=0.02, help="integral gain: cost-weight step per unit of "
-                   "GMACs-ratio excess over the budget, per batch")
-    p.add_argument("--dual-p", type=nonnegative, default=0.1, help="proportional gain on the same excess")
-    p.add_argument("--max-epochs", type=positive_int, help="with --budget: while the budget is not met after --epochs, "
-                   "train on an epoch at a time, up to this many (default: --epochs)")
-    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
-                   help="with --budget: do not shift the final selector's actions to meet a missed budget")
-    p.add_argument("--cost-weight", type=nonnegative, help="reward cost per unit of GMACs ratio (default 0.5; "
-                   "with --budget, the starting value, default 0)")
-    p.add_argument("--token-weight", type=nonnegative, default=0.25, help="cost of the kept-token ratio, relative to "
-                   "the GMACs ratio's")
-    p.add_argument("--epochs", type=positive_int, default=1)
-    _add_ppo_args(p, SelectorConfig(model="", out="").ppo)
+    add_config_args(p, SelectorConfig)
+    _add_restart(p)
     p.set_defaults(func=cmd_train_selector)
 
     p = command("train-policy", help="train RL4EViT's agents by multi-agent PPO (resumable; torchrun)",
@@ -524,14 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--method", default="rl4evit")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="rl4evit option (layers, hidden)")
-    p.add_argument("--out", type=path, required=True)
-    p.add_argument("--data", type=path, help=DATA_HELP)
-    p.add_argument("--alpha", type=nonnegative, default=0.8, help="weight of r1 (-1 per kept token)")
-    p.add_argument("--beta", type=nonnegative, default=1.0, help="weight of r2 (correct / tokens kept)")
-    p.add_argument("--epochs", type=positive_int, default=2)
-    _add_ppo_args(p, PPOConfig())
-    p.add_argument("--finetune-vit", action="store_true", help="even epochs fine-tune the ViT, agents frozen")
-    p.add_argument("--lr-vit", type=positive, default=1e-5)
+    add_config_args(p, PolicyConfig)
+    _add_restart(p)
     p.set_defaults(func=cmd_train_policy)
 
     command("methods", help="list the token-reduction methods").set_defaults(func=cmd_methods)

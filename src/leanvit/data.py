@@ -83,6 +83,10 @@ ACCEPTED_LAYOUTS = (
     "a .tar/.tar.gz/.tgz archive of <split>/<class>/<img> or <class>/<img>, "
     "or a torchvision CIFAR-10 download (the cifar-10-batches-py directory or its parent)"
 )
+# what a --data option takes (the command line's help)
+DATA_HELP = ("an ImageFolder dir, a tar of [<split>/]<class>/<img>, a cifar-10-batches-py dir, or a name: "
+             "cifar10 (the full CIFAR-10, downloaded into ~/.cache/leanvit) or cifar10-sample (2,000 CIFAR-10 "
+             "test images shipped with leanvit); default for training/sweep: CIFAR-10 from the standard locations")
 
 # Where this file lives in a source checkout: src/leanvit/data.py -> repo root.
 _REPO_ROOT = Path(__file__).resolve().parents[2]

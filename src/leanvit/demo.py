@@ -2,8 +2,6 @@
 model and data set, as a table, a JSON file, a Pareto plot and a token-map picture."""
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -49,6 +47,7 @@ def run_comparison(model, model_name: str, dataset, specs, out_dir: str, batch_s
     numbers were computed from), pareto.png, token_maps.png."""
     from .data import make_loader
     from .evaluate import adapt_spec, sweep
+    from .provenance import write_json
     from .report import format_table, pareto_plot, token_maps
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -58,7 +57,7 @@ def run_comparison(model, model_name: str, dataset, specs, out_dir: str, batch_s
     result.update(model=model_name, data=str(dataset.root), split=getattr(dataset, "split", None),
                   n_images=result["dense"]["n_images"], threads=torch.get_num_threads(), batch_size=batch_size,
                   date=time.strftime("%Y-%m-%d"), seconds=round(time.time() - t0, 1), provenance=provenance)
-    _write_json(out / "results.json", result)
+    write_json(out / "results.json", result)
     pareto_plot(result["rows"], out / "pareto.png", title=f"{model_name} on {Path(str(dataset.root)).name} "
                 f"({result['n_images']} images)", dense=result["dense"])
     # token maps: the middle budget of every method, on the first few images
@@ -77,9 +76,3 @@ def run_comparison(model, model_name: str, dataset, specs, out_dir: str, batch_s
     table = format_table(result["rows"], result["dense"])
     (out / "table.txt").write_text(table + "\n")
     return dict(result, table=table)
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)

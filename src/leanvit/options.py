@@ -2,14 +2,20 @@
 
     key=value                  one option: parse_options(["r=50", "layers=3,6,9"])
     name:key=value:key=value   a method with its options: parse_spec("ppt:r=10:threshold=scaled")
+
+Also how a configuration field is given on the command line: :func:`arg` marks a dataclass
+field with the check of its value (:data:`positive_int`, :func:`path`, ...) and its help, and
+``leanvit.cli`` makes one option of each such field, with the field's default.
 """
 from __future__ import annotations
 
+import argparse
 import ast
+import dataclasses
 import math
 import re
 from pathlib import Path
-from typing import List, NamedTuple, Optional
+from typing import Callable, List, NamedTuple, Optional
 
 
 class Spec(NamedTuple):
@@ -85,3 +91,42 @@ def parse_spec(text: str) -> Spec:
     """'ppt:r=10:threshold=scaled' -> Spec('ppt', 'r=10 threshold=scaled', {'r': 10, 'threshold': 'scaled'})."""
     method, *pairs = text.split(":")
     return Spec(method, " ".join(pairs) or "default", parse_options(pairs))
+
+
+# --- configuration fields on the command line ------------------------------------------------------
+def _bounded(cast, what: str, ok):
+    """An argparse ``type=`` that accepts a finite ``cast(text)`` for which ``ok`` holds."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+positive_int = _bounded(int, "an integer >= 1", lambda v: v >= 1)
+natural = _bounded(int, "an integer >= 0", lambda v: v >= 0)
+positive = _bounded(float, "a number > 0", lambda v: v > 0)
+nonnegative = _bounded(float, "a number >= 0", lambda v: v >= 0)
+fraction = _bounded(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
+unit = _bounded(float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+below_one = _bounded(float, "a number in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def path(text: str) -> str:
+    """A path option: an empty one would mean the current directory (``--out ""`` trained into it)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a path, got an empty string")
+    return text
+
+
+def arg(default=dataclasses.MISSING, check: Optional[Callable[[str], object]] = None, help: Optional[str] = None,
+        flag: Optional[str] = None):
+    """A dataclass field the command line takes: ``--<name>`` (``flag`` if given; ``--no-<name>``
+    for a field that defaults to True), its value checked by ``check`` (None: any string; a bool
+    field is a switch), with ``help``. No default: the option is required."""
+    return dataclasses.field(default=default, metadata={"arg": dict(check=check, help=help, flag=flag)})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
+import os
 import subprocess
 from pathlib import Path
 from importlib import metadata
@@ -78,3 +80,12 @@ def _version() -> Optional[str]:
         return metadata.version("leanvit")
     except metadata.PackageNotFoundError:
         return None
+
+
+def write_json(path, payload: dict) -> None:
+    """A result JSON (its folder made if missing), written atomically: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)

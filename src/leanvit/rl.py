@@ -13,17 +13,19 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .options import arg, positive, positive_int, unit
+
 
 @dataclass
 class PPOConfig:
     """Hyperparameters with the RL4EViT paper's defaults (MAPPO's where the paper defers to it)."""
 
-    clip: float = 0.2  # epsilon of the clipped surrogate and of the clipped value loss
-    gamma: float = 0.99  # discount over the decision steps
-    lam: float = 0.95  # GAE lambda
-    epochs: int = 15  # K optimisation iterations per batch
-    lr_actor: float = 5e-5
-    lr_critic: float = 5e-5
+    clip: float = arg(0.2, positive)  # epsilon of the clipped surrogate and of the clipped value loss
+    gamma: float = arg(0.99, unit)  # discount over the decision steps
+    lam: float = arg(0.95, unit)  # GAE lambda
+    epochs: int = arg(15, positive_int, "K PPO iterations per batch", flag="--ppo-epochs")
+    lr_actor: float = arg(5e-5, positive)
+    lr_critic: float = arg(5e-5, positive)
     value_coef: float = 1.0
     entropy_coef: float = 0.0
     max_grad_norm: float = 10.0

@@ -11,7 +11,6 @@ actor/critic gradients are averaged over processes.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
@@ -19,43 +18,50 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .data import DATA_HELP
 from .measure import macs_per_image
 from .methods.rl4evit import agent_rewards
+from .options import arg, natural, nonnegative, path, positive, positive_int
 from .rl import PPOConfig, clipped_policy_loss, clipped_value_loss, gae
 from .runtime import adapt
-from .training import Run, _replica_diff, all_sum, export_weights
+from .training import Run, all_sum, export_weights, fit
 
 
 @dataclass(kw_only=True)
 class PolicyRun:
     """What every policy training (RL4EViT's agents, PRANCE's selector) is given besides its own
-    hyperparameters: the model, data, and the resumable run's options."""
+    hyperparameters: the model, data, and the resumable run's options. Each
+    :func:`~leanvit.options.arg` field is a command-line option of the same name."""
 
     model: str
-    out: str
+    out: str = arg(check=path)
     checkpoint: Optional[str] = None  # the ViT's weights
     pretrained: bool = False
-    data: Optional[str] = None
+    data: Optional[str] = arg(None, path, DATA_HELP)
     options: dict = field(default_factory=dict)  # the method's options
-    batch_size: int = 64  # images per PPO batch, over all processes
-    seed: int = 0
-    workers: int = 1
-    save_every: int = 50
+    batch_size: int = arg(64, positive_int, "images per PPO batch, over all processes")
+    seed: int = arg(0, natural)
+    workers: int = arg(1, natural)
+    save_every: int = arg(50, positive_int)
     train_split: str = "train"
-    eval_split: str = "holdout"  # selection, calibration, budgets: held-out training images, never test
-    limit_train: Optional[int] = None
-    limit_eval: Optional[int] = None
-    max_steps: Optional[int] = None
+    # selection, calibration, budgets: held-out training images, never test
+    eval_split: str = arg("holdout", help=(
+        "where the policy is evaluated, its budget checked and calibrated: 'holdout' (default), --limit-eval "
+        "images (default 1000) of the training split, class-balanced and never trained on; or a split name: "
+        "'test' evaluates on test images (recorded in metrics.json; do not select or tune on it)"))
+    limit_train: Optional[int] = arg(None, positive_int)
+    limit_eval: Optional[int] = arg(None, positive_int)
+    max_steps: Optional[int] = arg(None, positive_int)
 
 
 @dataclass(kw_only=True)
 class PolicyConfig(PolicyRun):
-    alpha: float = 0.8  # weight of r1 (-1 per kept token)
-    beta: float = 1.0  # weight of r2 (correct / tokens kept)
-    epochs: int = 2
+    alpha: float = arg(0.8, nonnegative, "weight of r1 (-1 per kept token)")
+    beta: float = arg(1.0, nonnegative, "weight of r2 (correct / tokens kept)")
+    epochs: int = arg(2, positive_int)
     ppo: PPOConfig = field(default_factory=PPOConfig)
-    finetune_vit: bool = False  # even epochs: fine-tune the ViT with the agents frozen
-    lr_vit: float = 1e-5
+    finetune_vit: bool = arg(False, help="even epochs fine-tune the ViT, agents frozen")
+    lr_vit: float = arg(1e-5, positive)
 
 
 def rollout_tensors(rollout):
@@ -145,7 +151,7 @@ def evaluate_policy(runner, loader) -> dict:
 
 def train_policy(cfg: PolicyConfig, log: Callable[[str], None] = print) -> dict:
     from .models import create_model  # at call time: tests replace models.create_model
-    run = Run(cfg, _config_dict(cfg))
+    run = Run(cfg, log)
     model = create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained)
     run.setup_data(model)
     runner = adapt(model, "rl4evit", **cfg.options)
@@ -155,86 +161,57 @@ def train_policy(cfg: PolicyConfig, log: Callable[[str], None] = print) -> dict:
     opt_vit = torch.optim.AdamW(model.parameters(), lr=cfg.lr_vit, weight_decay=0.05)
     optimizers = dict(opt_actor=opt_actor, opt_critic=opt_critic, opt_vit=opt_vit)
 
-    step, history = 0, []
-    ckpt = run.load()
-    if ckpt:
+    def agents_epoch(epoch: int) -> bool:
+        return epoch % 2 == 0 or not cfg.finetune_vit  # the paper's odd (1-based) epochs
+
+    def restore(ckpt):
         runner.load_state_dict(ckpt["model"])
         for k, o in optimizers.items():
             o.load_state_dict(ckpt[k])
-        step, history = ckpt["step"], ckpt["history"]
-        if run.is_main:
-            log(f"resumed from {run.state_path} at step {step}/{run.total_steps}")
 
-    def save():
-        run.save(model=runner.state_dict(), step=step, history=history,
-                 **{k: o.state_dict() for k, o in optimizers.items()})
-
-    bar = run.progress(step, "train-policy")
-    while step < run.stop_at:
-        epoch = step // run.steps_per_epoch
-        agents_epoch = epoch % 2 == 0 or not cfg.finetune_vit  # the paper's odd (1-based) epochs
-        sums = dict(reward=0.0, keep=0.0, acc=0.0, n=0)
-        for batch in run.epoch_loader(step):
-            runner.masked = True
-            if agents_epoch:
-                runner.eval()  # the ViT is frozen: no dropout, no gradients
-                method.sampling = True
-                with torch.no_grad():
-                    logits = runner(batch.images)
-                correct = logits.argmax(1) == batch.labels
-                ro = rollout_tensors(method.rollout)
-                rewards = agent_rewards(ro["kept"], ro["alive"], correct, cfg.alpha, cfg.beta)
-                losses = ppo_update(method, ro, rewards, cfg.ppo, opt_actor, opt_critic, run.world)
-                alive = ro["alive"].float()
-                sums["reward"] += float(rewards.sum((0, 2)).mean())
-                sums["keep"] += float((ro["kept"].float() * alive).sum() / alive.sum())
-            else:
-                runner.train()
-                method.sampling = False
-                method.requires_grad_(False)
+    def step(batch, i) -> dict:
+        runner.masked = True
+        if agents_epoch(i // run.steps_per_epoch):
+            runner.eval()  # the ViT is frozen: no dropout, no gradients
+            method.sampling = True
+            with torch.no_grad():
                 logits = runner(batch.images)
-                loss = F.cross_entropy(logits, batch.labels)
-                opt_vit.zero_grad(set_to_none=True)
-                loss.backward()
-                _average_grads(model, run.world)
-                opt_vit.step()
-                method.requires_grad_(True)
-                correct = logits.argmax(1) == batch.labels
-                losses = dict(ce=loss.item())
-            sums["acc"] += float(correct.float().mean())
-            sums["n"] += 1
-            step += 1
-            bar.update()
-            bar.set_postfix(epoch=epoch, reward=f"{sums['reward'] / sums['n']:.3f}",
-                            keep=f"{sums['keep'] / sums['n']:.2f}", **{k: f"{v:.3f}" for k, v in losses.items()})
-            if run.should_save(step):
-                save()
-            if step >= run.stop_at:
-                break
-        if run.epoch_done(step) or step >= run.stop_at:
-            ev = evaluate_policy(runner, run.eval_loader)
-            n = max(sums["n"], 1)
-            history.append(dict(epoch=epoch + 1, step=step, kind="agents" if agents_epoch else "vit",
-                                mean_reward=sums["reward"] / n, keep_ratio=sums["keep"] / n,
-                                rollout_acc=100 * sums["acc"] / n, **ev, elapsed_s=run.elapsed()))
-            if run.is_main:
-                log(json.dumps(history[-1]))
-            save()
-    bar.close()
-    metrics = dict(steps=step, history=history, world_size=run.world, config=_config_dict(cfg), **run.about())
-    if run.world > 1:  # every process must hold the same agents (and ViT, when fine-tuned)
-        metrics["replica_max_abs_diff"] = _replica_diff(runner if cfg.finetune_vit else method)
-    if run.is_main:
-        export_weights(method, run.out / "policy.safetensors")
+            correct = logits.argmax(1) == batch.labels
+            ro = rollout_tensors(method.rollout)
+            rewards = agent_rewards(ro["kept"], ro["alive"], correct, cfg.alpha, cfg.beta)
+            losses = ppo_update(method, ro, rewards, cfg.ppo, opt_actor, opt_critic, run.world)
+            alive = ro["alive"].float()
+            logged = dict(reward=float(rewards.sum((0, 2)).mean()),
+                          keep=float((ro["kept"].float() * alive).sum() / alive.sum()))
+        else:
+            runner.train()
+            method.sampling = False
+            method.requires_grad_(False)
+            logits = runner(batch.images)
+            loss = F.cross_entropy(logits, batch.labels)
+            opt_vit.zero_grad(set_to_none=True)
+            loss.backward()
+            _average_grads(model, run.world)
+            opt_vit.step()
+            method.requires_grad_(True)
+            correct = logits.argmax(1) == batch.labels
+            losses = dict(ce=loss.item())
+            logged = dict(reward=0.0, keep=0.0)  # no rollout
+        return dict(logged, acc=float(correct.float().mean()), **{k: f"{v:.3f}" for k, v in losses.items()})
+
+    def evaluate(epoch, sums, n) -> dict:
+        return dict(kind="agents" if agents_epoch(epoch) else "vit", mean_reward=sums["reward"] / n,
+                    keep_ratio=sums["keep"] / n, rollout_acc=100 * sums["acc"] / n,
+                    **evaluate_policy(runner, run.eval_loader))
+
+    fit(run, "train-policy", step, evaluate, restore=restore, evaluate_at_stop=True,
+        state=lambda: dict(model=runner.state_dict(), **{k: o.state_dict() for k, o in optimizers.items()}))
+    metrics = dict(steps=run.step, history=run.history, world_size=run.world, config=asdict(cfg), **run.about())
+
+    def export(out):
+        export_weights(method, out / "policy.safetensors")
         if cfg.finetune_vit:
-            export_weights(model, run.out / "vit.safetensors")
-        (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    if dist.is_initialized():
-        dist.barrier()
-    return metrics
+            export_weights(model, out / "vit.safetensors")
 
-
-def _config_dict(cfg: PolicyConfig) -> dict:
-    d = asdict(cfg)
-    d["ppo"] = asdict(cfg.ppo)
-    return d
+    # every process must hold the same agents (and ViT, when fine-tuned)
+    return run.finish(metrics, replicas=runner if cfg.finetune_vit else method, export=export)

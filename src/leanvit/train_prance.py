@@ -1,6 +1,6 @@
 """PRANCE training: the channel-elastic meta-network, then the selector.
 
-Meta-network (``leanvit train-supernet``, :func:`sandwich_step` inside ``leanvit train``): heads
+Meta-network (``leanvit train-supernet``: ``leanvit train`` with :class:`MetaNetwork`): heads
 and MLP neurons are first reordered by importance, then every step trains the largest
 sub-network on the labels and the smallest plus random ones on the largest's predictions
 (weight sharing: all widths are first-k slices of the same weights).
@@ -30,23 +30,56 @@ bisection over that shift on the evaluation images brings the mean GMACs to the 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Callable, List, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
 from .measure import count_macs, macs_per_image
+from .options import arg, nonnegative, positive, positive_int
 from .rl import PPOConfig, clipped_policy_loss, clipped_value_loss, gae
 from .runtime import adapt
 from .train_policy import PolicyRun, _average_grads, evaluate_policy
-from .training import Run, _replica_diff, all_sum, distill_loss, evaluate_top1, export_weights
+from .training import Run, Supervised, all_sum, distill_loss, evaluate_top1, export_weights, fit
 
 
 # --- the meta-network ---------------------------------------------------------------------------
+SUPERNET = dict(method="prance", sandwich=2)  # what `leanvit train-supernet` sets on a TrainConfig
+
+
+class MetaNetwork(Supervised):
+    """PRANCE in ``leanvit train``: the selector stays frozen (``train-selector`` trains it, or it is
+    unused). With ``cfg.sandwich``, the meta-network's training: heads and neurons reordered by
+    importance on a fresh start (``cfg.reorder``), :func:`sandwich_step` steps, and the
+    sub-networks' top-1 (:func:`evaluate_subnetworks`), also before training."""
+
+    def __init__(self, cfg):
+        if cfg.method != "prance":
+            raise ValueError(f"sandwich (meta-network) training needs method 'prance', got {cfg.method!r}")
+        super().__init__(cfg)
+        self.first = bool(cfg.sandwich)
+
+    def adapt(self, model, fresh: bool):
+        if self.cfg.sandwich and self.cfg.reorder and fresh:
+            from .elastic import reorder_by_importance
+            reorder_by_importance(model)  # so that the first k heads/neurons are the best k
+        runner = super().adapt(model, fresh)
+        runner.method.requires_grad_(False)  # the selector: train-selector trains it
+        return runner
+
+    def loss(self, net, runner, batch, teacher, step: int) -> Tensor:
+        if not self.cfg.sandwich:
+            return super().loss(net, runner, batch, teacher, step)
+        return sandwich_step(net, runner.method, batch, self.cfg, teacher, step)
+
+    def evaluate(self, runner, loader) -> dict:
+        if not self.cfg.sandwich:
+            return super().evaluate(runner, loader)
+        return evaluate_subnetworks(runner, loader)
+
+
 def sandwich_step(net, method, batch, cfg, teacher, step: int) -> Tensor:
     """Backward the largest sub-network (labels, and the teacher if distilling), then the smallest
     and ``cfg.sandwich - 1`` random ones (KL to the largest's predictions). Returns the summed loss."""
@@ -84,15 +117,22 @@ def evaluate_subnetworks(runner, loader) -> dict:
 class SelectorConfig(PolicyRun):
     """``checkpoint``: the meta-network's weights (from train-supernet); ``options``: prance's."""
 
-    cost_weight: Optional[float] = None  # per unit of GMACs ratio; default 0.5, or 0 (start) with a budget
-    token_weight: float = 0.25  # kept-token ratio, relative to the GMACs ratio
-    budget: Optional[float] = None  # target mean GMACs as a fraction of dense (PI control of cost_weight)
-    budget_tolerance: float = 0.05  # relative: is the selector within it? (else max_epochs trains on)
-    dual_lr: float = 0.02  # integral gain: cost-weight step per unit of (batch GMACs ratio - budget)
-    dual_p: float = 0.1  # proportional gain
-    max_epochs: Optional[int] = None  # with a budget not met after `epochs`: go on, an epoch at a time, up to this
-    calibrate: bool = True  # with a budget still not met at the end: shift the actor's output to meet it
-    epochs: int = 1
+    cost_weight: Optional[float] = arg(None, nonnegative, (  # default 0.5, or 0 (start) with a budget
+        "reward cost per unit of GMACs ratio (default 0.5; with --budget, the starting value, default 0)"))
+    token_weight: float = arg(0.25, nonnegative, "cost of the kept-token ratio, relative to the GMACs ratio's")
+    # target mean GMACs as a fraction of dense (PI control of cost_weight); the command line takes several
+    budget: Optional[float] = None
+    budget_tolerance: float = arg(0.05, positive, "relative (default 5%): the final selector is reported as "
+                                  "within it or not")  # else max_epochs trains on
+    dual_lr: float = arg(0.02, nonnegative, "integral gain: cost-weight step per unit of GMACs-ratio excess over "
+                         "the budget, per batch")
+    dual_p: float = arg(0.1, nonnegative, "proportional gain on the same excess")
+    max_epochs: Optional[int] = arg(None, positive_int, "with --budget: while the budget is not met after --epochs, "
+                                    "train on an epoch at a time, up to this many (default: --epochs)")
+    # with a budget still not met at the end: shift the actor's output to meet it
+    calibrate: bool = arg(True, help="with --budget: do not shift the final selector's actions to meet a missed "
+                          "budget")
+    epochs: int = arg(1, positive_int)
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(gamma=0.9, lam=0.9, epochs=4, lr_actor=1e-4,
                                                              lr_critic=5e-3))
 
@@ -181,7 +221,7 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
     if cfg.budget is not None and not 0 < cfg.budget <= 1:
         raise ValueError(f"budget must be a fraction of the dense GMACs in (0, 1], got {cfg.budget}")
     from .models import create_model  # at call time: tests replace models.create_model
-    run = Run(cfg, _config_dict(cfg))
+    run = Run(cfg, log)
     model = create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained)
     run.setup_data(model)
     runner = adapt(model.eval(), "prance", **cfg.options)
@@ -197,83 +237,59 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
     control = BudgetController(cfg.budget, cfg.dual_lr, cfg.dual_p, integral=start) if cfg.budget else None
     cost_weight = start
 
-    step, history = 0, []
-    ckpt = run.load()
-    if ckpt:
+    def restore(ckpt):
+        nonlocal cost_weight, control
         method.load_state_dict(ckpt["selector"])
         opt_actor.load_state_dict(ckpt["opt_actor"])
         opt_critic.load_state_dict(ckpt["opt_critic"])
-        step, history, cost_weight = ckpt["step"], ckpt["history"], ckpt["cost_weight"]
+        cost_weight = ckpt["cost_weight"]
         if control is not None:
             control = BudgetController(**ckpt["control"])
-        if run.is_main:
-            log(f"resumed from {run.state_path} at step {step}/{run.total_steps}")
 
-    def save():
-        run.save(selector=method.state_dict(), opt_actor=opt_actor.state_dict(), opt_critic=opt_critic.state_dict(),
-                 step=step, history=history, cost_weight=cost_weight,
-                 control=asdict(control) if control is not None else None)
+    def state() -> dict:
+        return dict(selector=method.state_dict(), opt_actor=opt_actor.state_dict(), opt_critic=opt_critic.state_dict(),
+                    cost_weight=cost_weight, control=asdict(control) if control is not None else None)
+
+    def step(batch, i) -> dict:
+        nonlocal cost_weight
+        method.sampling = True
+        with torch.no_grad():
+            dense_correct = dense(batch.images).argmax(1) == batch.labels
+            runner(batch.images)
+        ro = rollout_tensors(method.rollout, batch.images.shape[0], method.n_stages, dense_macs, batch.labels)
+        rewards = stage_rewards(ro["correct"], dense_correct, ro["macs_ratio"], ro["kept"],
+                                cost_weight, cfg.token_weight)
+        losses = ppo_update(selector, ro, rewards, cfg.ppo, opt_actor, opt_critic, run.world)
+        logged = dict(reward=float(rewards.sum(0).mean()), macs=float(ro["macs_ratio"][-1].mean()),
+                      kept=float(ro["kept"][-1].mean()), acc=float(ro["correct"][-1].float().mean()),
+                      **{k: f"{v:.3f}" for k, v in losses.items()})
+        if control is not None:
+            logged["greedy"] = greedy_macs_ratio(runner, batch.images, dense_gmacs)
+            cost_weight = control.update(logged["greedy"])
+            logged["w"] = f"{cost_weight:.4f}"
+        return logged
+
+    def evaluate(epoch, sums, n) -> dict:
+        ev = evaluate_policy(runner, run.eval_loader)
+        ev["gmacs_ratio"] = ev["gmacs"] / dense_gmacs
+        return dict(mean_return=sums["reward"] / n, rollout_macs_ratio=sums["macs"] / n,
+                    rollout_kept=sums["kept"] / n, rollout_acc=100 * sums["acc"] / n, cost_weight=cost_weight,
+                    **(dict(train_greedy_macs_ratio=sums["greedy"] / n) if cfg.budget else {}), **ev)
 
     def extend() -> bool:
         """The planned epochs are done but the budget is not met: one more epoch (up to max_epochs)."""
-        last = history[-1] if history else None
-        if not cfg.budget or cfg.max_steps or last is None or last["step"] != step or \
+        last = run.history[-1] if run.history else None
+        if not cfg.budget or cfg.max_steps or last is None or last["step"] != run.step or \
                 _meets(last["gmacs_ratio"], cfg) or "calibration_shift" in last or \
-                step // run.steps_per_epoch >= (cfg.max_epochs or cfg.epochs):
+                run.step // run.steps_per_epoch >= (cfg.max_epochs or cfg.epochs):
             return False
-        run.stop_at = (step // run.steps_per_epoch + 1) * run.steps_per_epoch
-        bar.total, bar.n = run.stop_at, step
-        bar.refresh()
-        if run.is_main:
-            log(f"budget {cfg.budget} not met yet (GMACs ratio {last['gmacs_ratio']:.3f}): one more epoch")
+        run.stop_at = (run.step // run.steps_per_epoch + 1) * run.steps_per_epoch
+        run.log(f"budget {cfg.budget} not met yet (GMACs ratio {last['gmacs_ratio']:.3f}): one more epoch")
         return True
 
-    bar = run.progress(step, "train-selector")
-    while step < run.stop_at or extend():
-        epoch = step // run.steps_per_epoch
-        sums = dict(reward=0.0, macs=0.0, kept=0.0, acc=0.0, greedy=0.0, n=0)
-        for batch in run.epoch_loader(step):
-            method.sampling = True
-            with torch.no_grad():
-                dense_correct = dense(batch.images).argmax(1) == batch.labels
-                runner(batch.images)
-            ro = rollout_tensors(method.rollout, batch.images.shape[0], method.n_stages, dense_macs, batch.labels)
-            rewards = stage_rewards(ro["correct"], dense_correct, ro["macs_ratio"], ro["kept"],
-                                    cost_weight, cfg.token_weight)
-            losses = ppo_update(selector, ro, rewards, cfg.ppo, opt_actor, opt_critic, run.world)
-            if control is not None:
-                greedy = greedy_macs_ratio(runner, batch.images, dense_gmacs)
-                cost_weight = control.update(greedy)
-                sums["greedy"] += greedy
-            sums["reward"] += float(rewards.sum(0).mean())
-            sums["macs"] += float(ro["macs_ratio"][-1].mean())
-            sums["kept"] += float(ro["kept"][-1].mean())
-            sums["acc"] += float(ro["correct"][-1].float().mean())
-            sums["n"] += 1
-            step += 1
-            bar.update()
-            n = sums["n"]
-            bar.set_postfix(epoch=epoch, reward=f"{sums['reward'] / n:.3f}", macs=f"{sums['macs'] / n:.2f}",
-                            kept=f"{sums['kept'] / n:.2f}", **{k: f"{v:.3f}" for k, v in losses.items()},
-                            **(dict(greedy=f"{sums['greedy'] / n:.3f}", w=f"{cost_weight:.4f}") if cfg.budget else {}))
-            if run.should_save(step):
-                save()
-            if step >= run.stop_at:
-                break
-        if run.epoch_done(step) or step >= run.stop_at:
-            ev = evaluate_policy(runner, run.eval_loader)
-            ev["gmacs_ratio"] = ev["gmacs"] / dense_gmacs
-            n = max(sums["n"], 1)
-            history.append(dict(epoch=epoch + 1, step=step, mean_return=sums["reward"] / n,
-                                rollout_macs_ratio=sums["macs"] / n, rollout_kept=sums["kept"] / n,
-                                rollout_acc=100 * sums["acc"] / n, cost_weight=cost_weight,
-                                **(dict(train_greedy_macs_ratio=sums["greedy"] / n) if cfg.budget else {}),
-                                **ev, elapsed_s=run.elapsed()))
-            if run.is_main:
-                log(json.dumps(history[-1]))
-            save()
-    bar.close()
+    fit(run, "train-selector", step, evaluate, state, restore, evaluate_at_stop=True, extend=extend)
     method.sampling = False
+    history = run.history
     if cfg.calibrate and cfg.budget and history and not _meets(history[-1]["gmacs_ratio"], cfg):
         bias = selector.actor[-1].bias
         base = bias.detach().clone()
@@ -286,24 +302,18 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
         with torch.no_grad():
             bias.copy_(base + shift)
         ev = evaluate_policy(runner, run.eval_loader)
-        history.append(dict(epoch=history[-1]["epoch"], step=step, calibration_shift=shift, cost_weight=cost_weight,
-                            **ev, gmacs_ratio=ev["gmacs"] / dense_gmacs, elapsed_s=run.elapsed()))
-        if run.is_main:
-            log(f"calibrated the greedy selector for budget {cfg.budget}: actor output shifted by {shift:+.3f}")
-            log(json.dumps(history[-1]))
-        save()
-    metrics = dict(steps=step, epochs=history[-1]["epoch"], history=history, world_size=run.world, config=_config_dict(cfg), **run.about(),
+        run.log(f"calibrated the greedy selector for budget {cfg.budget}: actor output shifted by {shift:+.3f}")
+        run.record(history[-1]["epoch"], dict(calibration_shift=shift, cost_weight=cost_weight, **ev,
+                                              gmacs_ratio=ev["gmacs"] / dense_gmacs))
+        run.save(**state())
+    metrics = dict(steps=run.step, epochs=history[-1]["epoch"], history=history, world_size=run.world,
+                   config=asdict(cfg), **run.about(),
                    **{k: history[-1][k] for k in ("top1", "gmacs", "gmacs_ratio", "cost_weight")})
     if cfg.budget:
         metrics["budget_met"] = _meets(metrics["gmacs_ratio"], cfg)
-    if run.world > 1:  # the selector replicas must be identical
-        metrics["replica_max_abs_diff"] = _replica_diff(method)
-    if run.is_main:
-        export_weights(method, run.out / "selector.safetensors", metadata=method.options_metadata())
-        (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    if dist.is_initialized():
-        dist.barrier()
-    return metrics
+    return run.finish(metrics, replicas=method,  # the selector replicas must be identical
+                      export=lambda out: export_weights(method, out / "selector.safetensors",
+                                                        metadata=method.options_metadata()))
 
 
 def _meets(ratio: float, cfg: SelectorConfig) -> bool:
@@ -338,8 +348,3 @@ def greedy_macs_ratio(runner, images: Tensor, dense_gmacs: float) -> float:
     total, n = all_sum([float(macs_per_image(runner, trace, images).sum()), images.shape[0]])
     return total / n / 1e9 / dense_gmacs
 
-
-def _config_dict(cfg: SelectorConfig) -> dict:
-    d = asdict(cfg)
-    d["ppo"] = asdict(cfg.ppo)
-    return d

@@ -7,24 +7,33 @@ it. The data order is a seeded permutation per epoch and every image's augmentat
 by (seed, epoch, index), so a resumed run sees exactly the batches the uninterrupted run would.
 Under ``torchrun`` it trains data-parallel (DDP: gloo on CPU, nccl on GPU), each process on its
 shard of every epoch's permutation.
+
+Every training is a :class:`Run` and one :func:`fit` call with its own step and evaluation:
+``train`` (supervised, :class:`Supervised`; PRANCE's meta-network, ``train_prance.MetaNetwork``),
+``train_policy`` (RL4EViT's agents) and ``train_prance.train_selector`` (PRANCE's selector).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
 import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from .data import balanced_subset, collate, eval_transform, load_dataset, make_loader
+from .provenance import write_json
+from .runtime import adapt
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -160,23 +169,27 @@ def holdout_split(cfg, num_classes: int, train_tf, eval_tf):
 
 # --- what every training loop shares -----------------------------------------------------------------
 class Run:
-    """Processes, seeding, data shards, per-epoch loaders and the resumable checkpoint of a run.
+    """Processes, seeding, data shards, per-epoch loaders, the progress (``step``, ``history``)
+    and the resumable checkpoint of a run; ``log`` prints on process 0 only.
 
-    ``train`` and ``train_policy`` differ only in what one step does and what the checkpoint
-    holds; everything here is the same for both.
+    The trainings differ only in what one step does, what they evaluate and what the checkpoint
+    holds; everything here is the same for all.
     """
 
     # may change between a run and its resume
     RESUME_FREE = ("max_steps", "workers", "save_every", "max_epochs", "calibrate")
 
-    def __init__(self, cfg, config: dict):
+    def __init__(self, cfg, log: Callable[[str], None] = print):
         for name in ("epochs", "batch_size", "save_every", "max_steps"):  # 0 would mean "all" or divide by 0
             value = getattr(cfg, name, None)
             if value is not None and not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        self.cfg, self.config = cfg, config
+        self.cfg, self.config = cfg, asdict(cfg)
         self.rank, self.world = _dist_setup()
         self.is_main = self.rank == 0
+        self.log = log if self.is_main else (lambda line: None)
+        self.step, self.history = 0, []
+        self.saved_at = None  # the step of the last checkpoint written
         self.out = Path(cfg.out)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -242,7 +255,8 @@ class Run:
         return round(time.time() - self.t0, 1)
 
     def load(self) -> Optional[dict]:
-        """The checkpoint to resume from (RNG restored), or None; refuses another configuration."""
+        """The checkpoint to resume from, or None: RNG, ``step`` and ``history`` restored; refuses
+        another configuration."""
         if not self.state_path.is_file():
             return None
         ckpt = load_checkpoint(self.state_path)
@@ -254,16 +268,92 @@ class Run:
                                   "use another --out, or pass --restart to start over")
         _set_rng_state(ckpt["rng"])
         self.t0 = time.time() - ckpt.get("elapsed_s", 0.0)  # wall time counts across resumes
+        self.step, self.history, self.saved_at = ckpt["step"], ckpt["history"], ckpt["step"]
         return ckpt
 
     def save(self, **state) -> None:
+        """The checkpoint: ``state`` (weights, optimizers, ...) with the step and history."""
         if self.is_main:
-            atomic_save(dict(state, config=_plain(self.config), rng=_rng_state(), elapsed_s=time.time() - self.t0),
-                        self.state_path)
+            atomic_save(dict(state, step=self.step, history=self.history, config=_plain(self.config),
+                             rng=_rng_state(), elapsed_s=time.time() - self.t0), self.state_path)
+        self.saved_at = self.step
 
-    def progress(self, step: int, desc: str) -> tqdm:
-        return tqdm(total=self.stop_at, initial=min(step, self.stop_at), desc=desc, unit="step",
+    def record(self, epoch: int, fields: dict) -> None:
+        """A history record: the epoch, the step, ``fields`` and the wall time; logged."""
+        self.history.append(dict(epoch=epoch, step=self.step, **fields, elapsed_s=self.elapsed()))
+        self.log(json.dumps(self.history[-1]))
+
+    def progress(self, desc: str) -> tqdm:
+        return tqdm(total=self.stop_at, initial=min(self.step, self.stop_at), desc=desc, unit="step",
                     disable=not self.is_main, dynamic_ncols=True)
+
+    def finish(self, metrics: dict, replicas: torch.nn.Module, export: Callable[[Path], None]) -> dict:
+        """The end of every training: under torchrun the check that every process holds the same
+        ``replicas``; process 0 exports (``export(out)``) and writes metrics.json; then a barrier, so
+        that no process returns before they exist. Returns ``metrics``."""
+        if self.world > 1:
+            metrics["replica_max_abs_diff"] = _replica_diff(replicas)
+        if self.is_main:
+            export(self.out)
+            write_json(self.out / "metrics.json", metrics)
+        if dist.is_initialized():
+            dist.barrier()
+        return metrics
+
+
+def fit(run: Run, desc: str, step: Callable, evaluate: Callable[[int, dict, int], dict],
+        state: Callable[[], dict], restore: Callable[[dict], None], first: Optional[Callable[[], dict]] = None,
+        evaluate_at_stop: bool = False, extend: Optional[Callable[[], bool]] = None) -> None:
+    """The epoch loop of every training, resumable; ``run.step`` and ``run.history`` say where it ended.
+
+    Resumes from the run's checkpoint if there is one (``restore(checkpoint)`` loads what
+    ``state()`` returned), then calls ``step(batch, i)`` for every batch, ``i`` the step before it,
+    up to ``run.stop_at``. ``step`` returns what it logs: numbers are summed over the epoch (their
+    running means shown in the progress bar), strings shown as they are. At every epoch's end, and
+    at an early stop too with ``evaluate_at_stop``, ``evaluate(epoch, sums, n)`` gives the fields of
+    the epoch's history record (``epoch`` from 0; ``sums`` of the numbers of ``n`` steps, n >= 1);
+    ``first()``, if given, those of a record before any training. A checkpoint is written every
+    ``save_every`` steps, after every record and at the end. When the planned steps are done,
+    ``extend()`` may move ``run.stop_at`` on and return True to train on.
+    """
+    ckpt = run.load()
+    if ckpt:
+        restore(ckpt)
+        run.log(f"resumed from {run.state_path} at step {run.step}/{run.total_steps}")
+    if first is not None and run.step == 0 and not run.history:
+        run.record(0, first())
+    bar = run.progress(desc)
+
+    def more() -> bool:
+        if extend is None or not extend():
+            return False
+        bar.total, bar.n = run.stop_at, run.step
+        bar.refresh()
+        return True
+
+    while run.step < run.stop_at or more():
+        epoch = run.step // run.steps_per_epoch
+        sums, n = {}, 0
+        for batch in run.epoch_loader(run.step):
+            logged = step(batch, run.step)
+            run.step += 1
+            n += 1
+            for k, v in logged.items():
+                if not isinstance(v, str):
+                    sums[k] = sums.get(k, 0.0) + v
+            bar.update()
+            bar.set_postfix(epoch=epoch, **{k: v if isinstance(v, str) else f"{sums[k] / n:.3f}"
+                                            for k, v in logged.items()})
+            if run.should_save(run.step):
+                run.save(**state())
+            if run.step >= run.stop_at:
+                break
+        if run.epoch_done(run.step) or (evaluate_at_stop and run.step >= run.stop_at):
+            run.record(epoch + 1, evaluate(epoch, sums, max(n, 1)))
+            run.save(**state())
+    bar.close()
+    if run.saved_at != run.step:
+        run.save(**state())
 
 
 # --- evaluation, export ------------------------------------------------------------------------------
@@ -286,6 +376,37 @@ def distill_loss(logits, teacher, images):
     with torch.no_grad():
         target = F.log_softmax(teacher(images), dim=-1)
     return F.kl_div(F.log_softmax(logits, dim=-1), target, reduction="batchmean", log_target=True)
+
+
+class Supervised:
+    """What ``leanvit train`` does with a method: adapt the model to it, step on cross-entropy
+    (plus the method's own term and the distillation term) and evaluate top-1. PRANCE's
+    meta-network training changes it (``train_prance.MetaNetwork``)."""
+
+    first = False  # True: a history record (epoch 0) before any training
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def adapt(self, model, fresh: bool):
+        """The runner to train; ``fresh``: no checkpoint to resume from."""
+        return adapt(model, self.cfg.method, **self.cfg.options)
+
+    def loss(self, net, runner, batch, teacher, step: int) -> Tensor:
+        """One batch's loss, backwarded; ``net``: ``runner`` or its DDP wrapper."""
+        cfg = self.cfg
+        logits = net(batch.images)
+        loss = F.cross_entropy(logits, batch.labels, label_smoothing=cfg.label_smoothing)
+        extra = runner.method.extra_loss()  # e.g. DynamicViT's keep ratio
+        if extra is not None:
+            loss = loss + extra
+        if teacher is not None:
+            loss = loss + cfg.distill * distill_loss(logits, teacher, batch.images)
+        loss.backward()
+        return loss
+
+    def evaluate(self, runner, loader) -> dict:
+        return dict(top1=evaluate_top1(runner, loader))
 
 
 def _shard(dataset, rank, world):
