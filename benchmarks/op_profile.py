@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import leanvit
 from leanvit.bench import floor_of
-from leanvit.data import eval_transform, load_dataset
+from leanvit.data import eval_transform, load_dataset, make_loader
 from leanvit.options import parse_spec
 
 
@@ -50,8 +50,9 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(2)
     model = leanvit.load_model(args.model).eval()
-    ds = load_dataset(args.data, split="test", transform=eval_transform(model), num_classes=model.num_classes)
-    images = torch.stack([ds[i][0] for i in range(args.batch)])
+    # the images `leanvit bench --data ... --split test --batch-size B` times
+    ds = load_dataset(args.data, split="test", transform=eval_transform(model), limit=args.batch)
+    images = next(iter(make_loader(ds, batch_size=args.batch, num_workers=0))).images
     spec = parse_spec(args.method)
     runner = leanvit.adapt(model, spec.method, **spec.options)
     runner = {"method": runner, "floor": floor_of(runner, images), "dense": leanvit.adapt(model, "none")}[args.runner]
@@ -67,7 +68,9 @@ def main():
             for _ in range(R):
                 runner(images)
     stats = mode.stats
-    print(f"{args.model} {args.method} ({args.runner}), batch {args.batch}, 2 threads, {time.strftime('%Y-%m-%d')}")
+    gmacs = leanvit.count_macs(runner, images)
+    print(f"{args.model} {args.method} ({args.runner}), batch {args.batch}, {gmacs:.4f} GMACs/image, 2 threads, "
+          f"{time.strftime('%Y-%m-%d')}")
     for (op, where), (n, t) in sorted(stats.items(), key=lambda kv: -kv[1][1])[:args.top]:
         print(f"{1000 * t / R:7.2f} ms {n // R:5d}  {op:<28} {where[:100]}")
     total = sum(t for _, t in stats.values()) / R
