@@ -1,6 +1,7 @@
 """Where a forward's time goes, operator by operator: every ATen operator that one batch runs,
 with the line of leanvit/timm that called it, its count and its time, and the total against the
-forward's wall time without profiling (the difference is per-op cost outside the operators).
+forward's wall time without profiling (the difference is per-op cost outside the operators);
+the method (or its floor) and the dense model alternate in one process.
 
     python benchmarks/op_profile.py [--model cifar10_vit12_w128_prance] [--method prance:weights=cifar10_vit12_w128_prance]
         [--batch 32] [--runner method|floor|dense] [--top 30]
@@ -44,7 +45,8 @@ def main():
     ap.add_argument("--method", default="prance:weights=cifar10_vit12_w128_prance")
     ap.add_argument("--data", default="../shared/data/cifar10-jpeg.tar.gz")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--runner", choices=("method", "floor", "dense"), default="method")
+    ap.add_argument("--runner", choices=("method", "floor", "dense"), default="method",
+                    help="what to profile next to the dense model (dense: the dense model alone)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--top", type=int, default=30)
     args = ap.parse_args()
@@ -54,28 +56,35 @@ def main():
     ds = load_dataset(args.data, split="test", transform=eval_transform(model), limit=args.batch)
     images = next(iter(make_loader(ds, batch_size=args.batch, num_workers=0))).images
     spec = parse_spec(args.method)
-    runner = leanvit.adapt(model, spec.method, **spec.options)
-    runner = {"method": runner, "floor": floor_of(runner, images), "dense": leanvit.adapt(model, "none")}[args.runner]
-    R, mode = args.repeats, _Timed()
+    method = leanvit.adapt(model, spec.method, **spec.options)
+    runners = {args.runner: {"method": method, "floor": floor_of(method, images)}.get(args.runner),
+               "dense": leanvit.adapt(model, "none")}
+    if runners[args.runner] is None:
+        runners.pop(args.runner)
+    # one process, the runners alternating repeat by repeat, so the VM's drift hits both alike
+    modes = {k: _Timed() for k in runners}
+    walls = {k: [] for k in runners}
     with torch.inference_mode():
-        for _ in range(3):
-            runner(images)
-        t0 = time.perf_counter()
-        for _ in range(R):
-            runner(images)
-        wall = (time.perf_counter() - t0) / R
-        with mode:
-            for _ in range(R):
-                runner(images)
-    stats = mode.stats
-    gmacs = leanvit.count_macs(runner, images)
-    print(f"{args.model} {args.method} ({args.runner}), batch {args.batch}, {gmacs:.4f} GMACs/image, 2 threads, "
-          f"{time.strftime('%Y-%m-%d')}")
-    for (op, where), (n, t) in sorted(stats.items(), key=lambda kv: -kv[1][1])[:args.top]:
-        print(f"{1000 * t / R:7.2f} ms {n // R:5d}  {op:<28} {where[:100]}")
-    total = sum(t for _, t in stats.values()) / R
-    print(f"operators: {1000 * total:.1f} ms per forward in {sum(n for n, _ in stats.values()) // R} calls; "
-          f"wall time without profiling {1000 * wall:.1f} ms")
+        for r in runners.values():
+            for _ in range(3):
+                r(images)
+        for _ in range(args.repeats):
+            for k, r in runners.items():
+                t0 = time.perf_counter()
+                r(images)
+                walls[k].append(time.perf_counter() - t0)
+                with modes[k]:
+                    r(images)
+    R = args.repeats
+    for k, r in runners.items():
+        stats = modes[k].stats
+        print(f"{args.model} {args.method if k != 'dense' else 'none'} ({k}), batch {args.batch}, "
+              f"{leanvit.count_macs(r, images):.4f} GMACs/image, 2 threads, {time.strftime('%Y-%m-%d')}")
+        for (op, where), (n, t) in sorted(stats.items(), key=lambda kv: -kv[1][1])[:args.top]:
+            print(f"{1000 * t / R:7.2f} ms {n // R:5d}  {op:<28} {where[:100]}")
+        total = sum(t for _, t in stats.values()) / R
+        print(f"operators: {1000 * total:.1f} ms per forward in {sum(n for n, _ in stats.values()) // R} calls; "
+              f"wall time without profiling {1000 * sorted(walls[k])[R // 2]:.1f} ms (median of {R})")
 
 
 if __name__ == "__main__":

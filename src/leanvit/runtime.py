@@ -182,14 +182,14 @@ class LeanViT(nn.Module):
         attn_run, attn_span = (layout.counts, layout.spans()) if layout and trace else (float(state.x.shape[1]),) * 2
 
         h = blk.norm1(x)
-        bias = state.attn_bias()
+        bias = layout.attn_bias(state) if layout else state.attn_bias()
         attended, outs = [], []  # (group, q, k, v) and the output rows per head count
         for g in layout.attention_groups(static[0]) if layout else [None]:
             width = static[0] if g is None else g.width
             hg = h if g is None else g.take(h)
             qkv, width = elastic.attention_projections(blk.attn, hg, width)
             q, k, v, o = self._attention(blk.attn, qkv if g is None else g.pad(qkv), width,
-                                         bias if g is None else g.bias(bias), state.policy)
+                                         bias if g is None else g.bias(bias, state.size), state.policy)
             outs.append(self._attention_output(blk.attn, hg, o if g is None else g.unpad(o)))
             attended.append((g, q, k, v))
         x = x + blk.drop_path1(blk.ls1(outs[0] if len(outs) == 1 else torch.cat(outs)))
@@ -393,13 +393,21 @@ class _Layout:
         by_heads, by_hidden = (_sorted_images(w) for w in self.widths.values())
         self.attention = _Rows(self, by_heads if by_heads is not None else by_hidden, counts)
         self.mlp = self.attention if by_hidden is None or by_heads is None else _Rows(self, by_hidden, counts)
-        self._to_mlp = self._to_attention = None
+        self._to_mlp = self._to_attention = self._bias = None
         if self.mlp is not self.attention:  # both vary: one gather per block each way
             self._to_mlp = self._tensor(self.attention.rows_of(self.mlp.flat))
             self._to_attention = self._tensor(self.mlp.rows_of(self.attention.flat))
 
     def _tensor(self, a: np.ndarray) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device)
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+        return t if self.device.type == "cpu" else t.to(self.device)
+
+    def attn_bias(self, state: TokenState) -> Optional[Tensor]:
+        """``state.attn_bias()``, kept while the sizes of merged tokens are (the blocks between two
+        decisions share it; the layout's validity is fixed)."""
+        if self._bias is None or self._bias[0] is not state.size:
+            self._bias = (state.size, state.attn_bias())
+        return self._bias[1]
 
     def fits(self, state: TokenState) -> bool:
         return (state.valid is self.valid and state.heads is self.heads and state.hidden is self.hidden
@@ -501,6 +509,7 @@ class _Group:
         if counts.min() != self.span:
             r = slice(self.start, self.end)
             self.local = rows.layout._tensor((rows.rank[r] - a) * self.span + rows.pos[r])
+        self._bias = None
         self.natural = rows.natural and a == 0 and b == len(rows.counts)  # all images, in order
         self.whole = self.natural and rows.index is None  # and every token real: the batch as it is
 
@@ -518,10 +527,14 @@ class _Group:
         t = t.reshape(-1, t.shape[-1])
         return t if self.local is None else t[self.local]
 
-    def bias(self, bias: Optional[Tensor]) -> Optional[Tensor]:
+    def bias(self, bias: Optional[Tensor], size: Optional[Tensor]) -> Optional[Tensor]:
+        """The group's rows of the batch's additive mask ``bias`` (made from the sizes ``size``),
+        kept while those sizes are."""
         if bias is None:
             return None
-        return bias[..., :self.span] if self.whole else bias[self.images][..., :self.span]
+        if self._bias is None or self._bias[0] is not size:
+            self._bias = (size, bias[..., :self.span] if self.whole else bias[self.images][..., :self.span])
+        return self._bias[1]
 
 
 # --- the entry point --------------------------------------------------------------------------
