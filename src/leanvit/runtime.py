@@ -75,6 +75,23 @@ def policy_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], po
     return F.dropout(w, dropout, training=dropout > 0) @ v
 
 
+class TokenOutput(NamedTuple):
+    """The encoder's final tokens, as :meth:`LeanViT.forward_tokens` returns them.
+
+    tokens: (B, N, C) after the final norm; prefix tokens (CLS, registers) first; padding zero.
+    sizes:  (B, N) how many input tokens each token stands for (merged tokens: more than 1;
+            EViT's fused token counts 1, as attention weighs it, its ``source`` is all it absorbed).
+    valid:  (B, N) bool, the real tokens of a ragged batch (padding at the end); None: all real.
+    source: (B, N, N0) 0/1, which input tokens (prefix, then the patch grid) each token stands
+            for; None unless asked for.
+    """
+
+    tokens: Tensor
+    sizes: Tensor
+    valid: Optional[Tensor]
+    source: Optional[Tensor]
+
+
 class LeanViT(nn.Module):
     """A timm VisionTransformer run block by block with a token-reduction method plugged in.
 
@@ -123,10 +140,53 @@ class LeanViT(nn.Module):
             return self.model(images)  # nothing to decide: timm's own (empty) output
         return self.run(self.embed(images))
 
+    def forward_tokens(self, images: Tensor, source: bool = False) -> "TokenOutput":
+        """The encoder's final tokens, reduced by the method and normed as timm's
+        ``forward_features`` returns them (with ``none``: exactly those). ``source=True`` also
+        returns the patch-to-token map, which :meth:`unmerge` needs."""
+        if isinstance(images, Tensor) and images.dim() == 4 and images.shape[0] == 0:
+            self._check_images(images)
+            x = self.model.forward_features(images)
+            eye = torch.eye(x.shape[1], dtype=x.dtype).expand(0, -1, -1) if source else None
+            return TokenOutput(x, x.new_ones(x.shape[:2]), None, eye)
+        old = self.track_source
+        self.track_source = source or old
+        try:
+            state = self.run_blocks(self.embed(images))
+        finally:
+            self.track_source = old
+        if self._trace is not None:
+            self.last_state = state
+        x, valid, src = self.model.norm(state.x), state.valid, state.source if source else None
+        if valid is not None:  # padding rows: zeros, standing for nothing
+            x = x.masked_fill(~valid[..., None], 0.0)
+            src = None if src is None else src * valid[..., None]
+        return TokenOutput(x, state.sizes(), valid, src)
+
+    @staticmethod
+    def unmerge(out: "TokenOutput", features: Optional[Tensor] = None) -> Tensor:
+        """(B, N0, D) the tokens of ``out`` (or ``features`` (B, N, D) computed from them, e.g. by
+        a projector) spread back over the input tokens: prefix tokens first, then the patch grid
+        in raster order, each patch getting the token that stands for it. Pruned patches, which
+        no token stands for, get zeros."""
+        if out.source is None:
+            raise ValueError("unmerge needs the patch-to-token map: call forward_tokens(images, source=True)")
+        features = out.tokens if features is None else features
+        if features.shape[:2] != out.source.shape[:2]:
+            raise ValueError(f"features have {tuple(features.shape[:2])} (batch, tokens), "
+                             f"the tokens {tuple(out.source.shape[:2])}")
+        return out.source.transpose(1, 2).to(features.dtype) @ features
+
     def run(self, state: TokenState, start: int = 0, decide: bool = True) -> Tensor:
-        """Blocks ``start``.. on ``state``, then the head: the one loop over the blocks. With
-        ``decide=False`` the blocks run as the state says, without the method (a look-ahead, as
-        PRANCE's Result-to-Go finishes the network from a stage on)."""
+        """Blocks ``start``.. on ``state``, then the head. With ``decide=False`` the blocks run as
+        the state says, without the method (a look-ahead, as PRANCE's Result-to-Go finishes the
+        network from a stage on)."""
+        state = self.run_blocks(state, start, decide)
+        return self.finish(state) if decide else self.head(state)
+
+    def run_blocks(self, state: TokenState, start: int = 0, decide: bool = True) -> TokenState:
+        """Blocks ``start``.. on ``state`` (and the method's preparation before the head): the one
+        loop over the blocks. Returns the final tokens, before the final norm."""
         blocks = self.model.blocks
         packed = None  # the tokens as the last block left them packed (state.x is then stale)
         for i in range(start, len(blocks) + 1):
@@ -135,9 +195,7 @@ class LeanViT(nn.Module):
                 state = self.method.prepare(self, i, state)
             if i < len(blocks):
                 state, packed = self.run_block(i, blocks[i], state, decide, packed)
-        if packed:
-            state = packed.unpack(state)
-        return self.finish(state) if decide else self.head(state)
+        return packed.unpack(state) if packed else state
 
     def finish(self, state: TokenState) -> Tensor:
         """The head's logits for the final tokens (kept as ``last_state`` when tracing)."""
