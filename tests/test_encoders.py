@@ -92,3 +92,87 @@ def test_forward_tokens_empty_batch():
     with torch.no_grad():
         out = f.forward_tokens(torch.zeros(0, 3, 32, 32), source=True)
     assert out.tokens.shape == (0, 65, 64) and out.source.shape == (0, 65, 65)
+
+
+# --------------------------------------------------------------------------- scoring without CLS
+def test_cls_substitute_is_mean_attention_received_weighted_by_size():
+    """Without a CLS token, the score is the attention each key receives, averaged over the real
+    queries weighted by their sizes; padding neither receives nor gives."""
+    from leanvit.methods.base import AttentionView
+    g = torch.Generator().manual_seed(0)
+    B, H, N, d = 2, 3, 6, 4
+    q, k, v = (torch.randn(B, H, N, d, generator=g) for _ in range(3))
+    size = torch.tensor([[1.0, 2.0, 1.0, 3.0, 1.0, 1.0], [1.0, 1.0, 4.0, 1.0, 1.0, 1.0]])
+    valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    bias = size.log().masked_fill(~valid, float("-inf"))[:, None, None, :]
+    view = AttentionView(q, k, v, bias, n_prefix=0)
+    view.has_cls = False
+    noted = []
+    view.note_macs = lambda macs, padded: noted.append((macs, padded))
+    expected = torch.zeros(B, H, N)
+    for b in range(B):
+        n = int(valid[b].sum())
+        for h in range(H):
+            a = ((q[b, h, :n] @ k[b, h, :n].T) / d ** 0.5 + size[b, :n].log()).softmax(-1)  # (n, n)
+            expected[b, h, :n] = (size[b, :n, None] * a).sum(0) / size[b, :n].sum()
+    torch.testing.assert_close(view.cls_attn, expected)
+    torch.testing.assert_close(view.cls_attn_mean, expected.mean(1))
+    torch.testing.assert_close(view.cls_attn.sum(-1), torch.ones(B, H))
+    assert noted[0][0].tolist() == [6 * 6 * d * H, 4 * 4 * d * H] and noted[0][1] == N * N * d * H
+    with_cls = AttentionView(q, k, v, bias, n_prefix=0)  # the default: token 0 is a CLS token
+    assert not torch.allclose(with_cls.cls_attn, view.cls_attn)
+
+
+NO_CLS = {
+    "gap": lambda: small_vit(depth=6, sharp=3.0, class_token=False, global_pool="avg"),
+    "reg4_gap": lambda: small_vit(depth=6, sharp=3.0, class_token=False, reg_tokens=4, global_pool="avg",
+                                  no_embed_class=True),
+}
+NO_CLS_METHODS = [
+    ("evit", dict(keep_rate=0.5, layers=(1, 3), fuse=True)),
+    ("evit", dict(keep_rate=0.5, layers=(1, 3), fuse=False)),
+    ("ppt", dict(r=10, layers=(1, 3), threshold=1e9)),  # pool
+    ("ppt", dict(r=10, layers=(1, 3), threshold=0)),  # prune
+    ("ats", dict(layers=(2, 4))),
+    ("prance", dict(strategy="prune-merge", stages=3)),
+]
+
+
+@pytest.mark.parametrize("family", list(NO_CLS))
+@pytest.mark.parametrize("method, opts", NO_CLS_METHODS, ids=[f"{m}-{o}" for m, o in NO_CLS_METHODS])
+def test_cls_scoring_methods_run_without_cls_token(family, method, opts):
+    from test_flops import measured_macs
+    model = NO_CLS[family]()
+    p = model.num_prefix_tokens
+    f = leanvit.adapt(model, method, **opts)
+    x = images(3)
+    with torch.no_grad(), f.tracing() as trace:
+        logits = f(x)
+    assert logits.shape == (3, 10) and bool(torch.isfinite(logits).all())
+    counts = f.last_state.counts()
+    assert bool((counts < 64 + p).all())  # really reduced
+    if method == "evit" and opts["fuse"]:
+        assert counts.tolist() == [p + 17 + 1] * 3  # 64 -> 32 + fused -> ceil(33 / 2) + fused
+    if method == "ppt":
+        assert f.method.prune_fraction() == {1: float(opts["threshold"] == 0), 3: float(opts["threshold"] == 0)}
+    # the substitute's attention map is counted: analytic == measured
+    substitute = [rec for rec in trace if rec["layer"] is None]
+    assert substitute
+    analytic = leanvit.count_macs(f, x, padded=method in ("ats", "prance")) * 1e9
+    measured = measured_macs(f, x)
+    assert measured == pytest.approx(analytic, rel=0.01) and analytic <= measured * (1 + 1e-12)
+    if method == "evit":  # nothing else to count (PPT: the merge similarities; ATS, PRANCE: padding): exact
+        assert measured == pytest.approx(analytic, rel=1e-9)
+
+
+def test_substitute_features_without_cls_token_are_the_mean_real_token():
+    """PRANCE's selector and RL4EViT's critic read the CLS token; without one, the mean real token."""
+    from leanvit.tokens import TokenState
+    x = torch.randn(2, 5, 3)
+    valid = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    s = TokenState(x=x, n_prefix=1, valid=valid)
+    assert torch.equal(s.summary(True), x[:, 0])
+    torch.testing.assert_close(s.summary(False), torch.stack([x[0].mean(0), x[1, :3].mean(0)]))
+    f = leanvit.adapt(NO_CLS["reg4_gap"](), "prance", strategy="prune", stages=3)
+    state = TokenState(x=torch.randn(2, 68, 64), n_prefix=4)
+    assert torch.equal(f.method.features(state, 1)[:, :64], state.x.mean(1))

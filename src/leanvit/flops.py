@@ -5,7 +5,9 @@ linear layer, ``2·N²·d`` per attention (QKᵀ and AV) and the head. A method'
 network (RL4EViT's actor, DynamicViT's predictors, PRANCE's selector) is counted too, by its
 linear layers on the tokens it ran on (:meth:`Reduction.decision_macs`). Norms, activations,
 softmax and parameter-free scoring (attention-based, similarity) are not counted (see
-``leanvit bench`` for the decision overhead).
+``leanvit bench`` for the decision overhead), except, on a model without a CLS token, the
+substitute for the CLS attention (a full attention map, or an attention-pool head's key
+projection; :attr:`leanvit.methods.base.AttentionView.cls_attn`), which is not negligible.
 
 Pure formulas over modules and token counts; :mod:`leanvit.measure` applies them to what a
 runner ran.

@@ -319,8 +319,13 @@ class LeanViT(nn.Module):
         """The block's attention as the method sees it: (B, H, N, d) for the whole batch."""
         g, q, k, v = attended[0]
         if len(attended) == 1 and (g is None or g.natural and g.span == state.x.shape[1]):
-            return AttentionView(q, k, v, bias, self.n_prefix)  # one head count: all of q's heads
-        return _GroupedAttention(attended, state, bias, self.n_prefix)
+            view = AttentionView(q, k, v, bias, self.n_prefix)  # one head count: all of q's heads
+        else:
+            view = _GroupedAttention(attended, state, bias, self.n_prefix)
+        view.has_cls = self.model.cls_token is not None  # else scores use a substitute (see cls_attn)
+        if self._trace is not None:
+            view.note_macs = self.note_macs
+        return view
 
     def head(self, state: TokenState) -> Tensor:
         m = self.model

@@ -88,6 +88,16 @@ class TokenState:
         """(B, N) sizes, materialised."""
         return self.size if self.size is not None else self.x.new_ones(self.x.shape[:2])
 
+    def summary(self, has_cls: bool) -> Tensor:
+        """(B, C) one token summing up each image: the CLS token, or for a model without one the
+        mean of the image's real tokens (what PRANCE's and RL4EViT's features read as "CLS")."""
+        if has_cls:
+            return self.x[:, 0]
+        if self.valid is None:
+            return self.x.mean(dim=1)
+        w = self.valid[..., None].to(self.x.dtype)
+        return (self.x * w).sum(dim=1) / w.sum(dim=1)
+
     # --- re-indexing -------------------------------------------------------------------------
     def gather(self, idx: Tensor) -> "TokenState":
         """Keep tokens ``idx`` (B, K), in that order."""
