@@ -176,3 +176,93 @@ def test_substitute_features_without_cls_token_are_the_mean_real_token():
     f = leanvit.adapt(NO_CLS["reg4_gap"](), "prance", strategy="prune", stages=3)
     state = TokenState(x=torch.randn(2, 68, 64), n_prefix=4)
     assert torch.equal(f.method.features(state, 1)[:, :64], state.x.mean(1))
+
+
+# --------------------------------------------------------------------------- MAP heads
+MAP = {
+    "map": lambda: small_vit(depth=4, sharp=3.0, class_token=False, global_pool="map"),
+    "map_reg4": lambda: small_vit(depth=4, sharp=3.0, class_token=False, reg_tokens=4, global_pool="map",
+                                  no_embed_class=True),
+    "map_cls": lambda: small_vit(depth=4, sharp=3.0, global_pool="map"),
+}
+
+
+def _random_pool(model):
+    """The latent starts tiny; make the pool's attention matter."""
+    with torch.no_grad():
+        model.attn_pool.latent.normal_(0.0, 1.0)
+        model.attn_pool.kv.weight.mul_(3.0)
+    return model
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("family", list(MAP))
+def test_map_head_none_matches_timm(family, mode):
+    from test_flops import measured_macs
+    model = _random_pool(MAP[family]()).train(mode == "train")
+    f = leanvit.adapt(model, "none")
+    x = images(3)
+    with torch.no_grad():
+        assert (f(x) - model(x)).abs().max().item() <= 1e-5
+    model.eval()
+    assert measured_macs(f, x) == pytest.approx(leanvit.count_macs(f, x) * 1e9, rel=1e-9)
+
+
+def test_map_head_attends_with_log_size_bias_and_padding_mask():
+    """The pool sees merged tokens as the blocks do: a token of size s weighs as s copies of it.
+    So duplicating tokens and merging the duplicates back gives the same pooled output."""
+    from leanvit.runtime import attention_pool
+    pool = _random_pool(MAP["map"]()).attn_pool
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 64, generator=g)
+    dup = torch.cat([x, x[:, 1:2], x[:, 1:2], x[:, 3:4]], dim=1)  # token 1 three times, token 3 twice
+    size = torch.tensor([[1.0, 3.0, 1.0, 2.0, 1.0]] * 2)
+    with torch.no_grad():
+        ref = attention_pool(pool, dup, None)
+        out = attention_pool(pool, x, size.log()[:, None, None, :])
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        # padding is ignored: one image padded with junk equals it alone
+        pad = torch.cat([x, torch.randn(2, 3, 64, generator=g) * 100], dim=1)
+        mask = torch.zeros(2, 8).masked_fill(torch.arange(8) >= 5, float("-inf"))[:, None, None, :]
+        torch.testing.assert_close(attention_pool(pool, pad, mask), attention_pool(pool, x, None), atol=1e-5, rtol=1e-5)
+        w = attention_pool(pool, x, size.log()[:, None, None, :], weights_only=True)
+        wd = attention_pool(pool, dup, None, weights_only=True)
+    torch.testing.assert_close(w[:, 1], wd[:, 1] * 3)  # the pooled query's weight of a merged token
+    torch.testing.assert_close(w.sum(-1), torch.ones(2))
+
+
+@pytest.mark.parametrize("family", list(MAP))
+@pytest.mark.parametrize("method, opts", [("tome", dict(r=6)), ("evit", dict(keep_rate=0.5, layers=(1, 2))),
+                                          ("ppt", dict(r=10, layers=(1, 2), threshold=0)),
+                                          ("ats", dict(tokens=0.5, layers=(1, 2))), ("random", dict(layers=(1,)))])
+def test_map_head_reduced_runs_counts_and_ragged_equals_alone(family, method, opts):
+    from test_flops import measured_macs
+    model = _random_pool(MAP[family]())
+    f = leanvit.adapt(model, method, **opts)
+    x = images(4)
+    if method == "random":
+        f.method.generator.manual_seed(0)
+    with torch.no_grad():
+        logits = f(x)
+    assert bool(torch.isfinite(logits).all())
+    dense = leanvit.count_macs(model, x)
+    if method == "random":
+        f.method.generator.manual_seed(0)
+    analytic = leanvit.count_macs(f, x, padded=True)
+    assert analytic < dense
+    if method == "random":
+        f.method.generator.manual_seed(0)
+    measured = measured_macs(f, x)
+    assert measured == pytest.approx(analytic * 1e9, rel=0.01) and analytic * 1e9 <= measured * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("family", list(MAP))
+def test_map_head_ragged_batch_equals_each_image_alone(family):
+    f = leanvit.adapt(_random_pool(MAP[family]()), AboveMean((1, 2)))
+    x = images(4)
+    with torch.no_grad(), f.tracing():
+        logits = f(x)
+    assert f.last_state.valid is not None and not bool(f.last_state.valid.all())
+    with torch.no_grad():
+        alone = torch.cat([f(x[i:i + 1]) for i in range(4)])
+    torch.testing.assert_close(logits, alone, atol=1e-5, rtol=1e-5)

@@ -58,3 +58,14 @@ def block_macs(blk: nn.Module, n_attn, n_mlp, heads=None, hidden=None, span=None
 def head_macs(model: nn.Module) -> int:
     return linear_macs(model.head) + (linear_macs(model.head_dist) if hasattr(model, "head_dist") else 0) \
         + linear_macs(model.fc_norm)
+
+
+def attention_pool_macs(pool: nn.Module, n, scoring: bool = False):
+    """MACs of timm's attention-pool head (``AttentionPoolLatent``, SigLIP's MAP) over ``n`` tokens
+    (a number or a tensor per image): its key/value projection per token, the projections and MLP
+    of its latent queries, and their attention (2·L·n·C). ``scoring``: only what scoring with its
+    pooled query runs (the key half of the projection, the query projection, QKᵀ)."""
+    L, width = pool.latent_len, pool.num_heads * pool.head_dim
+    if scoring:
+        return n * (linear_macs(pool.kv) // 2) + L * linear_macs(pool.q) + L * n * width
+    return n * linear_macs(pool.kv) + L * (linear_macs(pool) - linear_macs(pool.kv)) + 2 * L * n * width

@@ -17,15 +17,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from timm.layers import Attention
+from timm.layers import Attention, AttentionPoolLatent
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from . import elastic
+from .flops import attention_pool_macs
 from .methods import OptionError, build_method  # the package: every method registered
 from .methods.base import AttentionView, ModelInfo, Reduction
 from .tokens import TokenState
 
-SUPPORTED_POOLS = ("token", "avg", "max", "avgmax")
+SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "map")
 
 
 def _mlp_hidden(mlp: nn.Module) -> int:
@@ -42,10 +43,15 @@ def check_supported(model: nn.Module) -> None:
     if not isinstance(model, VisionTransformer):
         raise UnsupportedModelError(
             f"leanvit adapts timm VisionTransformer models (ViT, DeiT, DeiT-III, ...); got {type(model).__name__}")
-    if getattr(model, "attn_pool", None) is not None or model.global_pool not in SUPPORTED_POOLS:
+    pool = getattr(model, "attn_pool", None)
+    if model.global_pool not in SUPPORTED_POOLS or (pool is not None and type(pool) is not AttentionPoolLatent):
         raise UnsupportedModelError(
-            f"global_pool={model.global_pool!r} (attention pooling) is not supported; "
-            f"leanvit pools with one of {SUPPORTED_POOLS}")
+            f"global_pool={model.global_pool!r} ({type(pool).__name__ if pool is not None else 'pooling'}) "
+            f"is not supported; leanvit pools with one of {SUPPORTED_POOLS} (map: timm's AttentionPoolLatent)")
+    if pool is not None and pool.pos_embed is not None:
+        raise UnsupportedModelError(
+            "the attention pool's own position embedding (pos_embed='abs') is not supported: it is "
+            "laid over a fixed token grid, which reduced tokens no longer form")
     for i, blk in enumerate(model.blocks):
         if type(blk).forward is not Block.forward:
             raise UnsupportedModelError(
@@ -57,6 +63,30 @@ def check_supported(model: nn.Module) -> None:
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 raise UnsupportedModelError(
                     f"block {i} mlp.{name} is a convolution; leanvit needs a token-wise MLP")
+
+
+def attention_pool(pool: AttentionPoolLatent, x: Tensor, bias: Optional[Tensor],
+                   weights_only: bool = False) -> Tensor:
+    """timm's ``AttentionPoolLatent.forward`` on tokens ``x`` (B, N, C) with the blocks' additive
+    mask ``bias`` (B, 1, 1, N) (log-size of merged tokens, padding); or, ``weights_only``, the
+    (B, N) attention of its latent queries (mean over heads and latents)."""
+    B, N, C = x.shape
+    H, d, L = pool.num_heads, pool.head_dim, pool.latent_len
+    # repeat, not expand: a view of a parameter made under no_grad trips module hooks (FlopCounterMode)
+    q = pool.q_norm(pool.q(pool.latent.repeat(B, 1, 1)).reshape(B, L, H, d).transpose(1, 2))
+    if weights_only:  # the key half of the projection only
+        kb = None if pool.kv.bias is None else pool.kv.bias[:H * d]
+        k = pool.k_norm(F.linear(x, pool.kv.weight[:H * d], kb).reshape(B, N, H, d).transpose(1, 2))
+        logits = (q * pool.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        return logits.softmax(dim=-1).mean(dim=(1, 2))
+    k, v = pool.kv(x).reshape(B, N, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+    o = F.scaled_dot_product_attention(q, pool.k_norm(k), v, attn_mask=bias)
+    o = pool.proj_drop(pool.proj(o.transpose(1, 2).reshape(B, L, C)))
+    if pool.mlp is not None:
+        o = o + pool.mlp(pool.norm(o))
+    return o[:, 0] if pool.pool == "token" else o.mean(dim=1) if pool.pool == "avg" else o
 
 
 def policy_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], policy: Tensor,
@@ -201,6 +231,11 @@ class LeanViT(nn.Module):
         """The head's logits for the final tokens (kept as ``last_state`` when tracing)."""
         if self._trace is not None:
             self.last_state = state
+            pool = getattr(self.model, "attn_pool", None)
+            if pool is not None:  # a MAP head's cost depends on the tokens it pools
+                p = 0 if self.model.pool_include_prefix else self.n_prefix
+                self.note_macs(attention_pool_macs(pool, state.counts() - p),
+                               attention_pool_macs(pool, state.x.shape[1] - p))
         return self.head(state)
 
     def embed(self, images: Tensor) -> TokenState:
@@ -323,9 +358,23 @@ class LeanViT(nn.Module):
         else:
             view = _GroupedAttention(attended, state, bias, self.n_prefix)
         view.has_cls = self.model.cls_token is not None  # else scores use a substitute (see cls_attn)
+        if not view.has_cls and getattr(self.model, "attn_pool", None) is not None:
+            view.pool_attention = lambda: self._pool_attention(state, bias)
         if self._trace is not None:
             view.note_macs = self.note_macs
         return view
+
+    def _pool_attention(self, state: TokenState, bias: Optional[Tensor]) -> Tensor:
+        """(B, N) the attention a MAP head's pooled query gives the current tokens, as if they were
+        the final ones (prefix tokens the head does not pool get none): the CLS substitute."""
+        m = self.model
+        p = 0 if m.pool_include_prefix else self.n_prefix
+        a = attention_pool(m.attn_pool, m.norm(state.x[:, p:]), None if bias is None else bias[..., p:],
+                           weights_only=True)
+        if self._trace is not None:
+            self.note_macs(attention_pool_macs(m.attn_pool, state.counts() - p, scoring=True),
+                           attention_pool_macs(m.attn_pool, state.x.shape[1] - p, scoring=True))
+        return F.pad(a, (p, 0))
 
     def head(self, state: TokenState) -> Tensor:
         m = self.model
@@ -334,6 +383,10 @@ class LeanViT(nn.Module):
             return m.forward_head(x)
         p = 0 if m.pool_include_prefix else self.n_prefix
         x = x[:, p:]
+        if m.attn_pool is not None:  # MAP: the latent query attends as the blocks do (log-size, padding)
+            bias = state.attn_bias()
+            pooled = attention_pool(m.attn_pool, x, None if bias is None else bias[..., p:])
+            return m.head(m.head_drop(m.fc_norm(pooled)))
         valid = None if state.valid is None else state.valid[:, p:]
         if m.global_pool in ("avg", "avgmax"):
             # mean over the input patches: merged tokens weigh by their size, padding by zero
