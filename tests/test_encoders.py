@@ -266,3 +266,89 @@ def test_map_head_ragged_batch_equals_each_image_alone(family):
     with torch.no_grad():
         alone = torch.cat([f(x[i:i + 1]) for i in range(4)])
     torch.testing.assert_close(logits, alone, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- coverage of timm's families
+SHRINK = dict(img_size=32, patch_size=4, depth=4, embed_dim=64, num_heads=4, num_classes=10)
+FAMILIES = {  # id -> timm name (random weights, shrunk by SHRINK)
+    "deit": "deit_tiny_patch16_224",
+    "dinov2_reg4": "vit_small_patch14_reg4_dinov2",
+    "clip": "vit_base_patch16_clip_224",
+    "clip_quickgelu": "vit_base_patch16_clip_quickgelu_224",
+    "siglip_map": "vit_base_patch16_siglip_224",
+    "siglip_gap": "vit_base_patch16_siglip_gap_224",
+    "reg4_gap": "vit_base_patch16_reg4_gap_256",
+    "so150m_reg4_map": "vit_so150m_patch16_reg4_map_256",
+}
+REFUSED = {  # id -> (timm name, the part the error names)
+    "eva02_tiny": ("eva02_tiny_patch14_224", "rotary position embeddings"),
+    "rope_vit": ("vit_base_patch16_rope_224", "rotary position embeddings"),
+    "beit": ("beit_base_patch16_224", "relative position biases"),
+    "sam": ("samvit_base_patch16", "windowed attention"),
+    "parallel_blocks": ("vit_small_patch16_18x2_224", "ParallelThingsBlock"),
+}
+COVERAGE_METHODS = [
+    ("tome", dict(r=6)),
+    ("evit", dict(keep_rate=0.5, layers=(1, 2))),
+    ("ppt", dict(r=10, layers=(1, 2), threshold="scaled")),
+    ("random", dict(keep_rate=0.5, layers=(1,), independent=False)),
+]
+
+
+def family(name: str):
+    import timm
+    model = timm.create_model(FAMILIES[name], pretrained=False, **SHRINK).eval()
+    sharpen(model, 3.0)
+    with torch.no_grad():
+        for blk in model.blocks:  # DINOv2's LayerScale starts at 1e-5 (blocks ~identity): let it matter
+            for ls in (blk.ls1, blk.ls2):
+                if hasattr(ls, "gamma"):
+                    ls.gamma.normal_(0.0, 1.0)
+    if model.attn_pool is not None:
+        _random_pool(model)
+    return model
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_dense_exact(name):
+    from test_flops import measured_macs
+    model = family(name)
+    f = leanvit.adapt(model, "none")
+    x = images(3)
+    with torch.no_grad():
+        assert (f(x) - model(x)).abs().max().item() <= 1e-5
+        assert (f.forward_tokens(x).tokens - model.forward_features(x)).abs().max().item() <= 1e-5
+    assert measured_macs(f, x) == pytest.approx(leanvit.count_macs(f, x) * 1e9, rel=1e-9)
+
+
+@pytest.mark.parametrize("method, opts", COVERAGE_METHODS, ids=[m for m, _ in COVERAGE_METHODS])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_reducible(name, method, opts):
+    from test_flops import measured_macs
+    model = family(name)
+    f = leanvit.adapt(model, method, **opts)
+    x = images(3)
+
+    def seeded(run):
+        if method == "random":
+            f.method.generator.manual_seed(0)
+        return run()
+    with torch.no_grad():
+        logits = seeded(lambda: f(x))
+        out = seeded(lambda: f.forward_tokens(x, source=True))
+    assert logits.shape == (3, 10) and bool(torch.isfinite(logits).all())
+    assert out.tokens.shape[1] < 64 + model.num_prefix_tokens
+    assert f.unmerge(out).shape == (3, 64 + model.num_prefix_tokens, 64)
+    analytic = seeded(lambda: leanvit.count_macs(f, x)) * 1e9
+    assert analytic < leanvit.count_macs(model, x) * 1e9  # saves MACs, its scoring included
+    measured = seeded(lambda: measured_macs(f, x))
+    assert measured == pytest.approx(analytic, rel=0.01) and analytic <= measured * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_family_refused_naming_the_part(name):
+    import timm
+    timm_name, part = REFUSED[name]
+    model = timm.create_model(timm_name, pretrained=False, **SHRINK)
+    with pytest.raises(leanvit.UnsupportedModelError, match=part):
+        leanvit.adapt(model, "tome")

@@ -38,11 +38,21 @@ class UnsupportedModelError(ValueError):
     """The model has a part leanvit's runtime does not run; the message names it."""
 
 
+# timm ViT families of their own class, and the part the block runner would need to run them
+UNSUPPORTED_FAMILIES = {
+    "Eva": "(EVA-02, RoPE ViTs) rotary position embeddings inside attention and EVA's block (SwiGLU, sub-LN)",
+    "Beit": "(BEiT) relative position biases inside attention",
+    "VisionTransformerSAM": "(SAM) windowed attention with relative positions and a convolutional neck",
+}
+
+
 def check_supported(model: nn.Module) -> None:
     """Refuse, naming the part, anything the block runner would otherwise silently bypass."""
     if not isinstance(model, VisionTransformer):
+        name = type(model).__name__
+        part = f": {UNSUPPORTED_FAMILIES[name]} are not run by leanvit's block runner" if name in UNSUPPORTED_FAMILIES else ""
         raise UnsupportedModelError(
-            f"leanvit adapts timm VisionTransformer models (ViT, DeiT, DeiT-III, ...); got {type(model).__name__}")
+            f"leanvit adapts timm VisionTransformer models (ViT, DeiT, DeiT-III, ...); got {name}{part}")
     pool = getattr(model, "attn_pool", None)
     if model.global_pool not in SUPPORTED_POOLS or (pool is not None and type(pool) is not AttentionPoolLatent):
         raise UnsupportedModelError(
