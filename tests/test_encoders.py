@@ -279,10 +279,12 @@ FAMILIES = {  # id -> timm name (random weights, shrunk by SHRINK)
     "siglip_gap": "vit_base_patch16_siglip_gap_224",
     "reg4_gap": "vit_base_patch16_reg4_gap_256",
     "so150m_reg4_map": "vit_so150m_patch16_reg4_map_256",
+    "eva02_tiny": "eva02_tiny_patch14_224",  # timm's Eva: RoPE, SwiGLU, no k bias
+    "rope_vit": "vit_base_patch16_rope_224",  # Eva with AttentionRope, layer scale
+    "pe_core_map": "vit_pe_core_tiny_patch16_384",  # Eva with RoPE, a pre-norm and a MAP head over all tokens
 }
 REFUSED = {  # id -> (timm name, the part the error names)
-    "eva02_tiny": ("eva02_tiny_patch14_224", "rotary position embeddings"),
-    "rope_vit": ("vit_base_patch16_rope_224", "rotary position embeddings"),
+    "rope_mixed": ("vit_base_patch16_rope_mixed_224", "mixed rotary embeddings"),
     "beit": ("beit_base_patch16_224", "relative position biases"),
     "sam": ("samvit_base_patch16", "windowed attention"),
     "parallel_blocks": ("vit_small_patch16_18x2_224", "ParallelThingsBlock"),
@@ -301,9 +303,11 @@ def family(name: str):
     sharpen(model, 3.0)
     with torch.no_grad():
         for blk in model.blocks:  # DINOv2's LayerScale starts at 1e-5 (blocks ~identity): let it matter
-            for ls in (blk.ls1, blk.ls2):
-                if hasattr(ls, "gamma"):
-                    ls.gamma.normal_(0.0, 1.0)
+            for gamma in (getattr(blk, "ls1", None), getattr(blk, "ls2", None), getattr(blk, "gamma_1", None),
+                          getattr(blk, "gamma_2", None)):
+                gamma = getattr(gamma, "gamma", gamma)
+                if isinstance(gamma, torch.Tensor):
+                    gamma.normal_(0.0, 1.0)
     if model.attn_pool is not None:
         _random_pool(model)
     return model
@@ -352,3 +356,69 @@ def test_family_refused_naming_the_part(name):
     model = timm.create_model(timm_name, pretrained=False, **SHRINK)
     with pytest.raises(leanvit.UnsupportedModelError, match=part):
         leanvit.adapt(model, "tome")
+
+
+
+# --------------------------------------------------------------------------- EVA / RoPE: positions travel with tokens
+def test_rope_rows_travel_with_their_tokens():
+    """Every token carries the rotary row of the patch it stands at: a pruned-to token its own
+    patch's, a merged token its destination's (one of its sources); prefix and EViT's fused token
+    the identity rotation."""
+    from leanvit.tokens import identity_rope
+    model = family("eva02_tiny")
+    x = images(2)
+    m = model
+    table = m._pos_embed(m.patch_embed(x))[1]  # (64, 2d) one row per patch
+    full = torch.cat([identity_rope(table[:1]), table])  # token 0: the CLS token
+    for method, opts in [("tome", dict(r=6)), ("evit", dict(keep_rate=0.5, layers=(1, 2))),
+                         ("ats", dict(tokens=0.5, layers=(1, 2))), ("ppt", dict(r=10, layers=(1, 2)))]:
+        f = leanvit.adapt(model, method, **opts)
+        with torch.no_grad(), f.tracing(track_source=True):
+            f(x)
+        s = f.last_state
+        assert s.rope is not None and s.rope.shape[:2] == s.x.shape[:2]
+        for b in range(2):
+            for i in range(int(s.counts()[b])):
+                own = s.source[b, i].nonzero().flatten()
+                if method == "evit" and i == s.counts()[b] - 1:  # the last fused token
+                    assert torch.equal(s.rope[b, i], identity_rope(table[0])) and len(own) > 1
+                if method == "evit" and len(own) > 1:  # a fused token (the first may survive, as a patch)
+                    assert torch.equal(s.rope[b, i], identity_rope(table[0]))
+                    continue
+                assert any(torch.equal(s.rope[b, i], full[j]) for j in own), (method, b, i)
+                if method in ("ats", "ppt") and len(own) == 1:
+                    assert torch.equal(s.rope[b, i], full[own[0]])
+
+
+@pytest.mark.parametrize("name", ["eva02_tiny", "rope_vit"])
+def test_rope_positions_not_sequence_order(name):
+    """With rotary rows carried per token, the patches' order in the sequence does not matter:
+    the same tokens shuffled (rows with them) give the same logits (avg and CLS heads)."""
+    model = family(name)
+    f = leanvit.adapt(model, "none")
+    x = images(2)
+    with torch.no_grad():
+        ref = f(x)
+        state = f.embed(x)
+        p = f.n_prefix
+        perm = torch.cat([torch.arange(p), p + torch.randperm(64, generator=torch.Generator().manual_seed(0))])
+        shuffled = state.gather(perm.expand(2, -1))
+        torch.testing.assert_close(f.run(shuffled), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["eva02_tiny", "pe_core_map"])
+def test_rope_ragged_batch_equals_each_image_alone(name):
+    """A ragged batch runs packed: each group's rotary rows are packed with its tokens."""
+    f = leanvit.adapt(family(name), AboveMean((1, 2)))
+    x = images(4)
+    with torch.no_grad(), f.tracing():
+        logits = f(x)
+    assert f.last_state.valid is not None and not bool(f.last_state.valid.all())
+    with torch.no_grad():
+        alone = torch.cat([f(x[i:i + 1]) for i in range(4)])
+    torch.testing.assert_close(logits, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_eva_channel_slicing_refused():
+    with pytest.raises(ValueError, match="only timm's Attention can be sliced"):
+        leanvit.adapt(family("eva02_tiny"), "channels", heads=2)

@@ -17,14 +17,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from timm.layers import Attention, AttentionPoolLatent
+from timm.layers import Attention, AttentionPoolLatent, AttentionRope
+from timm.layers.pos_embed_sincos import apply_rot_embed_cat
+from timm.models.eva import Eva, EvaAttention, EvaBlock
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from . import elastic
 from .flops import attention_pool_macs
 from .methods import OptionError, build_method  # the package: every method registered
 from .methods.base import AttentionView, ModelInfo, Reduction
-from .tokens import TokenState
+from .tokens import TokenState, identity_rope
 
 SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "map")
 
@@ -40,7 +42,6 @@ class UnsupportedModelError(ValueError):
 
 # timm ViT families of their own class, and the part the block runner would need to run them
 UNSUPPORTED_FAMILIES = {
-    "Eva": "(EVA-02, RoPE ViTs) rotary position embeddings inside attention and EVA's block (SwiGLU, sub-LN)",
     "Beit": "(BEiT) relative position biases inside attention",
     "VisionTransformerSAM": "(SAM) windowed attention with relative positions and a convolutional neck",
 }
@@ -48,7 +49,9 @@ UNSUPPORTED_FAMILIES = {
 
 def check_supported(model: nn.Module) -> None:
     """Refuse, naming the part, anything the block runner would otherwise silently bypass."""
-    if not isinstance(model, VisionTransformer):
+    if isinstance(model, Eva):
+        _check_eva(model)
+    elif not isinstance(model, VisionTransformer):
         name = type(model).__name__
         part = f": {UNSUPPORTED_FAMILIES[name]} are not run by leanvit's block runner" if name in UNSUPPORTED_FAMILIES else ""
         raise UnsupportedModelError(
@@ -62,17 +65,39 @@ def check_supported(model: nn.Module) -> None:
         raise UnsupportedModelError(
             "the attention pool's own position embedding (pos_embed='abs') is not supported: it is "
             "laid over a fixed token grid, which reduced tokens no longer form")
+    eva = isinstance(model, Eva)
     for i, blk in enumerate(model.blocks):
-        if type(blk).forward is not Block.forward:
-            raise UnsupportedModelError(
-                f"block {i} is {type(blk).__name__}; leanvit runs timm's pre-norm Block only")
-        if type(blk.attn).forward is not Attention.forward:
-            raise UnsupportedModelError(
-                f"block {i} attention is {type(blk.attn).__name__}; leanvit runs timm's Attention only")
+        if type(blk).forward is not (EvaBlock if eva else Block).forward:
+            raise UnsupportedModelError(f"block {i} is {type(blk).__name__}; leanvit runs timm's pre-norm "
+                                        f"{'EvaBlock' if eva else 'Block'} only")
+        kinds = (EvaAttention, AttentionRope) if eva else (Attention,)
+        if not any(type(blk.attn).forward is k.forward for k in kinds):
+            raise UnsupportedModelError(f"block {i} attention is {type(blk.attn).__name__}; leanvit runs "
+                                        f"{' and '.join(k.__name__ for k in kinds)} only")
+        if getattr(blk.attn, "num_kv_groups", 1) != 1:
+            raise UnsupportedModelError(f"block {i} attention has grouped-query heads (num_kv_heads), not supported")
         for name, m in blk.mlp.named_modules():
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 raise UnsupportedModelError(
                     f"block {i} mlp.{name} is a convolution; leanvit needs a token-wise MLP")
+
+
+def _check_eva(model: Eva) -> None:
+    """EVA-02 and RoPE ViTs (timm's ``Eva``): what of them the block runner does not run."""
+    if getattr(model, "rope_mixed", False):
+        raise UnsupportedModelError("Eva with mixed rotary embeddings (rope_type='mixed': per-block, "
+                                    "per-head learned frequencies) is not supported; leanvit runs one rotary table")
+    if model.patch_drop is not None:
+        raise UnsupportedModelError("Eva's patch dropout (patch_drop_rate > 0) is not supported")
+
+
+def _layer_scale(blk: nn.Module, i: int, t: Tensor) -> Tensor:
+    """Block's layer scale ``i`` (1: attention, 2: MLP): timm's ``ls1``/``ls2``, or EVA's ``gamma_1``/``gamma_2``."""
+    ls = getattr(blk, f"ls{i}", None)
+    if ls is not None:
+        return ls(t)
+    gamma = getattr(blk, f"gamma_{i}")
+    return t if gamma is None else gamma * t
 
 
 def attention_pool(pool: AttentionPoolLatent, x: Tensor, bias: Optional[Tensor],
@@ -243,7 +268,7 @@ class LeanViT(nn.Module):
             self.last_state = state
             pool = getattr(self.model, "attn_pool", None)
             if pool is not None:  # a MAP head's cost depends on the tokens it pools
-                p = 0 if self.model.pool_include_prefix else self.n_prefix
+                p = self._pooled_from
                 self.note_macs(attention_pool_macs(pool, state.counts() - p),
                                attention_pool_macs(pool, state.x.shape[1] - p))
         return self.head(state)
@@ -251,12 +276,20 @@ class LeanViT(nn.Module):
     def embed(self, images: Tensor) -> TokenState:
         self._check_images(images)
         m = self.model
-        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+        rope = None
+        if isinstance(m, Eva):  # EVA's rotary table: one row per patch; prefix tokens rotate by nothing
+            x, table = m._pos_embed(m.patch_embed(images))
+            x = m.norm_pre(x)
+            if table is not None:
+                table = table.to(x.dtype).expand(x.shape[0], -1, -1)
+                rope = torch.cat([identity_rope(table[:, :1]).expand(-1, self.n_prefix, -1), table], dim=1)
+        else:
+            x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
         source = None
         if self.track_source:
             source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1)
         self.method.begin(x.shape[0])
-        return TokenState(x=x, n_prefix=self.n_prefix, source=source, compact=not self.masked)
+        return TokenState(x=x, n_prefix=self.n_prefix, source=source, compact=not self.masked, rope=rope)
 
     def run_block(self, index: int, blk: Block, state: TokenState, decide: bool = True,
                   packed: Optional["_Packed"] = None) -> Tuple[TokenState, Optional["_Packed"]]:
@@ -287,15 +320,17 @@ class LeanViT(nn.Module):
         h = blk.norm1(x)
         bias = layout.attn_bias(state) if layout else state.attn_bias()
         attended, outs = [], []  # (group, q, k, v) and the output rows per head count
+        rope = state.rope if state.rope is None or not layout else layout.pack(state.rope)
         for g in layout.attention_groups(static[0]) if layout else [None]:
             width = static[0] if g is None else g.width
             hg = h if g is None else g.take(h)
             qkv, width = elastic.attention_projections(blk.attn, hg, width)
             q, k, v, o = self._attention(blk.attn, qkv if g is None else g.pad(qkv), width,
-                                         bias if g is None else g.bias(bias, state.size), state.policy)
+                                         bias if g is None else g.bias(bias, state.size), state.policy,
+                                         rope if g is None or rope is None else g.pad(g.take(rope)))
             outs.append(self._attention_output(blk.attn, hg, o if g is None else g.unpad(o)))
             attended.append((g, q, k, v))
-        x = x + blk.drop_path1(blk.ls1(outs[0] if len(outs) == 1 else torch.cat(outs)))
+        x = x + blk.drop_path1(_layer_scale(blk, 1, outs[0] if len(outs) == 1 else torch.cat(outs)))
 
         if decide and index in self.decision_layers:
             state = layout.unpack(state, x) if layout else state.replace(x=x)
@@ -310,7 +345,7 @@ class LeanViT(nn.Module):
         h = blk.norm2(x)
         outs = [elastic.mlp_forward(blk.mlp, h if g is None else g.take(h), static[1] if g is None else g.width)
                 for g in (layout.mlp_groups(static[1]) if layout else [None])]
-        x = x + blk.drop_path2(blk.ls2(outs[0] if len(outs) == 1 else torch.cat(outs)))
+        x = x + blk.drop_path2(_layer_scale(blk, 2, outs[0] if len(outs) == 1 else torch.cat(outs)))
         packed = _Packed(layout, layout.to_attention_order(x)) if layout else None
         if not layout:
             state = state.replace(x=x)
@@ -341,11 +376,15 @@ class LeanViT(nn.Module):
         return cached
 
     def _attention(self, attn: Attention, qkv: Tensor, heads: int, bias: Optional[Tensor],
-                   policy: Optional[Tensor]):
+                   policy: Optional[Tensor], rope: Optional[Tensor] = None):
         """q, k, v (B, heads, N, d) and the attention output (B, N, heads·d) of qkv (B, N, 3·heads·d)."""
         B, N = qkv.shape[:2]
         q, k, v = qkv.reshape(B, N, 3, heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
+        if rope is not None:  # each token's own rotary row (B, N, 2d), as EVA rotates q and k
+            half = dict(half=True) if getattr(attn, "rotate_half", False) else {}
+            q = apply_rot_embed_cat(q, rope[:, None], **half).type_as(v)
+            k = apply_rot_embed_cat(k, rope[:, None], **half).type_as(v)
         dropout = attn.attn_drop.p if self.training else 0.0
         if policy is None:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
@@ -374,11 +413,20 @@ class LeanViT(nn.Module):
             view.note_macs = self.note_macs
         return view
 
+    @property
+    def _pooled_from(self) -> int:
+        """The first token the head pools: prefix tokens only if the model pools them (timm's
+        ``pool_include_prefix``; EVA's attention pool pools every token)."""
+        m = self.model
+        if isinstance(m, Eva):
+            return 0 if m.attn_pool is not None else self.n_prefix
+        return 0 if m.pool_include_prefix else self.n_prefix
+
     def _pool_attention(self, state: TokenState, bias: Optional[Tensor]) -> Tensor:
         """(B, N) the attention a MAP head's pooled query gives the current tokens, as if they were
         the final ones (prefix tokens the head does not pool get none): the CLS substitute."""
         m = self.model
-        p = 0 if m.pool_include_prefix else self.n_prefix
+        p = self._pooled_from
         a = attention_pool(m.attn_pool, m.norm(state.x[:, p:]), None if bias is None else bias[..., p:],
                            weights_only=True)
         if self._trace is not None:
@@ -391,7 +439,7 @@ class LeanViT(nn.Module):
         x = m.norm(state.x)
         if m.global_pool == "token":  # CLS (and distillation) token: timm's own head
             return m.forward_head(x)
-        p = 0 if m.pool_include_prefix else self.n_prefix
+        p = self._pooled_from
         x = x[:, p:]
         if m.attn_pool is not None:  # MAP: the latent query attends as the blocks do (log-size, padding)
             bias = state.attn_bias()
