@@ -422,3 +422,13 @@ def test_rope_ragged_batch_equals_each_image_alone(name):
 def test_eva_channel_slicing_refused():
     with pytest.raises(ValueError, match="only timm's Attention can be sliced"):
         leanvit.adapt(family("eva02_tiny"), "channels", heads=2)
+
+
+def test_prance_on_eva_tokens_only():
+    """PRANCE's channel choices need sliceable blocks: refused on EVA at adapt; its token choices run."""
+    model = family("eva02_tiny")
+    with pytest.raises(leanvit.OptionError, match="channels=false"):
+        leanvit.adapt(model, "prance", stages=3)
+    f = leanvit.adapt(model, "prance", stages=3, channels=False, strategy="prune-merge")
+    with torch.no_grad():
+        assert bool(torch.isfinite(f(images(3))).all())

@@ -17,7 +17,7 @@ def check_sliceable(blk: nn.Module, index: int, heads: Optional[int], hidden: Op
     """Refuse, naming the part, widths the block cannot be sliced to."""
     attn = blk.attn
     if heads is not None:
-        if type(attn) is not Attention:
+        if not isinstance(attn, Attention):
             raise ValueError(f"block {index}: only timm's Attention can be sliced by heads, got {type(attn).__name__}")
         if not 1 <= heads <= attn.num_heads:
             raise ValueError(f"block {index}: heads must be in 1..{attn.num_heads}, got {heads}")
@@ -28,6 +28,11 @@ def check_sliceable(blk: nn.Module, index: int, heads: Optional[int], hidden: Op
             raise ValueError(f"block {index}: only timm's plain Mlp can be sliced, got {type(blk.mlp).__name__}")
         if not 1 <= hidden <= blk.mlp.fc1.out_features:
             raise ValueError(f"block {index}: MLP width must be in 1..{blk.mlp.fc1.out_features}, got {hidden}")
+
+
+def sliceable(blk: nn.Module) -> bool:
+    """Whether the block's heads and MLP neurons can be sliced at all (timm's Attention and Mlp)."""
+    return isinstance(blk.attn, Attention) and type(blk.mlp) is Mlp
 
 
 def qkv_rows(attn: nn.Module, heads: int) -> Tensor:
@@ -58,7 +63,7 @@ def attention_projections(attn: nn.Module, h: Tensor, heads: Optional[int]) -> T
     """qkv of the first ``heads`` heads: (B, N, 3 * heads * head_dim), and the head count."""
     if heads is None or heads == attn.num_heads:
         return _qkv(attn, h), attn.num_heads
-    if type(attn) is not Attention:
+    if not isinstance(attn, Attention):
         raise ValueError(f"only timm's Attention can be sliced by heads, got {type(attn).__name__}")
 
     def make(qkv):
@@ -87,7 +92,7 @@ def output_projection(attn: nn.Module, o: Tensor) -> Tensor:
 
 def mlp_forward(mlp: nn.Module, x: Tensor, hidden: Optional[int]) -> Tensor:
     """timm's Mlp with its first ``hidden`` neurons (the whole MLP when None)."""
-    if hidden is None or (type(mlp) is Mlp and hidden == mlp.fc1.out_features):
+    if hidden is None or hidden == getattr(getattr(mlp, "fc1", None), "out_features", None):
         return mlp(x)
     if type(mlp) is not Mlp:
         raise ValueError(f"only timm's plain Mlp can be sliced, got {type(mlp).__name__}")

@@ -1,4 +1,5 @@
-"""One block runner for any timm VisionTransformer, with decision points between attention and MLP.
+"""One block runner for any timm VisionTransformer (and EVA's ``Eva``: EVA-02, RoPE ViTs), with
+decision points between attention and MLP.
 
 Every block runs as timm's pre-norm ``Block`` does, with attention through
 ``F.scaled_dot_product_attention`` and an additive mask carrying the log-size of merged tokens
@@ -55,7 +56,8 @@ def check_supported(model: nn.Module) -> None:
         name = type(model).__name__
         part = f": {UNSUPPORTED_FAMILIES[name]} are not run by leanvit's block runner" if name in UNSUPPORTED_FAMILIES else ""
         raise UnsupportedModelError(
-            f"leanvit adapts timm VisionTransformer models (ViT, DeiT, DeiT-III, ...); got {name}{part}")
+            f"leanvit adapts timm VisionTransformer and Eva models (ViT, DeiT, DINOv2, CLIP, SigLIP, EVA-02, "
+            f"...); got {name}{part}")
     pool = getattr(model, "attn_pool", None)
     if model.global_pool not in SUPPORTED_POOLS or (pool is not None and type(pool) is not AttentionPoolLatent):
         raise UnsupportedModelError(
@@ -174,7 +176,8 @@ class LeanViT(nn.Module):
             n_tokens=model.patch_embed.num_patches + self.n_prefix,
             num_heads=model.blocks[0].attn.num_heads if len(model.blocks) else 0,
             embed_dim=model.embed_dim, has_cls=model.cls_token is not None,
-            mlp_hidden=_mlp_hidden(model.blocks[0].mlp) if len(model.blocks) else 0))
+            mlp_hidden=_mlp_hidden(model.blocks[0].mlp) if len(model.blocks) else 0,
+            channel_elastic=all(elastic.sliceable(blk) for blk in model.blocks)))
         for i, blk in enumerate(model.blocks):
             widths = method.block_widths(i)
             if widths:
@@ -281,7 +284,7 @@ class LeanViT(nn.Module):
             x, table = m._pos_embed(m.patch_embed(images))
             x = m.norm_pre(x)
             if table is not None:
-                table = table.to(x.dtype).expand(x.shape[0], -1, -1)
+                table = table.expand(x.shape[0], -1, -1)  # in its own dtype: timm rotates in it, then casts
                 rope = torch.cat([identity_rope(table[:, :1]).expand(-1, self.n_prefix, -1), table], dim=1)
         else:
             x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))

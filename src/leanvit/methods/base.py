@@ -36,6 +36,7 @@ class ModelInfo:
     embed_dim: int
     has_cls: bool = True  # a CLS token at index 0
     mlp_hidden: int = 0  # MLP width of the first block
+    channel_elastic: bool = True  # every block's heads and MLP neurons can be sliced (elastic.sliceable)
 
 
 class AttentionView:

@@ -126,6 +126,9 @@ class Prance(Reduction, nn.Module):
     def bind(self, info):
         super().bind(info)
         self._resolve_options()
+        if (self.channels or self.subnet is not None) and not info.channel_elastic:
+            raise OptionError("prance: channels=true (and subnet=) slice attention heads and MLP neurons, which "
+                              "only timm's Attention and plain Mlp allow; this model has others: pass channels=false")
         if info.depth < self.n_stages:
             raise OptionError(f"prance: {self.n_stages} stages need at least as many blocks, the model has {info.depth}")
         self.bounds = [round(i * info.depth / self.n_stages) for i in range(self.n_stages + 1)]
