@@ -80,7 +80,7 @@ def _qkv(attn: nn.Module, h: Tensor) -> Tensor:
     if getattr(attn, "q_bias", None) is None:
         return attn.qkv(h)
     bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-    return attn.qkv(h) + bias if attn.qkv_bias_separate else F.linear(h, attn.qkv.weight, bias)
+    return attn.qkv(h) + bias if getattr(attn, "qkv_bias_separate", False) else F.linear(h, attn.qkv.weight, bias)
 
 
 def output_projection(attn: nn.Module, o: Tensor) -> Tensor:

@@ -18,9 +18,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from timm.layers import Attention, AttentionPoolLatent, AttentionRope
+from timm.layers import Attention, AttentionPoolLatent
 from timm.layers.pos_embed_sincos import apply_rot_embed_cat
 from timm.models.eva import Eva, EvaAttention, EvaBlock
+try:
+    from timm.layers import AttentionRope  # RoPE ViTs (newer timm)
+except ImportError:
+    AttentionRope = EvaAttention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from . import elastic
