@@ -256,18 +256,6 @@ def test_map_head_reduced_runs_counts_and_ragged_equals_alone(family, method, op
     assert measured == pytest.approx(analytic * 1e9, rel=0.01) and analytic * 1e9 <= measured * (1 + 1e-12)
 
 
-@pytest.mark.parametrize("family", list(MAP))
-def test_map_head_ragged_batch_equals_each_image_alone(family):
-    f = leanvit.adapt(_random_pool(MAP[family]()), AboveMean((1, 2)))
-    x = images(4)
-    with torch.no_grad(), f.tracing():
-        logits = f(x)
-    assert f.last_state.valid is not None and not bool(f.last_state.valid.all())
-    with torch.no_grad():
-        alone = torch.cat([f(x[i:i + 1]) for i in range(4)])
-    torch.testing.assert_close(logits, alone, atol=1e-5, rtol=1e-5)
-
-
 # --------------------------------------------------------------------------- coverage of timm's families
 SHRINK = dict(img_size=32, patch_size=4, depth=4, embed_dim=64, num_heads=4, num_classes=10)
 FAMILIES = {  # id -> timm name (random weights, shrunk by SHRINK)
@@ -406,10 +394,15 @@ def test_rope_positions_not_sequence_order(name):
         torch.testing.assert_close(f.run(shuffled), ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["eva02_tiny", "pe_core_map"])
-def test_rope_ragged_batch_equals_each_image_alone(name):
-    """A ragged batch runs packed: each group's rotary rows are packed with its tokens."""
-    f = leanvit.adapt(family(name), AboveMean((1, 2)))
+RAGGED = {**{k: (lambda k=k: _random_pool(MAP[k]())) for k in MAP},
+          **{k: (lambda k=k: family(k)) for k in ("eva02_tiny", "pe_core_map")}}
+
+
+@pytest.mark.parametrize("name", list(RAGGED))
+def test_ragged_batch_equals_each_image_alone(name):
+    """A ragged batch runs packed: the MAP head masks its padding, and each group's rotary rows
+    are packed with its tokens."""
+    f = leanvit.adapt(RAGGED[name](), AboveMean((1, 2)))
     x = images(4)
     with torch.no_grad(), f.tracing():
         logits = f(x)
