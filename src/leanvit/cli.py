@@ -80,6 +80,7 @@ def cmd_bench(args) -> int:
     from .bench import benchmark, format_table
     from .data import resolve_data
     from .provenance import provenance
+    from .runtime import adapt
     methods = [(text, spec.method, spec.options) for text, spec in zip(args.methods, map(parse_spec, args.methods))]
     model = _load(args)
     size = args.input_size or list(model.pretrained_cfg.get("input_size", (3, 224, 224)))
@@ -97,6 +98,11 @@ def cmd_bench(args) -> int:
     result["provenance"] = provenance(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
                                       data=resolve_data(args.data) if args.data else None, split=args.split)
     print(format_table(result))
+    if args.profile_ops:
+        from .bench import format_profile, profile_operators
+        runners = {"dense": adapt(model, "none"), **{label: adapt(model, name, **opts) for label, name, opts in methods}}
+        result["operators"] = profile_operators(runners, images, repeats=args.repeats, top=args.profile_ops)
+        print(format_profile(result["operators"]))
     if args.json:
         _write_json(args.json, result)
     return 0
@@ -479,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch size 1: time --batch-size images, each its own forward")
     p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--warmup", type=natural, default=1)
+    p.add_argument("--profile-ops", type=positive_int, metavar="TOP",
+                   help="then, where the time goes: the TOP operators of dense and each method per forward "
+                        "(count, ms, calling line), the runners alternating")
     p.add_argument("--json", type=path, help="write the result as JSON here")
     p.set_defaults(func=cmd_bench)
 
