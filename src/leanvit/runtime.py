@@ -179,6 +179,7 @@ class LeanViT(nn.Module):
             layout, x = packed.layout, packed.x
         trace = self._trace is not None and decide  # a look-ahead is not what the forward ran
         counts_in = state.counts() if trace else None
+        decided = None  # the state a decision in this block returned
         attn_run, attn_span = (layout.counts, layout.spans()) if layout and trace else (float(state.x.shape[1]),) * 2
 
         h = blk.norm1(x)
@@ -198,6 +199,7 @@ class LeanViT(nn.Module):
             state = layout.unpack(state, x) if layout else state.replace(x=x)
             self._note_decision(index, state)
             state = self.method.reduce(index, state, self._attention_view(attended, state, bias))
+            decided = state
             layout = self._layout(state)
             x = layout.pack(state.x, mlp_order=True) if layout else state.x
         elif layout:
@@ -218,12 +220,25 @@ class LeanViT(nn.Module):
                 hidden=state.hidden if state.hidden is not None else static[1],
                 # what ran, padding included: tokens of the linear layers, and attention's span
                 attn_run=attn_run, attn_span=attn_span,
-                mlp_run=layout.counts if layout else float(state.x.shape[1])))
+                mlp_run=layout.counts if layout else float(state.x.shape[1]),
+                tokens=self._tokens_of(decided)))
         if decide and index in self.after_block_layers:
             state, packed = packed.unpack(state) if packed else state, None
             self._note_decision(index, state)
             state = self.method.reduce(index, state, None)
+            if trace:
+                self._trace[-1]["tokens"] = self._tokens_of(state)
         return state, packed
+
+    def _tokens_of(self, decided: Optional[TokenState]) -> Optional[dict]:
+        """For token maps (tracing with sources): which input tokens each token stands for after a
+        decision, its validity and size; None without a decision or without source tracking."""
+        if decided is None or not self.track_source:
+            return None
+        if decided.source is None:
+            raise RuntimeError(f"{type(self.method).__name__}.reduce dropped the token sources")
+        copy = lambda t: None if t is None else t.detach().clone()  # noqa: E731
+        return dict(source=copy(decided.source), valid=copy(decided.valid), size=copy(decided.size))
 
     def _layout(self, state: TokenState) -> Optional["_Layout"]:
         """Where the real tokens of ``state`` are, when it runs packed (None: one (B, N, C) batch).
