@@ -60,9 +60,20 @@ def check_supported(model: nn.Module) -> None:
 
 
 def policy_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], policy: Tensor,
-                     dropout: float = 0.0, eps: float = 1e-6) -> Tensor:
-    """DynamicViT's masked softmax: the attention to each key is multiplied by its keep decision
-    (every token still attends to itself), so gradients flow into differentiable decisions."""
+                     dropout: float = 0.0) -> Tensor:
+    """DynamicViT's masked softmax: the attention to each key is multiplied by its (hard, 0/1
+    forward) keep decision, every token still attending to itself, so gradients flow into the
+    differentiable decisions.
+
+    The softmax is shifted by the largest logit among each query's *kept* keys, so its forward is
+    exactly attention over the kept tokens (what inference runs after real removal). The authors'
+    code shifts by the largest over all keys and adds eps = 1e-6: when a query's largest key is
+    dropped and its attention is peaked (logit gaps > 14, common on our reference model), the kept
+    keys' weights underflow below eps, that query attends uniformly, and the gradient into the
+    decisions grows to ~1/eps; on the reference model it was 1e4-1e5 times the keep-ratio loss's,
+    so the predictors ignored the keep rate (issue 13, item 6). A dropped key's exponent is capped
+    at the kept maximum's: its weight is 0 in the forward either way, and the gradient toward
+    keeping it stays bounded (as if it were at most as attended as the best kept key)."""
     n = q.shape[-2]
     logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if bias is not None:
@@ -70,8 +81,9 @@ def policy_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], po
     eye = torch.eye(n, dtype=q.dtype, device=q.device)
     keep = policy[:, None, None, :].to(q.dtype)
     keep = keep + (1.0 - keep) * eye
-    w = (logits - logits.amax(dim=-1, keepdim=True)).exp() * keep
-    w = (w + eps / n) / (w.sum(dim=-1, keepdim=True) + eps)
+    top = logits.detach().masked_fill(keep.detach() <= 0, float("-inf")).amax(dim=-1, keepdim=True)
+    w = (logits - top).clamp(max=0).exp() * keep  # the largest kept key contributes 1: no underflow
+    w = w / w.sum(dim=-1, keepdim=True)
     return F.dropout(w, dropout, training=dropout > 0) @ v
 
 
