@@ -13,9 +13,8 @@
 #  3. `leanvit match` of each MAPPO policy on 2,000 test images: its mean GMACs and tokens per block,
 #     the random:schedule spec at those counts, and the EViT/ToMe/PPT/DynamicViT settings whose GMACs
 #     are closest (their counts do not depend on the image); budgets.txt and counts.txt from it.
-#     DynamicViT fine-tuned at the keep rate whose GMACs match each MAPPO policy: 1 epoch over a
-#     12,800-image class-balanced train subset (100 steps of 128), AdamW 1e-4 (cosine to 1e-6,
-#     10% warm-up), distillation 0.5 to the dense model, 2 torchrun processes.
+#     DynamicViT fine-tuned and swept at the keep rate whose GMACs match each MAPPO policy
+#     (benchmarks/dynamicvit_reference.sh; until 2026-12-02: 1 epoch, AdamW 1e-4 for all weights).
 #  4. Random at MAPPO's mean token counts per block (from step 3).
 #  5. Everything on the 10,000 CIFAR-10 test images (leanvit sweep, 2 threads, batch 250): EViT,
 #     ToMe and PPT (threshold=scaled) at the settings whose GMACs match each budget, both
@@ -54,12 +53,6 @@ with open(f"{res}/counts.txt", "a") as f:
 PY
 done
 cat $RES/budgets.txt
-while read -r run gmacs rho evit tome ppt; do
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m leanvit train --model cifar10_vit12_w128 \
-        --data "$DATA" --method dynamicvit --opt keep_rate=$rho --distill 0.5 --epochs 1 --limit-train 12800 \
-        --limit-eval 1000 --batch-size 128 --lr 1e-4 --min-lr 1e-6 --warmup-epochs 0.1 --weight-decay 0.05 \
-        --label-smoothing 0.1 --workers 1 --out runs/rl4evit/dynamicvit_k$rho < /dev/null
-done < $RES/budgets.txt
 cat $RES/counts.txt
 specs=()
 while read -r run gmacs rho evit tome ppt; do specs+=("$evit" "$tome" "$ppt"); done < $RES/budgets.txt
@@ -69,9 +62,5 @@ specs+=($(grep '^random:schedule=' $RES/counts.txt))
 mapfile -t specs < <(printf '%s\n' "${specs[@]}" | awk '!seen[$0]++')  # two budgets may share a setting
 leanvit sweep --model cifar10_vit12_w128 --data "$DATA" --threads 2 --batch-size 250 --out $RES/sweep \
     --methods "${specs[@]}"
-while read -r run gmacs rho evit tome ppt; do
-    leanvit sweep --model vit12_convstem_w128_cifar --checkpoint runs/rl4evit/dynamicvit_k$rho/final.safetensors \
-        --data "$DATA" --threads 2 --batch-size 250 --out $RES/dynamicvit_k$rho \
-        --methods dynamicvit:keep_rate=$rho:weights=runs/rl4evit/dynamicvit_k$rho/method.safetensors < /dev/null
-done < $RES/budgets.txt
+bash benchmarks/dynamicvit_reference.sh
 bash benchmarks/rl4evit_publish.sh | tee $RES/publish.txt
