@@ -131,9 +131,20 @@ def attention_pool(pool: AttentionPoolLatent, x: Tensor, bias: Optional[Tensor],
 
 
 def policy_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], policy: Tensor,
-                     dropout: float = 0.0, eps: float = 1e-6) -> Tensor:
-    """DynamicViT's masked softmax: the attention to each key is multiplied by its keep decision
-    (every token still attends to itself), so gradients flow into differentiable decisions."""
+                     dropout: float = 0.0) -> Tensor:
+    """DynamicViT's masked softmax: the attention to each key is multiplied by its (hard, 0/1
+    forward) keep decision, every token still attending to itself, so gradients flow into the
+    differentiable decisions.
+
+    The softmax is shifted by the largest logit among each query's *kept* keys, so its forward is
+    exactly attention over the kept tokens (what inference runs after real removal). The authors'
+    code shifts by the largest over all keys and adds eps = 1e-6: when a query's largest key is
+    dropped and its attention is peaked (logit gaps > 14, common on our reference model), the kept
+    keys' weights underflow below eps, that query attends uniformly, and the gradient into the
+    decisions grows to ~1/eps; on the reference model it was 1e4-1e5 times the keep-ratio loss's,
+    so the predictors ignored the keep rate (issue 13, item 6). A dropped key's exponent is capped
+    at the kept maximum's: its weight is 0 in the forward either way, and the gradient toward
+    keeping it stays bounded (as if it were at most as attended as the best kept key)."""
     n = q.shape[-2]
     logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if bias is not None:
@@ -141,8 +152,9 @@ def policy_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], po
     eye = torch.eye(n, dtype=q.dtype, device=q.device)
     keep = policy[:, None, None, :].to(q.dtype)
     keep = keep + (1.0 - keep) * eye
-    w = (logits - logits.amax(dim=-1, keepdim=True)).exp() * keep
-    w = (w + eps / n) / (w.sum(dim=-1, keepdim=True) + eps)
+    top = logits.detach().masked_fill(keep.detach() <= 0, float("-inf")).amax(dim=-1, keepdim=True)
+    w = (logits - top).clamp(max=0).exp() * keep  # the largest kept key contributes 1: no underflow
+    w = w / w.sum(dim=-1, keepdim=True)
     return F.dropout(w, dropout, training=dropout > 0) @ v
 
 
@@ -322,6 +334,7 @@ class LeanViT(nn.Module):
             layout, x = packed.layout, packed.x
         trace = self._trace is not None and decide  # a look-ahead is not what the forward ran
         counts_in = state.counts() if trace else None
+        decided = None  # the state a decision in this block returned
         attn_run, attn_span = (layout.counts, layout.spans()) if layout and trace else (float(state.x.shape[1]),) * 2
 
         h = blk.norm1(x)
@@ -343,6 +356,7 @@ class LeanViT(nn.Module):
             state = layout.unpack(state, x) if layout else state.replace(x=x)
             self._note_decision(index, state)
             state = self.method.reduce(index, state, self._attention_view(attended, state, bias))
+            decided = state
             layout = self._layout(state)
             x = layout.pack(state.x, mlp_order=True) if layout else state.x
         elif layout:
@@ -363,12 +377,25 @@ class LeanViT(nn.Module):
                 hidden=state.hidden if state.hidden is not None else static[1],
                 # what ran, padding included: tokens of the linear layers, and attention's span
                 attn_run=attn_run, attn_span=attn_span,
-                mlp_run=layout.counts if layout else float(state.x.shape[1])))
+                mlp_run=layout.counts if layout else float(state.x.shape[1]),
+                tokens=self._tokens_of(decided)))
         if decide and index in self.after_block_layers:
             state, packed = packed.unpack(state) if packed else state, None
             self._note_decision(index, state)
             state = self.method.reduce(index, state, None)
+            if trace:
+                self._trace[-1]["tokens"] = self._tokens_of(state)
         return state, packed
+
+    def _tokens_of(self, decided: Optional[TokenState]) -> Optional[dict]:
+        """For token maps (tracing with sources): which input tokens each token stands for after a
+        decision, its validity and size; None without a decision or without source tracking."""
+        if decided is None or not self.track_source:
+            return None
+        if decided.source is None:
+            raise RuntimeError(f"{type(self.method).__name__}.reduce dropped the token sources")
+        copy = lambda t: None if t is None else t.detach().clone()  # noqa: E731
+        return dict(source=copy(decided.source), valid=copy(decided.valid), size=copy(decided.size))
 
     def _layout(self, state: TokenState) -> Optional["_Layout"]:
         """Where the real tokens of ``state`` are, when it runs packed (None: one (B, N, C) batch).
