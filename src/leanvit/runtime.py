@@ -371,20 +371,21 @@ class LeanViT(nn.Module):
         if not layout:
             state = state.replace(x=x)
         if trace:
-            self._trace.append(dict(
+            record = dict(
                 layer=index, attn_tokens=counts_in, mlp_tokens=state.counts(),
                 heads=state.heads if state.heads is not None else static[0],
                 hidden=state.hidden if state.hidden is not None else static[1],
                 # what ran, padding included: tokens of the linear layers, and attention's span
                 attn_run=attn_run, attn_span=attn_span,
                 mlp_run=layout.counts if layout else float(state.x.shape[1]),
-                tokens=self._tokens_of(decided)))
+                tokens=self._tokens_of(decided))
+            self._trace.append(record)
         if decide and index in self.after_block_layers:
             state, packed = packed.unpack(state) if packed else state, None
             self._note_decision(index, state)
             state = self.method.reduce(index, state, None)
             if trace:
-                self._trace[-1]["tokens"] = self._tokens_of(state)
+                record["tokens"] = self._tokens_of(state)  # not _trace[-1]: the decision's cost came after it
         return state, packed
 
     def _tokens_of(self, decided: Optional[TokenState]) -> Optional[dict]:
