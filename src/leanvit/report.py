@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .device import module_device
 from .methods.base import leaves_no_trace
 from .runtime import LeanViT
 
@@ -143,20 +144,23 @@ def record_token_states(runner: LeanViT, images: Tensor) -> List[LayerTokens]:
         out = original(layer, state, attn)
         if out.source is None:
             raise RuntimeError(f"{type(method).__name__}.reduce dropped the token sources at layer {layer}")
-        records.append(LayerTokens(
-            layer=int(layer), n_prefix=out.n_prefix, source=out.source.detach().clone(),
-            valid=None if out.valid is None else out.valid.detach().clone(),
-            size=None if out.size is None else out.size.detach().clone()))
+        records.append(LayerTokens(  # copies on the host, where the figures are drawn
+            layer=int(layer), n_prefix=out.n_prefix, source=_host_copy(out.source),
+            valid=_host_copy(out.valid), size=_host_copy(out.size)))
         return out
 
     try:
         with leaves_no_trace(method):  # the wrapper goes too, and any instance reduce comes back
             method.reduce = recording_reduce
             with torch.inference_mode(), runner.tracing(track_source=True):
-                runner(images)
+                runner(images.to(module_device(runner)))
     finally:
         runner.last_state = last_state
     return records
+
+
+def _host_copy(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.detach().to("cpu", copy=True)
 
 
 # --------------------------------------------------------------------------- token maps

@@ -21,6 +21,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from . import elastic
+from .device import module_device
 from .methods import OptionError, build_method  # the package: every method registered
 from .methods.base import AttentionView, ModelInfo, Reduction
 from .tokens import TokenState
@@ -93,6 +94,8 @@ class LeanViT(nn.Module):
             num_heads=model.blocks[0].attn.num_heads if len(model.blocks) else 0,
             embed_dim=model.embed_dim, has_cls=model.cls_token is not None,
             mlp_hidden=_mlp_hidden(model.blocks[0].mlp) if len(model.blocks) else 0))
+        if isinstance(method, nn.Module):  # a learned method's networks (built by bind) live where the model does
+            method.to(module_device(model))
         for i, blk in enumerate(model.blocks):
             widths = method.block_widths(i)
             if widths:

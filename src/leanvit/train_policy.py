@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .data import DATA_HELP
+from .device import module_device
 from .measure import macs_per_image
 from .methods.rl4evit import agent_rewards
 from .options import arg, natural, nonnegative, path, positive, positive_int
@@ -52,6 +53,8 @@ class PolicyRun:
     limit_train: Optional[int] = arg(None, positive_int)
     limit_eval: Optional[int] = arg(None, positive_int)
     max_steps: Optional[int] = arg(None, positive_int)
+    device: Optional[str] = None  # --device (leanvit.device.select_device; None: cuda when available)
+    amp: str = "off"  # --amp: off or bf16 autocast
 
 
 @dataclass(kw_only=True)
@@ -91,7 +94,7 @@ def ppo_update(method, ro: dict, rewards: torch.Tensor, cfg: PPOConfig, opt_acto
     def logp_of(logp_tokens):
         return (logp_tokens * alive).sum(dim=2) if single else logp_tokens
 
-    weight = torch.ones(rewards.shape[:2]) if single else alive
+    weight = rewards.new_ones(rewards.shape[:2]) if single else alive
     step_rewards = (rewards * alive).sum(dim=2) if single else rewards
     with torch.no_grad():
         values_old = values_of()
@@ -136,10 +139,12 @@ def evaluate_policy(runner, loader) -> dict:
     runner.eval()
     runner.masked, runner.method.sampling = False, False
     correct = total = macs = 0.0
+    device = module_device(runner)
     with torch.inference_mode():
         for batch in loader:
             if len(batch) == 0:
                 continue
+            batch = batch.to(device, non_blocking=True)
             with runner.tracing() as trace:
                 logits = runner(batch.images)
             correct += float((logits.argmax(1) == batch.labels).sum())
@@ -152,7 +157,7 @@ def evaluate_policy(runner, loader) -> dict:
 def train_policy(cfg: PolicyConfig, log: Callable[[str], None] = print) -> dict:
     from .models import create_model  # at call time: tests replace models.create_model
     run = Run(cfg, log)
-    model = create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained)
+    model = create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained).to(run.device)
     run.setup_data(model)
     runner = adapt(model, "rl4evit", **cfg.options)
     method = runner.method
