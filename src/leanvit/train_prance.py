@@ -177,7 +177,7 @@ def rollout_tensors(rollout: List[dict], batch: int, stages: int, dense_macs: fl
                logp=first["logp"].new_zeros(T, batch), correct=torch.zeros(T, batch, dtype=torch.bool, device=dev),
                macs_ratio=torch.zeros(T, batch, device=dev), kept=torch.zeros(T, batch, device=dev))
     for step in rollout:
-        t, rows = step["stage"] - 1, step["rows"].to(dev)
+        t, rows = step["stage"] - 1, step["rows"]
         for key in ("features", "actions", "logp"):
             out[key][t, rows] = step[key]
         out["correct"][t, rows] = step["logits"].argmax(dim=1) == labels[rows]
