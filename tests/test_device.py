@@ -143,3 +143,20 @@ def test_eval_and_sweep_on_two_processes_give_the_one_process_result(tmp_path, c
     assert two_sweep["processes"] == 2 and len(two_sweep["rows"]) == 2
     assert not _same(one_sweep, two_sweep), _same(one_sweep, two_sweep)
     assert (two / "sweep" / "token_maps.png").is_file() and (two / "sweep" / "pareto.png").is_file()
+
+
+def test_bf16_training_on_cpu_keeps_fp32_weights(tmp_path):
+    """--amp bf16 in a training: the steps and evaluations run under autocast (other numbers than
+    fp32's), the weights and optimizer stay fp32."""
+    from leanvit.train import TrainConfig, train
+    from test_train import SMALL, weights
+    runs = {}
+    for amp in ("off", "bf16"):
+        cfg = TrainConfig(out=str(tmp_path / amp), amp=amp, device="cpu", max_steps=2, **dict(SMALL, epochs=1))
+        runs[amp] = train(cfg, log=lambda s: None)
+    assert runs["bf16"]["steps"] == 2 and runs["bf16"]["config"]["amp"] == "bf16"
+    w16, w32 = weights(tmp_path / "bf16"), weights(tmp_path / "off")
+    floats = [k for k, v in w32.items() if v.is_floating_point()]  # (BatchNorm counts its batches in int64)
+    assert floats and all(w16[k].dtype == torch.float32 and torch.isfinite(w16[k]).all() for k in floats)
+    assert any(not torch.equal(w16[k], w32[k]) for k in floats)  # autocast was on
+    assert max(float((w16[k] - w32[k]).abs().max()) for k in floats) < 0.05  # and close to fp32's steps
