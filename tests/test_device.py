@@ -27,7 +27,7 @@ def test_every_command_that_runs_a_model_takes_device_and_amp(command, capsys):
     assert main([command, "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
     assert "--device" in text and "cuda:N" in text and "--amp {off,bf16,fp16}" in text
-    assert "without AMX" in text and "fp16 needs CUDA" in text
+    assert "AVX-512 BF16" in text and "slower than fp32" in text and "fp16 needs CUDA" in text
 
 
 def test_select_device_here():

@@ -82,6 +82,9 @@ def _quartiles(values: List[float]) -> List[float]:
     return [float(t.quantile(0.25)), float(t.quantile(0.75))]
 
 
+SUMS = ("correct", "d", "d2", "macs", "agree", "kl", "time")  # what evaluate adds up over images and processes
+
+
 def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", reference: str = "dense",
              seed: int = 0, amp: str = "off") -> Dict[str, EvalResult]:
     """Run every runner on each batch of ``loader`` (one pass over the data for all of them).
@@ -98,9 +101,9 @@ def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", 
     """
     names = list(runners)
     device = module_device(next(iter(runners.values())))
-    # per runner: sums over the images (correct, d = correct - reference's correct, d^2, MACs,
-    # agreement, KL), and forward seconds per batch
-    stats = {k: dict(correct=0, d=0, d2=0, macs=0.0, agree=0, kl=0.0, seconds=[]) for k in names}
+    # per runner: the SUMS over the images (correct, d = correct - reference's correct, d^2, MACs,
+    # agreement, KL) and batches (forward seconds), and the forward seconds of every batch
+    stats = {k: dict({key: 0 for key in SUMS}, seconds=[]) for k in names}
     n, skipped, warm = 0, [], False
     order = random.Random(seed)
     for r in runners.values():
@@ -129,6 +132,7 @@ def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", 
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)  # the kernels are asynchronous: time them, not their launch
                     stats[name]["seconds"].append(time.perf_counter() - t0)
+                    stats[name]["time"] += stats[name]["seconds"][-1]
                 correct[name] = logits[name].argmax(dim=1) == labels
                 stats[name]["correct"] += int(correct[name].sum())
                 stats[name]["macs"] += float(macs_per_image(runner, trace, images).sum())
@@ -141,29 +145,25 @@ def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", 
                     s["agree"] += int((logits[name].argmax(1) == ref.argmax(1)).sum())
                     s["kl"] += float(kl_per_image(ref, logits[name]).sum())
             bar.set_postfix({k: f"{100 * s['correct'] / n:.1f}%" for k, s in stats.items()})
-    n_local = n
-    n, = all_sum([n])
+    # over the processes (alone: as they are); integer counts and MACs add up exactly in float64
+    n_local, n = n, int(all_sum([n])[0])
     skipped = [path for paths in all_gather(skipped) for path in paths]
     if n == 0:
         raise ValueError(f"no readable images to evaluate ({len(skipped)} unreadable)")
-    n = int(n)
+    totals = {name: dict(zip(SUMS, all_sum([s[k] for k in SUMS]))) for name, s in stats.items()}
     results = {}
     for name, runner in runners.items():
-        s = stats[name]
-        s.update(zip(("correct", "d", "d2", "macs", "agree", "kl"),
-                     all_sum([s[k] for k in ("correct", "d", "d2", "macs", "agree", "kl")])))
-        seconds = sum(all_sum([sum(s["seconds"])]))
-        fidelity = {}
-        if reference in stats:
-            ref = stats[reference]
-            delta, ci = _paired_delta(s["d"], s["d2"], n)
-            ratios = [r / t for r, t in zip(ref["seconds"], s["seconds"])]
-            fidelity = dict(agreement=100.0 * s["agree"] / n, kl_to_dense=s["kl"] / n, delta_top1=delta,
-                            delta_top1_ci95=ci, speedup=sum(all_sum([sum(ref["seconds"])])) / seconds,
+        t, fidelity = totals[name], {}
+        if reference in totals:
+            ref = totals[reference]
+            delta, ci = _paired_delta(t["d"], t["d2"], n)
+            ratios = [r / x for r, x in zip(stats[reference]["seconds"], stats[name]["seconds"])]
+            fidelity = dict(agreement=100.0 * t["agree"] / n, kl_to_dense=t["kl"] / n, delta_top1=delta,
+                            delta_top1_ci95=ci, speedup=ref["time"] / t["time"],
                             speedup_iqr=_quartiles([r for part in all_gather(ratios) for r in part]))
         results[name] = EvalResult(
-            method=name, top1=100.0 * s["correct"] / n, gmacs=s["macs"] / n / 1e9,
-            images_per_second=n / seconds, n_images=n, skipped=len(skipped),
+            method=name, top1=100.0 * t["correct"] / n, gmacs=t["macs"] / n / 1e9,
+            images_per_second=n / t["time"], n_images=n, skipped=len(skipped),
             skipped_paths=skipped, extra=_image_mean(runner.method.stats(), n_local), **fidelity)
     return results
 
