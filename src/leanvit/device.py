@@ -22,8 +22,8 @@ import torch.distributed as dist
 DEVICE_HELP = ("where the model runs: cpu, cuda, cuda:N or mps (default: cuda when available, else cpu; "
                "under torchrun, cuda means cuda:LOCAL_RANK)")
 AMP_HELP = ("mixed precision (autocast): off (default), bf16 or fp16. On a CPU, bf16 pays off only with bf16 "
-            "instructions (AMX or AVX-512 BF16): without them it is slower than fp32 (reported up to about 4x "
-            "without AMX; measure with leanvit bench --amp). fp16 needs CUDA")
+            "instructions (AMX or AVX-512 BF16): without them it is slower than fp32, about 4x on a CPU with "
+            "AVX2 only (compare with leanvit bench --amp). fp16 needs CUDA")
 AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

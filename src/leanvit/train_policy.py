@@ -19,13 +19,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .data import DATA_HELP
-from .device import module_device
 from .measure import macs_per_image
 from .methods.rl4evit import agent_rewards
 from .options import arg, natural, nonnegative, path, positive, positive_int
 from .rl import PPOConfig, clipped_policy_loss, clipped_value_loss, gae
 from .runtime import adapt
-from .training import Run, all_sum, export_weights, fit
+from .training import Run, all_sum, batches_on, export_weights, fit
 
 
 @dataclass(kw_only=True)
@@ -139,12 +138,8 @@ def evaluate_policy(runner, loader) -> dict:
     runner.eval()
     runner.masked, runner.method.sampling = False, False
     correct = total = macs = 0.0
-    device = module_device(runner)
     with torch.inference_mode():
-        for batch in loader:
-            if len(batch) == 0:
-                continue
-            batch = batch.to(device, non_blocking=True)
+        for batch in batches_on(loader, runner):
             with runner.tracing() as trace:
                 logits = runner(batch.images)
             correct += float((logits.argmax(1) == batch.labels).sum())

@@ -357,15 +357,19 @@ def fit(run: Run, desc: str, step: Callable, evaluate: Callable[[int, dict, int]
 
 
 # --- evaluation, export ------------------------------------------------------------------------------
+def batches_on(loader, module):
+    """The batches of ``loader`` that hold images, on ``module``'s device."""
+    device = module_device(module)
+    for batch in loader:
+        if len(batch):
+            yield batch.to(device, non_blocking=True)
+
+
 def evaluate_top1(model, loader) -> float:
     model.eval()
     correct = total = 0
-    device = module_device(model)
     with torch.inference_mode():
-        for batch in loader:
-            if len(batch) == 0:
-                continue
-            batch = batch.to(device, non_blocking=True)
+        for batch in batches_on(loader, model):
             correct += int((model(batch.images).argmax(1) == batch.labels).sum())
             total += batch.images.shape[0]
     correct, total = all_sum([correct, total])
