@@ -9,5 +9,5 @@ read -r -a alphas < benchmarks/results/rl4evit/alphas.txt
 src=runs/rl4evit/multi_a${alphas[1]}/policy.safetensors
 cp "$src" src/leanvit/zoo/cifar10_vit12_w128.rl4evit.safetensors
 sha256sum "$src" src/leanvit/zoo/cifar10_vit12_w128.rl4evit.safetensors
-python benchmarks/rl4evit_card.py "${alphas[1]}" > /dev/null
+python -c "import sys; from leanvit.publish import publish_rl4evit; publish_rl4evit(sys.argv[1])" "${alphas[1]}"
 leanvit demo --data "${DATA:-../shared/data/cifar10-jpeg.tar.gz}" --threads 2 --out docs/demo < /dev/null

@@ -117,7 +117,7 @@ def run_traced(f, x, track_source: bool = True):
 
 def mlp_counts(trace):
     """(depth, B) tokens the MLP of each block ran on (per image)."""
-    return torch.stack([rec["mlp_tokens"] for rec in trace]).tolist()
+    return torch.stack([rec["mlp_tokens"] for rec in trace if rec["layer"] is not None]).tolist()
 
 
 _DEIT_CACHE = {}

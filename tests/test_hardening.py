@@ -38,6 +38,8 @@ BASE = {
     "models": [],
     "sweep": ["--model", MODEL, "--methods", "tome:r=1", "--out", "{out}"],
     "demo": ["--out", "{out}"],
+    "compare": ["{out}/results.json", "--gmacs", "0.1"],
+    "match": ["--model", MODEL, "--of-dense", "0.5"],
 }
 # values each kind of numeric option must refuse
 BAD = {

@@ -92,13 +92,6 @@ def test_ppt_threshold_zero_is_valid_and_always_prunes():
     assert f.method.prune_fraction() == {3: 1.0, 6: 1.0, 9: 1.0}
 
 
-@pytest.mark.parametrize("method", ["evit", "ats", "ppt"])
-def test_cls_attention_methods_refuse_model_without_cls_token(method):
-    model = small_vit(class_token=False, global_pool="avg")
-    with pytest.raises((leanvit.UnsupportedModelError, OptionError)):
-        leanvit.adapt(model, method)
-
-
 # --------------------------------------------------------------------------- token counts per layer
 def _counts_b1(method, size="small", **opts):
     f = leanvit.adapt(deit(size), method, **opts)

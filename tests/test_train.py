@@ -138,6 +138,28 @@ def test_training_a_learned_method_with_distillation(tmp_path):
     assert any(not torch.equal(start[k], trained[k]) for k in start)  # the predictors were trained
 
 
+def test_backbone_learning_rate_scale_and_freeze(tmp_path):
+    """DynamicViT's authors' recipe: the predictors at the learning rate, the ViT frozen for the
+    first epochs and then at a fraction of it."""
+    runs = {}
+    for name, extra in (("frozen", dict(freeze_backbone_epochs=1.0)), ("scaled", dict(backbone_lr_scale=0.01)),
+                        ("full", {}), ("start", dict(lr=0.0, min_lr=0.0))):
+        out = tmp_path / name
+        train(TrainConfig(out=str(out), method="dynamicvit", options={"keep_rate": 0.7}, max_steps=3,
+                          **dict(SMALL, epochs=1, **extra)), log=lambda s: None)
+        runs[name] = (weights(out), load_file(str(out / "method.safetensors")))
+
+    def moved(name, part, keys):
+        return max(float((runs[name][part][k].float() - runs["start"][part][k].float()).abs().max()) for k in keys)
+
+    blocks = [k for k in runs["start"][0] if k.startswith("blocks.")]
+    predictors = list(runs["start"][1])
+    assert moved("frozen", 0, blocks) == 0.0  # the ViT did not move during its frozen epoch
+    assert 0 < moved("scaled", 0, blocks) < 0.1 * moved("full", 0, blocks)
+    for name in ("frozen", "scaled"):  # while the predictors trained at the full rate
+        assert moved(name, 1, predictors) > 0.5 * moved("full", 1, predictors)
+
+
 def test_policy_training_evaluates_on_held_out_training_images(tmp_path):
     """The policy trainings' default evaluation (budget checks, calibration, selection) is a
     class-balanced slice of the training split, disjoint from the images they train on."""

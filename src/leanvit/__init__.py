@@ -9,7 +9,7 @@
 from . import archs  # noqa: F401  (registers the reference architectures with timm)
 from .measure import count_macs
 from .methods import OptionError, Reduction, build_method, list_methods, register
-from .runtime import LeanViT, UnsupportedModelError, adapt
+from .runtime import LeanViT, TokenOutput, UnsupportedModelError, adapt
 from .tokens import TokenState
 from .models import create_model, list_models, load_model
 
@@ -17,4 +17,4 @@ __version__ = "0.1.0"
 
 
 __all__ = ["adapt", "count_macs", "create_model", "list_models", "load_model", "list_methods", "register", "build_method", "LeanViT", "Reduction",
-           "TokenState", "OptionError", "UnsupportedModelError"]
+           "TokenState", "TokenOutput", "OptionError", "UnsupportedModelError"]

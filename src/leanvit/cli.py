@@ -104,6 +104,7 @@ def cmd_bench(args) -> int:
     from .bench import benchmark, format_table
     from .data import resolve_data
     from .provenance import provenance
+    from .runtime import adapt
     methods = [(text, spec.method, spec.options) for text, spec in zip(args.methods, map(parse_spec, args.methods))]
     model = _load(args)
     size = args.input_size or list(model.pretrained_cfg.get("input_size", (3, 224, 224)))
@@ -121,6 +122,11 @@ def cmd_bench(args) -> int:
     result["provenance"] = provenance(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
                                       data=resolve_data(args.data) if args.data else None, split=args.split)
     print(format_table(result))
+    if args.profile_ops:
+        from .bench import format_profile, profile_operators
+        runners = {"dense": adapt(model, "none"), **{label: adapt(model, name, **opts) for label, name, opts in methods}}
+        result["operators"] = profile_operators(runners, images, repeats=args.repeats, top=args.profile_ops)
+        print(format_profile(result["operators"]))
     if args.json:
         _write_json(args.json, result)
     return 0
@@ -232,6 +238,69 @@ def _comparison(args, model, model_name, specs, data_path) -> int:
 def cmd_sweep(args) -> int:
     specs = [parse_spec(s) for s in args.methods]
     return _comparison(args, _load(args), args.model, specs, args.data)
+
+
+def cmd_compare(args) -> int:
+    import json
+    from .analysis import at_gmacs, format_at_gmacs
+    results = []
+    for path in args.results:
+        try:
+            results.append(json.loads(Path(path).read_text()))
+        except json.JSONDecodeError as e:
+            raise CliError(f"{path} is not a sweep result (JSON): {e}") from None
+        if not isinstance(results[-1], dict) or "rows" not in results[-1] or "dense" not in results[-1]:
+            raise CliError(f"{path} is not a `leanvit sweep` results.json (no rows/dense)")
+    dense = results[0]["dense"]
+    gmacs = args.gmacs or [f * dense["gmacs"] for f in args.of_dense]
+    print(format_at_gmacs(at_gmacs(results, gmacs, metric=args.metric), gmacs, dense, metric=args.metric))
+    if args.plot:
+        from .analysis import curve_key
+        from .report import pareto_plot
+        points = [dict(method=curve_key(row), gmacs=row["gmacs"], top1=row["top1"], label=row.get("label", ""))
+                  for r in results for row in r["rows"]
+                  if not args.curves or any(curve_key(row).startswith(c) for c in args.curves)]
+        pareto_plot(points, args.plot, title=args.title, dense=dense)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_match(args) -> int:
+    from .analysis import match_gmacs, mean_tokens, random_control
+    from .measure import count_macs
+    from .runtime import adapt
+    model = _load(args)
+    size = list(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    probe = torch.zeros(1, *size)
+    dense = count_macs(model, probe)
+    result = dict(model=args.model, dense_gmacs=dense)
+    if args.method:
+        if not args.data:
+            raise CliError("--method needs --data: a method's token counts depend on the images")
+        from .data import eval_transform, load_dataset, make_loader, model_label_names
+        spec = parse_spec(args.method)
+        runner = adapt(model, spec.method, **spec.options)
+        ds = load_dataset(args.data, split=args.split, transform=eval_transform(model), num_classes=model.num_classes,
+                          limit=args.limit, classes=model_label_names(model))
+        loader = make_loader(ds, batch_size=args.batch_size, num_workers=args.workers)
+        counts, target, n = mean_tokens(runner, (b.images for b in loader))
+        print(f"{args.method}: {target:.4f} GMACs/image ({target / dense:.3f} of dense {dense:.4f}) on {n} images "
+              f"of {args.data} ({args.split})")
+        print("mean tokens per block: " + " ".join(f"{c:.1f}" for c in counts))
+        control = random_control(counts, runner.n_prefix)
+        print(f"random at these counts: {control}")
+        result.update(method=args.method, data=str(args.data), split=args.split, n_images=n, mean_tokens=counts,
+                      random_control=control)
+    else:
+        target = args.gmacs if args.gmacs is not None else args.of_dense * dense
+        print(f"target: {target:.4f} GMACs/image ({target / dense:.3f} of dense {dense:.4f})")
+    matched = match_gmacs(model, target, probe, args.methods)
+    for m, (text, g) in matched.items():
+        print(f"{m:<11} {text:<45} {g:.4f} GMACs ({g / dense:.3f} of dense, {100 * (g / target - 1):+.1f}%)")
+    if args.json:
+        result.update(gmacs=target, matched={m: dict(spec=text, gmacs=g) for m, (text, g) in matched.items()})
+        _write_json(args.json, result)
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -444,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch size 1: time --batch-size images, each its own forward")
     p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--warmup", type=natural, default=1)
+    p.add_argument("--profile-ops", type=positive_int, metavar="TOP",
+                   help="then, where the time goes: the TOP operators of dense and each method per forward "
+                        "(count, ms, calling line), the runners alternating")
     p.add_argument("--json", type=path, help="write the result as JSON here")
     _add_device_args(p)
     p.set_defaults(func=cmd_bench)
@@ -506,6 +578,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=path, default="leanvit-sweep", help="output directory")
     _add_device_args(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = command("compare", help="every curve of sweep results read at equal GMACs (a table, and a plot)")
+    p.add_argument("results", nargs="+", type=path, help="results.json files of `leanvit sweep` (rows merged)")
+    at = p.add_mutually_exclusive_group(required=True)
+    at.add_argument("--gmacs", nargs="+", type=positive, help="GMACs per image to read every curve at")
+    at.add_argument("--of-dense", nargs="+", type=fraction, help="... as fractions of the dense GMACs")
+    p.add_argument("--metric", default="top1", choices=("top1", "agreement", "kl_to_dense"))
+    p.add_argument("--plot", type=path, help="also write a Pareto plot (PNG) of the curves")
+    p.add_argument("--curves", nargs="+", help="plot only curves whose name starts with one of these")
+    p.add_argument("--title")
+    p.set_defaults(func=cmd_compare)
+
+    p = command("match", help="settings of fixed-count methods at a method's (or a given) GMACs, "
+                "and random tokens at its counts", epilog="With --method, its mean GMACs and tokens per block "
+                "over --data; the random:schedule spec keeps random tokens at those counts, the control for "
+                "any per-image choice of tokens.")
+    _add_model_args(p)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--method", metavar="SPEC", help="a method spec, e.g. rl4evit:weights=cifar10_vit12_w128")
+    what.add_argument("--gmacs", type=positive, help="a target in GMACs per image")
+    what.add_argument("--of-dense", type=fraction, help="a target as a fraction of the dense GMACs")
+    p.add_argument("--methods", nargs="+", default=["tome", "evit", "ppt", "dynamicvit"],
+                   help="the fixed-count methods to match (default: tome evit ppt dynamicvit)")
+    p.add_argument("--data", type=path, help=DATA_HELP + " (needed with --method)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=positive_int, default=2000, help="class-balanced subset (default 2000)")
+    p.add_argument("--batch-size", type=positive_int, default=250)
+    p.add_argument("--workers", type=natural, default=None)
+    p.add_argument("--json", type=path, help="write the target, the matched settings (and counts) as JSON here")
+    p.set_defaults(func=cmd_match)
 
     p = command("demo", help="the shipped reference model against every parameter-free method")
     p.add_argument("--data", type=path, help="CIFAR-10 (default: $LEANVIT_DATA, ./data, ../shared/data or ~/.cache/leanvit; "

@@ -10,13 +10,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from timm.layers import Mlp
+from timm.layers import Attention, Mlp
 
 
 def check_sliceable(blk: nn.Module, index: int, heads: Optional[int], hidden: Optional[int]) -> None:
     """Refuse, naming the part, widths the block cannot be sliced to."""
     attn = blk.attn
     if heads is not None:
+        if not isinstance(attn, Attention):
+            raise ValueError(f"block {index}: only timm's Attention can be sliced by heads, got {type(attn).__name__}")
         if not 1 <= heads <= attn.num_heads:
             raise ValueError(f"block {index}: heads must be in 1..{attn.num_heads}, got {heads}")
         if not isinstance(attn.norm, nn.Identity) or attn.gate is not None:
@@ -26,6 +28,11 @@ def check_sliceable(blk: nn.Module, index: int, heads: Optional[int], hidden: Op
             raise ValueError(f"block {index}: only timm's plain Mlp can be sliced, got {type(blk.mlp).__name__}")
         if not 1 <= hidden <= blk.mlp.fc1.out_features:
             raise ValueError(f"block {index}: MLP width must be in 1..{blk.mlp.fc1.out_features}, got {hidden}")
+
+
+def sliceable(blk: nn.Module) -> bool:
+    """Whether the block's heads and MLP neurons can be sliced at all (timm's Attention and Mlp)."""
+    return isinstance(blk.attn, Attention) and type(blk.mlp) is Mlp
 
 
 def qkv_rows(attn: nn.Module, heads: int) -> Tensor:
@@ -55,12 +62,25 @@ def _sliced(linear: nn.Linear, kind: str, width: int, make) -> Tuple[Tensor, Opt
 def attention_projections(attn: nn.Module, h: Tensor, heads: Optional[int]) -> Tuple[Tensor, int]:
     """qkv of the first ``heads`` heads: (B, N, 3 * heads * head_dim), and the head count."""
     if heads is None or heads == attn.num_heads:
-        return attn.qkv(h), attn.num_heads
+        return _qkv(attn, h), attn.num_heads
+    if not isinstance(attn, Attention):
+        raise ValueError(f"only timm's Attention can be sliced by heads, got {type(attn).__name__}")
 
     def make(qkv):
         rows = qkv_rows(attn, heads)
         return qkv.weight[rows], None if qkv.bias is None else qkv.bias[rows]
     return F.linear(h, *_sliced(attn.qkv, "qkv", heads, make)), heads
+
+
+def _qkv(attn: nn.Module, h: Tensor) -> Tensor:
+    """The full qkv, as timm's Attention and EVA's attentions (EvaAttention: separate q and v
+    biases; AttentionRope: fused, or separate projections) compute it."""
+    if attn.qkv is None:
+        return torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], dim=-1)
+    if getattr(attn, "q_bias", None) is None:
+        return attn.qkv(h)
+    bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+    return attn.qkv(h) + bias if getattr(attn, "qkv_bias_separate", False) else F.linear(h, attn.qkv.weight, bias)
 
 
 def output_projection(attn: nn.Module, o: Tensor) -> Tensor:
@@ -72,8 +92,10 @@ def output_projection(attn: nn.Module, o: Tensor) -> Tensor:
 
 def mlp_forward(mlp: nn.Module, x: Tensor, hidden: Optional[int]) -> Tensor:
     """timm's Mlp with its first ``hidden`` neurons (the whole MLP when None)."""
-    if hidden is None or hidden == mlp.fc1.out_features:
+    if hidden is None or hidden == getattr(getattr(mlp, "fc1", None), "out_features", None):
         return mlp(x)
+    if type(mlp) is not Mlp:
+        raise ValueError(f"only timm's plain Mlp can be sliced, got {type(mlp).__name__}")
     fc1 = _sliced(mlp.fc1, "out", hidden, lambda m: (m.weight[:hidden], None if m.bias is None else m.bias[:hidden]))
     x = mlp.drop1(mlp.act(F.linear(x, *fc1)))
     return mlp.drop2(F.linear(x, *_sliced(mlp.fc2, "in", hidden, lambda m: (m.weight[:, :hidden], m.bias))))

@@ -5,7 +5,9 @@ linear layer, ``2·N²·d`` per attention (QKᵀ and AV) and the head. A method'
 network (RL4EViT's actor, DynamicViT's predictors, PRANCE's selector) is counted too, by its
 linear layers on the tokens it ran on (:meth:`Reduction.decision_macs`). Norms, activations,
 softmax and parameter-free scoring (attention-based, similarity) are not counted (see
-``leanvit bench`` for the decision overhead).
+``leanvit bench`` for the decision overhead), except, on a model without a CLS token, the
+substitute for the CLS attention (a full attention map, or an attention-pool head's key
+projection; :attr:`leanvit.methods.base.AttentionView.cls_attn`), which is not negligible.
 
 Pure formulas over modules and token counts; :mod:`leanvit.measure` applies them to what a
 runner ran.
@@ -56,3 +58,14 @@ def block_macs(blk: nn.Module, n_attn, n_mlp, heads=None, hidden=None, span=None
 def head_macs(model: nn.Module) -> int:
     return linear_macs(model.head) + (linear_macs(model.head_dist) if hasattr(model, "head_dist") else 0) \
         + linear_macs(model.fc_norm)
+
+
+def attention_pool_macs(pool: nn.Module, n, scoring: bool = False):
+    """MACs of timm's attention-pool head (``AttentionPoolLatent``, SigLIP's MAP) over ``n`` tokens
+    (a number or a tensor per image): its key/value projection per token, the projections and MLP
+    of its latent queries, and their attention (2·L·n·C). ``scoring``: only what scoring with its
+    pooled query runs (the key half of the projection, the query projection, QKᵀ)."""
+    L, width = pool.latent_len, pool.num_heads * pool.head_dim
+    if scoring:
+        return n * (linear_macs(pool.kv) // 2) + L * linear_macs(pool.q) + L * n * width
+    return n * linear_macs(pool.kv) + L * (linear_macs(pool) - linear_macs(pool.kv)) + 2 * L * n * width

@@ -1,11 +1,15 @@
-"""Shipping reference models: a run's weights written into the zoo with their model card, the
-top-1 in the card measured on the shipped files as users load them."""
+"""Shipping into the zoo: a run's weights with their model card, the numbers in the card measured
+on the shipped files as users load them. One card layout (:func:`model_card`) for every shipped
+file: the reference model (:func:`publish`), PRANCE's meta-network and selector
+(:func:`publish_prance`) and the RL4EViT policy (:func:`publish_rl4evit`)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -14,7 +18,31 @@ from .evaluate import evaluate
 from .models import create_model, load_model
 from .runtime import adapt
 from .training import export_weights
-from .zoo import ZOO_DIR
+from .zoo import ZOO_DIR, timm_architecture
+
+MACHINE = "2-core x86_64 VM, no GPU"
+
+
+def markdown_table(header: Sequence[str], align: str, rows: Sequence[Sequence]) -> str:
+    """A markdown table; ``align`` one character per column: l (left) or r (right)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def model_card(name: str, about: str, usage: str, measured: str, trained: str) -> str:
+    """Every model card's layout: what the file is, how to load it, what it measured (on the
+    shipped file, with the command and the date) and how it was trained (the exact commands)."""
+    return (f"# {name}\n\n{about.strip()}\n\n```python\n{usage.strip()}\n```\n\n## Measured\n\n{measured.strip()}\n\n"
+            f"## How it was trained ({MACHINE})\n\n{trained.strip()}\n")
+
+
+def write_card(name: str, text: str, zoo: Path = ZOO_DIR) -> Path:
+    """``zoo/<name>.md``, written atomically."""
+    path = Path(zoo) / f"{name}.md"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
 
 
 def ship_model(model: torch.nn.Module, name: str, timm_model: str) -> dict:
@@ -47,22 +75,23 @@ def publish(run_dir: str, name: str, command: str, data: Optional[str] = None) -
     res = evaluate({"dense": adapt(shipped, "none")}, make_loader(ds, batch_size=250), desc=f"publish {name}")["dense"]
     hist = metrics["history"]
     size_mb = (ZOO_DIR / f"{name}.safetensors").stat().st_size / 2**20
-    card = f"""# {name}
-
-A 12-block ViT for CIFAR-10 at 32x32 (`{cfg['model']}` in `leanvit/archs.py`): conv stem to an 8x8
+    epochs = markdown_table(["epoch", "train loss", "top-1 %", "elapsed min"], "rrrr", [
+        (h["epoch"], f"{h['train_loss']:.3f}", f"{h['top1']:.2f}", f"{h['elapsed_s'] / 60:.1f}") for h in hist])
+    card = model_card(
+        name,
+        about=f"""A 12-block ViT for CIFAR-10 at 32x32 (`{cfg['model']}` in `leanvit/archs.py`): conv stem to an 8x8
 grid, CLS + 64 patch tokens = 65 tokens, timm pre-norm blocks. leanvit's reference model for
-comparing token-reduction methods (decision layers 3, 6, 9 as in the papers).
-
-- **Top-1 on CIFAR-10 (JPEG) test, {res.n_images} images: {res.top1:.2f}%** (these fp16 weights loaded in fp32;
+comparing token-reduction methods (decision layers 3, 6, 9 as in the papers).""",
+        usage=f'import leanvit\nmodel = leanvit.load_model("{name}")',
+        measured=f"""- **Top-1 on CIFAR-10 (JPEG) test, {res.n_images} images: {res.top1:.2f}%** (these fp16 weights loaded in fp32;
   measured {time.strftime('%Y-%m-%d')} by `leanvit.publish`, {res.skipped} images skipped),
   {res.gmacs:.4f} GMACs/image.
 - Weights: `{name}.safetensors`, fp16, {size_mb:.1f} MB. Preprocessing in `{name}.json`
-  (mean {pre['mean']}, std {pre['std']}, input {pre['input_size']}).
-- Trained from scratch on the 50,000 CIFAR-10 (JPEG) training images from `../shared/data/`,
-  {metrics['epochs_done']:.0f} epochs ({metrics['steps']} steps of a global batch of {cfg['batch_size']}),
-  {metrics['world_size']} data-parallel CPU processes, wall time {hist[-1]['elapsed_s'] / 60:.0f} min on a
-  2-core x86_64 VM (no GPU).
-- Command (`benchmarks/train_reference.sh`):
+  (mean {pre['mean']}, std {pre['std']}, input {pre['input_size']}).""",
+        trained=f"""Trained from scratch on the 50,000 CIFAR-10 (JPEG) training images from `../shared/data/`,
+{metrics['epochs_done']:.0f} epochs ({metrics['steps']} steps of a global batch of {cfg['batch_size']}),
+{metrics['world_size']} data-parallel CPU processes, wall time {hist[-1]['elapsed_s'] / 60:.0f} min.
+Command (`benchmarks/train_reference.sh`):
 
 ```
 {command}
@@ -70,8 +99,111 @@ comparing token-reduction methods (decision layers 3, 6, 9 as in the papers).
 
 Top-1 (fp32 weights, during training) per epoch:
 
-| epoch | train loss | top-1 % | elapsed min |
-|---:|---:|---:|---:|
-""" + "\n".join(f"| {h['epoch']} | {h['train_loss']:.3f} | {h['top1']:.2f} | {h['elapsed_s'] / 60:.1f} |" for h in hist) + "\n"
-    (ZOO_DIR / f"{name}.md").write_text(card)
+{epochs}""")
+    write_card(name, card)
     return dict(top1=res.top1, gmacs=res.gmacs, n_images=res.n_images, size_mb=size_mb)
+
+
+def publish_prance(meta_run: str, selector_dir: str, strategy: str, data: str,
+                   name: str = "cifar10_vit12_w128_prance", base: str = "cifar10_vit12_w128") -> dict:
+    """Ship PRANCE for the reference model ``base``: the meta-network of the `train-supernet` run
+    ``meta_run`` (fp16, ``zoo/<name>.safetensors``) and the selector of the `train-selector` run
+    ``selector_dir`` (fp32, ``zoo/<name>.prance.safetensors``); the card's numbers are the shipped
+    files, loaded back, on the test split of ``data``."""
+    meta_run, sel_dir = Path(meta_run), Path(selector_dir)
+    ship_model(create_model(base, checkpoint=str(meta_run / "final.safetensors")), name, timm_architecture(base))
+    shutil.copyfile(sel_dir / "selector.safetensors", ZOO_DIR / f"{name}.prance.safetensors")
+    shipped = load_model(name)
+    ds = load_dataset(data, split="test", transform=eval_transform(shipped), num_classes=shipped.num_classes)
+    runners = {"largest (dense)": adapt(shipped, "none"),
+               "middle": adapt(shipped, "prance", subnet="middle"),
+               "smallest": adapt(shipped, "prance", subnet="smallest"),
+               "selector": adapt(shipped, "prance", strategy=strategy, weights=name)}
+    res = evaluate(runners, make_loader(ds, batch_size=250), desc=f"publish {name}")
+    card = prance_card(name, base, strategy, res, json.loads((meta_run / "metrics.json").read_text()),
+                       json.loads((sel_dir / "metrics.json").read_text()))
+    write_card(name, card)
+    return {k: dict(top1=r.top1, gmacs=r.gmacs) for k, r in res.items()}
+
+
+def prance_card(name: str, base: str, strategy: str, res: dict, meta: dict, sel: dict) -> str:
+    budget = sel["config"]["budget"]
+    measured = markdown_table(["configuration", "top-1 %", "GMACs/image"], "lrr",
+                              [(k, f"{r.top1:.2f}", f"{r.gmacs:.4f}") for k, r in res.items()])
+    history = markdown_table(["epoch", "smallest", "middle", "largest"], "rrrr", [
+        (h["epoch"], f"{h['top1_smallest']:.2f}", f"{h['top1_middle']:.2f}", f"{h['top1']:.2f}") for h in meta["history"]])
+    return model_card(
+        name,
+        about=f"""PRANCE for leanvit's reference model `{base}`: the channel-elastic meta-network (fp16,
+`{name}.safetensors`) and a per-image selector (`{name}.prance.safetensors`, fp32, strategy
+`{strategy}`, trained for a GMACs budget of {budget} of dense).""",
+        usage=f'import leanvit\nmodel = leanvit.load_model("{name}")\n'
+              f'fast = leanvit.adapt(model, "prance", strategy="{strategy}", weights="{name}")',
+        measured=f"""Measured {time.strftime('%Y-%m-%d')} by `leanvit.publish.publish_prance` (`benchmarks/publish_prance.sh`) on
+the {res['selector'].n_images:,} CIFAR-10 (JPEG) test images with these shipped files ({res['selector'].skipped} images skipped):
+
+{measured}
+
+The selector's GMACs include its own MLP. Sub-networks: largest = all heads and MLP neurons per
+block; middle = half and smallest = a quarter of them in the blocks after the first stage (the
+first stage always runs at full width).""",
+        trained=f"""1. Meta-network, `bash benchmarks/prance_supernet.sh` (from the shipped `{base}`, heads and
+   neurons reordered by importance, {meta['epochs_done']:.0f} epochs of weight-sharing fine-tuning,
+   {meta['history'][-1]['elapsed_s'] / 60:.0f} min). Top-1 on the test set of the sub-networks (epoch 0 = after
+   reordering, before this training):
+
+{history}
+
+2. Selector, `bash benchmarks/prance_selectors.sh` (strategy `{strategy}`, budget {budget}, the cost weight
+   PI-controlled during training; {sel['steps']} PPO batches, {sel['history'][-1]['elapsed_s'] / 60:.0f} min): GMACs ratio
+   {sel['gmacs_ratio']:.3f} on the held-out training images it was checked on (within 5% of the budget:
+   {sel['budget_met']}), final cost weight {sel['cost_weight']:.4g}.""")
+
+
+def publish_rl4evit(alpha: str, results: str = "benchmarks/results/rl4evit", runs: str = "runs/rl4evit",
+                    name: str = "cifar10_vit12_w128", zoo: Path = ZOO_DIR) -> str:
+    """The card of the shipped RL4EViT policy ``zoo/<name>.rl4evit.safetensors`` (the MAPPO run
+    ``runs/multi_a<alpha>``), from what `benchmarks/rl4evit_reference.sh` measured in ``results``."""
+    res, run_dir = Path(results), Path(runs) / f"multi_a{alpha}"
+    policy = f"{runs}/multi_a{alpha}/policy.safetensors"
+    sweep = json.loads((res / "sweep" / "results.json").read_text())
+    dense = sweep["dense"]
+    row = next(r for r in sweep["rows"] if r["method"] == "rl4evit" and r["label"] == f"weights={policy}")
+    run = json.loads((run_dir / "metrics.json").read_text())
+    cfg, last, ppo = run["config"], run["history"][-1], run["config"]["ppo"]
+    counts = next(line for line in (res / "counts.txt").read_text().splitlines() if line.startswith(policy))
+    per_block = [float(c) for c in counts.split(":")[-1].split()]
+    layers = cfg.get("layers", (3, 6, 9))
+    kept = ", ".join(f"{per_block[b + 1]:.1f}" for b in layers)  # tokens in the block after each decision
+    size = (Path(zoo) / f"{name}.rl4evit.safetensors").stat().st_size / 2 ** 20
+    card = model_card(
+        f"{name}.rl4evit",
+        about=f"""The RL4EViT policy (actor and critic, multi-agent PPO) trained for the reference model
+`{name}`; the ViT itself is unchanged (frozen in training). Decision layers after blocks
+{', '.join(map(str, layers))}; actor 128-512-256-64-2, critic 256-512-256-64-1.""",
+        usage=f'import leanvit\nfast = leanvit.adapt(leanvit.load_model("{name}"), "rl4evit", weights="{name}")\n'
+              f'# CLI: --method rl4evit --opt weights={name}',
+        measured=f"""- **Top-1 on CIFAR-10 (JPEG) test, {row['n_images']} images: {row['top1']:.2f}%** (dense {dense['top1']:.2f}%),
+  **{row['gmacs']:.4f} GMACs/image** ({row['gmacs'] / dense['gmacs']:.3f} of dense {dense['gmacs']:.4f}; the
+  actor on every live patch at each decision included), measured {sweep['date']} by the `leanvit sweep` of
+  `benchmarks/rl4evit_reference.sh` (row `rl4evit weights={policy}` in `{res}/sweep/results.json`;
+  this file is a byte copy of that policy, sha256 in `{res}/publish.txt`). Greedy decisions: on
+  average it keeps {kept} tokens (CLS included, of {int(per_block[0])}) after those blocks
+  (`{res}/counts.txt`).
+- Measured speed in that sweep ({sweep['threads']} threads, batch {sweep['batch_size']}): {row['speedup']:.2f}x the
+  dense model's images/s; details in BENCHMARKS.md.
+- Weights: fp32, {size:.1f} MB.""",
+        trained=f"""alpha = {cfg['alpha']:g}, beta = {cfg['beta']:g}, {run['steps']} PPO rollouts of {cfg['batch_size']} images from a
+class-balanced {cfg['limit_train']:,}-image subset of the CIFAR-10 training set, K = {ppo['epochs']} PPO iterations
+per rollout, Adam {ppo['lr_actor']:g} (actor) and {ppo['lr_critic']:g} (critic), clip {ppo['clip']:g}, gamma
+{ppo['gamma']:g}, lambda {ppo['lam']:g}, 1 process with 2 threads, {last['elapsed_s'] / 60:.0f} min. Command:
+
+```
+leanvit train-policy --model {name} --data ../shared/data/cifar10-jpeg.tar.gz \\
+    --threads 2 --opt agents=multi --alpha {alpha} --beta 1 --epochs 1 --batch-size 64 \\
+    --limit-train {cfg['limit_train']} --limit-eval 1000 --out {runs}/multi_a{alpha} --max-steps {run['steps']}
+```
+
+Shipped by `bash benchmarks/rl4evit_publish.sh` (run at the end of `benchmarks/rl4evit_reference.sh`).""")
+    write_card(f"{name}.rl4evit", card, zoo)
+    return card

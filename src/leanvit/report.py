@@ -128,39 +128,21 @@ class LayerTokens:
 
 
 def record_token_states(runner: LeanViT, images: Tensor) -> List[LayerTokens]:
-    """Run ``runner`` on ``images`` (inference mode, source tracking) and return the token state
-    after each of its decision layers, in order.
+    """Run ``runner`` on ``images`` (inference mode, tracing with token sources) and return the
+    token state after each of its decisions, in order, from the runner's trace.
 
-    The method's ``reduce`` is wrapped for this forward only and restored afterwards (also on
-    error); the method's other attributes (statistics, random generators) and the runner's
-    ``last_state`` are restored too, so later forwards are as if this one had not happened.
+    The method's statistics and random generators and the runner's ``last_state`` are restored
+    afterwards, so later forwards are as if this one had not happened.
     """
-    method = runner.method
-    original = method.reduce
     last_state = runner.last_state
-    records: List[LayerTokens] = []
-
-    def recording_reduce(layer, state, attn):
-        out = original(layer, state, attn)
-        if out.source is None:
-            raise RuntimeError(f"{type(method).__name__}.reduce dropped the token sources at layer {layer}")
-        records.append(LayerTokens(  # copies on the host, where the figures are drawn
-            layer=int(layer), n_prefix=out.n_prefix, source=_host_copy(out.source),
-            valid=_host_copy(out.valid), size=_host_copy(out.size)))
-        return out
-
     try:
-        with leaves_no_trace(method):  # the wrapper goes too, and any instance reduce comes back
-            method.reduce = recording_reduce
-            with torch.inference_mode(), runner.tracing(track_source=True):
-                runner(images.to(module_device(runner)))
+        with leaves_no_trace(runner.method), torch.inference_mode(), runner.tracing(track_source=True) as trace:
+            runner(images.to(module_device(runner)))
     finally:
         runner.last_state = last_state
-    return records
-
-
-def _host_copy(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.detach().to("cpu", copy=True)
+    return [LayerTokens(layer=rec["layer"], n_prefix=runner.n_prefix,  # on the host, where figures are drawn
+                        **{k: None if v is None else v.cpu() for k, v in rec["tokens"].items()})
+            for rec in trace if rec.get("tokens") is not None]
 
 
 # --------------------------------------------------------------------------- token maps

@@ -1,4 +1,5 @@
-"""One block runner for any timm VisionTransformer, with decision points between attention and MLP.
+"""One block runner for any timm VisionTransformer (and EVA's ``Eva``: EVA-02, RoPE ViTs), with
+decision points between attention and MLP.
 
 Every block runs as timm's pre-norm ``Block`` does, with attention through
 ``F.scaled_dot_product_attention`` and an additive mask carrying the log-size of merged tokens
@@ -17,16 +18,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from timm.layers import Attention
+from timm.layers import Attention, AttentionPoolLatent
+from timm.layers.pos_embed_sincos import apply_rot_embed_cat
+from timm.models.eva import Eva, EvaAttention, EvaBlock
+try:
+    from timm.layers import AttentionRope  # RoPE ViTs (newer timm)
+except ImportError:
+    AttentionRope = EvaAttention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from . import elastic
 from .device import module_device
+from .flops import attention_pool_macs
 from .methods import OptionError, build_method  # the package: every method registered
 from .methods.base import AttentionView, ModelInfo, Reduction
-from .tokens import TokenState
+from .tokens import TokenState, identity_rope
 
-SUPPORTED_POOLS = ("token", "avg", "max", "avgmax")
+SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "map")
 
 
 def _mlp_hidden(mlp: nn.Module) -> int:
@@ -38,32 +46,106 @@ class UnsupportedModelError(ValueError):
     """The model has a part leanvit's runtime does not run; the message names it."""
 
 
+# timm ViT families of their own class, and the part the block runner would need to run them
+UNSUPPORTED_FAMILIES = {
+    "Beit": "(BEiT) relative position biases inside attention",
+    "VisionTransformerSAM": "(SAM) windowed attention with relative positions and a convolutional neck",
+}
+
+
 def check_supported(model: nn.Module) -> None:
     """Refuse, naming the part, anything the block runner would otherwise silently bypass."""
-    if not isinstance(model, VisionTransformer):
+    if isinstance(model, Eva):
+        _check_eva(model)
+    elif not isinstance(model, VisionTransformer):
+        name = type(model).__name__
+        part = f": {UNSUPPORTED_FAMILIES[name]} are not run by leanvit's block runner" if name in UNSUPPORTED_FAMILIES else ""
         raise UnsupportedModelError(
-            f"leanvit adapts timm VisionTransformer models (ViT, DeiT, DeiT-III, ...); got {type(model).__name__}")
-    if getattr(model, "attn_pool", None) is not None or model.global_pool not in SUPPORTED_POOLS:
+            f"leanvit adapts timm VisionTransformer and Eva models (ViT, DeiT, DINOv2, CLIP, SigLIP, EVA-02, "
+            f"...); got {name}{part}")
+    pool = getattr(model, "attn_pool", None)
+    if model.global_pool not in SUPPORTED_POOLS or (pool is not None and type(pool) is not AttentionPoolLatent):
         raise UnsupportedModelError(
-            f"global_pool={model.global_pool!r} (attention pooling) is not supported; "
-            f"leanvit pools with one of {SUPPORTED_POOLS}")
+            f"global_pool={model.global_pool!r} ({type(pool).__name__ if pool is not None else 'pooling'}) "
+            f"is not supported; leanvit pools with one of {SUPPORTED_POOLS} (map: timm's AttentionPoolLatent)")
+    if pool is not None and pool.pos_embed is not None:
+        raise UnsupportedModelError(
+            "the attention pool's own position embedding (pos_embed='abs') is not supported: it is "
+            "laid over a fixed token grid, which reduced tokens no longer form")
+    eva = isinstance(model, Eva)
     for i, blk in enumerate(model.blocks):
-        if type(blk).forward is not Block.forward:
-            raise UnsupportedModelError(
-                f"block {i} is {type(blk).__name__}; leanvit runs timm's pre-norm Block only")
-        if type(blk.attn).forward is not Attention.forward:
-            raise UnsupportedModelError(
-                f"block {i} attention is {type(blk.attn).__name__}; leanvit runs timm's Attention only")
+        if type(blk).forward is not (EvaBlock if eva else Block).forward:
+            raise UnsupportedModelError(f"block {i} is {type(blk).__name__}; leanvit runs timm's pre-norm "
+                                        f"{'EvaBlock' if eva else 'Block'} only")
+        kinds = (EvaAttention, AttentionRope) if eva else (Attention,)
+        if not any(type(blk.attn).forward is k.forward for k in kinds):
+            raise UnsupportedModelError(f"block {i} attention is {type(blk.attn).__name__}; leanvit runs "
+                                        f"{' and '.join(k.__name__ for k in kinds)} only")
+        if getattr(blk.attn, "num_kv_groups", 1) != 1:
+            raise UnsupportedModelError(f"block {i} attention has grouped-query heads (num_kv_heads), not supported")
         for name, m in blk.mlp.named_modules():
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 raise UnsupportedModelError(
                     f"block {i} mlp.{name} is a convolution; leanvit needs a token-wise MLP")
 
 
+def _check_eva(model: Eva) -> None:
+    """EVA-02 and RoPE ViTs (timm's ``Eva``): what of them the block runner does not run."""
+    if getattr(model, "rope_mixed", False):
+        raise UnsupportedModelError("Eva with mixed rotary embeddings (rope_type='mixed': per-block, "
+                                    "per-head learned frequencies) is not supported; leanvit runs one rotary table")
+    if model.patch_drop is not None:
+        raise UnsupportedModelError("Eva's patch dropout (patch_drop_rate > 0) is not supported")
+
+
+def _layer_scale(blk: nn.Module, i: int, t: Tensor) -> Tensor:
+    """Block's layer scale ``i`` (1: attention, 2: MLP): timm's ``ls1``/``ls2``, or EVA's ``gamma_1``/``gamma_2``."""
+    ls = getattr(blk, f"ls{i}", None)
+    if ls is not None:
+        return ls(t)
+    gamma = getattr(blk, f"gamma_{i}")
+    return t if gamma is None else gamma * t
+
+
+def attention_pool(pool: AttentionPoolLatent, x: Tensor, bias: Optional[Tensor],
+                   weights_only: bool = False) -> Tensor:
+    """timm's ``AttentionPoolLatent.forward`` on tokens ``x`` (B, N, C) with the blocks' additive
+    mask ``bias`` (B, 1, 1, N) (log-size of merged tokens, padding); or, ``weights_only``, the
+    (B, N) attention of its latent queries (mean over heads and latents)."""
+    B, N, C = x.shape
+    H, d, L = pool.num_heads, pool.head_dim, pool.latent_len
+    # repeat, not expand: a view of a parameter made under no_grad trips module hooks (FlopCounterMode)
+    q = pool.q_norm(pool.q(pool.latent.repeat(B, 1, 1)).reshape(B, L, H, d).transpose(1, 2))
+    if weights_only:  # the key half of the projection only
+        kb = None if pool.kv.bias is None else pool.kv.bias[:H * d]
+        k = pool.k_norm(F.linear(x, pool.kv.weight[:H * d], kb).reshape(B, N, H, d).transpose(1, 2))
+        logits = (q * pool.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        return logits.softmax(dim=-1).mean(dim=(1, 2))
+    k, v = pool.kv(x).reshape(B, N, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+    o = F.scaled_dot_product_attention(q, pool.k_norm(k), v, attn_mask=bias)
+    o = pool.proj_drop(pool.proj(o.transpose(1, 2).reshape(B, L, C)))
+    if pool.mlp is not None:
+        o = o + pool.mlp(pool.norm(o))
+    return o[:, 0] if pool.pool == "token" else o.mean(dim=1) if pool.pool == "avg" else o
+
+
 def policy_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], policy: Tensor,
-                     dropout: float = 0.0, eps: float = 1e-6) -> Tensor:
-    """DynamicViT's masked softmax: the attention to each key is multiplied by its keep decision
-    (every token still attends to itself), so gradients flow into differentiable decisions."""
+                     dropout: float = 0.0) -> Tensor:
+    """DynamicViT's masked softmax: the attention to each key is multiplied by its (hard, 0/1
+    forward) keep decision, every token still attending to itself, so gradients flow into the
+    differentiable decisions.
+
+    The softmax is shifted by the largest logit among each query's *kept* keys, so its forward is
+    exactly attention over the kept tokens (what inference runs after real removal). The authors'
+    code shifts by the largest over all keys and adds eps = 1e-6: when a query's largest key is
+    dropped and its attention is peaked (logit gaps > 14, common on our reference model), the kept
+    keys' weights underflow below eps, that query attends uniformly, and the gradient into the
+    decisions grows to ~1/eps; on the reference model it was 1e4-1e5 times the keep-ratio loss's,
+    so the predictors ignored the keep rate (issue 13, item 6). A dropped key's exponent is capped
+    at the kept maximum's: its weight is 0 in the forward either way, and the gradient toward
+    keeping it stays bounded (as if it were at most as attended as the best kept key)."""
     n = q.shape[-2]
     logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if bias is not None:
@@ -71,9 +153,27 @@ def policy_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], po
     eye = torch.eye(n, dtype=q.dtype, device=q.device)
     keep = policy[:, None, None, :].to(q.dtype)
     keep = keep + (1.0 - keep) * eye
-    w = (logits - logits.amax(dim=-1, keepdim=True)).exp() * keep
-    w = (w + eps / n) / (w.sum(dim=-1, keepdim=True) + eps)
+    top = logits.detach().masked_fill(keep.detach() <= 0, float("-inf")).amax(dim=-1, keepdim=True)
+    w = (logits - top).clamp(max=0).exp() * keep  # the largest kept key contributes 1: no underflow
+    w = w / w.sum(dim=-1, keepdim=True)
     return F.dropout(w, dropout, training=dropout > 0) @ v
+
+
+class TokenOutput(NamedTuple):
+    """The encoder's final tokens, as :meth:`LeanViT.forward_tokens` returns them.
+
+    tokens: (B, N, C) after the final norm; prefix tokens (CLS, registers) first; padding zero.
+    sizes:  (B, N) how many input tokens each token stands for (merged tokens: more than 1;
+            EViT's fused token counts 1, as attention weighs it, its ``source`` is all it absorbed).
+    valid:  (B, N) bool, the real tokens of a ragged batch (padding at the end); None: all real.
+    source: (B, N, N0) 0/1, which input tokens (prefix, then the patch grid) each token stands
+            for; None unless asked for.
+    """
+
+    tokens: Tensor
+    sizes: Tensor
+    valid: Optional[Tensor]
+    source: Optional[Tensor]
 
 
 class LeanViT(nn.Module):
@@ -93,7 +193,8 @@ class LeanViT(nn.Module):
             n_tokens=model.patch_embed.num_patches + self.n_prefix,
             num_heads=model.blocks[0].attn.num_heads if len(model.blocks) else 0,
             embed_dim=model.embed_dim, has_cls=model.cls_token is not None,
-            mlp_hidden=_mlp_hidden(model.blocks[0].mlp) if len(model.blocks) else 0))
+            mlp_hidden=_mlp_hidden(model.blocks[0].mlp) if len(model.blocks) else 0,
+            channel_elastic=all(elastic.sliceable(blk) for blk in model.blocks)))
         if isinstance(method, nn.Module):  # a learned method's networks (built by bind) live where the model does
             method.to(module_device(model))
         for i, blk in enumerate(model.blocks):
@@ -126,10 +227,53 @@ class LeanViT(nn.Module):
             return self.model(images)  # nothing to decide: timm's own (empty) output
         return self.run(self.embed(images))
 
+    def forward_tokens(self, images: Tensor, source: bool = False) -> "TokenOutput":
+        """The encoder's final tokens, reduced by the method and normed as timm's
+        ``forward_features`` returns them (with ``none``: exactly those). ``source=True`` also
+        returns the patch-to-token map, which :meth:`unmerge` needs."""
+        if isinstance(images, Tensor) and images.dim() == 4 and images.shape[0] == 0:
+            self._check_images(images)
+            x = self.model.forward_features(images)
+            eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device).expand(0, -1, -1) if source else None
+            return TokenOutput(x, x.new_ones(x.shape[:2]), None, eye)
+        old = self.track_source
+        self.track_source = source or old
+        try:
+            state = self.run_blocks(self.embed(images))
+        finally:
+            self.track_source = old
+        if self._trace is not None:
+            self.last_state = state
+        x, valid, src = self.model.norm(state.x), state.valid, state.source if source else None
+        if valid is not None:  # padding rows: zeros, standing for nothing
+            x = x.masked_fill(~valid[..., None], 0.0)
+            src = None if src is None else src * valid[..., None]
+        return TokenOutput(x, state.sizes(), valid, src)
+
+    @staticmethod
+    def unmerge(out: "TokenOutput", features: Optional[Tensor] = None) -> Tensor:
+        """(B, N0, D) the tokens of ``out`` (or ``features`` (B, N, D) computed from them, e.g. by
+        a projector) spread back over the input tokens: prefix tokens first, then the patch grid
+        in raster order, each patch getting the token that stands for it. Pruned patches, which
+        no token stands for, get zeros."""
+        if out.source is None:
+            raise ValueError("unmerge needs the patch-to-token map: call forward_tokens(images, source=True)")
+        features = out.tokens if features is None else features
+        if features.shape[:2] != out.source.shape[:2]:
+            raise ValueError(f"features have {tuple(features.shape[:2])} (batch, tokens), "
+                             f"the tokens {tuple(out.source.shape[:2])}")
+        return out.source.transpose(1, 2).to(features.dtype) @ features
+
     def run(self, state: TokenState, start: int = 0, decide: bool = True) -> Tensor:
-        """Blocks ``start``.. on ``state``, then the head: the one loop over the blocks. With
-        ``decide=False`` the blocks run as the state says, without the method (a look-ahead, as
-        PRANCE's Result-to-Go finishes the network from a stage on)."""
+        """Blocks ``start``.. on ``state``, then the head. With ``decide=False`` the blocks run as
+        the state says, without the method (a look-ahead, as PRANCE's Result-to-Go finishes the
+        network from a stage on)."""
+        state = self.run_blocks(state, start, decide)
+        return self.finish(state) if decide else self.head(state)
+
+    def run_blocks(self, state: TokenState, start: int = 0, decide: bool = True) -> TokenState:
+        """Blocks ``start``.. on ``state`` (and the method's preparation before the head): the one
+        loop over the blocks. Returns the final tokens, before the final norm."""
         blocks = self.model.blocks
         packed = None  # the tokens as the last block left them packed (state.x is then stale)
         for i in range(start, len(blocks) + 1):
@@ -138,25 +282,36 @@ class LeanViT(nn.Module):
                 state = self.method.prepare(self, i, state)
             if i < len(blocks):
                 state, packed = self.run_block(i, blocks[i], state, decide, packed)
-        if packed:
-            state = packed.unpack(state)
-        return self.finish(state) if decide else self.head(state)
+        return packed.unpack(state) if packed else state
 
     def finish(self, state: TokenState) -> Tensor:
         """The head's logits for the final tokens (kept as ``last_state`` when tracing)."""
         if self._trace is not None:
             self.last_state = state
+            pool = getattr(self.model, "attn_pool", None)
+            if pool is not None:  # a MAP head's cost depends on the tokens it pools
+                p = self._pooled_from
+                self.note_macs(attention_pool_macs(pool, state.counts() - p),
+                               attention_pool_macs(pool, state.x.shape[1] - p))
         return self.head(state)
 
     def embed(self, images: Tensor) -> TokenState:
         self._check_images(images)
         m = self.model
-        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+        rope = None
+        if isinstance(m, Eva):  # EVA's rotary table: one row per patch; prefix tokens rotate by nothing
+            x, table = m._pos_embed(m.patch_embed(images))
+            x = m.norm_pre(x)
+            if table is not None:
+                table = table.expand(x.shape[0], -1, -1)  # in its own dtype: timm rotates in it, then casts
+                rope = torch.cat([identity_rope(table[:, :1]).expand(-1, self.n_prefix, -1), table], dim=1)
+        else:
+            x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
         source = None
         if self.track_source:
             source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1)
         self.method.begin(x.shape[0])
-        return TokenState(x=x, n_prefix=self.n_prefix, source=source, compact=not self.masked)
+        return TokenState(x=x, n_prefix=self.n_prefix, source=source, compact=not self.masked, rope=rope)
 
     def run_block(self, index: int, blk: Block, state: TokenState, decide: bool = True,
                   packed: Optional["_Packed"] = None) -> Tuple[TokenState, Optional["_Packed"]]:
@@ -182,25 +337,29 @@ class LeanViT(nn.Module):
             layout, x = packed.layout, packed.x
         trace = self._trace is not None and decide  # a look-ahead is not what the forward ran
         counts_in = state.counts() if trace else None
+        decided = None  # the state a decision in this block returned
         attn_run, attn_span = (layout.counts, layout.spans()) if layout and trace else (float(state.x.shape[1]),) * 2
 
         h = blk.norm1(x)
         bias = layout.attn_bias(state) if layout else state.attn_bias()
         attended, outs = [], []  # (group, q, k, v) and the output rows per head count
+        rope = state.rope if state.rope is None or not layout else layout.pack(state.rope)
         for g in layout.attention_groups(static[0]) if layout else [None]:
             width = static[0] if g is None else g.width
             hg = h if g is None else g.take(h)
             qkv, width = elastic.attention_projections(blk.attn, hg, width)
             q, k, v, o = self._attention(blk.attn, qkv if g is None else g.pad(qkv), width,
-                                         bias if g is None else g.bias(bias, state.size), state.policy)
+                                         bias if g is None else g.bias(bias, state.size), state.policy,
+                                         rope if g is None or rope is None else g.pad(g.take(rope)))
             outs.append(self._attention_output(blk.attn, hg, o if g is None else g.unpad(o)))
             attended.append((g, q, k, v))
-        x = x + blk.drop_path1(blk.ls1(outs[0] if len(outs) == 1 else torch.cat(outs)))
+        x = x + blk.drop_path1(_layer_scale(blk, 1, outs[0] if len(outs) == 1 else torch.cat(outs)))
 
         if decide and index in self.decision_layers:
             state = layout.unpack(state, x) if layout else state.replace(x=x)
             self._note_decision(index, state)
             state = self.method.reduce(index, state, self._attention_view(attended, state, bias))
+            decided = state
             layout = self._layout(state)
             x = layout.pack(state.x, mlp_order=True) if layout else state.x
         elif layout:
@@ -210,7 +369,7 @@ class LeanViT(nn.Module):
         h = blk.norm2(x)
         outs = [elastic.mlp_forward(blk.mlp, h if g is None else g.take(h), static[1] if g is None else g.width)
                 for g in (layout.mlp_groups(static[1]) if layout else [None])]
-        x = x + blk.drop_path2(blk.ls2(outs[0] if len(outs) == 1 else torch.cat(outs)))
+        x = x + blk.drop_path2(_layer_scale(blk, 2, outs[0] if len(outs) == 1 else torch.cat(outs)))
         packed = _Packed(layout, layout.to_attention_order(x)) if layout else None
         if not layout:
             state = state.replace(x=x)
@@ -221,12 +380,25 @@ class LeanViT(nn.Module):
                 hidden=state.hidden if state.hidden is not None else static[1],
                 # what ran, padding included: tokens of the linear layers, and attention's span
                 attn_run=attn_run, attn_span=attn_span,
-                mlp_run=layout.counts if layout else float(state.x.shape[1])))
+                mlp_run=layout.counts if layout else float(state.x.shape[1]),
+                tokens=self._tokens_of(decided)))
         if decide and index in self.after_block_layers:
             state, packed = packed.unpack(state) if packed else state, None
             self._note_decision(index, state)
             state = self.method.reduce(index, state, None)
+            if trace:
+                self._trace[-1]["tokens"] = self._tokens_of(state)
         return state, packed
+
+    def _tokens_of(self, decided: Optional[TokenState]) -> Optional[dict]:
+        """For token maps (tracing with sources): which input tokens each token stands for after a
+        decision, its validity and size; None without a decision or without source tracking."""
+        if decided is None or not self.track_source:
+            return None
+        if decided.source is None:
+            raise RuntimeError(f"{type(self.method).__name__}.reduce dropped the token sources")
+        copy = lambda t: None if t is None else t.detach().clone()  # noqa: E731
+        return dict(source=copy(decided.source), valid=copy(decided.valid), size=copy(decided.size))
 
     def _layout(self, state: TokenState) -> Optional["_Layout"]:
         """Where the real tokens of ``state`` are, when it runs packed (None: one (B, N, C) batch).
@@ -241,11 +413,15 @@ class LeanViT(nn.Module):
         return cached
 
     def _attention(self, attn: Attention, qkv: Tensor, heads: int, bias: Optional[Tensor],
-                   policy: Optional[Tensor]):
+                   policy: Optional[Tensor], rope: Optional[Tensor] = None):
         """q, k, v (B, heads, N, d) and the attention output (B, N, heads·d) of qkv (B, N, 3·heads·d)."""
         B, N = qkv.shape[:2]
         q, k, v = qkv.reshape(B, N, 3, heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
+        if rope is not None:  # each token's own rotary row (B, N, 2d), as EVA rotates q and k
+            half = dict(half=True) if getattr(attn, "rotate_half", False) else {}
+            q = apply_rot_embed_cat(q, rope[:, None], **half).type_as(v)
+            k = apply_rot_embed_cat(k, rope[:, None], **half).type_as(v)
         dropout = attn.attn_drop.p if self.training else 0.0
         if policy is None:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
@@ -264,16 +440,48 @@ class LeanViT(nn.Module):
         """The block's attention as the method sees it: (B, H, N, d) for the whole batch."""
         g, q, k, v = attended[0]
         if len(attended) == 1 and (g is None or g.natural and g.span == state.x.shape[1]):
-            return AttentionView(q, k, v, bias, self.n_prefix)  # one head count: all of q's heads
-        return _GroupedAttention(attended, state, bias, self.n_prefix)
+            view = AttentionView(q, k, v, bias, self.n_prefix)  # one head count: all of q's heads
+        else:
+            view = _GroupedAttention(attended, state, bias, self.n_prefix)
+        view.has_cls = self.model.cls_token is not None  # else scores use a substitute (see cls_attn)
+        if not view.has_cls and getattr(self.model, "attn_pool", None) is not None:
+            view.pool_attention = lambda: self._pool_attention(state, bias)
+        if self._trace is not None:
+            view.note_macs = self.note_macs
+        return view
+
+    @property
+    def _pooled_from(self) -> int:
+        """The first token the head pools: prefix tokens only if the model pools them (timm's
+        ``pool_include_prefix``; EVA's attention pool pools every token)."""
+        m = self.model
+        if isinstance(m, Eva):
+            return 0 if m.attn_pool is not None else self.n_prefix
+        return 0 if m.pool_include_prefix else self.n_prefix
+
+    def _pool_attention(self, state: TokenState, bias: Optional[Tensor]) -> Tensor:
+        """(B, N) the attention a MAP head's pooled query gives the current tokens, as if they were
+        the final ones (prefix tokens the head does not pool get none): the CLS substitute."""
+        m = self.model
+        p = self._pooled_from
+        a = attention_pool(m.attn_pool, m.norm(state.x[:, p:]), None if bias is None else bias[..., p:],
+                           weights_only=True)
+        if self._trace is not None:
+            self.note_macs(attention_pool_macs(m.attn_pool, state.counts() - p, scoring=True),
+                           attention_pool_macs(m.attn_pool, state.x.shape[1] - p, scoring=True))
+        return F.pad(a, (p, 0))
 
     def head(self, state: TokenState) -> Tensor:
         m = self.model
         x = m.norm(state.x)
         if m.global_pool == "token":  # CLS (and distillation) token: timm's own head
             return m.forward_head(x)
-        p = 0 if m.pool_include_prefix else self.n_prefix
+        p = self._pooled_from
         x = x[:, p:]
+        if m.attn_pool is not None:  # MAP: the latent query attends as the blocks do (log-size, padding)
+            bias = state.attn_bias()
+            pooled = attention_pool(m.attn_pool, x, None if bias is None else bias[..., p:])
+            return m.head(m.head_drop(m.fc_norm(pooled)))
         valid = None if state.valid is None else state.valid[:, p:]
         if m.global_pool in ("avg", "avgmax"):
             # mean over the input patches: merged tokens weigh by their size, padding by zero

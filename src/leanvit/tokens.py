@@ -31,6 +31,10 @@ class TokenState:
     heads:    (B,) long, first-k attention heads each image runs with (per-image channel widths,
               PRANCE); ``None``: the method's static widths for every image.
     hidden:   (B,) long, first-k MLP neurons each image runs with; ``None`` as for ``heads``.
+    rope:     (B, N, 2·d) each token's rotary position table row (sin ; cos), for models with
+              rotary position embeddings (EVA-02, RoPE ViTs); ``None`` otherwise. It travels with its
+              token: a merged token keeps its destination's row; prefix tokens and EViT's fused
+              token, which stand at no position, carry the identity rotation (sin 0, cos 1).
     plan:     a method's per-image decisions (tensors with the batch first) that later layers of
               the same forward carry out (PRANCE: keep ratios chosen before a stage, applied after
               its first attention). Carried with the tokens, so methods keep no per-forward state.
@@ -49,6 +53,7 @@ class TokenState:
     heads: Optional[Tensor] = None
     hidden: Optional[Tensor] = None
     plan: Optional[Dict[str, Tensor]] = None
+    rope: Optional[Tensor] = None
 
     @property
     def batch(self) -> int:
@@ -88,6 +93,16 @@ class TokenState:
         """(B, N) sizes, materialised."""
         return self.size if self.size is not None else self.x.new_ones(self.x.shape[:2])
 
+    def summary(self, has_cls: bool) -> Tensor:
+        """(B, C) one token summing up each image: the CLS token, or for a model without one the
+        mean of the image's real tokens (what PRANCE's and RL4EViT's features read as "CLS")."""
+        if has_cls:
+            return self.x[:, 0]
+        if self.valid is None:
+            return self.x.mean(dim=1)
+        w = self.valid[..., None].to(self.x.dtype)
+        return (self.x * w).sum(dim=1) / w.sum(dim=1)
+
     # --- re-indexing -------------------------------------------------------------------------
     def gather(self, idx: Tensor) -> "TokenState":
         """Keep tokens ``idx`` (B, K), in that order."""
@@ -97,6 +112,7 @@ class TokenState:
             valid=None if self.valid is None else self.valid.gather(1, idx),
             policy=None if self.policy is None else self.policy.gather(1, idx),
             source=None if self.source is None else _take(self.source, idx),
+            rope=None if self.rope is None else _take(self.rope, idx),
         )
 
 
@@ -165,10 +181,11 @@ def fuse_rest(state: TokenState, scores: Tensor, k: int) -> TokenState:
     w = scores.gather(1, dropped - p)
     fused = (_take(state.x, dropped) * w[..., None]).sum(1, keepdim=True)
     size = None if out.size is None else torch.cat([out.size, out.size.new_ones(state.batch, 1)], 1)
+    rope = None if out.rope is None else torch.cat([out.rope, identity_rope(out.rope[:, :1])], 1)
     source = None
     if state.source is not None:
         source = torch.cat([out.source, _take(state.source, dropped).sum(1, keepdim=True)], 1)
-    return out.replace(x=torch.cat([out.x, fused], dim=1), size=size, source=source)
+    return out.replace(x=torch.cat([out.x, fused], dim=1), size=size, source=source, rope=rope)
 
 
 # --- merging --------------------------------------------------------------------------------
@@ -205,6 +222,7 @@ def bipartite_soft_matching(metric: Tensor, r: int, n_prefix: int) -> Callable[[
         out = _take(t, keep)
         return out.scatter_add_(1, _expand_index(dst, t), _take(t, src))
 
+    merge.keep = keep  # each output token's own position: what a merged token keeps of its destination
     return merge
 
 
@@ -219,7 +237,8 @@ def merge_tokens(state: TokenState, metric: Tensor, r: int) -> TokenState:
     x = merge(state.x if state.size is None else state.x * size[..., None])  # all sizes 1: skip the product
     size = merge(size)
     source = None if state.source is None else merge(state.source)
-    return state.replace(x=x / size[..., None], size=size, source=source)
+    rope = None if state.rope is None else _take(state.rope, merge.keep)
+    return state.replace(x=x / size[..., None], size=size, source=source, rope=rope)
 
 
 def sort_by_score(state: TokenState, scores: Tensor) -> Tuple[TokenState, Tensor]:
@@ -238,7 +257,7 @@ def keep_first(state: TokenState, k: Tensor) -> TokenState:
     patches): per-image counts, a ragged batch unless all ``k`` are equal."""
     p = state.n_prefix
     width = p + int(k.max())  # host sync: the batch's new width is a shape
-    out = state.replace(**{f: t[:, :width] for f in ("x", "size", "valid", "policy", "source")
+    out = state.replace(**{f: t[:, :width] for f in ("x", "size", "valid", "policy", "source", "rope")
                            if (t := getattr(state, f)) is not None})
     valid = torch.arange(width, device=k.device)[None, :] < (p + k)[:, None]
     return out.replace(valid=None if bool(valid.all()) else valid)
@@ -285,7 +304,14 @@ def choose(which: Tensor, a: TokenState, b: TokenState) -> TokenState:
         return torch.where(which.reshape((-1,) + (1,) * (s.dim() - 1)), s, t)
     sizes = None if a.size is None and b.size is None else pick(a.sizes(), b.sizes())
     source = None if a.source is None else pick(a.source, b.source)
-    return a.replace(x=pick(a.x, b.x), size=sizes, source=source)
+    rope = None if a.rope is None else pick(a.rope, b.rope)
+    return a.replace(x=pick(a.x, b.x), size=sizes, source=source, rope=rope)
+
+
+def identity_rope(like: Tensor) -> Tensor:
+    """Rotary table rows (sin ; cos) shaped like ``like`` that rotate by nothing: sin 0, cos 1."""
+    half = like.shape[-1] // 2
+    return torch.cat([torch.zeros_like(like[..., :half]), torch.ones_like(like[..., half:])], dim=-1)
 
 
 def max_merge(n_tokens: int, n_prefix: int) -> int:

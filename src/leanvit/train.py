@@ -41,6 +41,13 @@ class TrainConfig:
     options: dict = field(default_factory=dict)
     # KL(student || dense teacher), the teacher being the starting model run dense
     distill: float = arg(0.0, nonnegative, "weight of KL to the starting model run dense")
+    # DynamicViT's authors train the predictors at the learning rate and the ViT at 1% of it, the
+    # ViT frozen for the first 5 of 30 epochs
+    backbone_lr_scale: float = arg(1.0, nonnegative, "the ViT's learning rate as a fraction of the scheduled "
+                                   "one; a learned method's own parameters (e.g. DynamicViT's predictors) train "
+                                   "at the full rate (DynamicViT's authors: 0.01)")
+    freeze_backbone_epochs: float = arg(0.0, nonnegative, "the ViT is frozen (learning rate 0) for the first "
+                                        "epochs while the method's parameters train (DynamicViT's authors: 5 of 30)")
     workers: int = arg(1, natural, "data loading processes")
     save_every: int = arg(100, positive_int, "steps between resumable checkpoints")
     train_split: str = arg("train")
@@ -77,9 +84,11 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
     params = dict(runner.named_parameters())  # the ViT and a learned method's own (e.g. predictors)
     decayed = {n for n, p in params.items() if p.ndim > 1 and "pos_embed" not in n and "token" not in n}
-    opt = torch.optim.AdamW([
-        {"params": [p for n, p in params.items() if n in decayed], "weight_decay": cfg.weight_decay},
-        {"params": [p for n, p in params.items() if n not in decayed], "weight_decay": 0.0}], lr=cfg.lr)
+    groups = [dict(params=[p for n, p in params.items() if (n in decayed) == decay and n.startswith("method.") == own],
+                   weight_decay=cfg.weight_decay if decay else 0.0, backbone=not own)
+              for own in (False, True) for decay in (True, False)]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+    frozen_steps = int(cfg.freeze_backbone_epochs * run.steps_per_epoch)
 
     def restore(ckpt):
         weights = ckpt["model"]
@@ -89,7 +98,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     def step(batch, i):
         lr = lr_at(i, run.total_steps, warmup, cfg.lr, cfg.min_lr)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr if not g["backbone"] else 0.0 if i < frozen_steps else lr * cfg.backbone_lr_scale
         opt.zero_grad(set_to_none=True)
         loss = recipe.loss(net, runner, batch, teacher, i)
         opt.step()

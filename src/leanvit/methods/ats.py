@@ -1,7 +1,7 @@
 import torch
 
 from ..tokens import keep_mask
-from .base import OptionError, Reduction, check_layers, register, require_cls
+from .base import OptionError, Reduction, check_layers, register
 
 
 @register
@@ -23,7 +23,6 @@ class ATS(Reduction):
 
     def bind(self, info):
         super().bind(info)
-        require_cls("ats", info)
         layers = self.layers
         if layers == "3-":  # the ATS paper's stages 3..11, for any depth
             layers = range(min(3, info.depth - 1), info.depth)

@@ -13,7 +13,7 @@ import inspect
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Dict, Iterable, List, Optional, Tuple, Type
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Type
 
 import torch
 from torch import Tensor
@@ -36,6 +36,7 @@ class ModelInfo:
     embed_dim: int
     has_cls: bool = True  # a CLS token at index 0
     mlp_hidden: int = 0  # MLP width of the first block
+    channel_elastic: bool = True  # every block's heads and MLP neurons can be sliced (elastic.sliceable)
 
 
 class AttentionView:
@@ -43,7 +44,16 @@ class AttentionView:
 
     q, k, v: (B, H, N, d), padding included. ``heads`` (B,): with per-image channel widths, the
     heads image i ran with (its q, k, v are zero beyond them); None: all H for every image.
+
+    The runtime sets, per view: ``has_cls`` (token 0 is a CLS token); ``pool_attention``, for a
+    model without one whose head is an attention pool (MAP), a function giving the (B, N)
+    attention of the head's pooled query over the current tokens; and ``note_macs``, when
+    tracing, to count what the CLS substitute costs (see :attr:`cls_attn`).
     """
+
+    has_cls: bool = True
+    pool_attention: Optional[Callable[[], Tensor]] = None
+    note_macs: Optional[Callable[..., None]] = None
 
     def __init__(self, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], n_prefix: int,
                  heads: Optional[Tensor] = None):
@@ -65,13 +75,43 @@ class AttentionView:
     @cached_property
     def cls_attn(self) -> Tensor:
         """(B, H, N) post-softmax attention of the CLS query, with the block's bias (zero for heads
-        an image did not run)."""
-        q, k = self.q[:, :, :1], self.k
-        logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        an image did not run).
+
+        A model without a CLS token gets a substitute: with an attention-pool head, the attention
+        of the head's pooled query (the same in every head: the pool's head mean); otherwise the
+        mean attention each token receives over all real queries, each query weighted by the
+        patches it stands for (the CLS-free reading of "how much the image attends to a token").
+        Both are counted in the MACs: the substitute costs a full N² attention map, or the pool's
+        key projection, where the CLS row costs next to nothing."""
+        if self.has_cls:
+            q, k = self.q[:, :, :1], self.k
+            logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+            if self.bias is not None:
+                logits = logits + self.bias
+            a = logits.softmax(dim=-1)[:, :, 0]
+        elif self.pool_attention is not None:
+            a = self.pool_attention()[:, None].expand(-1, self.q.shape[1], -1)
+        else:
+            a = self._received()
+        return a if self._head_weights is None else a * self._head_weights
+
+    def _received(self) -> Tensor:
+        """(B, H, N) mean attention each key receives over the real queries, weighted by size."""
+        B, H, N, d = self.q.shape
+        logits = (self.q * d ** -0.5) @ self.k.transpose(-2, -1)
         if self.bias is not None:
             logits = logits + self.bias
-        a = logits.softmax(dim=-1)[:, :, 0]
-        return a if self._head_weights is None else a * self._head_weights
+        a = logits.softmax(dim=-1)
+        if self.bias is None:
+            received = a.mean(dim=2)
+        else:  # exp(bias) is each token's size, zero for padding: the weight of its query
+            w = self.bias.exp().reshape(B, 1, N, 1).to(a.dtype)
+            received = (a * w).sum(dim=2) / w.sum(dim=2)
+        if self.note_macs is not None:  # QKᵀ over each image's own tokens; padded: as executed
+            n = N if self.bias is None else (self.bias.reshape(B, N) > float("-inf")).sum(1)
+            heads = H if self.heads is None else self.heads
+            self.note_macs(n * n * d * heads, float(N * N * d * H))
+        return received
 
     @cached_property
     def cls_attn_mean(self) -> Tensor:
@@ -236,12 +276,6 @@ def load_weights(method, path: str, what: str) -> None:
         shipped = ", ".join(list_method_weights(method.name)) or "none"
         raise OptionError(f"{method.name}: cannot load {what} {path}: {e} "
                           f"(reference models with shipped {method.name} weights: {shipped})") from None
-
-
-def require_cls(name: str, info: ModelInfo) -> None:
-    """Methods scoring tokens by the CLS token's attention need one."""
-    if not info.has_cls:
-        raise OptionError(f"{name} scores tokens by the CLS token's attention, but this model has no CLS token")
 
 
 def check_int(name: str, option: str, value, low: int = 0) -> int:

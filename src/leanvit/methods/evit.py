@@ -1,5 +1,5 @@
 from ..tokens import ceil_keep, fuse_rest, keep_top
-from .base import OptionError, Reduction, check_layers, check_rate, register, require_cls
+from .base import OptionError, Reduction, check_layers, check_rate, register
 
 
 @register
@@ -16,7 +16,6 @@ class EViT(Reduction):
 
     def bind(self, info):
         super().bind(info)
-        require_cls("evit", info)
         self.layers = check_layers("evit", self.layers, info.depth)
 
     def decision_layers(self):

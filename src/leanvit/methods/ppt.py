@@ -1,5 +1,5 @@
 from ..tokens import choose, keep_top, max_merge, merge_tokens
-from .base import Reduction, check_int, check_layers, check_number, register, require_cls
+from .base import Reduction, check_int, check_layers, check_number, register
 
 
 @register
@@ -26,7 +26,6 @@ class PPT(Reduction):
 
     def bind(self, info):
         super().bind(info)
-        require_cls("ppt", info)
         self.layers = check_layers("ppt", self.layers, info.depth)
         if self.threshold_option == "scaled":
             self.threshold = self.PAPER_THRESHOLD * (196 / (info.n_tokens - info.n_prefix)) ** 2

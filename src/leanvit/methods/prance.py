@@ -26,7 +26,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..tokens import TokenState, keep_first, merge_into_first, sort_by_score
-from .base import OptionError, Reduction, check_int, load_weights, register, require_cls
+from .base import OptionError, Reduction, check_int, load_weights, register
 from .rl4evit import mlp
 
 HEAD_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -126,8 +126,9 @@ class Prance(Reduction, nn.Module):
     def bind(self, info):
         super().bind(info)
         self._resolve_options()
-        if self.strategy != "none":
-            require_cls("prance", info)
+        if (self.channels or self.subnet is not None) and not info.channel_elastic:
+            raise OptionError("prance: channels=true (and subnet=) slice attention heads and MLP neurons, which "
+                              "only timm's Attention and plain Mlp allow; this model has others: pass channels=false")
         if info.depth < self.n_stages:
             raise OptionError(f"prance: {self.n_stages} stages need at least as many blocks, the model has {info.depth}")
         self.bounds = [round(i * info.depth / self.n_stages) for i in range(self.n_stages + 1)]
@@ -172,7 +173,7 @@ class Prance(Reduction, nn.Module):
     # --- decisions -------------------------------------------------------------------------
     def features(self, state: TokenState, k: int) -> Tensor:
         """The selector's view of each image's tokens before stage ``k``: [CLS ; mean patch ;
-        stage one-hot ; fraction of the patches left]."""
+        stage one-hot ; fraction of the patches left] (no CLS token: the mean real token)."""
         x, p = state.x, state.n_prefix
         patches = state.counts() - p
         if state.valid is None:
@@ -182,7 +183,7 @@ class Prance(Reduction, nn.Module):
         stage = x.new_zeros(state.batch, self.n_stages - 1)
         stage[:, k - 1] = 1.0
         left = (patches / (self.info.n_tokens - p)).to(x.dtype)[:, None]
-        return torch.cat([x[:, 0], mean, stage, left], dim=1)
+        return torch.cat([state.summary(self.info.has_cls), mean, stage, left], dim=1)
 
     def to_choices(self, actions: Tensor) -> Dict[str, Tensor]:
         """(B, action_dim) actions in [0, 1] -> per image: heads, hidden (long), keep, merge (float64)."""

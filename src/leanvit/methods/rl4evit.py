@@ -99,7 +99,7 @@ class RL4EViT(Reduction, nn.Module):
             dist = torch.distributions.Categorical(logits=logits.detach())
             action = dist.sample()
             keep = action == 1
-            self.rollout.append(dict(layer=layer, tokens=tokens.detach(), cls=state.x[:, 0].detach(),
+            self.rollout.append(dict(layer=layer, tokens=tokens.detach(), cls=state.summary(self.info.has_cls).detach(),
                                      action=action, logp=dist.log_prob(action), alive=alive))
         else:
             keep = logits[..., 1] > logits[..., 0]  # greedy: the more likely action

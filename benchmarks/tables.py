@@ -1,0 +1,248 @@
+"""The tables of BENCHMARKS.md from the raw results under benchmarks/results/, one driver:
+
+    python benchmarks/tables.py packed  > benchmarks/results/packed/tables.md
+    python benchmarks/tables.py prance  > benchmarks/results/prance_reference/tables.md
+    python benchmarks/tables.py rl4evit > benchmarks/results/rl4evit/tables.md
+
+packed: benchmarks/packed_speed.sh; prance: benchmarks/prance_selectors.sh and prance_speed.sh;
+rl4evit: benchmarks/rl4evit_reference.sh (GMACs in results written from commit 4051bed,
+``Reduction.decision_macs``, on include RL4EViT's actor and DynamicViT's predictors; the tables
+published before it, 2026-11-22, leave them out).
+"""
+import json
+import re
+import sys
+from pathlib import Path
+
+RES = Path(__file__).parent / "results"
+RL = RES / "rl4evit"
+PRANCE_RUNS = Path("runs/prance-sel")
+
+
+PACKED_RUNS = [("prance_b32", "PRANCE, shipped meta-network"), ("prance_b1", "PRANCE, shipped meta-network"),
+        ("reference_b32", "reference model"), ("reference_b1", "reference model"),
+        ("deit_s_b32", "DeiT-S 224, random weights, Imagenette photos"),
+        ("deit_s_b1", "DeiT-S 224, random weights, Imagenette photos")]
+
+
+def spread(seconds, images):
+    """min-max of the repeats' speed, as images/s"""
+    speeds = sorted(images / t for t in seconds)
+    return f"{speeds[0]:.0f}-{speeds[-1]:.0f}"
+
+
+def packed():
+    """benchmarks/packed_speed.sh's runs (benchmarks/results/packed/*.json)."""
+    for name, what in PACKED_RUNS:
+        path = RES / "packed" / f"{name}.json"
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        s, d = r["settings"], r["dense"]
+        n = s["images"]
+        print(f"**{what}**, batch {s['batch_size']} ({n} images), {s['threads']} threads, input "
+              f"{'x'.join(map(str, s['input_size']))}, median of {s['repeats']} (warm-up {s['warmup']}), {s['date']}; "
+              f"dense {d['images_per_second']:.0f} img/s (repeats {spread(d['seconds'], n)}), timm's own forward "
+              f"{d['timm_images_per_second'] / d['images_per_second']:.2f}x leanvit's dense (`{path.name}`)\n")
+        print("| method | GMACs | dense/GMACs | speedup | efficiency | floor speedup | floor efficiency | decision ms/batch |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for label, m in r["methods"].items():
+            floor = m.get("floor_speedup")
+            print(f"| `{label}` | {m['gmacs']:.4f} | {m['gmacs_ratio']:.2f} | {m['speedup']:.2f}x | {m['efficiency']:.2f} | "
+                  f"{floor:.2f}x | {floor / m['gmacs_ratio']:.2f} | {m['decision_overhead_ms']:.1f} |")
+        print()
+
+
+SEL_RE = re.compile(r"runs/prance-sel/([^/]+)/budget-([0-9.]+)/selector\.safetensors")
+
+
+def selector_of(options: dict):
+    """(name, budget) of a prance row that runs a trained selector, else None."""
+    m = SEL_RE.search(str(options.get("weights", "")))
+    return (m.group(1), float(m.group(2))) if m else None
+
+
+def training_table() -> str:
+    """From the selectors' runs (runs/prance-sel, not committed; their metrics are then copied to
+    benchmarks/results/prance_reference/selectors.json), else from that copy."""
+    summary = {}
+    for path in sorted(PRANCE_RUNS.glob("*/budget-*/metrics.json")):
+        m = json.loads(path.read_text())
+        summary[f"{path.parent.parent.name}/budget-{m['config']['budget']}"] = dict(
+            steps=m["steps"], cost_weight=m["cost_weight"], gmacs_ratio=m["gmacs_ratio"], top1_train=m["top1"],
+            budget_met=m["budget_met"], history=m["history"], config=m["config"])
+    copy = RES / "prance_reference" / "selectors.json"
+    if summary:
+        copy.write_text(json.dumps(summary, indent=2))
+    else:
+        summary = json.loads(copy.read_text())
+    lines = ["| selector | budget | steps | final cost weight | GMACs ratio (1,000 holdout images) "
+             "| within 5% | calibration shift | min |", "|---|---:|---:|---:|---:|---|---:|---:|"]
+    for key, m in summary.items():
+        name, budget = key.split("/budget-")[0], m["config"]["budget"]
+        last = m["history"][-1]
+        shift = f"{last['calibration_shift']:+.3f}" if "calibration_shift" in last else "-"
+        lines.append(f"| {name} | {budget} | {m['steps']} | {m['cost_weight']:.4f} | {m['gmacs_ratio']:.3f} | "
+                     f"{'yes' if m['budget_met'] else '**no**'} | {shift} | {last['elapsed_s'] / 60:.0f} |")
+    return "\n".join(lines)
+
+
+def test_table() -> str:
+    r = json.loads((RES / "prance_reference" / "results.json").read_text())
+    dense = r["dense"]
+    lines = [f"{r['n_images']} test images, batch {r['batch_size']}, {r['threads']} threads, {r['date']}; "
+             f"dense = the meta-network's largest sub-network ({dense['top1']:.2f}%, {dense['gmacs']:.4f} GMACs, "
+             f"{dense['images_per_second']:.0f} img/s)", "",
+             "| method | setting | top-1 % | vs dense (95% CI) | agree % | KL to dense | GMACs | of dense | img/s | speedup |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = sorted(r["rows"], key=lambda row: -row["gmacs"])
+    for row in rows:
+        sel = selector_of(row["options"])
+        alpha = re.search(r"multi_a([0-9.]+)/", str(row["options"].get("weights", "")))
+        if sel:
+            name, setting = f"**prance {sel[0]}**", f"selector for budget {sel[1]}"
+        elif row["method"] == "rl4evit" and alpha:
+            name, setting = "rl4evit (MAPPO)", f"alpha {alpha.group(1)}, trained on the reference model"
+        else:
+            name, setting = row["method"], f"`{row['label']}`"
+        lo, hi = row["delta_top1_ci95"]
+        lines.append(f"| {name} | {setting} | {row['top1']:.2f} | {row['top1'] - dense['top1']:+.2f} "
+                     f"({lo:+.2f}, {hi:+.2f}) | {row['agreement']:.2f} | {row['kl_to_dense']:.4f} | "
+                     f"{row['gmacs']:.4f} | {row['gmacs'] / dense['gmacs']:.3f} | {row['images_per_second']:.0f} | "
+                     f"{row['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def speed_table() -> str:
+    out = []
+    for tag, what in (("b32", "batch 32"), ("b1", "batch 1 (the same 32 images one at a time)")):
+        path = RES / f"prance_speed_{tag}.json"
+        if not path.is_file():
+            continue
+        r = json.loads(path.read_text())
+        s = r["settings"]
+        out += [f"{what}: {s['threads']} threads, input {'x'.join(map(str, s['input_size']))}, median of "
+                f"{s['repeats']} repeats, {s['date']}; dense {r['dense']['images_per_second']:.0f} img/s", "",
+                "| configuration | GMACs | dense/GMACs | measured speedup | speedup / (dense/GMACs) | floor speedup | floor / (dense/GMACs) |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
+        for label, m in r["methods"].items():
+            sel = selector_of(m["options"])
+            name = f"prance {sel[0]}, budget {sel[1]}" if sel else label
+            out.append(f"| {name} | {m['gmacs']:.4f} | {m['gmacs_ratio']:.2f} | {m['speedup']:.2f}x | "
+                       f"{m['efficiency']:.2f} | {m['floor_speedup']:.2f}x | {m['floor_speedup'] / m['gmacs_ratio']:.2f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def prance():
+    """benchmarks/prance_selectors.sh and benchmarks/prance_speed.sh."""
+    print("### Selector training\n\n" + training_table() + "\n\n### Test set\n\n" + test_table() +
+          "\n\n### Measured speed\n\n" + speed_table())
+
+
+def load(path):
+    return json.loads(Path(path).read_text())
+
+
+def scan_table():
+    """The alpha scan and the training runs: greedy top-1 / GMACs on 1,000 test images after each
+    evaluation of the run (step 30 = the scan, step 90 = the runs of the tables). Copies every run's
+    metrics.json to benchmarks/results/rl4evit/runs/."""
+    import leanvit
+    import torch
+    dense = leanvit.count_macs(leanvit.load_model("cifar10_vit12_w128"), torch.zeros(1, 3, 32, 32))
+    runs = {}
+    for p in sorted(Path("runs/rl4evit").glob("*/metrics.json")):
+        (RL / "runs").mkdir(exist_ok=True)
+        (RL / "runs" / f"{p.parent.name}.json").write_text(p.read_text())
+    for p in sorted((RL / "runs").glob("*_a*.json")):
+        agents, alpha = p.stem.split("_a")
+        runs[(agents, float(alpha))] = load(p)["history"]
+    if not runs:
+        print("Alpha scan: no runs (runs/rl4evit/ nor benchmarks/results/rl4evit/runs/)\n")
+        return
+    print("Alpha scan (beta = 1; greedy policy, 1,000 test images)\n")
+    print("| agents | alpha | step | rollout keep ratio | top-1 % | GMACs | of dense |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for (agents, alpha), hist in sorted(runs.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        for h in hist:
+            print(f"| {agents} | {alpha:g} | {h['step']} | {h['keep_ratio']:.3f} | {h['top1']:.1f} | "
+                  f"{h['gmacs']:.4f} | {h['gmacs'] / dense:.3f} |")
+    print()
+
+
+def rl4evit():
+    """Tables I and II (benchmarks/rl4evit_reference.sh)."""
+    scan_table()
+    alphas = (RL / "alphas.txt").read_text().split()
+    single_alphas = (RL / "single_alphas.txt").read_text().split()
+    budgets = [line.split() for line in (RL / "budgets.txt").read_text().splitlines() if line.strip()]
+    sweep = load(RL / "sweep" / "results.json")
+    dense = sweep["dense"]
+    rows = {r["method"] + ":" + r["label"].replace(" ", ":"): r for r in sweep["rows"]}
+
+    def find(method, label_part, exact=False):
+        hits = [r for k, r in rows.items() if k.startswith(method + ":")
+                and (k == f"{method}:{label_part}" if exact else label_part in k)]
+        assert len(hits) == 1, (method, label_part, list(rows))
+        return hits[0]
+
+    def cells(r, d=dense):
+        return (f"{r['top1']:.2f} | {r['top1'] - dense['top1']:+.2f} | {r['gmacs']:.4f} | "
+                f"{r['gmacs'] / dense['gmacs']:.3f} | {r['images_per_second']:.0f} | "
+                f"{r['images_per_second'] / d['images_per_second']:.2f}x")
+
+    print("Table I\n")
+    print("| budget | method | setting | top-1 % | vs dense | GMACs | of dense | img/s | speedup |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| - | dense | | {dense['top1']:.2f} | - | {dense['gmacs']:.4f} | 1.000 | "
+          f"{dense['images_per_second']:.0f} | 1.00x |")
+    counts = [l for l in (RL / "counts.txt").read_text().splitlines() if l.startswith("random:")]
+    for i, (alpha, (run, g, rho, evit, tome, ppt)) in enumerate(zip(alphas, budgets)):
+        b = f"{i + 1} (alpha {alpha})"
+        for m, spec in (("evit", evit), ("tome", tome), ("ppt", ppt)):
+            label = spec.split(":", 1)[1]
+            print(f"| {b} | {m} | `{label}` | {cells(find(m, label, exact=True))} |")
+        dv = load(RL / f"dynamicvit_k{rho}" / "results.json")
+        r = dv["rows"][0]
+        print(f"| {b} | dynamicvit (fine-tuned) | `keep_rate={rho}` | {cells(r, dv['dense'])} |")
+        mappo = find("rl4evit", f"multi_a{alpha}/")
+        print(f"| {b} | **rl4evit (MAPPO)** | `alpha={alpha}` | {cells(mappo)} |")
+    print("\nTable II\n")
+    print("| budget | method | top-1 % | vs dense | GMACs | of dense | img/s | speedup |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for i, (alpha, single) in enumerate(zip(alphas, single_alphas)):
+        b = f"{i + 1} (alpha {alpha})"
+        sched = counts[i].split("=", 1)[1]
+        rnd = find("random", "schedule=" + sched, exact=True)
+        print(f"| {b} | random at MAPPO's token counts (`schedule={sched}`) | {cells(rnd)} |")
+        print(f"| {b} | single-agent PPO (alpha {single}) | {cells(find('rl4evit', f'single_a{single}/'))} |")
+        print(f"| {b} | **MAPPO** | {cells(find('rl4evit', f'multi_a{alpha}/'))} |")
+    # the actor's part of the GMACs column: it runs on every live patch at each decision layer
+    import leanvit
+    import torch
+    m = leanvit.adapt(leanvit.load_model("cifar10_vit12_w128"), "rl4evit").method
+    per_token = sum(l.in_features * l.out_features for l in m.actor if isinstance(l, torch.nn.Linear))
+    print(f"\nActor MACs per token per decision layer: {per_token}. Actor GMACs per image (MAPPO, from "
+          "the mean counts of counts.txt), included in the GMACs column above:")
+    means = [l for l in (RL / "counts.txt").read_text().splitlines() if "mean tokens per block" in l]
+    for alpha, line in zip(alphas, means):
+        counts = [float(c) for c in line.split(":")[-1].split()]
+        patches = sum(counts[l] - 1 for l in m.layers)  # live patches entering each decision
+        r = find('rl4evit', f'multi_a{alpha}/')
+        g = patches * per_token / 1e9
+        print(f"- alpha {alpha}: {patches:.1f} patch decisions, {g:.4f} GMACs; without it "
+              f"{r['gmacs'] - g:.4f} GMACs = {(r['gmacs'] - g) / dense['gmacs']:.3f} of dense")
+    print(f"\n{sweep['n_images']} images, {sweep['threads']} threads, batch {sweep['batch_size']}, "
+          f"{sweep['date']}; DynamicViT rows: their own sweep against their fine-tuned ViT "
+          f"(dense of that ViT: " + ", ".join(
+              f"k{b[2]}: {load(RL / f'dynamicvit_k{b[2]}' / 'results.json')['dense']['top1']:.2f}%"
+              for b in budgets) + "); its speedup is against that sweep's dense pass.")
+
+
+
+if __name__ == "__main__":
+    tables = dict(packed=packed, prance=prance, rl4evit=rl4evit)
+    if len(sys.argv) != 2 or sys.argv[1] not in tables:
+        sys.exit(f"usage: python benchmarks/tables.py {{{','.join(tables)}}}")
+    tables[sys.argv[1]]()

@@ -1,0 +1,26 @@
+"""`leanvit bench --profile-ops`: the operator split of a forward, per runner."""
+import torch
+
+import leanvit
+from conftest import images, small_vit
+from leanvit.bench import format_profile, profile_operators
+
+
+def test_profile_counts_the_operators_a_forward_runs():
+    model = small_vit()
+    x = images(4)
+    runners = {"dense": leanvit.adapt(model, "none"), "tome": leanvit.adapt(model, "tome", r=4)}
+    prof = profile_operators(runners, x, repeats=2, top=100)
+    assert set(prof) == {"dense", "tome"}
+    dense = prof["dense"]
+    # one qkv, proj, fc1, fc2 per block and the head; ToMe adds its matching on top
+    linear = sum(o["calls"] for o in dense["operators"] if o["op"] == "linear")
+    assert linear >= 4 * len(model.blocks) and dense["calls"] > linear
+    assert prof["tome"]["calls"] > dense["calls"]
+    # each operator is attributed to the line of leanvit or timm that called it, never the profiler
+    wheres = {o["where"].split(":")[0] for o in dense["operators"]}
+    assert "bench.py" not in wheres and "?" not in wheres and {"runtime.py", "mlp.py"} <= wheres
+    assert 0 < dense["operator_ms"] and dense["wall_ms"] > 0
+    assert len(profile_operators({"dense": runners["dense"]}, x, repeats=1, top=3)["dense"]["operators"]) == 3
+    text = format_profile(prof)
+    assert "dense:" in text and "operator calls" in text
