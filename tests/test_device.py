@@ -18,7 +18,8 @@ from leanvit.data import batch_shard
 from leanvit.device import DeviceError, check_amp, select_device
 
 MODEL = "cifar10_vit12_w128"  # the shipped reference model: 32 px, 12 blocks of width 128
-MODEL_COMMANDS = ["eval", "bench", "sweep", "train", "train-supernet", "train-selector", "train-policy", "demo"]
+MODEL_COMMANDS = ["eval", "bench", "sweep", "match", "train", "train-supernet", "train-selector", "train-policy",
+                  "demo"]
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 
 

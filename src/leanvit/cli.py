@@ -269,9 +269,11 @@ def cmd_match(args) -> int:
     from .analysis import match_gmacs, mean_tokens, random_control
     from .measure import count_macs
     from .runtime import adapt
+    from .device import autocast, module_device
     model = _load(args)
+    device = module_device(model)
     size = list(model.pretrained_cfg.get("input_size", (3, 224, 224)))
-    probe = torch.zeros(1, *size)
+    probe = torch.zeros(1, *size, device=device)
     dense = count_macs(model, probe)
     result = dict(model=args.model, dense_gmacs=dense)
     if args.method:
@@ -283,7 +285,8 @@ def cmd_match(args) -> int:
         ds = load_dataset(args.data, split=args.split, transform=eval_transform(model), num_classes=model.num_classes,
                           limit=args.limit, classes=model_label_names(model))
         loader = make_loader(ds, batch_size=args.batch_size, num_workers=args.workers)
-        counts, target, n = mean_tokens(runner, (b.images for b in loader))
+        with autocast(device, args.amp):
+            counts, target, n = mean_tokens(runner, (b.images.to(device) for b in loader))
         print(f"{args.method}: {target:.4f} GMACs/image ({target / dense:.3f} of dense {dense:.4f}) on {n} images "
               f"of {args.data} ({args.split})")
         print("mean tokens per block: " + " ".join(f"{c:.1f}" for c in counts))
@@ -607,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=250)
     p.add_argument("--workers", type=natural, default=None)
     p.add_argument("--json", type=path, help="write the target, the matched settings (and counts) as JSON here")
+    _add_device_args(p)
     p.set_defaults(func=cmd_match)
 
     p = command("demo", help="the shipped reference model against every parameter-free method")
