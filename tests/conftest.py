@@ -65,6 +65,17 @@ def seed_all(seed: int = 0) -> None:
     torch.manual_seed(seed)
 
 
+# Every device present: CPU here, CUDA (and MPS) where there is one. Tests that take ``device``
+# run once per device, so that a GPU machine runs them on its GPU with no change.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) \
+    + (["mps"] if torch.backends.mps.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     seed_all(0)

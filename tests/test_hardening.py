@@ -260,7 +260,7 @@ def test_weights_option_must_be_safetensors(method, files, tmp_path, capsys):
 def test_wrong_architecture_weights_for_a_shipped_model(tmp_path, capsys):
     other = tmp_path / "other.safetensors"
     model = cli._load(argparse.Namespace(model=MODEL, checkpoint=None, pretrained=False, num_classes=None,
-                                         threads=None))
+                                         threads=None, device="cpu", amp="off"))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(other))
     err = _expect_error(["eval", "--model", SHIPPED, "--checkpoint", str(other), "--data", "cifar10-sample"],
                         capsys, f"checkpoint {other} does not fit {SHIPPED}", "shape differs")

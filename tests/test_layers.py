@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "src" / "leanvit"
 # Bottom to top. A module may import from its own layer or those below it; "methods" stands for
 # the package and every module in it.
 LAYERS: List[List[str]] = [
-    ["tokens", "flops", "elastic", "rl", "data", "archs", "zoo", "options"],  # no leanvit imports above
+    ["tokens", "flops", "elastic", "rl", "data", "archs", "zoo", "options", "device"],  # no leanvit imports above
     ["models", "provenance"],  # model loading; what a result was computed from
     ["methods"],  # the reduction methods
     ["runtime"],  # the block runner and adapt

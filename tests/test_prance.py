@@ -52,11 +52,11 @@ def test_selector_choosing_everything_full_is_the_model(strategy):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_packed_batch_equals_one_image_at_a_time(strategy):
+def test_packed_batch_equals_one_image_at_a_time(strategy, device):
     """Images that chose different widths and keep ratios run as one packed batch (one record per
     block, not per group); the result equals running each image alone."""
-    f = spread(leanvit.adapt(small_vit(sharp=3.0), "prance", strategy=strategy))
-    base = images(5, seed=3)
+    f = spread(leanvit.adapt(small_vit(sharp=3.0).to(device), "prance", strategy=strategy))
+    base = images(5, seed=3).to(device)
     x = torch.cat([base, base[:3]])
     with torch.inference_mode(), f.tracing() as trace:
         batched = f(x)
@@ -125,11 +125,11 @@ def test_result_to_go_rewards_hand_made():
     torch.testing.assert_close(r, expect)
 
 
-def test_rollout_records_every_image_at_every_decision():
-    f = spread(leanvit.adapt(small_vit(sharp=3.0), "prance", strategy="prune"))
+def test_rollout_records_every_image_at_every_decision(device):
+    f = spread(leanvit.adapt(small_vit(sharp=3.0).to(device), "prance", strategy="prune"))
     m = f.method
-    x = images(6)
-    labels = torch.arange(6) % 10
+    x = images(6).to(device)
+    labels = torch.arange(6, device=device) % 10
     m.sampling = True
     with torch.no_grad():
         out = f(x)

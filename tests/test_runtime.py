@@ -53,11 +53,11 @@ VARIANTS = {
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_none_matches_timm_logits(variant, mode):
+def test_none_matches_timm_logits(variant, mode, device):
     build, size = VARIANTS[variant]
-    model = sharpen(build(), 2.0)
+    model = sharpen(build(), 2.0).to(device)
     model.train(mode == "train")
-    x = images(3, size)
+    x = images(3, size).to(device)
     f = leanvit.adapt(model, "none")
     f.train(mode == "train")
     with torch.no_grad():
@@ -204,10 +204,10 @@ def _assert_ragged(trace):
     dict(global_pool="avgmax", reg_tokens=3),
     dict(distilled=True),
 ], ids=["cls", "avg", "max_no_cls", "avgmax_regs", "distilled"])
-def test_masked_equals_gathered_ragged_method(kw):
-    model = small_vit(sharp=4.0, **kw)
+def test_masked_equals_gathered_ragged_method(kw, device):
+    model = small_vit(sharp=4.0, **kw).to(device)
     f = leanvit.adapt(model, AboveMean(layers=(3, 5, 7, 9)))
-    x = images(5)
+    x = images(5).to(device)
     y, trace, state = run_traced(f, x)
     _assert_ragged(trace)
     assert state.valid is not None and not bool(state.valid.all())
@@ -263,9 +263,9 @@ def mixed_ppt(model, x, layers=(3, 6, 9), r=8):
 
 
 @pytest.mark.parametrize("distilled", [False, True])
-def test_ppt_mixed_policy_batch_equals_each_image_alone(distilled):
-    model = small_vit(sharp=3.0, distilled=distilled)
-    x = images(6, seed=5)
+def test_ppt_mixed_policy_batch_equals_each_image_alone(distilled, device):
+    model = small_vit(sharp=3.0, distilled=distilled).to(device)
+    x = images(6, seed=5).to(device)
     f, _ = mixed_ppt(model, x)
     f.method.reset_stats()
     y, trace, state = run_traced(f, x)
@@ -484,11 +484,11 @@ def test_random_seed_reproducible():
     ("above_mean", {}),  # a deterministic per-image (ragged) decision from conftest
 ])
 @pytest.mark.parametrize("pool", ["token", "avg"])
-def test_masked_execution_equals_removal(method, opts, pool):
+def test_masked_execution_equals_removal(method, opts, pool, device):
     """Masked execution (pruned tokens stay, marked invalid: how learned methods train) gives the
     logits and token counts of real removal."""
-    model = small_vit(sharp=4.0, global_pool=pool).eval()
-    x = images(3)
+    model = small_vit(sharp=4.0, global_pool=pool).eval().to(device)
+    x = images(3).to(device)
     runs = {}
     for masked in (False, True):
         f = leanvit.adapt(model, AboveMean((3, 6, 9)) if method == "above_mean" else method, **opts)

@@ -20,6 +20,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
+from .device import autocast, module_device
 from .measure import count_macs
 from .methods.base import Reduction
 from .runtime import LeanViT, adapt
@@ -96,23 +97,14 @@ def _time(runner: torch.nn.Module, images: torch.Tensor, one_at_a_time: bool = F
                 runner(images[i:i + 1])
         else:
             runner(images)
+        if images.device.type == "cuda":
+            torch.cuda.synchronize(images.device)  # the kernels are asynchronous: time them, not their launch
         return time.perf_counter() - t0
 
 
-def benchmark(model: torch.nn.Module, methods: Sequence[Tuple[str, str, dict]], images: torch.Tensor,
-              repeats: int = 5, warmup: int = 1, threads: Optional[int] = None,
-              progress: bool = True, one_at_a_time: bool = False) -> dict:
-    """Images/s of dense vs each ``(label, method, options)`` on the batch ``images``.
-
-    Returns a JSON-ready dict: settings, and per method the median images/s, speedup over dense,
-    GMACs, GMACs ratio, efficiency (speedup / GMACs ratio), the floor's speed and the decision
-    overhead in ms per batch and as a fraction of the method's time.
-    """
-    if repeats < 1:
-        raise ValueError("repeats must be >= 1")
-    if threads:
-        torch.set_num_threads(threads)
-    model = model.eval()
+def _measure(model, methods, images, repeats: int, warmup: int, progress: bool, one_at_a_time: bool):
+    """Per runner (timm, dense, each method and its floor) the seconds of every repeat; the
+    GMACs and statistics of each method."""
     dense = adapt(model, "none")
     runners: Dict[str, torch.nn.Module] = {"timm": model, "dense": dense}  # timm's own forward: the reference
     macs = {"dense": count_macs(dense, images)}
@@ -135,6 +127,28 @@ def benchmark(model: torch.nn.Module, methods: Sequence[Tuple[str, str, dict]], 
                 if i >= warmup:
                     times[label].append(t)
                 bar.update()
+    return times, macs, stats
+
+
+def benchmark(model: torch.nn.Module, methods: Sequence[Tuple[str, str, dict]], images: torch.Tensor,
+              repeats: int = 5, warmup: int = 1, threads: Optional[int] = None,
+              progress: bool = True, one_at_a_time: bool = False, amp: str = "off") -> dict:
+    """Images/s of dense vs each ``(label, method, options)`` on the batch ``images``, on the
+    model's device at ``amp`` precision (:func:`leanvit.device.autocast`).
+
+    Returns a JSON-ready dict: settings, and per method the median images/s, speedup over dense,
+    GMACs, GMACs ratio, efficiency (speedup / GMACs ratio), the floor's speed and the decision
+    overhead in ms per batch and as a fraction of the method's time.
+    """
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    if threads:
+        torch.set_num_threads(threads)
+    model = model.eval()
+    device = module_device(model)
+    images = images.to(device)
+    with autocast(device, amp):
+        times, macs, stats = _measure(model, methods, images, repeats, warmup, progress, one_at_a_time)
     batch = images.shape[0]
     med = {k: statistics.median(v) for k, v in times.items()}
     out = dict(
@@ -142,7 +156,7 @@ def benchmark(model: torch.nn.Module, methods: Sequence[Tuple[str, str, dict]], 
                       images=batch, input_size=list(images.shape[1:]),
                       repeats=repeats, warmup=warmup, statistic="median", torch=torch.__version__,
                       machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
-                      date=time.strftime("%Y-%m-%d")),
+                      device=str(device), amp=amp, date=time.strftime("%Y-%m-%d")),
         dense=dict(images_per_second=batch / med["dense"], gmacs=macs["dense"], seconds=times["dense"],
                    timm_images_per_second=batch / med["timm"], timm_seconds=times["timm"]),
         methods={},

@@ -29,31 +29,55 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    """--device and --amp, for every command that runs a model (leanvit.device says what they do)."""
+    from .device import AMP, AMP_HELP, DEVICE_HELP
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
+    p.add_argument("--amp", choices=list(AMP), default="off", help=AMP_HELP)
+
+
+def _device(args) -> torch.device:
+    """The command's device, present and able to run its --amp (else a one-line DeviceError)."""
+    from .device import check_amp, select_device
+    device = select_device(args.device)
+    check_amp(device, args.amp)
+    return device
+
+
 def _load(args):
     from .models import create_model
+    device = _device(args)  # before the weights load: a missing device fails at once
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)  # models without weights (tests, speed) get the same random weights every run
     return create_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
-                        num_classes=args.num_classes)
+                        num_classes=args.num_classes).to(device)
 
 
 def cmd_eval(args) -> int:
+    """Under torchrun every process evaluates its shard of the images; the results are summed
+    over the processes, and process 0 prints and writes them."""
     from .data import eval_transform, load_dataset, make_loader, model_label_names, resolve_data
+    from .device import init_distributed, module_device, pin_memory
     from .evaluate import evaluate
     from .provenance import method_weights, provenance
     from .report import format_table
     from .runtime import adapt
     options = parse_options(args.opt)
     model = _load(args)
+    device = module_device(model)
+    rank, world = init_distributed(device)
     method = adapt(model, args.method, **options)
     dataset = load_dataset(args.data, split=args.split, transform=eval_transform(model),
                            num_classes=model.num_classes, limit=args.limit, classes=model_label_names(model))
-    loader = make_loader(dataset, batch_size=args.batch_size, num_workers=args.workers)
+    loader = make_loader(dataset, batch_size=args.batch_size, num_workers=args.workers,
+                         pin_memory=pin_memory(device), shard=(rank, world))
     runners = {"dense": adapt(model, "none")}
     if args.method != "none":
         runners[args.method] = method
-    results = evaluate(runners, loader, desc=f"eval {args.model}")
+    results = evaluate(runners, loader, desc=f"eval {args.model}", amp=args.amp)
+    if rank != 0:
+        return 0
     dense = results["dense"]
     folders = f", {len(dataset.skipped_folders)} folders skipped" if dataset.skipped_folders else ""
     print(f"model {args.model}  data {dataset.root} ({args.split}, {dense.n_images} images, "
@@ -68,7 +92,7 @@ def cmd_eval(args) -> int:
     if args.json:
         payload = dict(main_result.to_dict(), model=args.model, data=str(dataset.root), split=args.split,
                        options=options, batch_size=args.batch_size, threads=torch.get_num_threads(),
-                       skipped_folders=dataset.skipped_folders,
+                       processes=world, device=str(device), amp=args.amp, skipped_folders=dataset.skipped_folders,
                        dense=dense.to_dict(), method_weights=method_weights(args.method, options),
                        provenance=provenance(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
                                              data=resolve_data(args.data), split=args.split, limit=args.limit))
@@ -93,7 +117,7 @@ def cmd_bench(args) -> int:
     else:
         images = torch.randn(args.batch_size, *size, generator=torch.Generator().manual_seed(0))
     result = benchmark(model, methods, images, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
-                       one_at_a_time=args.one_at_a_time)
+                       one_at_a_time=args.one_at_a_time, amp=args.amp)
     result["settings"].update(model=args.model, data=args.data or "gaussian noise")
     result["provenance"] = provenance(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
                                       data=resolve_data(args.data) if args.data else None, split=args.split)
@@ -201,7 +225,9 @@ def _comparison(args, model, model_name, specs, data_path) -> int:
                         pretrained=getattr(args, "pretrained", False), data=resolve_data(data_path), split=args.split,
                         limit=args.limit)
     result = run_comparison(model, model_name, dataset, specs, args.out, batch_size=args.batch_size,
-                            workers=args.workers, provenance=source)
+                            workers=args.workers, provenance=source, amp=args.amp)
+    if "table" not in result:  # not process 0 under torchrun: it prints and writes
+        return 0
     print(f"{model_name} on {dataset.root} ({args.split}, {result['n_images']} images), "
           f"{result['threads']} threads, batch {args.batch_size}, {result['seconds']:.0f} s")
     print(result["table"])
@@ -243,9 +269,11 @@ def cmd_match(args) -> int:
     from .analysis import match_gmacs, mean_tokens, random_control
     from .measure import count_macs
     from .runtime import adapt
+    from .device import autocast, module_device
     model = _load(args)
+    device = module_device(model)
     size = list(model.pretrained_cfg.get("input_size", (3, 224, 224)))
-    probe = torch.zeros(1, *size)
+    probe = torch.zeros(1, *size, device=device)
     dense = count_macs(model, probe)
     result = dict(model=args.model, dense_gmacs=dense)
     if args.method:
@@ -257,7 +285,8 @@ def cmd_match(args) -> int:
         ds = load_dataset(args.data, split=args.split, transform=eval_transform(model), num_classes=model.num_classes,
                           limit=args.limit, classes=model_label_names(model))
         loader = make_loader(ds, batch_size=args.batch_size, num_workers=args.workers)
-        counts, target, n = mean_tokens(runner, (b.images for b in loader))
+        with autocast(device, args.amp):
+            counts, target, n = mean_tokens(runner, (b.images.to(device) for b in loader))
         print(f"{args.method}: {target:.4f} GMACs/image ({target / dense:.3f} of dense {dense:.4f}) on {n} images "
               f"of {args.data} ({args.split})")
         print("mean tokens per block: " + " ".join(f"{c:.1f}" for c in counts))
@@ -281,6 +310,7 @@ def cmd_demo(args) -> int:
     from .data import EMBEDDED_CIFAR10, DataError, describe_search, download_cifar10, find_default_cifar10, resolve_data
     from .demo import DEMO_MODEL, demo_specs
     from .models import list_models, load_model
+    device = _device(args)  # a missing device fails before anything else
     if args.threads:
         torch.set_num_threads(args.threads)
     if DEMO_MODEL not in list_models():
@@ -303,7 +333,7 @@ def cmd_demo(args) -> int:
             raise DataError("--full needs the full CIFAR-10 test set; the shipped sample has 2,000 of its images: "
                             "pass --data PATH to a local copy, or --download")
         args.limit = None
-    return _comparison(args, load_model(DEMO_MODEL), DEMO_MODEL, demo_specs(), data)
+    return _comparison(args, load_model(DEMO_MODEL).to(device), DEMO_MODEL, demo_specs(), data)
 
 
 def _write_json(path: str, payload: dict) -> None:
@@ -471,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=natural, default=None, help="data loading processes")
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate a seeded subset of this many images")
     p.add_argument("--json", type=path, help="write the result as JSON here")
+    _add_device_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = command("bench", help="throughput of dense vs methods (median of repeats)")
@@ -489,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="then, where the time goes: the TOP operators of dense and each method per forward "
                         "(count, ms, calling line), the runners alternating")
     p.add_argument("--json", type=path, help="write the result as JSON here")
+    _add_device_args(p)
     p.set_defaults(func=cmd_bench)
 
     p = command("train", help="train or fine-tune a ViT (resumable; torchrun for data-parallel)",
@@ -497,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
     add_config_args(p, TrainConfig, skip={"sandwich", "reorder"})
     _add_restart(p)
+    _add_device_args(p)
     p.set_defaults(func=cmd_train)
 
     p = command("train-supernet", help="PRANCE's channel-elastic meta-network: weight-sharing fine-tuning",
@@ -507,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
     add_config_args(p, TrainConfig, skip={"method"})
     _add_restart(p)
+    _add_device_args(p)
     p.set_defaults(func=cmd_train, **SUPERNET)
 
     p = command("train-selector", help="PRANCE's selector: PPO with Result-to-Go (resumable; torchrun)",
@@ -520,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "several budgets train one selector each, in OUT/budget-B/")
     add_config_args(p, SelectorConfig)
     _add_restart(p)
+    _add_device_args(p)
     p.set_defaults(func=cmd_train_selector)
 
     p = command("train-policy", help="train RL4EViT's agents by multi-agent PPO (resumable; torchrun)",
@@ -529,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="rl4evit option (layers, hidden)")
     add_config_args(p, PolicyConfig)
     _add_restart(p)
+    _add_device_args(p)
     p.set_defaults(func=cmd_train_policy)
 
     command("methods", help="list the token-reduction methods").set_defaults(func=cmd_methods)
@@ -543,6 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=250)
     p.add_argument("--workers", type=natural, default=None)
     p.add_argument("--out", type=path, default="leanvit-sweep", help="output directory")
+    _add_device_args(p)
     p.set_defaults(func=cmd_sweep)
 
     p = command("compare", help="every curve of sweep results read at equal GMACs (a table, and a plot)")
@@ -573,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=250)
     p.add_argument("--workers", type=natural, default=None)
     p.add_argument("--json", type=path, help="write the target, the matched settings (and counts) as JSON here")
+    _add_device_args(p)
     p.set_defaults(func=cmd_match)
 
     p = command("demo", help="the shipped reference model against every parameter-free method")
@@ -589,6 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=natural, default=None)
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--out", type=path, default="leanvit-demo", help="output directory (default ./leanvit-demo)")
+    _add_device_args(p)
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -765,6 +765,11 @@ class Batch:
         return Batch(self.images.to(device, non_blocking=non_blocking),
                      self.labels.to(device, non_blocking=non_blocking), self.skipped)
 
+    def pin_memory(self) -> "Batch":
+        """What a DataLoader with ``pin_memory=True`` calls: page-locked copies for asynchronous
+        host-to-GPU transfer."""
+        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.skipped)
+
 
 def _as_tensor(img) -> torch.Tensor:
     if isinstance(img, torch.Tensor):
@@ -801,20 +806,35 @@ def make_loader(
     shuffle: bool = False,
     seed: int = 0,
     drop_last: bool = False,
+    pin_memory: bool = False,
+    shard: Optional[tuple[int, int]] = None,
 ) -> DataLoader:
     """DataLoader yielding :class:`Batch` objects; unreadable images are skipped, not fatal.
 
     ``num_workers`` defaults to ``min(2, cpu_count)``; ``0`` loads in this process.
-    ``seed`` fixes the shuffle order (and the workers' base seed).
+    ``seed`` fixes the shuffle order (and the workers' base seed). ``pin_memory``: for a CUDA
+    target. ``shard=(rank, world)``: this process's share, see :func:`batch_shard`.
     """
     if num_workers is None:
         num_workers = min(2, os.cpu_count() or 1)
+    if shard is not None and shard[1] > 1:
+        if shuffle:
+            raise ValueError("make_loader: a shard is cut from the data set's order; do not shuffle it")
+        dataset = Subset(dataset, batch_shard(len(dataset), batch_size, *shard))
     gen = torch.Generator()
     gen.manual_seed(seed)
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, pin_memory=pin_memory,
         collate_fn=collate, drop_last=drop_last, generator=gen, persistent_workers=False,
     )
+
+
+def batch_shard(n: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """Process ``rank``'s share of ``n`` items among ``world``: the whole batches rank, rank +
+    world, ... of the unsharded order. The shares are disjoint and cover every item, and every
+    batch holds the images it holds in one process (the same logits, whatever the world size)."""
+    return [i for start in range(rank * batch_size, n, world * batch_size)
+            for i in range(start, min(start + batch_size, n))]
 
 
 # --------------------------------------------------------------------------- default location

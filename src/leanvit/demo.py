@@ -42,21 +42,31 @@ def demo_specs() -> List[Spec]:
 
 
 def run_comparison(model, model_name: str, dataset, specs, out_dir: str, batch_size: int = 250,
-                   workers: Optional[int] = None, map_images: int = 4, provenance: Optional[dict] = None) -> dict:
-    """Evaluate dense + ``specs`` on ``dataset``; write results.json (with ``provenance``, what the
-    numbers were computed from), pareto.png, token_maps.png."""
+                   workers: Optional[int] = None, map_images: int = 4, provenance: Optional[dict] = None,
+                   amp: str = "off") -> dict:
+    """Evaluate dense + ``specs`` on ``dataset`` on the model's device at ``amp`` precision; write
+    results.json (with ``provenance``, what the numbers were computed from), pareto.png,
+    token_maps.png. Under torchrun every process evaluates its shard of the images, and process 0
+    alone writes the files (the others return the same result, without ``table``)."""
     from .data import make_loader
+    from .device import init_distributed, module_device, pin_memory
     from .evaluate import adapt_spec, sweep
     from .provenance import write_json
     from .report import format_table, pareto_plot, token_maps
+    device = module_device(model)
+    rank, world = init_distributed(device)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    loader = make_loader(dataset, batch_size=batch_size, num_workers=workers)
-    result = sweep(model, loader, specs, desc=f"{model_name}: {len(specs) + 1} configurations")
+    loader = make_loader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory(device),
+                         shard=(rank, world))
+    result = sweep(model, loader, specs, desc=f"{model_name}: {len(specs) + 1} configurations", amp=amp)
     result.update(model=model_name, data=str(dataset.root), split=getattr(dataset, "split", None),
                   n_images=result["dense"]["n_images"], threads=torch.get_num_threads(), batch_size=batch_size,
-                  date=time.strftime("%Y-%m-%d"), seconds=round(time.time() - t0, 1), provenance=provenance)
+                  processes=world, device=str(device), amp=amp, date=time.strftime("%Y-%m-%d"),
+                  seconds=round(time.time() - t0, 1), provenance=provenance)
+    if rank != 0:
+        return result
+    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", result)
     pareto_plot(result["rows"], out / "pareto.png", title=f"{model_name} on {Path(str(dataset.root)).name} "
                 f"({result['n_images']} images)", dense=result["dense"])

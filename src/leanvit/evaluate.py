@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from .device import all_gather, all_sum, autocast, is_main, module_device
 from .measure import macs_per_image
 from .methods.base import leaves_no_trace
 from .models import load_model
@@ -57,9 +58,16 @@ class EvalResult:
 
 def paired_delta(correct: Tensor, reference: Tensor, z: float = 1.96) -> Tuple[float, List[float]]:
     """Top-1 difference in points and its paired normal interval, from per-image 0/1 correctness."""
-    d = correct.double() - reference.double()
-    delta = 100.0 * float(d.mean())
-    half = 100.0 * z * float(d.std()) / math.sqrt(d.numel()) if d.numel() > 1 else 0.0
+    d = correct.long() - reference.long()
+    return _paired_delta(int(d.sum()), int((d * d).sum()), d.numel(), z)
+
+
+def _paired_delta(sum_d: float, sum_d2: float, n: int, z: float = 1.96) -> Tuple[float, List[float]]:
+    """:func:`paired_delta` from the sums of the differences and of their squares (integers, so
+    that processes can add theirs up exactly)."""
+    mean = sum_d / n
+    sd = math.sqrt(max(sum_d2 - n * mean * mean, 0.0) / (n - 1)) if n > 1 else 0.0
+    delta, half = 100.0 * mean, 100.0 * z * sd / math.sqrt(n)
     return delta, [delta - half, delta + half]
 
 
@@ -74,66 +82,104 @@ def _quartiles(values: List[float]) -> List[float]:
     return [float(t.quantile(0.25)), float(t.quantile(0.75))]
 
 
+SUMS = ("correct", "d", "d2", "macs", "agree", "kl", "time")  # what evaluate adds up over images and processes
+
+
 def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", reference: str = "dense",
-             seed: int = 0) -> Dict[str, EvalResult]:
+             seed: int = 0, amp: str = "off") -> Dict[str, EvalResult]:
     """Run every runner on each batch of ``loader`` (one pass over the data for all of them).
 
     The runners run in a seeded random order on every batch, so that none is favoured by always
     running first or last (caches, allocator, CPU clock), after one untimed warm-up forward each. If ``reference`` names a runner, every
-    result carries its fidelity and speedup against it.
+    result carries its fidelity and speedup against it. The batches go to the runners' device;
+    ``amp``: the forwards' precision (:func:`leanvit.device.autocast`).
+
+    Under torchrun each process evaluates the loader it is given (its shard: ``make_loader(...,
+    shard=(rank, world))``) and the counts, MACs and fidelity sums are added up over the
+    processes: every process returns the results of the whole data set (timing: images/s of one
+    process, speedups over all batches).
     """
     names = list(runners)
-    stats = {k: dict(correct=[], macs=0.0, seconds=[], agree=0, kl=0.0) for k in names}
-    n, skipped = 0, []
+    device = module_device(next(iter(runners.values())))
+    # per runner: the SUMS over the images (correct, d = correct - reference's correct, d^2, MACs,
+    # agreement, KL) and batches (forward seconds), and the forward seconds of every batch
+    stats = {k: dict({key: 0 for key in SUMS}, seconds=[]) for k in names}
+    n, skipped, warm = 0, [], False
     order = random.Random(seed)
     for r in runners.values():
         r.eval()
         r.method.reset_stats()
-    bar = tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True)
-    for batch in bar:
-        skipped.extend(batch.skipped)
-        if batch.images.shape[0] == 0:
-            continue
-        images, labels = batch.images, batch.labels
-        if n == 0:  # warm-up, untimed: the first forward pays one-time costs (kernels, allocator)
-            for runner in runners.values():
-                with torch.inference_mode(), leaves_no_trace(runner.method):
-                    runner(images)
-        n += images.shape[0]
-        logits = {}
-        for name in order.sample(names, len(names)):
-            runner = runners[name]
-            with torch.inference_mode(), runner.tracing() as trace:
-                t0 = time.perf_counter()
-                logits[name] = runner(images)
-                stats[name]["seconds"].append(time.perf_counter() - t0)
-            stats[name]["correct"].append(logits[name].argmax(dim=1) == labels)
-            stats[name]["macs"] += float(macs_per_image(runner, trace, images).sum())
-        if reference in logits:
-            ref = logits[reference]
-            for name in names:
-                stats[name]["agree"] += int((logits[name].argmax(1) == ref.argmax(1)).sum())
-                stats[name]["kl"] += float(kl_per_image(ref, logits[name]).sum())
-        bar.set_postfix({k: f"{100 * sum(int(c.sum()) for c in s['correct']) / n:.1f}%" for k, s in stats.items()})
+    bar = tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True, disable=not is_main())
+    with autocast(device, amp):
+        for batch in bar:
+            skipped.extend(batch.skipped)
+            if batch.images.shape[0] == 0:
+                continue
+            images = batch.images.to(device, non_blocking=True)
+            labels = batch.labels.to(device, non_blocking=True)
+            if not warm:  # untimed: the first forward pays one-time costs (kernels, allocator)
+                for runner in runners.values():
+                    with torch.inference_mode(), leaves_no_trace(runner.method):
+                        runner(images)
+                warm = True
+            n += images.shape[0]
+            logits, correct = {}, {}
+            for name in order.sample(names, len(names)):
+                runner = runners[name]
+                with torch.inference_mode(), runner.tracing() as trace:
+                    t0 = time.perf_counter()
+                    logits[name] = runner(images)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)  # the kernels are asynchronous: time them, not their launch
+                    stats[name]["seconds"].append(time.perf_counter() - t0)
+                    stats[name]["time"] += stats[name]["seconds"][-1]
+                correct[name] = logits[name].argmax(dim=1) == labels
+                stats[name]["correct"] += int(correct[name].sum())
+                stats[name]["macs"] += float(macs_per_image(runner, trace, images).sum())
+            if reference in logits:
+                ref = logits[reference]
+                for name in names:
+                    s, d = stats[name], correct[name].long() - correct[reference].long()
+                    s["d"] += int(d.sum())
+                    s["d2"] += int((d * d).sum())
+                    s["agree"] += int((logits[name].argmax(1) == ref.argmax(1)).sum())
+                    s["kl"] += float(kl_per_image(ref, logits[name]).sum())
+            bar.set_postfix({k: f"{100 * s['correct'] / n:.1f}%" for k, s in stats.items()})
+    # over the processes (alone: as they are); integer counts and MACs add up exactly in float64
+    n_local, n = n, int(all_sum([n])[0])
+    skipped = [path for paths in all_gather(skipped) for path in paths]
     if n == 0:
         raise ValueError(f"no readable images to evaluate ({len(skipped)} unreadable)")
+    totals = {name: dict(zip(SUMS, all_sum([s[k] for k in SUMS]))) for name, s in stats.items()}
     results = {}
     for name, runner in runners.items():
-        s = stats[name]
-        correct = torch.cat(s["correct"])
-        extra = dict(runner.method.stats())
-        fidelity = {}
-        if reference in stats:
-            ref = stats[reference]
-            delta, ci = paired_delta(correct, torch.cat(ref["correct"]))
-            fidelity = dict(agreement=100.0 * s["agree"] / n, kl_to_dense=s["kl"] / n, delta_top1=delta,
-                            delta_top1_ci95=ci, speedup=sum(ref["seconds"]) / sum(s["seconds"]),
-                            speedup_iqr=_quartiles([r / t for r, t in zip(ref["seconds"], s["seconds"])]))
+        t, fidelity = totals[name], {}
+        if reference in totals:
+            ref = totals[reference]
+            delta, ci = _paired_delta(t["d"], t["d2"], n)
+            ratios = [r / x for r, x in zip(stats[reference]["seconds"], stats[name]["seconds"])]
+            fidelity = dict(agreement=100.0 * t["agree"] / n, kl_to_dense=t["kl"] / n, delta_top1=delta,
+                            delta_top1_ci95=ci, speedup=ref["time"] / t["time"],
+                            speedup_iqr=_quartiles([r for part in all_gather(ratios) for r in part]))
         results[name] = EvalResult(
-            method=name, top1=100.0 * float(correct.double().mean()), gmacs=s["macs"] / n / 1e9,
-            images_per_second=n / sum(s["seconds"]), n_images=n, skipped=len(skipped),
-            skipped_paths=list(skipped), extra=extra, **fidelity)
+            method=name, top1=100.0 * t["correct"] / n, gmacs=t["macs"] / n / 1e9,
+            images_per_second=n / t["time"], n_images=n, skipped=len(skipped),
+            skipped_paths=skipped, extra=_image_mean(runner.method.stats(), n_local), **fidelity)
     return results
+
+
+def _image_mean(stats: dict, n_local: int) -> dict:
+    """A method's statistics (means over this process's ``n_local`` images, maybe nested in dicts)
+    as means over every process's images: each process's weighted by its image count."""
+    parts = [(s, k) for s, k in all_gather((stats, n_local)) if k]
+    if len(parts) <= 1:
+        return dict(stats)
+
+    def mean(values, weights):
+        if isinstance(values[0], dict):
+            return {key: mean([v[key] for v in values], weights) for key in values[0]}
+        return sum(v * w for v, w in zip(values, weights)) / sum(weights)
+    return mean([s for s, _ in parts], [k for _, k in parts])
 
 
 def adapt_spec(model, spec: Spec, models: Optional[dict] = None) -> LeanViT:
@@ -142,12 +188,12 @@ def adapt_spec(model, spec: Spec, models: Optional[dict] = None) -> LeanViT:
     if spec.model is not None:
         models = {} if models is None else models
         if spec.model not in models:
-            models[spec.model] = load_model(spec.model)
+            models[spec.model] = load_model(spec.model).to(module_device(model))
         model = models[spec.model]
     return adapt(model, spec.method, **spec.options)
 
 
-def sweep(model, loader, specs: list, desc: str = "sweep") -> dict:
+def sweep(model, loader, specs: list, desc: str = "sweep", amp: str = "off") -> dict:
     """Dense and every :class:`~leanvit.options.Spec` in one pass over ``loader``.
 
     Returns ``{"dense": EvalResult-dict, "rows": [dict(method, label, options, ...EvalResult)]}``
@@ -157,7 +203,7 @@ def sweep(model, loader, specs: list, desc: str = "sweep") -> dict:
     runners, models = {"dense": adapt(model, "none")}, {}
     for spec in specs:
         runners[f"{spec.method} {spec.label}"] = adapt_spec(model, spec, models)
-    results = evaluate(runners, loader, desc=desc)
+    results = evaluate(runners, loader, desc=desc, amp=amp)
     rows = []
     for spec in specs:
         r = results[f"{spec.method} {spec.label}"].to_dict()

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .device import module_device
 from .methods.base import leaves_no_trace
 from .runtime import LeanViT
 
@@ -136,10 +137,11 @@ def record_token_states(runner: LeanViT, images: Tensor) -> List[LayerTokens]:
     last_state = runner.last_state
     try:
         with leaves_no_trace(runner.method), torch.inference_mode(), runner.tracing(track_source=True) as trace:
-            runner(images)
+            runner(images.to(module_device(runner)))
     finally:
         runner.last_state = last_state
-    return [LayerTokens(layer=rec["layer"], n_prefix=runner.n_prefix, **rec["tokens"])
+    return [LayerTokens(layer=rec["layer"], n_prefix=runner.n_prefix,  # on the host, where figures are drawn
+                        **{k: None if v is None else v.cpu() for k, v in rec["tokens"].items()})
             for rec in trace if rec.get("tokens") is not None]
 
 

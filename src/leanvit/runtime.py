@@ -28,6 +28,7 @@ except ImportError:
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from . import elastic
+from .device import module_device
 from .flops import attention_pool_macs
 from .methods import OptionError, build_method  # the package: every method registered
 from .methods.base import AttentionView, ModelInfo, Reduction
@@ -194,6 +195,8 @@ class LeanViT(nn.Module):
             embed_dim=model.embed_dim, has_cls=model.cls_token is not None,
             mlp_hidden=_mlp_hidden(model.blocks[0].mlp) if len(model.blocks) else 0,
             channel_elastic=all(elastic.sliceable(blk) for blk in model.blocks)))
+        if isinstance(method, nn.Module):  # a learned method's networks (built by bind) live where the model does
+            method.to(module_device(model))
         for i, blk in enumerate(model.blocks):
             widths = method.block_widths(i)
             if widths:
@@ -231,7 +234,7 @@ class LeanViT(nn.Module):
         if isinstance(images, Tensor) and images.dim() == 4 and images.shape[0] == 0:
             self._check_images(images)
             x = self.model.forward_features(images)
-            eye = torch.eye(x.shape[1], dtype=x.dtype).expand(0, -1, -1) if source else None
+            eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device).expand(0, -1, -1) if source else None
             return TokenOutput(x, x.new_ones(x.shape[:2]), None, eye)
         old = self.track_source
         self.track_source = source or old

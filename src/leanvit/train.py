@@ -60,6 +60,8 @@ class TrainConfig:
     # on the labels, then the smallest and ``sandwich - 1`` random ones on its predictions
     sandwich: int = arg(0, natural, "sub-networks per step besides the largest: the smallest, then random ones")
     reorder: bool = arg(True)  # with sandwich, from a fresh start: heads and neurons by importance first
+    device: Optional[str] = None  # --device (leanvit.device.select_device; None: cuda when available)
+    amp: str = "off"  # --amp: off or bf16 autocast
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
@@ -69,11 +71,11 @@ def train(cfg: TrainConfig, log=print) -> dict:
     recipe = MetaNetwork(cfg) if cfg.sandwich or cfg.method == "prance" else Supervised(cfg)
     kwargs = {"drop_path_rate": cfg.drop_path} if cfg.drop_path else {}
     model = create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained,
-                         num_classes=cfg.num_classes, **kwargs)
+                         num_classes=cfg.num_classes, **kwargs).to(run.device)
     run.setup_data(model)
     runner = recipe.adapt(model, fresh=not run.state_path.is_file())
     runner.train()
-    net = torch.nn.parallel.DistributedDataParallel(runner) if run.world > 1 else runner
+    net = torch.nn.parallel.DistributedDataParallel(runner, device_ids=run.device_ids) if run.world > 1 else runner
     teacher = None
     if cfg.distill:
         import copy

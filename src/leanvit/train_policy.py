@@ -24,7 +24,7 @@ from .methods.rl4evit import agent_rewards
 from .options import arg, natural, nonnegative, path, positive, positive_int
 from .rl import PPOConfig, clipped_policy_loss, clipped_value_loss, gae
 from .runtime import adapt
-from .training import Run, all_sum, export_weights, fit
+from .training import Run, all_sum, batches_on, export_weights, fit
 
 
 @dataclass(kw_only=True)
@@ -52,6 +52,8 @@ class PolicyRun:
     limit_train: Optional[int] = arg(None, positive_int)
     limit_eval: Optional[int] = arg(None, positive_int)
     max_steps: Optional[int] = arg(None, positive_int)
+    device: Optional[str] = None  # --device (leanvit.device.select_device; None: cuda when available)
+    amp: str = "off"  # --amp: off or bf16 autocast
 
 
 @dataclass(kw_only=True)
@@ -91,7 +93,7 @@ def ppo_update(method, ro: dict, rewards: torch.Tensor, cfg: PPOConfig, opt_acto
     def logp_of(logp_tokens):
         return (logp_tokens * alive).sum(dim=2) if single else logp_tokens
 
-    weight = torch.ones(rewards.shape[:2]) if single else alive
+    weight = rewards.new_ones(rewards.shape[:2]) if single else alive
     step_rewards = (rewards * alive).sum(dim=2) if single else rewards
     with torch.no_grad():
         values_old = values_of()
@@ -137,9 +139,7 @@ def evaluate_policy(runner, loader) -> dict:
     runner.masked, runner.method.sampling = False, False
     correct = total = macs = 0.0
     with torch.inference_mode():
-        for batch in loader:
-            if len(batch) == 0:
-                continue
+        for batch in batches_on(loader, runner):
             with runner.tracing() as trace:
                 logits = runner(batch.images)
             correct += float((logits.argmax(1) == batch.labels).sum())
@@ -152,7 +152,7 @@ def evaluate_policy(runner, loader) -> dict:
 def train_policy(cfg: PolicyConfig, log: Callable[[str], None] = print) -> dict:
     from .models import create_model  # at call time: tests replace models.create_model
     run = Run(cfg, log)
-    model = create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained)
+    model = create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained).to(run.device)
     run.setup_data(model)
     runner = adapt(model, "rl4evit", **cfg.options)
     method = runner.method

@@ -170,19 +170,20 @@ def stage_rewards(correct: Tensor, dense_correct: Tensor, macs_ratio: Tensor, ke
 
 def rollout_tensors(rollout: List[dict], batch: int, stages: int, dense_macs: float, labels: Tensor) -> dict:
     """The per-group rollout steps of one forward as (T, B, ...) tensors, T = stages - 1."""
-    first = rollout[0]
+    first, dev = rollout[0], labels.device
     T = stages - 1
     out = dict(features=first["features"].new_zeros(T, batch, first["features"].shape[1]),
                actions=first["actions"].new_zeros(T, batch, first["actions"].shape[1]),
-               logp=first["logp"].new_zeros(T, batch), correct=torch.zeros(T, batch, dtype=torch.bool),
-               macs_ratio=torch.zeros(T, batch), kept=torch.zeros(T, batch))
+               logp=first["logp"].new_zeros(T, batch), correct=torch.zeros(T, batch, dtype=torch.bool, device=dev),
+               macs_ratio=torch.zeros(T, batch, device=dev), kept=torch.zeros(T, batch, device=dev))
     for step in rollout:
         t, rows = step["stage"] - 1, step["rows"]
         for key in ("features", "actions", "logp"):
             out[key][t, rows] = step[key]
         out["correct"][t, rows] = step["logits"].argmax(dim=1) == labels[rows]
-        out["macs_ratio"][t, rows] = torch.as_tensor(step["block_macs"] / dense_macs, dtype=torch.float32)
-        out["kept"][t, rows] = torch.as_tensor(step["kept"], dtype=torch.float32)
+        # MACs and kept ratios are counted on the host
+        out["macs_ratio"][t, rows] = torch.as_tensor(step["block_macs"] / dense_macs, dtype=torch.float32).to(dev)
+        out["kept"][t, rows] = torch.as_tensor(step["kept"], dtype=torch.float32).to(dev)
     return out
 
 
@@ -222,7 +223,7 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
         raise ValueError(f"budget must be a fraction of the dense GMACs in (0, 1], got {cfg.budget}")
     from .models import create_model  # at call time: tests replace models.create_model
     run = Run(cfg, log)
-    model = create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained)
+    model = create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained).to(run.device)
     run.setup_data(model)
     runner = adapt(model.eval(), "prance", **cfg.options)
     dense = adapt(model, "none")
@@ -232,7 +233,7 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
     opt_actor = torch.optim.Adam([*selector.actor.parameters(), selector.log_std], lr=cfg.ppo.lr_actor)
     opt_critic = torch.optim.Adam(selector.critic.parameters(), lr=cfg.ppo.lr_critic)
     dense_macs = method.dense_block_macs(runner)
-    dense_gmacs = count_macs(dense, run.eval_set[0][0][None])
+    dense_gmacs = count_macs(dense, run.eval_set[0][0][None].to(run.device))
     start = cfg.cost_weight if cfg.cost_weight is not None else (0.0 if cfg.budget else 0.5)
     control = BudgetController(cfg.budget, cfg.dual_lr, cfg.dual_p, integral=start) if cfg.budget else None
     cost_weight = start

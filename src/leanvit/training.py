@@ -5,8 +5,10 @@ Resumable: a checkpoint (model, optimizer, step, RNG state) is written atomicall
 ``save_every`` steps and at the end of every epoch; restarting the same command continues from
 it. The data order is a seeded permutation per epoch and every image's augmentation is seeded
 by (seed, epoch, index), so a resumed run sees exactly the batches the uninterrupted run would.
-Under ``torchrun`` it trains data-parallel (DDP: gloo on CPU, nccl on GPU), each process on its
-shard of every epoch's permutation.
+Under ``torchrun`` it trains data-parallel (DDP: gloo on CPU, nccl on GPU with one process per
+GPU, cuda:LOCAL_RANK), each process on its shard of every epoch's permutation. ``cfg.device`` and
+``cfg.amp`` say where and at what precision (:mod:`leanvit.device`): :func:`fit` moves every batch
+there and runs the steps and evaluations under autocast.
 
 Every training is a :class:`Run` and one :func:`fit` call with its own step and evaluation:
 ``train`` (supervised, :class:`Supervised`; PRANCE's meta-network, ``train_prance.MetaNetwork``),
@@ -32,6 +34,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from .data import balanced_subset, collate, eval_transform, load_dataset, make_loader
+from .device import DeviceError, all_max, all_sum, autocast, check_amp, init_distributed, module_device, pin_memory, \
+    select_device
 from .provenance import write_json
 from .runtime import adapt
 
@@ -101,7 +105,8 @@ def _rng_state() -> dict:
     """The RNG states as tensors, ints and lists only, so a checkpoint loads with weights_only=True."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss = random.getstate()
-    return dict(torch=torch.get_rng_state(),
+    cuda = dict(cuda=torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else {}
+    return dict(torch=torch.get_rng_state(), **cuda,
                 numpy=dict(name=name, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
                            has_gauss=int(has_gauss), cached=float(cached)),
                 python=dict(version=version, internal=list(internal), gauss=gauss))
@@ -109,6 +114,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])
     n = s["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     p = s["python"]
@@ -131,22 +138,6 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(ckpt, dict) or not {"config", "rng"} <= ckpt.keys():
         raise CheckpointError(f"{path} is not a leanvit resume checkpoint; remove it, or pass --restart")
     return ckpt
-
-
-# --- distributed ----------------------------------------------------------------------------------
-def _dist_setup():
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return rank, world
-
-
-def all_sum(values):
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 HOLDOUT = "holdout"  # eval_split: a class-balanced slice of the training split, never trained on
@@ -177,7 +168,7 @@ class Run:
     """
 
     # may change between a run and its resume
-    RESUME_FREE = ("max_steps", "workers", "save_every", "max_epochs", "calibrate")
+    RESUME_FREE = ("max_steps", "workers", "save_every", "max_epochs", "calibrate", "device")
 
     def __init__(self, cfg, log: Callable[[str], None] = print):
         for name in ("epochs", "batch_size", "save_every", "max_steps"):  # 0 would mean "all" or divide by 0
@@ -185,7 +176,13 @@ class Run:
             if value is not None and not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.cfg, self.config = cfg, asdict(cfg)
-        self.rank, self.world = _dist_setup()
+        self.device, self.amp = select_device(getattr(cfg, "device", None)), getattr(cfg, "amp", "off")
+        check_amp(self.device, self.amp)
+        if self.amp == "fp16":
+            raise DeviceError("--amp fp16: leanvit's trainings have no loss scaling, which fp16 gradients need; "
+                              "use --amp bf16")
+        self.rank, self.world = init_distributed(self.device)
+        self.device_ids = [self.device.index] if self.device.type == "cuda" else None  # DDP's: one GPU per process
         self.is_main = self.rank == 0
         self.log = log if self.is_main else (lambda line: None)
         self.step, self.history = 0, []
@@ -221,7 +218,8 @@ class Run:
             raise ValueError(f"{len(self.train_set)} training images are fewer than one batch of {cfg.batch_size}")
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.stop_at = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
-        self.eval_loader = make_loader(_shard(self.eval_set, self.rank, self.world), batch_size=250, num_workers=0)
+        self.eval_loader = make_loader(_shard(self.eval_set, self.rank, self.world), batch_size=250, num_workers=0,
+                                       pin_memory=pin_memory(self.device))
         self._augmented = SeededAugment(self.train_set, cfg.seed)
 
     def about(self) -> dict:
@@ -242,6 +240,7 @@ class Run:
         idx = epoch_indices(len(self.train_set), self.cfg.seed, epoch, self.rank, self.world, self.per_rank)
         return DataLoader(Subset(self._augmented, idx[skip * self.per_rank:]), batch_size=self.per_rank,
                           shuffle=False, drop_last=True, collate_fn=collate, num_workers=self.cfg.workers,
+                          pin_memory=pin_memory(self.device),
                           generator=torch.Generator().manual_seed(self.cfg.seed))  # leaves the global RNG alone
 
     def epoch_done(self, step: int) -> bool:
@@ -316,54 +315,61 @@ def fit(run: Run, desc: str, step: Callable, evaluate: Callable[[int, dict, int]
     ``save_every`` steps, after every record and at the end. When the planned steps are done,
     ``extend()`` may move ``run.stop_at`` on and return True to train on.
     """
-    ckpt = run.load()
-    if ckpt:
-        restore(ckpt)
-        run.log(f"resumed from {run.state_path} at step {run.step}/{run.total_steps}")
-    if first is not None and run.step == 0 and not run.history:
-        run.record(0, first())
-    bar = run.progress(desc)
+    with autocast(run.device, run.amp):  # the steps and evaluations (fp32 weights and optimizer)
+        ckpt = run.load()
+        if ckpt:
+            restore(ckpt)
+            run.log(f"resumed from {run.state_path} at step {run.step}/{run.total_steps}")
+        if first is not None and run.step == 0 and not run.history:
+            run.record(0, first())
+        bar = run.progress(desc)
 
-    def more() -> bool:
-        if extend is None or not extend():
-            return False
-        bar.total, bar.n = run.stop_at, run.step
-        bar.refresh()
-        return True
+        def more() -> bool:
+            if extend is None or not extend():
+                return False
+            bar.total, bar.n = run.stop_at, run.step
+            bar.refresh()
+            return True
 
-    while run.step < run.stop_at or more():
-        epoch = run.step // run.steps_per_epoch
-        sums, n = {}, 0
-        for batch in run.epoch_loader(run.step):
-            logged = step(batch, run.step)
-            run.step += 1
-            n += 1
-            for k, v in logged.items():
-                if not isinstance(v, str):
-                    sums[k] = sums.get(k, 0.0) + v
-            bar.update()
-            bar.set_postfix(epoch=epoch, **{k: v if isinstance(v, str) else f"{sums[k] / n:.3f}"
-                                            for k, v in logged.items()})
-            if run.should_save(run.step):
+        while run.step < run.stop_at or more():
+            epoch = run.step // run.steps_per_epoch
+            sums, n = {}, 0
+            for batch in run.epoch_loader(run.step):
+                logged = step(batch.to(run.device, non_blocking=True), run.step)
+                run.step += 1
+                n += 1
+                for k, v in logged.items():
+                    if not isinstance(v, str):
+                        sums[k] = sums.get(k, 0.0) + v
+                bar.update()
+                bar.set_postfix(epoch=epoch, **{k: v if isinstance(v, str) else f"{sums[k] / n:.3f}"
+                                                for k, v in logged.items()})
+                if run.should_save(run.step):
+                    run.save(**state())
+                if run.step >= run.stop_at:
+                    break
+            if run.epoch_done(run.step) or (evaluate_at_stop and run.step >= run.stop_at):
+                run.record(epoch + 1, evaluate(epoch, sums, max(n, 1)))
                 run.save(**state())
-            if run.step >= run.stop_at:
-                break
-        if run.epoch_done(run.step) or (evaluate_at_stop and run.step >= run.stop_at):
-            run.record(epoch + 1, evaluate(epoch, sums, max(n, 1)))
+        bar.close()
+        if run.saved_at != run.step:
             run.save(**state())
-    bar.close()
-    if run.saved_at != run.step:
-        run.save(**state())
 
 
 # --- evaluation, export ------------------------------------------------------------------------------
+def batches_on(loader, module):
+    """The batches of ``loader`` that hold images, on ``module``'s device."""
+    device = module_device(module)
+    for batch in loader:
+        if len(batch):
+            yield batch.to(device, non_blocking=True)
+
+
 def evaluate_top1(model, loader) -> float:
     model.eval()
     correct = total = 0
     with torch.inference_mode():
-        for batch in loader:
-            if len(batch) == 0:
-                continue
+        for batch in batches_on(loader, model):
             correct += int((model(batch.images).argmax(1) == batch.labels).sum())
             total += batch.images.shape[0]
     correct, total = all_sum([correct, total])
@@ -425,9 +431,7 @@ def _replica_diff(model) -> float:
         dist.broadcast(ref, src=0)
         if p.numel():
             worst = max(worst, float((ref - p).abs().max()))
-    t = torch.tensor([worst], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
+    return all_max([worst])[0]
 
 
 def eval_transform_cfg(model) -> dict:
@@ -438,7 +442,8 @@ def eval_transform_cfg(model) -> dict:
 def export_weights(model, path: Path, half: bool = False, metadata: Optional[dict] = None) -> None:
     """Weights as safetensors (fp16 if ``half``), written atomically; ``metadata``: str -> str."""
     from safetensors.torch import save_file
-    sd = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    sd = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+          for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(sd, str(tmp), metadata=metadata)
     os.replace(tmp, path)

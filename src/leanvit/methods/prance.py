@@ -265,7 +265,7 @@ class Prance(Reduction, nn.Module):
         step = {key: state.plan[key] for key in ("features", "actions", "logp")}
         patches = (state.counts() - p).double().cpu()
         rest = sum(self._stage_macs(runner, s, None, None, patches, patches) for s in range(k + 1, self.n_stages))
-        step.update(stage=k, rows=torch.arange(state.batch), kept=patches / (self.info.n_tokens - p),
+        step.update(stage=k, rows=torch.arange(state.batch, device=state.x.device), kept=patches / (self.info.n_tokens - p),
                     block_macs=self._macs_before(runner, state, k + 1) + rest,
                     logits=runner.run(state.replace(heads=None, hidden=None, plan=None), start=layer, decide=False))
         self.rollout.append(step)
