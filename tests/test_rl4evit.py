@@ -43,9 +43,9 @@ def test_greedy_inference_removes_tokens_and_matches_masked():
     with torch.no_grad(), f.tracing() as trace:
         gathered = f(x)
     counts = tokens_per_block(trace).tolist()
-    assert counts[3] == [65] * 4  # decisions come after block 3: block 3 itself runs on all tokens
-    n4 = tokens_per_block(trace, "attn_tokens")[4].tolist()
-    assert all(n < 65 for n in n4) and len(set(n4)) > 1  # per image, for real
+    assert counts[2] == [65] * 4  # decisions come before block 3: block 3 runs on the kept tokens
+    n3 = tokens_per_block(trace, "attn_tokens")[3].tolist()
+    assert all(n < 65 for n in n3) and len(set(n3)) > 1  # per image, for real
     f.masked = True
     with torch.no_grad():
         masked = f(x)
@@ -93,8 +93,59 @@ def test_packed_token_maps_record_the_whole_batch():
     from leanvit.report import record_token_states
     f = _half_pruning_rl4evit()
     recs = record_token_states(f, images(5))
-    assert [r.layer for r in recs] == [3, 6, 9] and all(r.source.shape[0] == 5 for r in recs)
+    assert [r.layer for r in recs] == [2, 5, 8] and all(r.source.shape[0] == 5 for r in recs)
 
+
+
+def test_placement_before_or_after_the_pruning_blocks():
+    """placement=before (the default, the paper's) decides on block 2's output and block 3 runs on
+    the kept tokens; placement=after (the old schedule) lets block 3 run on all of them; with the
+    same actor the two differ by exactly one block's worth of tokens."""
+    x = images(4)
+    counts = {}
+    for placement in ("before", "after"):
+        f = _half_pruning_rl4evit(placement=placement)
+        assert f.method.placement == placement
+        with torch.no_grad(), f.tracing() as trace:
+            f(x)
+        counts[placement] = tokens_per_block(trace, "attn_tokens")
+        assert list(f.method.decision_layers()) == ([2, 5, 8] if placement == "before" else [3, 6, 9])
+    assert (counts["before"][:3] == 65).all() and (counts["before"][3] < 65).all()
+    assert (counts["after"][:4] == 65).all() and (counts["after"][4] < 65).all()
+    assert "placement=before" in repr(leanvit.adapt(small_vit(), "rl4evit").method)
+    with pytest.raises(leanvit.OptionError, match="there is none before block 0"):
+        leanvit.adapt(small_vit(), "rl4evit", layers=[0, 6])
+    leanvit.adapt(small_vit(), "rl4evit", layers=[0, 6], placement="after")  # after block 0 is fine
+    with pytest.raises(leanvit.OptionError, match="placement must be"):
+        leanvit.adapt(small_vit(), "rl4evit", placement="inside")
+    with pytest.raises(leanvit.OptionError, match="activation must be"):
+        leanvit.adapt(small_vit(), "rl4evit", activation="gelu")
+
+
+def test_options_travel_with_the_weights(tmp_path):
+    """The exported policy stores its options (placement, hidden, agents, layers, activation) in
+    its safetensors metadata; loading it without options rebuilds the same policy, the same logits;
+    a contradicting option is refused, naming what the policy was trained with."""
+    from safetensors import safe_open
+    from leanvit.training import export_weights
+    torch.manual_seed(0)
+    f = leanvit.adapt(small_vit(sharp=4.0), "rl4evit", hidden=[32], layers=[2, 7], agents="single",
+                      placement="after", activation="relu")
+    path = tmp_path / "policy.safetensors"
+    export_weights(f.method, path, metadata=f.method.options_metadata())
+    with safe_open(str(path), "pt") as fh:
+        assert fh.metadata()["placement"] == '"after"' and fh.metadata()["hidden"] == "[32]"
+    g = leanvit.adapt(small_vit(sharp=4.0), "rl4evit", weights=str(path))
+    m = g.method
+    assert (m.layers, m.hidden, m.agents, m.placement, m.activation) == ((2, 7), [32], "single", "after", "relu")
+    assert isinstance(m.actor[1], torch.nn.ReLU)
+    x = images(3)
+    with torch.no_grad():
+        torch.testing.assert_close(g(x), f(x), rtol=0, atol=0)
+    with pytest.raises(leanvit.OptionError, match="trained with placement=after"):
+        leanvit.adapt(small_vit(), "rl4evit", weights=str(path), placement="before")
+    # the defaults now: tanh, before
+    assert isinstance(leanvit.adapt(small_vit(), "rl4evit").method.actor[1], torch.nn.Tanh)
 
 
 def test_sampling_records_a_rollout():
@@ -103,7 +154,7 @@ def test_sampling_records_a_rollout():
     with torch.no_grad():
         f(images(2))
     steps = f.method.rollout
-    assert [s["layer"] for s in steps] == [3, 6, 9]
+    assert [s["layer"] for s in steps] == [2, 5, 8]  # after blocks 2, 5, 8: before 3, 6, 9
     assert steps[0]["alive"].all() and steps[0]["tokens"].shape == (2, 64, 64)
     # an agent pruned at layer 3 is not alive at layer 6
     pruned = steps[0]["action"] == 0
@@ -216,6 +267,27 @@ def test_shipped_policy_loads_by_name_and_reduces_tokens():
     assert leanvit.count_macs(f, x) < leanvit.count_macs(model, x)
     with pytest.raises(leanvit.OptionError, match="shipped rl4evit weights: cifar10_vit12_w128"):
         leanvit.adapt(model, "rl4evit", weights="no_such_model")
+
+
+def test_shipped_policy_keeps_its_logits():
+    """The shipped policy was trained with the old schedule (after blocks 3, 6, 9, ReLU MLPs) and its
+    file carries no options: it loads as such and gives the logits and token counts recorded
+    with the code before the options existed (tests/data/rl4evit_shipped_logits.json)."""
+    import json
+    from pathlib import Path
+    from leanvit.data import eval_transform, load_dataset
+    gold = json.loads((Path(__file__).parent / "data" / "rl4evit_shipped_logits.json").read_text())
+    model = leanvit.load_model("cifar10_vit12_w128")
+    f = leanvit.adapt(model, "rl4evit", weights="cifar10_vit12_w128")
+    assert (f.method.placement, f.method.activation) == ("after", "relu")
+    data = load_dataset(str(CIFAR), split="test", transform=eval_transform(model), num_classes=10, limit=16)
+    x = torch.stack([data[i][0] for i in range(16)])
+    with torch.no_grad(), f.tracing() as trace:
+        logits = f(x)
+    assert tokens_per_block(trace).tolist() == gold["tokens_per_block"]
+    torch.testing.assert_close(logits, torch.tensor(gold["logits"]), rtol=0, atol=1e-5)
+    with pytest.raises(leanvit.OptionError, match="trained with placement=after"):
+        leanvit.adapt(model, "rl4evit", weights="cifar10_vit12_w128", placement="before")
 
 
 def test_bench_times_rl4evit_with_its_per_image_floor():

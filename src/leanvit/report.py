@@ -5,6 +5,7 @@
     token_maps({"tome": tome, "ppt": ppt}, images, "runs/maps.png",
                image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225))
     print(format_table(rows, dense))
+    training_curves(metrics["curve"], "runs/rl/curves.png", budget=0.5)  # a policy training's batches
 
 Figures are drawn on matplotlib's Agg canvas directly (no pyplot, no display, the global
 backend is left alone).
@@ -50,6 +51,50 @@ def _get(row, key, default=None):
     if isinstance(row, Mapping):
         return row.get(key, default)
     return getattr(row, key, default)
+
+
+# --------------------------------------------------------------------------- training curves
+def _smooth(values: Sequence[float], window: int) -> np.ndarray:
+    v = np.asarray(values, dtype=float)
+    if window <= 1 or len(v) < window:
+        return v
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    head = c[1:window] / np.arange(1, window)  # a growing window until it is full
+    return np.concatenate([head, (c[window:] - c[:-window]) / window])
+
+
+def training_curves(curve: Sequence[Mapping], path, budget: Optional[float] = None,
+                    title: Optional[str] = None) -> str:
+    """A policy training's per-batch curves (``metrics.json``'s ``curve`` of ``train-policy``):
+    the mean reward per image (top), the kept fraction of the sampled actions and, when recorded,
+    the greedy policy's GMACs ratio with the budget as a line (middle), and alpha, the cost weight
+    (bottom). Thin lines are the batches, thick ones their running mean over 10 batches."""
+    steps = [r["step"] for r in curve]
+    fig = _new_figure(7.0, 7.5)
+    axes = fig.subplots(3, 1, sharex=True)
+    panels = [(axes[0], [("reward", "mean reward per image", "C0")]),
+              (axes[1], [("keep", "kept fraction (sampled)", "C1"), ("gmacs_ratio", "GMACs / dense (greedy)", "C2")]),
+              (axes[2], [("alpha", "alpha", "C3")])]
+    for ax, series in panels:
+        for key, label, color in series:
+            ys = [r.get(key) for r in curve]
+            if not ys or any(y is None for y in ys):
+                continue
+            ax.plot(steps, ys, color=color, lw=0.6, alpha=0.35)
+            ax.plot(steps, _smooth(ys, 10), color=color, lw=1.8, label=label)
+        ax.grid(alpha=0.3)
+    if budget is not None:
+        axes[1].axhline(budget, color="k", ls="--", lw=1, label=f"budget {budget:g}")
+    for ax in axes[:2]:
+        ax.legend(loc="best", fontsize=8)
+    axes[0].set_ylabel("reward")
+    axes[1].set_ylabel("fraction")
+    axes[2].set_ylabel("alpha")
+    axes[2].set_xlabel("batch")
+    if title:
+        axes[0].set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 # --------------------------------------------------------------------------- Pareto plot

@@ -1,19 +1,24 @@
-"""PPO pieces shared by RL4EViT (one agent per token) and PRANCE (one agent per image).
+"""PPO pieces shared by RL4EViT (one agent per token) and PRANCE (one agent per image): GAE, the
+clipped losses, MAPPO's value normalisation and initialisation, and the budget controller with the
+calibration both trainings use to land on a GMACs budget.
 
 Written out rather than taken from torchrl: torchrl's PPO losses expect TensorDict-wrapped
 actor/critic modules and a fixed time axis, while here a trajectory is a few decision layers
-whose agents (tokens) change from step to step. The GAE below is checked against torchrl's
-functional ``generalized_advantage_estimate`` in the tests when torchrl is installed.
+whose agents (tokens) change from step to step (an agent's episode ends when its token is pruned,
+and the batch of agents shrinks), and the whole PPO step is some 30 lines. The GAE below is checked
+against torchrl's functional ``generalized_advantage_estimate`` in the tests when torchrl is installed.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 
-from .options import arg, positive, positive_int, unit
+from .options import arg, nonnegative, positive, positive_int, unit
 
 
 @dataclass
@@ -27,7 +32,8 @@ class PPOConfig:
     lr_actor: float = arg(5e-5, positive)
     lr_critic: float = arg(5e-5, positive)
     value_coef: float = 1.0
-    entropy_coef: float = 0.0
+    # MAPPO's and the RL4EViT authors' 0.01 is RL4EViT's default (train_policy.PolicyConfig)
+    entropy_coef: float = arg(0.0, nonnegative, "weight of the policy's entropy bonus in the actor's loss")
     max_grad_norm: float = 10.0
 
 
@@ -72,3 +78,101 @@ def _mean(t: Tensor, weight: Optional[Tensor]) -> Tensor:
     if weight is None:
         return t.mean()
     return (t * weight).sum() / weight.sum().clamp_min(1e-8)
+
+
+class ValueNorm(nn.Module):
+    """MAPPO's value normalisation: a running mean and variance of the returns (debiased exponential
+    averages, ``beta`` close to 1: nearly the mean over all returns seen). The critic predicts
+    normalised returns; ``denormalize`` turns its outputs into returns for GAE, ``normalize`` turns
+    the returns into its targets. With rewards of different scales (alpha moved by a controller),
+    the critic's targets stay of unit size."""
+
+    def __init__(self, beta: float = 0.99999, eps: float = 1e-5):
+        super().__init__()
+        self.beta, self.eps = beta, eps
+        for name in ("running_mean", "running_mean_sq", "debiasing_term"):
+            self.register_buffer(name, torch.zeros((), dtype=torch.float64))
+
+    def update(self, x: Tensor, weight: Optional[Tensor] = None) -> None:
+        x = x.detach().double()
+        w = torch.ones_like(x) if weight is None else weight.detach().double().expand_as(x)
+        n = w.sum().clamp_min(1e-8)
+        mean, mean_sq = (x * w).sum() / n, (x * x * w).sum() / n
+        b = self.beta
+        self.running_mean.mul_(b).add_((1 - b) * mean)
+        self.running_mean_sq.mul_(b).add_((1 - b) * mean_sq)
+        self.debiasing_term.mul_(b).add_(1 - b)
+
+    def stats(self):
+        d = self.debiasing_term.clamp_min(self.eps)
+        mean = self.running_mean / d
+        var = (self.running_mean_sq / d - mean ** 2).clamp_min(1e-2)  # MAPPO's floor
+        return mean, var.sqrt()
+
+    def normalize(self, x: Tensor) -> Tensor:
+        mean, std = self.stats()
+        return ((x.double() - mean) / std).to(x.dtype)
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        mean, std = self.stats()
+        return (x.double() * std + mean).to(x.dtype)
+
+
+def orthogonal_init(net: nn.Module, out_gain: float) -> nn.Module:
+    """MAPPO's initialisation of an MLP: orthogonal weights, gain sqrt(2) on the hidden layers and
+    ``out_gain`` on the last (0.01 for a policy: near-uniform actions at the start; 1 for a value),
+    zero biases."""
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    for i, m in enumerate(linears):
+        nn.init.orthogonal_(m.weight, gain=out_gain if i == len(linears) - 1 else math.sqrt(2))
+        nn.init.zeros_(m.bias)
+    return net
+
+
+@dataclass
+class BudgetController:
+    """PI control of a non-negative cost weight toward a GMACs budget (RL4EViT's alpha, PRANCE's
+    cost weight): after each batch, with e = GMACs ratio - budget, ``integral += ki * e`` and
+    ``weight = integral + kp * e`` (the PID Lagrangian of Stooke et al., 2020: the proportional term
+    answers at once, so the integral overshoots less than plain dual ascent). The weight is a cost,
+    never a reward for compute: it is clamped at 0, and so is the integral (anti-windup: while the
+    policy spends less than the budget at weight 0, the integral does not pile up a debt that would
+    hold the weight at 0 long after the policy has come back over the budget)."""
+
+    budget: float
+    ki: float
+    kp: float
+    integral: float = 0.0
+    error: float = 0.0
+
+    def __post_init__(self):
+        self.integral = max(self.integral, 0.0)
+
+    @property
+    def cost_weight(self) -> float:
+        return max(self.integral + self.kp * self.error, 0.0)
+
+    def update(self, ratio: float) -> float:
+        """Take the latest GMACs ratio; returns the cost weight for the next batch."""
+        self.error = ratio - self.budget
+        self.integral = max(self.integral + self.ki * self.error, 0.0)
+        return self.cost_weight
+
+
+def calibrate(ratio_at: Callable[[float], float], ratio: float, budget: float, tolerance: float,
+              span: float = 8.0, iters: int = 12) -> tuple:
+    """Bisection for the shift s of a policy's output (PRANCE: before the sigmoid; RL4EViT: the keep
+    logit) whose greedy GMACs ratio ``ratio_at(s)`` is nearest the budget; ``ratio`` is the one at
+    s = 0. Every action grows with s, so the ratio does too (on average over images: later decisions
+    see other features). Stops within half the tolerance. Returns (s, its ratio); s = 0 when nothing
+    got nearer."""
+    lo, hi, s, best = -span, span, 0.0, (0.0, ratio)
+    for _ in range(iters):
+        if abs(ratio / budget - 1) <= tolerance / 2:
+            break
+        lo, hi = (s, hi) if ratio < budget else (lo, s)
+        s = (lo + hi) / 2
+        ratio = ratio_at(s)
+        if abs(ratio - budget) < abs(best[1] - budget):
+            best = (s, ratio)
+    return best

@@ -8,6 +8,18 @@ actor (clipped surrogate) and the critic (clipped value loss). Odd epochs train 
 ViT frozen; with ``finetune_vit`` even epochs fine-tune the ViT with the agents frozen (greedy).
 Resumable like ``leanvit train``; under ``torchrun`` each process rolls out its shard and the
 actor/critic gradients are averaged over processes.
+
+MAPPO's settings by default: an entropy bonus of 0.01, value normalisation (:class:`~leanvit.rl.ValueNorm`)
+and orthogonal initialisation of the actor and critic (``init="default"``, ``value_norm=False``,
+``entropy_coef=0`` for the settings before 2026-12-02). ``reward`` picks the accuracy signal γ of r2:
+``correct`` (the paper's, 0/1), ``agreement`` (the reduced prediction equals the dense model's) or
+``kl`` (exp(-KL(dense || reduced)) per image), the last two from a no-grad dense forward of the same
+batch. With ``budget`` alpha is the cost weight of a non-negative PI controller
+(:class:`~leanvit.rl.BudgetController`) on the greedy policy's GMACs ratio on each batch, the actor's
+MACs included; after training the keep logit is shifted (:func:`~leanvit.rl.calibrate`) until the
+greedy policy meets the budget within ``budget_tolerance`` on the held-out evaluation images. Every
+batch's reward, kept fraction, GMACs ratio and alpha go to ``metrics.json`` (``curve``) and, with a
+budget, a plot of them to ``curves.png``.
 """
 from __future__ import annotations
 
@@ -19,10 +31,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .data import DATA_HELP
-from .measure import macs_per_image
+from .measure import count_macs, macs_per_image
 from .methods.rl4evit import agent_rewards
-from .options import arg, natural, nonnegative, path, positive, positive_int
-from .rl import PPOConfig, clipped_policy_loss, clipped_value_loss, gae
+from .options import arg, fraction, natural, nonnegative, path, positive, positive_int
+from .rl import BudgetController, PPOConfig, ValueNorm, calibrate, clipped_policy_loss, clipped_value_loss, gae, \
+    orthogonal_init
 from .runtime import adapt
 from .training import Run, all_sum, batches_on, export_weights, fit
 
@@ -56,12 +69,44 @@ class PolicyRun:
     amp: str = "off"  # --amp: off or bf16 autocast
 
 
+REWARDS = ("correct", "agreement", "kl")
+
+
+def reward_signal(kind: str):
+    """The ``--reward`` option's check."""
+    if kind not in REWARDS:
+        import argparse
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(REWARDS)}, got {kind!r}")
+    return kind
+
+
+def init_kind(kind: str):
+    if kind not in ("orthogonal", "default"):
+        import argparse
+        raise argparse.ArgumentTypeError(f"must be orthogonal or default, got {kind!r}")
+    return kind
+
+
 @dataclass(kw_only=True)
 class PolicyConfig(PolicyRun):
-    alpha: float = arg(0.8, nonnegative, "weight of r1 (-1 per kept token)")
-    beta: float = arg(1.0, nonnegative, "weight of r2 (correct / tokens kept)")
+    alpha: Optional[float] = arg(None, nonnegative, (  # default 0.8, or 0.03 (start) with a budget
+        "weight of r1 (-1 per kept token): default 0.8 (the paper's); with --budget the starting value, "
+        "default 0.03"))
+    beta: float = arg(1.0, nonnegative, "weight of r2 (accuracy signal / tokens kept)")
+    reward: str = arg("correct", reward_signal, (
+        "accuracy signal of r2: correct (the paper's: 0/1 right), agreement (0/1 the same prediction as "
+        "the dense model), kl (exp(-KL(dense || reduced)) per image)"))
+    budget: Optional[float] = arg(None, fraction, (
+        "target mean GMACs (actor included) as a fraction of dense: alpha is PI-controlled toward it, "
+        "then the keep logit is calibrated on the evaluation images"))
+    budget_tolerance: float = arg(0.05, positive, "relative: how near the budget calibration must bring the policy")
+    dual_lr: float = arg(0.003, nonnegative, "integral gain: alpha step per unit of GMACs-ratio excess, per batch")
+    dual_p: float = arg(0.03, nonnegative, "proportional gain on the same excess")
+    calibrate: bool = arg(True, help="with --budget: do not shift the final policy's keep logit to meet the budget")
+    value_norm: bool = arg(True, help="no value normalisation (MAPPO's ValueNorm of the returns)")
+    init: str = arg("orthogonal", init_kind, "actor/critic initialisation: orthogonal (MAPPO's) or default (PyTorch's)")
     epochs: int = arg(2, positive_int)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(entropy_coef=0.01))
     finetune_vit: bool = arg(False, help="even epochs fine-tune the ViT, agents frozen")
     lr_vit: float = arg(1e-5, positive)
 
@@ -73,13 +118,15 @@ def rollout_tensors(rollout):
 
 
 def ppo_update(method, ro: dict, rewards: torch.Tensor, cfg: PPOConfig, opt_actor, opt_critic,
-               world: int = 1) -> dict:
+               world: int = 1, value_norm: Optional[ValueNorm] = None) -> dict:
     """K iterations of PPO on one rollout; returns the last losses.
 
     Multi-agent (RL4EViT): every token is an agent with its own reward, value and advantage; its
     episode ends when it prunes its token. Single-agent (the ablation): one agent per image takes
     the joint action of a layer (log-probability = sum over the tokens), with the layer's summed
-    reward and one value from [mean token ; CLS]; its episode is the image.
+    reward and one value from [mean token ; CLS]; its episode is the image. With ``value_norm``
+    the critic predicts normalised returns (MAPPO): GAE reads its outputs denormalised, and its
+    targets are the normalised returns (after the normaliser has seen them).
     """
     single = method.agents == "single"
     alive = ro["alive"].float()
@@ -96,10 +143,14 @@ def ppo_update(method, ro: dict, rewards: torch.Tensor, cfg: PPOConfig, opt_acto
     weight = rewards.new_ones(rewards.shape[:2]) if single else alive
     step_rewards = (rewards * alive).sum(dim=2) if single else rewards
     with torch.no_grad():
-        values_old = values_of()
+        values_old = values_of()  # the critic's outputs (normalised with value_norm)
         dones = torch.zeros_like(weight, dtype=torch.bool) if single else (~ro["kept"]) | ~ro["alive"]
         dones[-1] = True
-        adv, returns = gae(step_rewards, values_old, dones, gamma=cfg.gamma, lam=cfg.lam)
+        adv, returns = gae(step_rewards, values_old if value_norm is None else value_norm.denormalize(values_old),
+                           dones, gamma=cfg.gamma, lam=cfg.lam)
+        if value_norm is not None:
+            value_norm.update(returns, weight)
+            returns = value_norm.normalize(returns)
         n = weight.sum().clamp_min(1)
         mean = (adv * weight).sum() / n
         std = (((adv - mean) ** 2) * weight).sum().div(n).sqrt().clamp_min(1e-6)
@@ -137,7 +188,7 @@ def evaluate_policy(runner, loader) -> dict:
     """Greedy policy, real token removal: top-1 and GMACs per image (summed over processes)."""
     runner.eval()
     runner.masked, runner.method.sampling = False, False
-    correct = total = macs = 0.0
+    correct = total = macs = decision = 0.0
     with torch.inference_mode():
         for batch in batches_on(loader, runner):
             with runner.tracing() as trace:
@@ -145,44 +196,103 @@ def evaluate_policy(runner, loader) -> dict:
             correct += float((logits.argmax(1) == batch.labels).sum())
             total += batch.images.shape[0]
             macs += float(macs_per_image(runner, trace, batch.images).sum())
-    correct, total, macs = all_sum([correct, total, macs])
-    return dict(top1=100 * correct / max(total, 1), gmacs=macs / max(total, 1) / 1e9)
+            decision += sum(float(torch.as_tensor(rec["macs"], dtype=torch.float64).expand(batch.images.shape[0]).sum())
+                            for rec in trace if "macs" in rec)
+    correct, total, macs, decision = all_sum([correct, total, macs, decision])
+    return dict(top1=100 * correct / max(total, 1), gmacs=macs / max(total, 1) / 1e9,
+                decision_gmacs=decision / max(total, 1) / 1e9)
+
+
+def greedy_macs_ratio(runner, images, dense_gmacs: float) -> float:
+    """The greedy policy's mean GMACs on ``images`` (its tokens removed, its decision networks
+    counted) over the dense model's ``dense_gmacs`` (averaged over processes)."""
+    method, masked = runner.method, runner.masked
+    method.sampling, runner.masked = False, False
+    try:
+        with torch.no_grad(), runner.tracing() as trace:
+            runner(images)
+    finally:
+        runner.masked = masked
+    total, n = all_sum([float(macs_per_image(runner, trace, images).sum()), images.shape[0]])
+    return total / n / 1e9 / dense_gmacs
+
+
+def accuracy_signal(kind: str, logits, labels, dense_logits=None):
+    """(B,) the reward's γ per image: 0/1 correct, 0/1 agreement with the dense prediction, or
+    exp(-KL(dense || reduced)) in (0, 1]."""
+    if kind == "correct":
+        return (logits.argmax(1) == labels).float()
+    if kind == "agreement":
+        return (logits.argmax(1) == dense_logits.argmax(1)).float()
+    dense_logp, logp = F.log_softmax(dense_logits.float(), dim=1), F.log_softmax(logits.float(), dim=1)
+    return torch.exp(-(dense_logp.exp() * (dense_logp - logp)).sum(1).clamp_min(0))
 
 
 def train_policy(cfg: PolicyConfig, log: Callable[[str], None] = print) -> dict:
+    if cfg.budget is not None and not 0 < cfg.budget <= 1:
+        raise ValueError(f"budget must be a fraction of the dense GMACs in (0, 1], got {cfg.budget}")
     from .models import create_model  # at call time: tests replace models.create_model
     run = Run(cfg, log)
     model = create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained).to(run.device)
     run.setup_data(model)
     runner = adapt(model, "rl4evit", **cfg.options)
+    dense = adapt(model, "none")  # the same (possibly fine-tuned) ViT, every token
     method = runner.method
+    if cfg.init == "orthogonal":  # a resumed run loads its weights over these
+        orthogonal_init(method.actor, 0.01)
+        orthogonal_init(method.critic, 1.0)
+    value_norm = ValueNorm().to(run.device) if cfg.value_norm else None
     opt_actor = torch.optim.Adam(method.actor.parameters(), lr=cfg.ppo.lr_actor)
     opt_critic = torch.optim.Adam(method.critic.parameters(), lr=cfg.ppo.lr_critic)
     opt_vit = torch.optim.AdamW(model.parameters(), lr=cfg.lr_vit, weight_decay=0.05)
     optimizers = dict(opt_actor=opt_actor, opt_critic=opt_critic, opt_vit=opt_vit)
+    dense_gmacs = count_macs(dense, run.eval_set[0][0][None].to(run.device))
+    alpha = cfg.alpha if cfg.alpha is not None else (0.03 if cfg.budget else 0.8)
+    control = BudgetController(cfg.budget, cfg.dual_lr, cfg.dual_p, integral=alpha) if cfg.budget else None
+    curve = []  # one record per batch
 
     def agents_epoch(epoch: int) -> bool:
         return epoch % 2 == 0 or not cfg.finetune_vit  # the paper's odd (1-based) epochs
 
     def restore(ckpt):
+        nonlocal alpha, control
         runner.load_state_dict(ckpt["model"])
         for k, o in optimizers.items():
             o.load_state_dict(ckpt[k])
+        if value_norm is not None:
+            value_norm.load_state_dict(ckpt["value_norm"])
+        alpha, curve[:] = ckpt["alpha"], ckpt["curve"]
+        if control is not None:
+            control = BudgetController(**ckpt["control"])
+
+    def state() -> dict:
+        return dict(model=runner.state_dict(), **{k: o.state_dict() for k, o in optimizers.items()},
+                    value_norm=value_norm.state_dict() if value_norm is not None else None, alpha=alpha,
+                    curve=list(curve), control=asdict(control) if control is not None else None)
 
     def step(batch, i) -> dict:
+        nonlocal alpha
         runner.masked = True
         if agents_epoch(i // run.steps_per_epoch):
             runner.eval()  # the ViT is frozen: no dropout, no gradients
             method.sampling = True
             with torch.no_grad():
                 logits = runner(batch.images)
+                dense_logits = dense(batch.images) if cfg.reward != "correct" else None
             correct = logits.argmax(1) == batch.labels
+            signal = accuracy_signal(cfg.reward, logits, batch.labels, dense_logits)
             ro = rollout_tensors(method.rollout)
-            rewards = agent_rewards(ro["kept"], ro["alive"], correct, cfg.alpha, cfg.beta)
-            losses = ppo_update(method, ro, rewards, cfg.ppo, opt_actor, opt_critic, run.world)
+            used = alpha
+            rewards = agent_rewards(ro["kept"], ro["alive"], signal, used, cfg.beta)
+            losses = ppo_update(method, ro, rewards, cfg.ppo, opt_actor, opt_critic, run.world, value_norm)
             alive = ro["alive"].float()
             logged = dict(reward=float(rewards.sum((0, 2)).mean()),
                           keep=float((ro["kept"].float() * alive).sum() / alive.sum()))
+            if control is not None:
+                logged["greedy"] = greedy_macs_ratio(runner, batch.images, dense_gmacs)
+                alpha = control.update(logged["greedy"])
+            curve.append(dict(step=i + 1, reward=logged["reward"], keep=logged["keep"], alpha=used,
+                              signal=float(signal.mean()), **({"gmacs_ratio": logged["greedy"]} if control else {})))
         else:
             runner.train()
             method.sampling = False
@@ -197,21 +307,58 @@ def train_policy(cfg: PolicyConfig, log: Callable[[str], None] = print) -> dict:
             correct = logits.argmax(1) == batch.labels
             losses = dict(ce=loss.item())
             logged = dict(reward=0.0, keep=0.0)  # no rollout
-        return dict(logged, acc=float(correct.float().mean()), **{k: f"{v:.3f}" for k, v in losses.items()})
+        return dict(logged, acc=float(correct.float().mean()), **{k: f"{v:.3f}" for k, v in losses.items()},
+                    **({"alpha": f"{alpha:.4f}"} if control is not None else {}))
 
     def evaluate(epoch, sums, n) -> dict:
+        ev = evaluate_policy(runner, run.eval_loader)
         return dict(kind="agents" if agents_epoch(epoch) else "vit", mean_reward=sums["reward"] / n,
-                    keep_ratio=sums["keep"] / n, rollout_acc=100 * sums["acc"] / n,
-                    **evaluate_policy(runner, run.eval_loader))
+                    keep_ratio=sums["keep"] / n, rollout_acc=100 * sums["acc"] / n, alpha=alpha,
+                    **(dict(train_greedy_macs_ratio=sums["greedy"] / n) if "greedy" in sums else {}),
+                    **ev, gmacs_ratio=ev["gmacs"] / dense_gmacs)
 
-    fit(run, "train-policy", step, evaluate, restore=restore, evaluate_at_stop=True,
-        state=lambda: dict(model=runner.state_dict(), **{k: o.state_dict() for k, o in optimizers.items()}))
-    metrics = dict(steps=run.step, history=run.history, world_size=run.world, config=asdict(cfg), **run.about())
+    fit(run, "train-policy", step, evaluate, restore=restore, evaluate_at_stop=True, state=state)
+    method.sampling, runner.masked = False, False
+    history = run.history
+    if cfg.calibrate and cfg.budget and history and "calibration_shift" not in history[-1] \
+            and not _meets(history[-1]["gmacs_ratio"], cfg):
+        bias = method.actor[-1].bias
+        base = bias.detach().clone()
+
+        def set_shift(shift: float) -> None:
+            with torch.no_grad():
+                bias.copy_(base)
+                bias[1] += shift  # the keep logit: every agent keeps more with a larger shift
+
+        def ratio_at(shift: float) -> float:
+            set_shift(shift)
+            return evaluate_policy(runner, run.eval_loader)["gmacs"] / dense_gmacs
+        shift, _ = calibrate(ratio_at, history[-1]["gmacs_ratio"], cfg.budget, cfg.budget_tolerance)
+        set_shift(shift)
+        ev = evaluate_policy(runner, run.eval_loader)
+        run.log(f"calibrated the greedy policy for budget {cfg.budget}: keep logit shifted by {shift:+.3f}")
+        run.record(history[-1]["epoch"], dict(history[-1], calibration_shift=shift, **ev,
+                                              gmacs_ratio=ev["gmacs"] / dense_gmacs))
+        run.save(**state())
+    last = history[-1] if history else {}
+    metrics = dict(steps=run.step, history=history, world_size=run.world, config=asdict(cfg), **run.about(),
+                   dense_gmacs=dense_gmacs, curve=curve,
+                   **{k: last[k] for k in ("top1", "gmacs", "gmacs_ratio", "decision_gmacs", "alpha") if k in last})
+    if cfg.budget and last:
+        metrics["budget_met"] = _meets(last["gmacs_ratio"], cfg)
 
     def export(out):
-        export_weights(method, out / "policy.safetensors")
+        export_weights(method, out / "policy.safetensors", metadata=method.options_metadata())
         if cfg.finetune_vit:
             export_weights(model, out / "vit.safetensors")
+        if curve:
+            from .report import training_curves
+            training_curves(curve, out / "curves.png", budget=cfg.budget,
+                            title=f"train-policy {cfg.model}" + (f", budget {cfg.budget}" if cfg.budget else ""))
 
     # every process must hold the same agents (and ViT, when fine-tuned)
     return run.finish(metrics, replicas=runner if cfg.finetune_vit else method, export=export)
+
+
+def _meets(ratio: float, cfg) -> bool:
+    return abs(ratio / cfg.budget - 1) <= cfg.budget_tolerance

@@ -17,8 +17,9 @@ budget x dense", moved after every PPO batch by a PI controller on the error e =
 (ratio: the greedy selector's GMACs ratio on that batch, averaged over processes):
 ``integral += dual_lr * e``; ``cost_weight = integral + dual_p * e`` (the PID Lagrangian of Stooke
 et al., 2020: the proportional term answers at once, so the integral overshoots less than plain
-dual ascent). The weight may go negative: when the selector spends less than the budget, compute
-is rewarded. (Bisection over the weight with short trainings was tried first; on the reference
+dual ascent; :class:`leanvit.rl.BudgetController`). The weight never goes below 0 (nor its
+integral): compute is never rewarded; a budget above what the selector spends at weight 0 is met
+by the calibration below. (Bisection over the weight with short trainings was tried first; on the reference
 model accuracy barely depends on the choices, so the weight-to-GMACs map is flat and noisy below
 some weight and budgets above the starting point were out of reach.) With ``max_epochs``, training
 goes on an epoch at a time while the selector's GMACs ratio on the evaluation images is not within
@@ -37,12 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .measure import count_macs, macs_per_image
+from .measure import count_macs
 from .options import arg, nonnegative, positive, positive_int
-from .rl import PPOConfig, clipped_policy_loss, clipped_value_loss, gae
+from .rl import BudgetController, PPOConfig, calibrate, clipped_policy_loss, clipped_value_loss, gae
 from .runtime import adapt
-from .train_policy import PolicyRun, _average_grads, evaluate_policy
-from .training import Run, Supervised, all_sum, distill_loss, evaluate_top1, export_weights, fit
+from .train_policy import PolicyRun, _average_grads, evaluate_policy, greedy_macs_ratio
+from .training import Run, Supervised, distill_loss, evaluate_top1, export_weights, fit
 
 
 # --- the meta-network ---------------------------------------------------------------------------
@@ -135,27 +136,6 @@ class SelectorConfig(PolicyRun):
     epochs: int = arg(1, positive_int)
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(gamma=0.9, lam=0.9, epochs=4, lr_actor=1e-4,
                                                              lr_critic=5e-3))
-
-
-@dataclass
-class BudgetController:
-    """PI control of the cost weight toward a GMACs budget (see the module doc)."""
-
-    budget: float
-    ki: float
-    kp: float
-    integral: float = 0.0
-    error: float = 0.0
-
-    @property
-    def cost_weight(self) -> float:
-        return self.integral + self.kp * self.error
-
-    def update(self, ratio: float) -> float:
-        """Take the latest GMACs ratio; returns the cost weight for the next batch."""
-        self.error = ratio - self.budget
-        self.integral += self.ki * self.error
-        return self.cost_weight
 
 
 def stage_rewards(correct: Tensor, dense_correct: Tensor, macs_ratio: Tensor, kept: Tensor,
@@ -319,33 +299,3 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
 
 def _meets(ratio: float, cfg: SelectorConfig) -> bool:
     return abs(ratio / cfg.budget - 1) <= cfg.budget_tolerance
-
-
-def calibrate(ratio_at: Callable[[float], float], ratio: float, budget: float, tolerance: float,
-              span: float = 8.0, iters: int = 12) -> tuple:
-    """Bisection for the shift s of the actor's output (before the sigmoid) whose greedy GMACs
-    ratio ``ratio_at(s)`` is nearest the budget; ``ratio`` is the one at s = 0. Every action grows
-    with s, so the ratio does too (on average over images: later decisions see other features).
-    Stops within half the tolerance. Returns (s, its ratio); s = 0 when nothing got nearer."""
-    lo, hi, s, best = -span, span, 0.0, (0.0, ratio)
-    for _ in range(iters):
-        if abs(ratio / budget - 1) <= tolerance / 2:
-            break
-        lo, hi = (s, hi) if ratio < budget else (lo, s)
-        s = (lo + hi) / 2
-        ratio = ratio_at(s)
-        if abs(ratio - budget) < abs(best[1] - budget):
-            best = (s, ratio)
-    return best
-
-
-def greedy_macs_ratio(runner, images: Tensor, dense_gmacs: float) -> float:
-    """The greedy selector's mean GMACs on ``images`` over the dense model's ``dense_gmacs``
-    (averaged over processes)."""
-    method = runner.method
-    method.sampling = False
-    with torch.no_grad(), runner.tracing() as trace:
-        runner(images)
-    total, n = all_sum([float(macs_per_image(runner, trace, images).sum()), images.shape[0]])
-    return total / n / 1e9 / dense_gmacs
-

@@ -1,14 +1,22 @@
 """RL4EViT: token pruning learned by multi-agent PPO (one agent per patch token).
 
-Pruning layers sit after blocks 3, 6 and 9. Every patch token is an agent; one shared actor reads
-the token's feature and outputs keep/prune logits; one shared critic reads [token ; CLS].
+Pruning layers sit before blocks 3, 6 and 9 (``placement="before"``, the paper's "following
+DynamicViT" and the authors' code: the decision reads the output of block 2 and block 3 runs on the
+kept tokens); ``placement="after"`` prunes after them, as leanvit did before 2026-12-02 (the shipped
+policy was trained so). Every patch token is an agent; one shared actor reads the token's feature
+and outputs keep/prune logits; one shared critic reads [token ; CLS]. Both are MLPs with tanh
+(MAPPO's; ``activation="relu"`` for policies trained before 2026-12-02), hidden widths
+``[4C, 256, 64]`` by default (the authors' for DeiT-S) or ``hidden=[64]`` for a cheap actor.
+The options a policy was trained with are stored in its weights file's metadata and are its
+defaults when it is loaded; a weights file without them is one of the old policies (after, relu).
 Inference is greedy and removes the pruned tokens for real: per-image counts, a ragged batch that
 the runtime runs packed (no padding in the token-wise work). Training samples actions and runs masked (``LeanViT.masked``) so the batch
 keeps its shape and every token keeps its position, which lines agents up across layers for GAE.
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+import json
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -18,12 +26,17 @@ from ..tokens import keep_mask
 from .base import OptionError, Reduction, check_layers, load_weights, register
 
 
-def mlp(sizes: Sequence[int]) -> nn.Sequential:
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
+PLACEMENTS = ("before", "after")
+LEGACY = dict(placement="after", activation="relu")  # what a weights file without options was trained with
+
+
+def mlp(sizes: Sequence[int], activation: str = "tanh") -> nn.Sequential:
     layers: List[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
+            layers.append(ACTIVATIONS[activation]())
     return nn.Sequential(*layers)
 
 
@@ -31,9 +44,10 @@ def agent_rewards(kept: Tensor, alive: Tensor, correct: Tensor, alpha: float, be
     """The paper's equations 1-2 for every agent at every pruning layer.
 
     kept, alive: (T, B, P) bool: the agent's action (keep) and whether the agent acted at that
-    layer (its token was still there). correct: (B,) bool, the image's final prediction.
-    ``R = alpha * r1 + beta * r2`` with r1 = -1 if kept else 0 and r2 = correct / n_l, n_l the
-    tokens kept at layer l. Agents that did not act get 0.
+    layer (its token was still there). correct: (B,) the image's accuracy signal γ: bool (the
+    paper's: the final prediction is right) or a number in [0, 1] (agreement with the dense model,
+    exp(-KL to it)). ``R = alpha * r1 + beta * r2`` with r1 = -1 if kept else 0 and r2 = γ / n_l,
+    n_l the tokens kept at layer l. Agents that did not act get 0.
     """
     r1 = -kept.to(torch.float32)
     n_kept = (kept & alive).sum(dim=2, keepdim=True).clamp_min(1).to(torch.float32)
@@ -46,31 +60,75 @@ class RL4EViT(Reduction, nn.Module):
     """RL4EViT: multi-agent PPO token pruning, one agent per patch token, greedy at inference."""
 
     name = "rl4evit"
-    position = "block"
+    position = "block"  # a decision before block l sits after block l - 1
 
-    def __init__(self, layers=(3, 6, 9), hidden=None, weights=None, agents="multi"):
+    # None: what the weights were trained with (their metadata), else the default
+    def __init__(self, layers=None, hidden=None, weights=None, agents=None, placement=None, activation=None):
         nn.Module.__init__(self)
-        self.layers, self.hidden, self.weights = layers, hidden, weights
-        if agents not in ("multi", "single"):
-            raise OptionError(f"rl4evit: agents must be 'multi' (one per token) or 'single' (one per layer), got {agents!r}")
-        self.agents = agents
-        if hidden is not None and (not isinstance(hidden, (list, tuple)) or not all(isinstance(h, int) and h > 0 for h in hidden)):
-            raise OptionError(f"rl4evit: hidden must be a list of layer widths, got {hidden!r}")
+        self.weights = weights
+        self.given = dict(layers=layers, hidden=hidden, agents=agents, placement=placement, activation=activation)
+        self._check(self.given)
         self.sampling = False  # True during training rollouts: sample actions and record them
         self.rollout: List[dict] = []
 
+    @staticmethod
+    def _check(o: dict) -> None:
+        if o["agents"] not in (None, "multi", "single"):
+            raise OptionError(f"rl4evit: agents must be 'multi' (one per token) or 'single' (one per layer), got {o['agents']!r}")
+        hidden = o["hidden"]
+        if hidden is not None and (not isinstance(hidden, (list, tuple)) or not all(isinstance(h, int) and h > 0 for h in hidden)):
+            raise OptionError(f"rl4evit: hidden must be a list of layer widths, got {hidden!r}")
+        if o["placement"] not in (None, *PLACEMENTS):
+            raise OptionError(f"rl4evit: placement must be 'before' (the paper's) or 'after' the pruning blocks, "
+                              f"got {o['placement']!r}")
+        if o["activation"] not in (None, *ACTIVATIONS):
+            raise OptionError(f"rl4evit: activation must be one of {', '.join(ACTIVATIONS)}, got {o['activation']!r}")
+
+    def _trained_options(self) -> Optional[Dict[str, object]]:
+        """The options stored with the weights; None when the file has none (an old policy)."""
+        from safetensors import safe_open
+        from ..zoo import method_weights_path
+        try:
+            with safe_open(method_weights_path(self.weights, self.name), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception:
+            return {}  # missing or unreadable: load_weights says so
+        if "placement" not in meta:
+            return None
+        return {k: json.loads(meta[k]) for k in ("layers", "hidden", "agents", "placement", "activation") if k in meta}
+
     def bind(self, info):
         super().bind(info)
-        self.layers = check_layers("rl4evit", self.layers, info.depth)
+        trained = self._trained_options() if self.weights else {}
+        defaults = dict(layers=(3, 6, 9), hidden=None, agents="multi", placement="before", activation="tanh")
+        if trained is None:
+            trained = dict(LEGACY)
+        self._check({**defaults, **trained})
+        opts = {k: v if v is not None else trained.get(k, defaults[k]) for k, v in self.given.items()}
+        opts["layers"] = check_layers("rl4evit", opts["layers"], info.depth)
         c = info.embed_dim
-        hidden = list(self.hidden) if self.hidden else [4 * c, 256, 64]  # DeiT-S: 384-1536-256-64-2
-        self.actor = mlp([c, *hidden, 2])
-        self.critic = mlp([2 * c, *hidden, 1])  # DeiT-S: 768-1536-256-64-1
+        opts["hidden"] = list(opts["hidden"]) if opts["hidden"] else [4 * c, 256, 64]  # DeiT-S: 384-1536-256-64-2
+        diff = [k for k, v in trained.items() if k in opts and _plain(v) != _plain(opts[k])]
+        if diff:
+            raise OptionError(f"rl4evit: the policy {self.weights} was trained with "
+                              f"{' '.join(f'{k}={_plain(trained[k])}' for k in diff)}; got "
+                              f"{' '.join(f'{k}={_plain(opts[k])}' for k in diff)}")
+        self.layers, self.hidden, self.agents = opts["layers"], opts["hidden"], opts["agents"]
+        self.placement, self.activation = opts["placement"], opts["activation"]
+        if self.placement == "before" and self.layers[0] < 1:
+            raise OptionError("rl4evit: placement=before prunes before blocks 1..depth-1 (there is none before block 0)")
+        self.actor = mlp([c, *self.hidden, 2], self.activation)
+        self.critic = mlp([2 * c, *self.hidden, 1], self.activation)  # DeiT-S: 768-1536-256-64-1
         if self.weights:
             load_weights(self, self.weights, "policy weights")
 
+    def options_metadata(self) -> Dict[str, str]:
+        """The options a policy is trained with, stored with its weights (JSON values)."""
+        return dict(method=self.name, **{k: json.dumps(_plain(getattr(self, k)))
+                                         for k in ("layers", "hidden", "agents", "placement", "activation")})
+
     def decision_layers(self):
-        return self.layers
+        return [l - 1 for l in self.layers] if self.placement == "before" else list(self.layers)
 
     def begin(self, batch: int) -> None:
         self.rollout = []
@@ -114,5 +172,11 @@ class RL4EViT(Reduction, nn.Module):
         return keep_mask(state, keep)
 
     def extra_repr(self):
-        return f"layers={self.layers}, agents={self.agents}" + \
+        if not hasattr(self, "placement"):  # not bound yet
+            return f"weights={self.weights}" if self.weights else ""
+        return f"layers={self.layers}, placement={self.placement}, agents={self.agents}" + \
             (f", weights={self.weights}" if self.weights else "")
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
