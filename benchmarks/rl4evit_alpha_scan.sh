@@ -7,9 +7,12 @@
 # Usage: bash benchmarks/rl4evit_alpha_scan.sh [multi|single]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the published numbers (BENCHMARKS.md, 2026-11-23) were trained with the settings before issue 19:
+# pruning after blocks 3, 6, 9, ReLU MLPs, PyTorch's init, no entropy bonus, no value normalisation
+LEGACY="--opt placement=after --opt activation=relu --init default --entropy-coef 0 --no-value-norm"
 agents=${1:-multi}
 for alpha in ${ALPHAS:-0.8 0.72 0.56 0.3 0.1 0.03}; do
     leanvit train-policy --model cifar10_vit12_w128 --data "${DATA:-../shared/data/cifar10-jpeg.tar.gz}" \
-        --threads 2 --opt agents=$agents --alpha $alpha --beta 1 --epochs 1 --batch-size 64 \
+        --threads 2 --opt agents=$agents $LEGACY --alpha $alpha --beta 1 --epochs 1 --batch-size 64 \
         --limit-train 9600 --limit-eval 1000 --out runs/rl4evit/${agents}_a$alpha --max-steps ${STEPS:-30}
 done

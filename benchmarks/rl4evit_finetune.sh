@@ -7,12 +7,15 @@
 # Run under the shared CPU lock: flock .cpu.lock bash benchmarks/rl4evit_finetune.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the published numbers (BENCHMARKS.md, 2026-11-23) were trained with the settings before issue 19:
+# pruning after blocks 3, 6, 9, ReLU MLPs, PyTorch's init, no entropy bonus, no value normalisation
+LEGACY="--opt placement=after --opt activation=relu --init default --entropy-coef 0 --no-value-norm"
 DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
 RES=benchmarks/results/rl4evit
 read -r -a alphas < $RES/alphas.txt
 a=${alphas[1]}
 out=runs/rl4evit/multi_a${a}_finetune
-leanvit train-policy --model cifar10_vit12_w128 --data "$DATA" --threads 2 --opt agents=multi --alpha "$a" \
+leanvit train-policy --model cifar10_vit12_w128 --data "$DATA" --threads 2 --opt agents=multi $LEGACY --alpha "$a" \
     --beta 1 --epochs 2 --finetune-vit --batch-size 64 --limit-train 5760 --limit-eval 1000 --out $out < /dev/null
 leanvit sweep --model vit12_convstem_w128_cifar --checkpoint $out/vit.safetensors --data "$DATA" --threads 2 \
     --batch-size 250 --out $RES/finetune --methods none "rl4evit:weights=$out/policy.safetensors" < /dev/null

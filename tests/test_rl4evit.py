@@ -184,6 +184,53 @@ def test_short_policy_training_raises_the_reward(tmp_path):
     assert f.method.actor[0].weight.shape == (64, 96)
 
 
+def test_accuracy_signals_by_hand():
+    """γ of r2: 0/1 correct (the paper's), 0/1 agreement with the dense prediction, exp(-KL(dense || reduced))."""
+    import math
+    from leanvit.train_policy import accuracy_signal
+    logits = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]))
+    dense = torch.log(torch.tensor([[0.5, 0.5], [0.2, 0.8], [0.4, 0.6]]))
+    labels = torch.tensor([0, 1, 1])
+    assert accuracy_signal("correct", logits, labels).tolist() == [1.0, 0.0, 1.0]  # ties: argmax picks 0
+    assert accuracy_signal("agreement", logits, labels, dense).tolist() == [1.0, 0.0, 1.0]
+    kl = [0.0, 0.2 * math.log(0.2 / 0.9) + 0.8 * math.log(0.8 / 0.1), 0.4 * math.log(0.4 / 0.2) + 0.6 * math.log(0.6 / 0.8)]
+    assert accuracy_signal("kl", logits, labels, dense).tolist() == pytest.approx([math.exp(-k) for k in kl], rel=1e-5)
+    # the rewards take it as they took correctness: r2 = γ / n
+    kept = torch.ones(1, 3, 2, dtype=torch.bool)
+    r = agent_rewards(kept, kept, torch.tensor([1.0, 0.5, 0.0]), alpha=0.0, beta=1.0)
+    assert r[0, :, 0].tolist() == [0.5, 0.25, 0.0]
+
+
+@pytest.mark.parametrize("agents, reward", [("multi", "kl"), ("single", "agreement")])
+def test_budget_is_met_with_the_actor_counted(tmp_path, agents, reward):
+    """train-policy --budget on a small untrained ViT (both agent kinds, the dense-model rewards):
+    alpha, PI-controlled and never negative, and then the keep-logit calibration on the held-out
+    images bring the greedy policy within 5% of 0.5 x dense GMACs, the actor's MACs included
+    (reported as decision_gmacs); every batch is in metrics.json's curve and in curves.png; the
+    policy's options are in its file. Resuming the finished run changes nothing."""
+    import json
+    from leanvit.rl import PPOConfig
+    from leanvit.train_policy import PolicyConfig, train_policy
+    cfg = PolicyConfig(model="vit12_convstem_w96_cifar", out=str(tmp_path), data=str(CIFAR), epochs=1,
+                       batch_size=32, limit_train=96, limit_eval=64, workers=0, budget=0.5, reward=reward,
+                       options={"hidden": [32], "agents": agents}, ppo=PPOConfig(epochs=2, lr_actor=1e-3, lr_critic=1e-3,
+                                                                                 entropy_coef=0.01))
+    m = train_policy(cfg, log=lambda s: None)
+    assert m["budget_met"] and abs(m["gmacs_ratio"] / 0.5 - 1) <= 0.05, m["history"]
+    dense = leanvit.count_macs(leanvit.create_model("vit12_convstem_w96_cifar"), images(1))
+    assert m["gmacs"] == pytest.approx(m["gmacs_ratio"] * dense, rel=1e-9) and m["dense_gmacs"] == pytest.approx(dense)
+    assert 0 < m["decision_gmacs"] < m["gmacs"]
+    curve = m["curve"]
+    assert [c["step"] for c in curve] == [1, 2, 3] and all(c["alpha"] >= 0 for c in curve)
+    assert all(0 < c["gmacs_ratio"] <= 1.0 + 1e-9 and 0 <= c["keep"] <= 1 for c in curve)
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "metrics.json").read_text())["curve"] == curve
+    f = leanvit.adapt(leanvit.create_model("vit12_convstem_w96_cifar"), "rl4evit", weights=str(tmp_path / "policy.safetensors"))
+    assert (f.method.agents, f.method.hidden, f.method.placement) == (agents, [32], "before")
+    again = train_policy(cfg, log=lambda s: None)
+    assert again["history"] == m["history"] and again["curve"] == curve
+
+
 def test_single_agent_ablation_trains(tmp_path):
     """The single-agent variant (one agent takes a layer's joint action) runs the same loop."""
     from leanvit.rl import PPOConfig

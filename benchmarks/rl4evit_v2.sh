@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# RL4EViT v2 (issue 19) on the reference model cifar10_vit12_w128: MAPPO with the paper's placement
+# (before blocks 3, 6, 9) and MAPPO's settings (entropy 0.01, value normalisation, tanh, orthogonal
+# init), alpha PI-controlled toward each budget (actor MACs included), then the keep logit calibrated
+# on 1,000 held-out training images (never trained on). For every seed x budget x agent kind:
+#   1. train-policy --budget B (resumable: re-running the script continues every run where it stopped);
+#   2. `leanvit match` of the policy on 2,000 test images: its mean GMACs, tokens per block and the
+#      random:schedule spec at those counts (the control for its per-image choice);
+#   3. `leanvit sweep` on the 10,000 test images: dense, the policy and random at its counts, with
+#      fidelity to dense (agreement, KL) in results.json.
+# Environment (defaults in brackets):
+#   SEEDS ["0 1 2"], BUDGETS ["0.5 0.7"] (fractions of the dense GMACs), REWARD [correct]
+#   (correct | agreement | kl), ACTOR [default] (default: hidden [4C, 256, 64] = 512-256-64;
+#   cheap: hidden=[64], about a twentieth of the default actor's MACs), AGENTS [multi] (multi |
+#   single, or both), EPOCHS [4] (epochs over LIMIT_TRAIN [9600] images, batch 64), DATA.
+# Results: benchmarks/results/rl4evit_v2/<agents>_<actor>_<reward>_b<B>_s<seed>/{match.json,sweep/};
+# runs in runs/rl4evit_v2/<same name>/ (metrics.json with the per-batch curve, curves.png).
+# Run it under the shared CPU lock: flock .cpu.lock bash benchmarks/rl4evit_v2.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
+SEEDS="${SEEDS:-0 1 2}"
+BUDGETS="${BUDGETS:-0.5 0.7}"
+REWARD="${REWARD:-correct}"
+ACTOR="${ACTOR:-default}"
+AGENTS="${AGENTS:-multi}"
+EPOCHS="${EPOCHS:-4}"
+LIMIT_TRAIN="${LIMIT_TRAIN:-9600}"
+case "$ACTOR" in
+    default) actor_opts=() ;;
+    cheap) actor_opts=(--opt "hidden=[64]") ;;
+    *) echo "ACTOR must be default or cheap, got $ACTOR" >&2; exit 2 ;;
+esac
+RES=benchmarks/results/rl4evit_v2
+mkdir -p "$RES"
+for agents in $AGENTS; do
+for budget in $BUDGETS; do
+for seed in $SEEDS; do
+    name=${agents}_${ACTOR}_${REWARD}_b${budget}_s${seed}
+    out=runs/rl4evit_v2/$name
+    leanvit train-policy --model cifar10_vit12_w128 --data "$DATA" --threads 2 --opt agents=$agents \
+        "${actor_opts[@]}" --budget "$budget" --reward "$REWARD" --seed "$seed" --epochs "$EPOCHS" \
+        --batch-size 64 --limit-train "$LIMIT_TRAIN" --limit-eval 1000 --out "$out" < /dev/null
+    mkdir -p "$RES/$name"
+    cp "$out/metrics.json" "$RES/$name/train_metrics.json"
+    [ -f "$out/curves.png" ] && cp "$out/curves.png" "$RES/$name/curves.png"
+    policy=rl4evit:weights=$out/policy.safetensors
+    leanvit match --model cifar10_vit12_w128 --method "$policy" --data "$DATA" --limit 2000 --threads 2 \
+        --methods evit tome ppt --json "$RES/$name/match.json" < /dev/null
+    random=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['random_control'])" "$RES/$name/match.json")
+    leanvit sweep --model cifar10_vit12_w128 --data "$DATA" --threads 2 --batch-size 250 --out "$RES/$name/sweep" \
+        --methods none "$policy" "$random" < /dev/null
+done
+done
+done
