@@ -201,7 +201,7 @@ def test_accuracy_signals_by_hand():
     assert r[0, :, 0].tolist() == [0.5, 0.25, 0.0]
 
 
-@pytest.mark.parametrize("agents, reward", [("multi", "kl"), ("single", "agreement")])
+@pytest.mark.parametrize("agents, reward", [("multi", "kl"), pytest.param("single", "agreement", marks=pytest.mark.slow)])
 def test_budget_is_met_with_the_actor_counted(tmp_path, agents, reward):
     """train-policy --budget on a small untrained ViT (both agent kinds, the dense-model rewards):
     alpha, PI-controlled and never negative, and then the keep-logit calibration on the held-out
@@ -212,7 +212,7 @@ def test_budget_is_met_with_the_actor_counted(tmp_path, agents, reward):
     from leanvit.rl import PPOConfig
     from leanvit.train_policy import PolicyConfig, train_policy
     cfg = PolicyConfig(model="vit12_convstem_w96_cifar", out=str(tmp_path), data=str(CIFAR), epochs=1,
-                       batch_size=32, limit_train=96, limit_eval=64, workers=0, budget=0.5, reward=reward,
+                       batch_size=32, limit_train=64, limit_eval=48, workers=0, budget=0.5, reward=reward,
                        options={"hidden": [32], "agents": agents}, ppo=PPOConfig(epochs=2, lr_actor=1e-3, lr_critic=1e-3,
                                                                                  entropy_coef=0.01))
     m = train_policy(cfg, log=lambda s: None)
@@ -221,7 +221,7 @@ def test_budget_is_met_with_the_actor_counted(tmp_path, agents, reward):
     assert m["gmacs"] == pytest.approx(m["gmacs_ratio"] * dense, rel=1e-9) and m["dense_gmacs"] == pytest.approx(dense)
     assert 0 < m["decision_gmacs"] < m["gmacs"]
     curve = m["curve"]
-    assert [c["step"] for c in curve] == [1, 2, 3] and all(c["alpha"] >= 0 for c in curve)
+    assert [c["step"] for c in curve] == [1, 2] and all(c["alpha"] >= 0 for c in curve)
     assert all(0 < c["gmacs_ratio"] <= 1.0 + 1e-9 and 0 <= c["keep"] <= 1 for c in curve)
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "metrics.json").read_text())["curve"] == curve

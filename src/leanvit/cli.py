@@ -193,7 +193,9 @@ def cmd_train_policy(args) -> int:
     metrics = train_policy(cfg, log=log)
     if int(os.environ.get("RANK", "0")) == 0 and metrics["history"]:
         last = metrics["history"][-1]
-        log(f"done: greedy top-1 {last['top1']:.2f}% at {last['gmacs']:.4f} GMACs; "
+        met = "" if args.budget is None else f"budget {args.budget} {'met' if metrics['budget_met'] else 'NOT met'}: "
+        log(f"done: {met}greedy top-1 {last['top1']:.2f}% at {last['gmacs']:.4f} GMACs ({last['gmacs_ratio']:.3f} of "
+            f"dense; actor {last['decision_gmacs']:.4f}), alpha {last['alpha']:.4g}; "
             f"policy in {Path(args.out) / 'policy.safetensors'}")
     return 0
 
@@ -558,10 +560,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_selector)
 
     p = command("train-policy", help="train RL4EViT's agents by multi-agent PPO (resumable; torchrun)",
-                       epilog="Re-running the same command resumes from OUT/last.pt.")
+                       epilog="With --budget, alpha is moved toward the budget after every batch by a PI controller "
+                              "on the greedy policy's GMACs ratio (never below 0), then the keep logit is calibrated "
+                              "on the evaluation images. Re-running the same command resumes from OUT/last.pt.")
     _add_model_args(p)
     p.add_argument("--method", default="rl4evit")
-    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="rl4evit option (layers, hidden)")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="rl4evit option: placement=before|after, hidden=[64] (a cheap actor), agents=multi|single, "
+                        "layers=[3,6,9], activation=tanh|relu")
     add_config_args(p, PolicyConfig)
     _add_restart(p)
     _add_device_args(p)

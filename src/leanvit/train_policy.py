@@ -337,8 +337,8 @@ def train_policy(cfg: PolicyConfig, log: Callable[[str], None] = print) -> dict:
         set_shift(shift)
         ev = evaluate_policy(runner, run.eval_loader)
         run.log(f"calibrated the greedy policy for budget {cfg.budget}: keep logit shifted by {shift:+.3f}")
-        run.record(history[-1]["epoch"], dict(history[-1], calibration_shift=shift, **ev,
-                                              gmacs_ratio=ev["gmacs"] / dense_gmacs))
+        before = {k: v for k, v in history[-1].items() if k not in ("epoch", "step", "elapsed_s", *ev)}
+        run.record(history[-1]["epoch"], dict(before, calibration_shift=shift, **ev, gmacs_ratio=ev["gmacs"] / dense_gmacs))
         run.save(**state())
     last = history[-1] if history else {}
     metrics = dict(steps=run.step, history=history, world_size=run.world, config=asdict(cfg), **run.about(),
