@@ -238,7 +238,7 @@ def train_policy(cfg: PolicyConfig, log: Callable[[str], None] = print) -> dict:
     runner = adapt(model, "rl4evit", **cfg.options)
     dense = adapt(model, "none")  # the same (possibly fine-tuned) ViT, every token
     method = runner.method
-    if cfg.init == "orthogonal":  # a resumed run loads its weights over these
+    if cfg.init == "orthogonal" and not method.weights:  # not over given weights; a resume loads its own over these
         orthogonal_init(method.actor, 0.01)
         orthogonal_init(method.critic, 1.0)
     value_norm = ValueNorm().to(run.device) if cfg.value_norm else None
