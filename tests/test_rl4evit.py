@@ -144,8 +144,9 @@ def test_options_travel_with_the_weights(tmp_path):
         torch.testing.assert_close(g(x), f(x), rtol=0, atol=0)
     with pytest.raises(leanvit.OptionError, match="trained with placement=after"):
         leanvit.adapt(small_vit(), "rl4evit", weights=str(path), placement="before")
-    # the defaults now: tanh, before
+    # the defaults now: tanh, before; PRANCE's selector, built by the same mlp, keeps its ReLU
     assert isinstance(leanvit.adapt(small_vit(), "rl4evit").method.actor[1], torch.nn.Tanh)
+    assert isinstance(leanvit.adapt(small_vit(), "prance").method.selector.actor[1], torch.nn.ReLU)
 
 
 def test_sampling_records_a_rollout():

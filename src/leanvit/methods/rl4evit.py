@@ -31,7 +31,8 @@ PLACEMENTS = ("before", "after")
 LEGACY = dict(placement="after", activation="relu")  # what a weights file without options was trained with
 
 
-def mlp(sizes: Sequence[int], activation: str = "tanh") -> nn.Sequential:
+def mlp(sizes: Sequence[int], activation: str = "relu") -> nn.Sequential:
+    """Linear layers with ``activation`` between them (ReLU by default: PRANCE's selector uses it too)."""
     layers: List[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
