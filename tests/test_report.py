@@ -177,3 +177,17 @@ def test_format_table_delta_and_speedup():
     tome = next(l for l in lines if l.startswith("tome"))
     assert "-1.50" in ppt and "1.85x" in ppt and "r=50" in ppt and "2.900" in ppt
     assert "+0.30" in tome and "1.50x" in tome  # 150.5 / 100 rounds to 1.50 (2 decimals)
+
+
+def test_training_curves_png(tmp_path):
+    """train-policy's per-batch curve as a PNG, with the budget line when the GMACs ratio was
+    recorded, and without it (no budget) too."""
+    from PIL import Image
+    from leanvit.report import _smooth, training_curves
+    curve = [dict(step=i + 1, reward=1.0 + 0.1 * i, keep=0.5, alpha=0.03 + 0.001 * i, gmacs_ratio=1.0 - 0.02 * i)
+             for i in range(25)]
+    path = training_curves(curve, tmp_path / "c.png", budget=0.5, title="t")
+    assert Image.open(path).size[0] > 500
+    no_budget = [{k: v for k, v in c.items() if k != "gmacs_ratio"} for c in curve]
+    assert Image.open(training_curves(no_budget, tmp_path / "d.png")).size == Image.open(path).size
+    assert _smooth([1.0, 2.0, 3.0, 4.0], 2).tolist() == [1.0, 1.5, 2.5, 3.5]
