@@ -356,3 +356,45 @@ def test_joint_finetuning_under_a_frozen_selector(tmp_path):
         torch.testing.assert_close(after[k], v)
     moved = load_file(str(tmp_path / "ft" / "final.safetensors"))
     assert not torch.equal(moved["blocks.5.mlp.fc1.weight"], model.state_dict()["blocks.5.mlp.fc1.weight"])
+
+
+@pytest.mark.parametrize("widths", ["per-stage", "uniform"])
+def test_sandwich_random_subnetworks_mix_widths_per_stage_or_not(widths):
+    """The random sandwich sub-networks run other widths in different stages ('per-stage', the mixes
+    the selector picks) or one width everywhere ('uniform'), as the trace of their forwards shows."""
+    from types import SimpleNamespace
+    from leanvit.train_prance import sandwich_step
+    runner = leanvit.adapt(small_vit(sharp=3.0), "prance")
+    method, bounds = runner.method, runner.method.bounds
+    cfg = SimpleNamespace(seed=0, sandwich=6, label_smoothing=0.0, distill=0.0, sandwich_widths=widths)
+    batch = SimpleNamespace(images=images(2), labels=torch.tensor([0, 1]))
+    runs = []
+
+    def net(x):
+        with runner.tracing() as trace:
+            y = runner(x)
+        # per later stage: the (heads, hidden) its blocks ran with
+        def first(w):
+            return None if w is None else int(w[0])
+        runs.append([{(first(rec["heads"]), first(rec["hidden"])) for rec in trace
+                      if bounds[k] <= rec["layer"] < bounds[k + 1]} for k in range(1, len(bounds) - 1)])
+        return y
+    for step in range(3):
+        sandwich_step(net, method, batch, cfg, None, step)
+    random_runs = [r for i, r in enumerate(runs) if i % (cfg.sandwich + 1) > 1]  # not the largest, smallest
+    assert len(random_runs) == 3 * (cfg.sandwich - 1)
+    assert all(len(stage) == 1 for r in random_runs for stage in r)  # one width per stage
+    mixed = [len({next(iter(stage)) for stage in r}) > 1 for r in random_runs]
+    assert any(mixed) if widths == "per-stage" else not any(mixed)
+    assert isinstance(method.fixed, StageChoice)  # left at the largest
+
+
+def test_random_subnetwork_per_stage_draws_heads_and_mlp_independently():
+    method = leanvit.adapt(small_vit(), "prance").method
+    g = torch.Generator().manual_seed(0)
+    draws = [method.random_subnetwork(g, per_stage=True) for _ in range(50)]
+    assert all(len(d) == method.n_stages - 1 for d in draws)
+    per_stage = {c for d in draws for c in d}
+    assert {c.heads for c in per_stage} == set(method.head_options)
+    assert {c.hidden for c in per_stage} == set(method.mlp_options)
+    assert len({(c.heads, c.hidden) for c in per_stage}) > len(method.head_options)  # not tied to each other

@@ -527,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="Re-running the same command resumes from OUT/last.pt. " + EPILOG)
     _add_model_args(p)
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
-    add_config_args(p, TrainConfig, skip={"sandwich", "reorder"})
+    add_config_args(p, TrainConfig, skip={"sandwich", "sandwich_widths", "reorder"})
     _add_restart(p)
     _add_device_args(p)
     p.set_defaults(func=cmd_train)

@@ -82,7 +82,9 @@ class MetaNetwork(Supervised):
 
 def sandwich_step(net, method, batch, cfg, teacher, step: int) -> Tensor:
     """Backward the largest sub-network (labels, and the teacher if distilling), then the smallest
-    and ``cfg.sandwich - 1`` random ones (KL to the largest's predictions). Returns the summed loss."""
+    and ``cfg.sandwich - 1`` random ones (KL to the largest's predictions). Returns the summed loss.
+    The random ones' heads and MLP widths are drawn per stage (``cfg.sandwich_widths``
+    'per-stage'), since the selector mixes widths across stages, or shared by all stages ('uniform')."""
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # the same sub-networks on resume
     method.fixed = method.subnetwork("largest")
     logits = net(batch.images)
@@ -93,7 +95,8 @@ def sandwich_step(net, method, batch, cfg, teacher, step: int) -> Tensor:
     target = F.log_softmax(logits.detach(), dim=-1)
     total = loss.detach()
     for i in range(cfg.sandwich):
-        method.fixed = method.subnetwork("smallest") if i == 0 else method.random_subnetwork(gen)
+        method.fixed = method.subnetwork("smallest") if i == 0 else method.random_subnetwork(
+            gen, per_stage=cfg.sandwich_widths == "per-stage")
         sub = F.kl_div(F.log_softmax(net(batch.images), dim=-1), target, reduction="batchmean", log_target=True)
         sub.backward()
         total = total + sub.detach()

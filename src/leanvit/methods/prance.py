@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -86,7 +86,9 @@ class Prance(Reduction, nn.Module):
         if subnet is not None and subnet not in SUBNETS:
             raise OptionError(f"prance: subnet must be one of {', '.join(SUBNETS)} (or unset for the selector), got {subnet!r}")
         self.n_stages = check_int("prance", "stages", stages, low=2)
-        self.fixed: Optional[StageChoice] = None  # every image and stage runs this (sub-network training)
+        # every image runs this (sub-network training): one choice for every stage, or a tuple of
+        # one per later stage (stage 0 always runs at full width)
+        self.fixed: Optional[Union[StageChoice, Tuple[StageChoice, ...]]] = None
         # selector training: sample actions and record a rollout in which, after each decision,
         # the network is finished at full width from there (Result-to-Go)
         self.sampling = False
@@ -153,10 +155,16 @@ class Prance(Reduction, nn.Module):
         pick = (lambda o: o[len(o) // 2 - 1 if len(o) > 1 else 0]) if i is None else (lambda o: o[i])
         return StageChoice(pick(self.head_options), pick(self.mlp_options))
 
-    def random_subnetwork(self, generator: torch.Generator) -> StageChoice:
+    def random_subnetwork(self, generator: torch.Generator, per_stage: bool = False):
+        """A random channel configuration (all tokens kept): heads and MLP width drawn independently;
+        with ``per_stage``, independently for every later stage too (a tuple of choices, as the
+        selector picks them), else one choice shared by all stages."""
         def pick(options):
             return options[int(torch.randint(len(options), (1,), generator=generator))]
-        return StageChoice(pick(self.head_options), pick(self.mlp_options))
+
+        def one():
+            return StageChoice(pick(self.head_options), pick(self.mlp_options))
+        return tuple(one() for _ in range(self.n_stages - 1)) if per_stage else one()
 
     def decision_layers(self):
         return self.bounds[1:-1]  # tokens are reduced after the first attention of every later stage
@@ -207,6 +215,7 @@ class Prance(Reduction, nn.Module):
         """Per-image choices for stage ``k`` (and, when sampling, what the rollout records)."""
         if self.fixed is not None:
             f, b, dev = self.fixed, state.batch, state.x.device
+            f = f[k - 1] if isinstance(f, tuple) else f
             return dict(heads=torch.full((b,), f.heads, device=dev), hidden=torch.full((b,), f.hidden, device=dev),
                         keep=torch.full((b,), f.keep, dtype=torch.float64, device=dev),
                         merge=torch.full((b,), f.merge, dtype=torch.float64, device=dev)), None
