@@ -400,6 +400,7 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
         with torch.no_grad():
             bias.copy_(base + shift)
         ev = evaluate_policy(runner, run.eval_loader)
+        ev.update(evaluate_fidelity(runner, dense, run.eval_loader))
         run.log(f"calibrated the greedy selector for budget {cfg.budget}: actor output shifted by {shift:+.3f}")
         run.record(history[-1]["epoch"], dict(calibration_shift=shift, cost_weight=cost_weight, **ev,
                                               gmacs_ratio=ev["gmacs"] / dense_gmacs))
