@@ -306,14 +306,14 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
     cost weight is PI-controlled toward it (see the module doc)."""
     if cfg.budget is not None and not 0 < cfg.budget <= 1:
         raise ValueError(f"budget must be a fraction of the dense GMACs in (0, 1], got {cfg.budget}")
-    from .models import create_model  # at call time: tests replace models.create_model
-    run = Run(cfg, log)
-    model = create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained).to(run.device)
-    run.setup_data(model)
     options = dict(cfg.options)
     if cfg.state is not None:
         if options.setdefault("state", cfg.state) != cfg.state:
             raise ValueError(f"--state {cfg.state} and --opt state={options['state']} disagree; give one")
+    from .models import create_model  # at call time: tests replace models.create_model
+    run = Run(cfg, log)
+    model = create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained).to(run.device)
+    run.setup_data(model)
     runner = adapt(model.eval(), "prance", **options)
     dense = adapt(model, "none")
     method, selector = runner.method, runner.method.selector
