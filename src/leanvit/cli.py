@@ -422,12 +422,14 @@ def _field_default(f):
 def add_config_args(p, config, skip=()) -> None:
     """An option for every :func:`~leanvit.options.arg` field of the ``config`` dataclass but
     ``skip``, and of the configurations it holds (PPO's), with the field's default, check and help;
-    a nested field's value goes to ``<field>_<name>``."""
+    a nested field's value goes to ``<field>_<name>``. A field of ``config`` itself shadows a nested
+    one of the same name (the selector's ``entropy_coef`` over PPO's)."""
+    own = {f.name for f in fields(config) if "arg" in f.metadata}
     for f in fields(config):
         default = _field_default(f)
         if is_dataclass(default):
             for g in fields(default):
-                if "arg" in g.metadata:
+                if "arg" in g.metadata and g.name not in own:
                     _add_field(p, g, getattr(default, g.name), dest=f"{f.name}_{g.name}")
         elif "arg" in f.metadata and f.name not in skip:
             _add_field(p, f, default, dest=f.name)
