@@ -27,6 +27,11 @@ the policy swings around it (Adam moves it at a constant speed), so the final gr
 end outside the tolerance. Then it is calibrated (``calibrate``, on by default): a shift of the
 actor's output before the sigmoid moves every action the same way (wider stages, more tokens), and
 bisection over that shift on the evaluation images brings the mean GMACs to the budget.
+
+PPO as the authors (and MAPPO) run it where it is known to matter: an entropy bonus of 0.01
+(``entropy_coef``), and optionally the critic on normalised returns (``value_norm``); K = 4 PPO
+epochs per batch by default (the authors' 10 with ``--ppo-epochs 10``). ``option_entropy`` adds
+option-count regularisation (:func:`choice_marginal_entropy`).
 """
 from __future__ import annotations
 
