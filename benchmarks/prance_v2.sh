@@ -7,9 +7,10 @@
 #   base:     entropy bonus 0, no value normalisation (the defaults before 2026-12-02)
 #   ent-vn:   --entropy-coef 0.01 --value-norm (the authors'/MAPPO's)
 #   ent-vn-oe: ent-vn plus option-count regularisation (--option-entropy 0.1)
+#   ent-vn-k10: ent-vn with the authors' K = 10 PPO epochs (not in the default NAMES)
 # Short: 2,560 training images (40 PPO batches of 64, K=4), 1 epoch; a budget missed by more than 5% is
 # met by calibration (train_prance.py). SEEDS="0 1 2" STEPS_IMAGES=6400 bash benchmarks/prance_v2.sh:
-# the 3-seed long version. 2 torchrun CPU processes; run under flock /work/main/.cpu.lock.
+# the 3-seed long version; NAMES="base ent-vn-k10": other settings. 2 torchrun CPU processes; run under flock /work/main/.cpu.lock.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
@@ -21,9 +22,11 @@ declare -A SETTINGS=(
     [base]="--entropy-coef 0"
     [ent-vn]="--entropy-coef 0.01 --value-norm"
     [ent-vn-oe]="--entropy-coef 0.01 --value-norm --option-entropy 0.1"
+    [ent-vn-k10]="--entropy-coef 0.01 --value-norm --ppo-epochs 10"
 )
+read -r -a NAMES <<< "${NAMES:-base ent-vn ent-vn-oe}"
 for seed in "${SEEDS[@]}"; do
-    for name in base ent-vn ent-vn-oe; do
+    for name in "${NAMES[@]}"; do
         run="runs/prance-v2/$name-s$seed-n$IMAGES"
         read -r -a extra <<< "${SETTINGS[$name]}"
         OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m leanvit train-selector \
