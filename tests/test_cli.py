@@ -201,3 +201,12 @@ def test_a_config_field_shadows_a_nested_one_of_the_same_name():
     add_config_args(p, Outer)  # no argparse conflict
     cfg = config_from(Outer, p.parse_args(["--entropy-coef", "0.5", "--clip", "0.3"]))
     assert cfg.entropy_coef == 0.5 and cfg.inner == Inner(entropy_coef=0.0, clip=0.3)
+
+
+def test_train_selector_and_train_policy_keep_ppo_epochs():
+    """--ppo-epochs (PPO's epochs) is not shadowed by the trainings' own --epochs."""
+    from leanvit.cli import build_parser
+    p = build_parser()
+    for cmd in ("train-selector", "train-policy"):
+        args = p.parse_args([cmd, "--model", "m", "--out", "o", "--ppo-epochs", "10", "--epochs", "2"])
+        assert args.ppo_epochs == 10 and args.epochs == 2
