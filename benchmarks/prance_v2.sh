@@ -12,30 +12,7 @@
 # met by calibration (train_prance.py). SEEDS="0 1 2" STEPS_IMAGES=6400 bash benchmarks/prance_v2.sh:
 # the 3-seed long version; NAMES="base ent-vn-k10": other settings. 2 torchrun CPU processes; run under flock /work/main/.cpu.lock.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
-read -r -a SEEDS <<< "${SEEDS:-0}"
-IMAGES="${STEPS_IMAGES:-2560}"
-OUT=benchmarks/results/prance_v2
-mkdir -p "$OUT"
-declare -A SETTINGS=(
-    [base]="--entropy-coef 0"
-    [ent-vn]="--entropy-coef 0.01 --value-norm"
-    [ent-vn-oe]="--entropy-coef 0.01 --value-norm --option-entropy 0.1"
-    [ent-vn-k10]="--entropy-coef 0.01 --value-norm --ppo-epochs 10"
-)
-read -r -a NAMES <<< "${NAMES:-base ent-vn ent-vn-oe}"
-for seed in "${SEEDS[@]}"; do
-    for name in "${NAMES[@]}"; do
-        run="runs/prance-v2/$name-s$seed-n$IMAGES"
-        read -r -a extra <<< "${SETTINGS[$name]}"
-        OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m leanvit train-selector \
-            --model cifar10_vit12_w128_prance --data "$DATA" --opt strategy=prune --out "$run" \
-            --budget 0.5 --epochs 1 --max-epochs 1 --batch-size 64 --limit-train "$IMAGES" --limit-eval 512 \
-            --workers 1 --lr-actor 1e-3 --seed "$seed" "${extra[@]}"
-        cp "$run/metrics.json" "$OUT/$name-s$seed-n$IMAGES.json"
-    done
-done
+summarize() {  # benchmarks/results/prance_v2/summary.json: the final (held-out) record of every run so far
 python - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
@@ -52,3 +29,29 @@ for name, r in rows.items():
     print(f"{name:24s} top1 {r['top1']:.2f}  agree {r['agreement']:.2f}  KL {r['kl_to_dense']:.4f}  "
           f"GMACs {r['gmacs_ratio']:.3f}  configs/32 {r['configs_per_32']:.1f}  steps {r['steps']}")
 PY
+}
+cd "$(dirname "$0")/.."
+DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
+read -r -a SEEDS <<< "${SEEDS:-0}"
+IMAGES="${STEPS_IMAGES:-2560}"
+OUT=benchmarks/results/prance_v2
+mkdir -p "$OUT"
+declare -A SETTINGS=(
+    [base]="--entropy-coef 0"
+    [ent-vn]="--entropy-coef 0.01 --value-norm"
+    [ent-vn-oe]="--entropy-coef 0.01 --value-norm --option-entropy 0.1"
+    [ent-vn-k10]="--entropy-coef 0.01 --value-norm --ppo-epochs 10"
+)
+read -r -a NAMES <<< "${NAMES:-base ent-vn-oe ent-vn}"
+for seed in "${SEEDS[@]}"; do
+    for name in "${NAMES[@]}"; do
+        run="runs/prance-v2/$name-s$seed-n$IMAGES"
+        read -r -a extra <<< "${SETTINGS[$name]}"
+        OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m leanvit train-selector \
+            --model cifar10_vit12_w128_prance --data "$DATA" --opt strategy=prune --out "$run" \
+            --budget 0.5 --epochs 1 --max-epochs 1 --batch-size 64 --limit-train "$IMAGES" --limit-eval 512 \
+            --workers 1 --lr-actor 1e-3 --seed "$seed" "${extra[@]}"
+        cp "$run/metrics.json" "$OUT/$name-s$seed-n$IMAGES.json"
+        summarize
+    done
+done
