@@ -337,7 +337,7 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
 
     def restore(ckpt):
         nonlocal cost_weight, control, value_norm
-        if value_norm is not None:
+        if value_norm is not None and ckpt.get("value_norm"):
             value_norm = ValueNorm(**ckpt["value_norm"])
         method.load_state_dict(ckpt["selector"])
         opt_actor.load_state_dict(ckpt["opt_actor"])
