@@ -178,3 +178,35 @@ def test_crafted_checkpoint_stays_inert(tmp_path, capsys):
     assert code == 2 and "cannot read checkpoint" in err and "weights_only=True" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not marker.exists()
+
+
+def test_a_config_field_shadows_a_nested_one_of_the_same_name():
+    """--entropy-coef of train-selector is the selector's own field, even if PPO's becomes an option."""
+    import argparse
+    from dataclasses import dataclass, field
+    from leanvit.cli import add_config_args, config_from
+    from leanvit.options import arg, nonnegative
+
+    @dataclass
+    class Inner:
+        entropy_coef: float = arg(0.0, nonnegative)
+        clip: float = arg(0.2, nonnegative)
+
+    @dataclass
+    class Outer:
+        entropy_coef: float = arg(0.01, nonnegative)
+        inner: Inner = field(default_factory=Inner)
+
+    p = argparse.ArgumentParser()
+    add_config_args(p, Outer)  # no argparse conflict
+    cfg = config_from(Outer, p.parse_args(["--entropy-coef", "0.5", "--clip", "0.3"]))
+    assert cfg.entropy_coef == 0.5 and cfg.inner == Inner(entropy_coef=0.0, clip=0.3)
+
+
+def test_train_selector_and_train_policy_keep_ppo_epochs():
+    """--ppo-epochs (PPO's epochs) is not shadowed by the trainings' own --epochs."""
+    from leanvit.cli import build_parser
+    p = build_parser()
+    for cmd in ("train-selector", "train-policy"):
+        args = p.parse_args([cmd, "--model", "m", "--out", "o", "--ppo-epochs", "10", "--epochs", "2"])
+        assert args.ppo_epochs == 10 and args.epochs == 2

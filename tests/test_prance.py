@@ -1,5 +1,6 @@
 """PRANCE: elastic meta-network, per-image bucketed execution, Result-to-Go rewards, budget control."""
 import copy
+import math
 import json
 import os
 import shutil
@@ -358,3 +359,207 @@ def test_joint_finetuning_under_a_frozen_selector(tmp_path):
         torch.testing.assert_close(after[k], v)
     moved = load_file(str(tmp_path / "ft" / "final.safetensors"))
     assert not torch.equal(moved["blocks.5.mlp.fc1.weight"], model.state_dict()["blocks.5.mlp.fc1.weight"])
+
+
+@pytest.mark.parametrize("widths", ["per-stage", "uniform"])
+def test_sandwich_random_subnetworks_mix_widths_per_stage_or_not(widths):
+    """The random sandwich sub-networks run other widths in different stages ('per-stage', the mixes
+    the selector picks) or one width everywhere ('uniform'), as the trace of their forwards shows."""
+    from types import SimpleNamespace
+    from leanvit.train_prance import sandwich_step
+    runner = leanvit.adapt(small_vit(sharp=3.0), "prance")
+    method, bounds = runner.method, runner.method.bounds
+    cfg = SimpleNamespace(seed=0, sandwich=6, label_smoothing=0.0, distill=0.0, sandwich_widths=widths)
+    batch = SimpleNamespace(images=images(2), labels=torch.tensor([0, 1]))
+    runs = []
+
+    def net(x):
+        with runner.tracing() as trace:
+            y = runner(x)
+        # per later stage: the (heads, hidden) its blocks ran with
+        def first(w):
+            return None if w is None else int(w[0])
+        runs.append([{(first(rec["heads"]), first(rec["hidden"])) for rec in trace
+                      if bounds[k] <= rec["layer"] < bounds[k + 1]} for k in range(1, len(bounds) - 1)])
+        return y
+    for step in range(3):
+        sandwich_step(net, method, batch, cfg, None, step)
+    random_runs = [r for i, r in enumerate(runs) if i % (cfg.sandwich + 1) > 1]  # not the largest, smallest
+    assert len(random_runs) == 3 * (cfg.sandwich - 1)
+    assert all(len(stage) == 1 for r in random_runs for stage in r)  # one width per stage
+    mixed = [len({next(iter(stage)) for stage in r}) > 1 for r in random_runs]
+    assert any(mixed) if widths == "per-stage" else not any(mixed)
+    assert isinstance(method.fixed, StageChoice)  # left at the largest
+
+
+def test_random_subnetwork_per_stage_draws_heads_and_mlp_independently():
+    method = leanvit.adapt(small_vit(), "prance").method
+    g = torch.Generator().manual_seed(0)
+    draws = [method.random_subnetwork(g, per_stage=True) for _ in range(50)]
+    assert all(len(d) == method.n_stages - 1 for d in draws)
+    per_stage = {c for d in draws for c in d}
+    assert {c.heads for c in per_stage} == set(method.head_options)
+    assert {c.hidden for c in per_stage} == set(method.mlp_options)
+    assert len({(c.heads, c.hidden) for c in per_stage}) > len(method.head_options)  # not tied to each other
+
+
+# --- selector PPO: entropy bonus, value normalisation, option-count regularisation -------------------
+def _rollout(f, n=16, seed=0):
+    m = f.method
+    m.sampling = True
+    with torch.no_grad():
+        f(images(n, seed=seed))
+    m.sampling = False
+    labels = torch.arange(n) % 10
+    ro = rollout_tensors(m.rollout, n, m.n_stages, m.dense_block_macs(f), labels)
+    rewards = stage_rewards(ro["correct"], torch.ones(n, dtype=torch.bool), ro["macs_ratio"], ro["kept"], 0.5, 0.25)
+    return ro, rewards
+
+
+def _update(f, ro, rewards, **kw):
+    from leanvit.rl import PPOConfig
+    from leanvit.train_prance import ppo_update
+    sel = copy.deepcopy(f.method.selector)
+    ppo = PPOConfig(gamma=0.9, lam=0.9, epochs=kw.pop("epochs", 4), lr_actor=1e-2, lr_critic=5e-3,
+                    entropy_coef=kw.pop("entropy_coef", 0.0))
+    opt_a = torch.optim.Adam([*sel.actor.parameters(), sel.log_std], lr=ppo.lr_actor)
+    opt_c = torch.optim.Adam(sel.critic.parameters(), lr=ppo.lr_critic)
+    losses = ppo_update(sel, ro, rewards, ppo, opt_a, opt_c, bins=f.method.action_bins(), **kw)
+    return sel, losses
+
+
+def test_entropy_bonus_widens_the_action_distribution():
+    f = spread(leanvit.adapt(small_vit(sharp=3.0), "prance", strategy="prune"))
+    ro, rewards = _rollout(f)
+    plain, _ = _update(f, ro, rewards)
+    bonus, losses = _update(f, ro, rewards, entropy_coef=1.0)
+    assert (bonus.log_std > plain.log_std).all()
+    assert "entropy" in losses
+    assert SelectorConfig(model="m", out="o").entropy_coef == 0.01  # the authors' and MAPPO's
+
+
+def test_value_norm_tracks_the_returns_exactly():
+    from leanvit.rl import ValueNorm
+    norm, parts = ValueNorm(), [torch.randn(7, 3) * 4 + 2, torch.randn(5) * 0.5 - 1, torch.randn(11) + 3]
+    for p in parts:
+        norm.update(p)
+    every = torch.cat([p.flatten() for p in parts]).double()
+    assert float(norm.count) == every.numel()
+    assert float(norm.mean) == pytest.approx(float(every.mean()), rel=1e-9)
+    assert float(norm.var) == pytest.approx(float(every.var(unbiased=False)), rel=1e-9)
+    x = torch.randn(4)
+    torch.testing.assert_close(norm.denormalize(norm.normalize(x)), x)
+
+    f = spread(leanvit.adapt(small_vit(sharp=3.0), "prance", strategy="prune"))
+    ro, rewards = _rollout(f)
+    vn = ValueNorm()
+    _update(f, ro, rewards + 100.0, value_norm=vn)  # returns far from the critic's start near 0
+    assert float(vn.count) == rewards.numel() and float(vn.mean) > 100  # the critic learns (value - mean) / std instead
+
+
+def test_choice_marginal_entropy_counts_how_the_batch_spreads_over_options():
+    from leanvit.train_prance import choice_marginal_entropy
+    Normal = torch.distributions.Normal
+    same = Normal(torch.full((1, 8, 1), 0.3), torch.full((1, 8, 1), 1e-3))
+    spread_out = Normal(((torch.arange(8.0) + 0.5) / 8).reshape(1, 8, 1), torch.full((1, 8, 1), 1e-3))
+    assert float(choice_marginal_entropy(same, (8,))) == pytest.approx(0.0, abs=1e-6)
+    assert float(choice_marginal_entropy(spread_out, (8,))) == pytest.approx(math.log(8), rel=1e-4)
+    # a wide Gaussian spreads even one image over the options; the end options take the tails
+    wide = Normal(torch.full((1, 1, 1), 0.5), torch.full((1, 1, 1), 10.0))
+    assert 0.9 * math.log(2) < float(choice_marginal_entropy(wide, (2,))) <= math.log(2) + 1e-6
+
+
+def test_option_entropy_term_leaves_fewer_distinct_configurations():
+    """The regularised update lowers the batch's marginal choice entropy below the plain update's, and
+    the greedy selector then runs fewer distinct configurations on the batch."""
+    from leanvit.train_prance import choice_marginal_entropy, image_configurations
+    f = spread(leanvit.adapt(small_vit(sharp=3.0), "prance", strategy="prune"))
+    ro, rewards = _rollout(f, n=24)
+    bins = f.method.action_bins()
+    assert bins == (len(f.method.head_options), len(f.method.mlp_options), 8)
+    results = {}
+    for coef in (0.0, 1.0):
+        sel, losses = _update(f, ro, rewards, option_entropy=coef)
+        assert ("option_entropy" in losses) == bool(coef)
+        with torch.no_grad():
+            h = float(choice_marginal_entropy(sel.distribution(ro["features"]), bins))
+        g = copy.deepcopy(f)
+        g.method.selector = sel
+        with torch.no_grad(), g.tracing() as trace:
+            g(images(24, seed=0))
+        results[coef] = (h, len(set(image_configurations(trace, 24))))
+    assert results[1.0][0] < results[0.0][0] - 0.05
+    assert results[1.0][1] < results[0.0][1]
+
+
+def test_configurations_per_image_from_the_trace():
+    from leanvit.train_prance import image_configurations
+    f = spread(leanvit.adapt(small_vit(sharp=3.0), "prance", strategy="prune"))
+    x = images(6, seed=3)
+    with torch.no_grad(), f.tracing() as trace:
+        f(torch.cat([x, x[:2]]))
+    keys = image_configurations(trace, 8)
+    assert keys[6:] == keys[:2] and len(set(keys[:6])) > 1 and len(keys[0]) == 12
+    f.method.fixed = StageChoice(heads=2, hidden=128, keep=0.5)
+    with torch.no_grad(), f.tracing() as trace:
+        f(x)
+    assert len(set(image_configurations(trace, 6))) == 1
+
+
+# --- selector state: the keys of the last block --------------------------------------------------
+def test_keys_state_is_the_mean_key_of_the_block_before_each_stage(monkeypatch):
+    m = small_vit(sharp=3.0)
+    f = spread(leanvit.adapt(m, "prance", strategy="prune", state="keys"))
+    method = f.method
+    assert method.selector.actor[0].in_features == 64 + method.n_stages  # C + stage one-hot + left
+    x = images(3)
+    seen = {}
+    features = method.features
+    monkeypatch.setattr(method, "features", lambda state, k: seen.setdefault(k, state.plan["keys"]) is None
+                        or features(state, k))
+    with torch.no_grad():
+        f(x)
+    # stage 0 runs dense: the keys before stage 1 are those of timm's block bounds[1] - 1
+    last = method.bounds[1] - 1
+    inputs = {}
+    hook = m.blocks[last].register_forward_pre_hook(lambda mod, args: inputs.setdefault("x", args[0]))
+    with torch.no_grad():
+        m(x)
+        hook.remove()
+        C = m.embed_dim
+        k = m.blocks[last].attn.qkv(m.blocks[last].norm1(inputs["x"]))[..., C:2 * C]
+    torch.testing.assert_close(seen[1], k.mean(dim=1), rtol=1e-4, atol=1e-5)
+    assert set(seen) == set(range(1, method.n_stages))
+
+
+def test_keys_state_packed_batch_equals_one_image_at_a_time(tmp_path):
+    from leanvit.training import export_weights
+    f = spread(leanvit.adapt(small_vit(sharp=3.0), "prance", strategy="prune", state="keys"))
+    x = images(6, seed=3)
+    with torch.inference_mode(), f.tracing() as trace:
+        batched = f(x)
+    assert len(set(image_configurations_of(trace, 6))) > 1
+    alone = torch.cat([f(x[i:i + 1]) for i in range(x.shape[0])])
+    torch.testing.assert_close(batched, alone, rtol=0, atol=1e-5)
+    # the selector's weights remember the state they were trained with
+    path = tmp_path / "selector.safetensors"
+    export_weights(f.method, path, metadata=f.method.options_metadata())
+    g = leanvit.adapt(small_vit(sharp=3.0), "prance", weights=str(path))
+    assert g.method.state_kind == "keys"
+    torch.testing.assert_close(g(x), batched, rtol=0, atol=1e-5)
+    with pytest.raises(leanvit.OptionError, match="state=keys"):
+        leanvit.adapt(small_vit(), "prance", weights=str(path), state="summary")
+    with pytest.raises(leanvit.OptionError, match="state must be one of"):
+        leanvit.adapt(small_vit(), "prance", state="values")
+
+
+def image_configurations_of(trace, batch):
+    from leanvit.train_prance import image_configurations
+    return image_configurations(trace, batch)
+
+
+def test_selector_state_option_and_its_conflict(tmp_path):
+    cfg = SelectorConfig(model="vit12_convstem_w96_cifar", out=str(tmp_path), options=dict(state="summary"),
+                         state="keys")
+    with pytest.raises(ValueError, match="--state keys and --opt state=summary disagree"):
+        train_selector(cfg, log=lambda s: None)

@@ -424,15 +424,23 @@ def _field_default(f):
 def add_config_args(p, config, skip=()) -> None:
     """An option for every :func:`~leanvit.options.arg` field of the ``config`` dataclass but
     ``skip``, and of the configurations it holds (PPO's), with the field's default, check and help;
-    a nested field's value goes to ``<field>_<name>``."""
+    a nested field's value goes to ``<field>_<name>``. A field of ``config`` itself shadows a nested
+    one with the same option (the selector's ``--entropy-coef`` over PPO's)."""
+    own = {_flag(f, _field_default(f)) for f in fields(config) if "arg" in f.metadata}
     for f in fields(config):
         default = _field_default(f)
         if is_dataclass(default):
             for g in fields(default):
-                if "arg" in g.metadata:
+                if "arg" in g.metadata and _flag(g, getattr(default, g.name)) not in own:
                     _add_field(p, g, getattr(default, g.name), dest=f"{f.name}_{g.name}")
         elif "arg" in f.metadata and f.name not in skip:
             _add_field(p, f, default, dest=f.name)
+
+
+def _flag(f, default) -> str:
+    """The option of a field: ``--<name>``, ``--no-<name>`` for a switch that defaults to True, or its flag."""
+    name = f.name.replace("_", "-")
+    return f.metadata["arg"]["flag"] or (f"--no-{name}" if default is True else f"--{name}")
 
 
 def _add_field(p, f, default, dest: str) -> None:
@@ -529,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="Re-running the same command resumes from OUT/last.pt. " + EPILOG)
     _add_model_args(p)
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
-    add_config_args(p, TrainConfig, skip={"sandwich", "reorder"})
+    add_config_args(p, TrainConfig, skip={"sandwich", "sandwich_widths", "reorder"})
     _add_restart(p)
     _add_device_args(p)
     p.set_defaults(func=cmd_train)

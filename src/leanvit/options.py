@@ -117,6 +117,16 @@ unit = _bounded(float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
 below_one = _bounded(float, "a number in [0, 1)", lambda v: 0 <= v < 1)
 
 
+def one_of(*names: str):
+    """An argparse ``type=`` that accepts one of ``names``."""
+    def parse(text: str) -> str:
+        if text not in names:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(names)}, got {text!r}")
+        return text
+    parse.__name__ = "one of " + ", ".join(names)
+    return parse
+
+
 def path(text: str) -> str:
     """A path option: an empty one would mean the current directory (``--out ""`` trained into it)."""
     if not text.strip():

@@ -81,33 +81,36 @@ def _mean(t: Tensor, weight: Optional[Tensor]) -> Tensor:
 
 
 class ValueNorm(nn.Module):
-    """MAPPO's value normalisation: a running mean and variance of the returns (debiased exponential
-    averages, ``beta`` close to 1: nearly the mean over all returns seen). The critic predicts
-    normalised returns; ``denormalize`` turns its outputs into returns for GAE, ``normalize`` turns
-    the returns into its targets. With rewards of different scales (alpha moved by a controller),
-    the critic's targets stay of unit size."""
+    """MAPPO's value normalisation: the critic predicts returns normalised by the mean and standard
+    deviation of every return seen so far (exact running moments, batches combined as Chan et al.;
+    MAPPO's debiased average with beta = 0.99999 is nearly the same). With rewards whose scale moves
+    (alpha or a cost weight under a budget controller) the critic's targets stay of unit size.
+    ``total`` sums a list of floats over the processes (``training.all_sum`` under torchrun), so every
+    replica keeps the same statistics. The statistics are buffers: they go into ``state_dict``."""
 
-    def __init__(self, beta: float = 0.99999, eps: float = 1e-5):
+    def __init__(self, total: Optional[Callable[[list], list]] = None, min_var: float = 1e-2):
         super().__init__()
-        self.beta, self.eps = beta, eps
-        for name in ("running_mean", "running_mean_sq", "debiasing_term"):
-            self.register_buffer(name, torch.zeros((), dtype=torch.float64))
+        self.total, self.min_var = total or (lambda xs: xs), min_var  # MAPPO's floor on the variance
+        for name, value in (("mean", 0.0), ("var", 1.0), ("count", 0.0)):
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float64))
 
     def update(self, x: Tensor, weight: Optional[Tensor] = None) -> None:
+        """Add the returns ``x`` (``weight`` 0 masks what is not an agent's step)."""
         x = x.detach().double()
         w = torch.ones_like(x) if weight is None else weight.detach().double().expand_as(x)
-        n = w.sum().clamp_min(1e-8)
-        mean, mean_sq = (x * w).sum() / n, (x * x * w).sum() / n
-        b = self.beta
-        self.running_mean.mul_(b).add_((1 - b) * mean)
-        self.running_mean_sq.mul_(b).add_((1 - b) * mean_sq)
-        self.debiasing_term.mul_(b).add_(1 - b)
+        n, total, squares = self.total([float(w.sum()), float((x * w).sum()), float((x * x * w).sum())])
+        if n <= 0:
+            return
+        mean = total / n
+        var = max(squares / n - mean ** 2, 0.0)
+        count, new = float(self.count), float(self.count) + n
+        delta = mean - float(self.mean)
+        self.var.fill_((count * float(self.var) + n * var + delta ** 2 * count * n / new) / new)
+        self.mean.fill_(float(self.mean) + delta * n / new)
+        self.count.fill_(new)
 
     def stats(self):
-        d = self.debiasing_term.clamp_min(self.eps)
-        mean = self.running_mean / d
-        var = (self.running_mean_sq / d - mean ** 2).clamp_min(1e-2)  # MAPPO's floor
-        return mean, var.sqrt()
+        return self.mean, self.var.clamp_min(self.min_var).sqrt()
 
     def normalize(self, x: Tensor) -> Tensor:
         mean, std = self.stats()

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from .data import DATA_HELP
-from .options import arg, below_one, natural, nonnegative, path, positive, positive_int
+from .options import arg, below_one, natural, nonnegative, one_of, path, positive, positive_int
 from .train_prance import MetaNetwork
 from .training import Run, Supervised, export_weights, fit, lr_at
 
@@ -59,6 +59,10 @@ class TrainConfig:
     # PRANCE meta-network training (method "prance"): every step trains the largest sub-network
     # on the labels, then the smallest and ``sandwich - 1`` random ones on its predictions
     sandwich: int = arg(0, natural, "sub-networks per step besides the largest: the smallest, then random ones")
+    sandwich_widths: str = arg("per-stage", one_of("per-stage", "uniform"), (
+        "the random sub-networks' widths: 'per-stage' (default) draws the heads and the MLP width of every "
+        "stage independently, the mixes the selector picks; 'uniform': one draw shared by all stages "
+        "(before 2026-12-02)"))
     reorder: bool = arg(True)  # with sandwich, from a fresh start: heads and neurons by importance first
     device: Optional[str] = None  # --device (leanvit.device.select_device; None: cuda when available)
     amp: str = "off"  # --amp: off or bf16 autocast

@@ -241,7 +241,7 @@ def train_policy(cfg: PolicyConfig, log: Callable[[str], None] = print) -> dict:
     if cfg.init == "orthogonal" and not method.weights:  # not over given weights; a resume loads its own over these
         orthogonal_init(method.actor, 0.01)
         orthogonal_init(method.critic, 1.0)
-    value_norm = ValueNorm().to(run.device) if cfg.value_norm else None
+    value_norm = ValueNorm(total=all_sum).to(run.device) if cfg.value_norm else None
     opt_actor = torch.optim.Adam(method.actor.parameters(), lr=cfg.ppo.lr_actor)
     opt_critic = torch.optim.Adam(method.critic.parameters(), lr=cfg.ppo.lr_critic)
     opt_vit = torch.optim.AdamW(model.parameters(), lr=cfg.lr_vit, weight_decay=0.05)

@@ -28,22 +28,29 @@ the policy swings around it (Adam moves it at a constant speed), so the final gr
 end outside the tolerance. Then it is calibrated (``calibrate``, on by default): a shift of the
 actor's output before the sigmoid moves every action the same way (wider stages, more tokens), and
 bisection over that shift on the evaluation images brings the mean GMACs to the budget.
+
+PPO as the authors (and MAPPO) run it where it is known to matter: an entropy bonus of 0.01
+(``entropy_coef``), and optionally the critic on normalised returns (``value_norm``); K = 4 PPO
+epochs per batch by default (the authors' 10 with ``--ppo-epochs 10``). ``option_entropy`` adds
+option-count regularisation (:func:`choice_marginal_entropy`).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Callable, List, Optional
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .evaluate import kl_per_image
 from .measure import count_macs
-from .options import arg, nonnegative, positive, positive_int
-from .rl import BudgetController, PPOConfig, calibrate, clipped_policy_loss, clipped_value_loss, gae
+from .methods.prance import SELECTOR_STATES
+from .options import arg, nonnegative, one_of, positive, positive_int
+from .rl import BudgetController, PPOConfig, ValueNorm, calibrate, clipped_policy_loss, clipped_value_loss, gae
 from .runtime import adapt
 from .train_policy import PolicyRun, _average_grads, evaluate_policy, greedy_macs_ratio
-from .training import Run, Supervised, distill_loss, evaluate_top1, export_weights, fit
+from .training import Run, Supervised, all_sum, batches_on, distill_loss, evaluate_top1, export_weights, fit
 
 
 # --- the meta-network ---------------------------------------------------------------------------
@@ -83,7 +90,9 @@ class MetaNetwork(Supervised):
 
 def sandwich_step(net, method, batch, cfg, teacher, step: int) -> Tensor:
     """Backward the largest sub-network (labels, and the teacher if distilling), then the smallest
-    and ``cfg.sandwich - 1`` random ones (KL to the largest's predictions). Returns the summed loss."""
+    and ``cfg.sandwich - 1`` random ones (KL to the largest's predictions). Returns the summed loss.
+    The random ones' heads and MLP widths are drawn per stage (``cfg.sandwich_widths``
+    'per-stage'), since the selector mixes widths across stages, or shared by all stages ('uniform')."""
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # the same sub-networks on resume
     method.fixed = method.subnetwork("largest")
     logits = net(batch.images)
@@ -94,7 +103,8 @@ def sandwich_step(net, method, batch, cfg, teacher, step: int) -> Tensor:
     target = F.log_softmax(logits.detach(), dim=-1)
     total = loss.detach()
     for i in range(cfg.sandwich):
-        method.fixed = method.subnetwork("smallest") if i == 0 else method.random_subnetwork(gen)
+        method.fixed = method.subnetwork("smallest") if i == 0 else method.random_subnetwork(
+            gen, per_stage=cfg.sandwich_widths == "per-stage")
         sub = F.kl_div(F.log_softmax(net(batch.images), dim=-1), target, reduction="batchmean", log_target=True)
         sub.backward()
         total = total + sub.detach()
@@ -134,8 +144,27 @@ class SelectorConfig(PolicyRun):
     calibrate: bool = arg(True, help="with --budget: do not shift the final selector's actions to meet a missed "
                           "budget")
     epochs: int = arg(1, positive_int)
+    # K = 4 PPO epochs by default (--ppo-epochs; the authors use 10)
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(gamma=0.9, lam=0.9, epochs=4, lr_actor=1e-4,
                                                              lr_critic=5e-3))
+    # PPO's entropy bonus (the authors' and MAPPO's 0.01); overrides the ppo field's
+    entropy_coef: float = arg(0.01, nonnegative, "weight of the entropy bonus of the selector's action "
+                              "distribution in the actor's loss (the authors' and MAPPO's 0.01; 0: none, as "
+                              "before 2026-12-02)")
+    value_norm: bool = arg(False, help="normalise the critic's targets by the running mean and standard "
+                           "deviation of the returns seen so far (MAPPO's value normalisation)")
+    option_entropy: float = arg(0.0, nonnegative, (
+        "option-count regularisation: weight, in the actor's loss, of the entropy of the batch's marginal "
+        "distribution of each stage's discrete choices (heads, MLP width, keep ratio: the probability each "
+        "image's action distribution gives each option, averaged over the batch; mean over stages and "
+        "action dimensions, in nats). Lowering it makes the images of a batch share choices: fewer distinct "
+        "configurations (fewer width groups and token counts in packed execution, hence faster). 0 "
+        "(default): off"))
+    # the selector's state (prance's option 'state'): [CLS ; mean patch ; ...] or the keys' mean
+    state: Optional[str] = arg(None, one_of(*SELECTOR_STATES), (
+        "the selector's view of the tokens before a stage (prance option state=): 'summary' [CLS ; mean patch "
+        "; stage ; patches left] (default), or 'keys' [per-token mean of the last block's attention keys ; "
+        "stage ; patches left] (the authors' state, plus the stage and count)"))
 
 
 def stage_rewards(correct: Tensor, dense_correct: Tensor, macs_ratio: Tensor, kept: Tensor,
@@ -167,22 +196,53 @@ def rollout_tensors(rollout: List[dict], batch: int, stages: int, dense_macs: fl
     return out
 
 
-def ppo_update(selector, ro: dict, rewards: Tensor, cfg: PPOConfig, opt_actor, opt_critic, world: int = 1) -> dict:
-    """K PPO iterations on one batch of image trajectories (one agent per image)."""
+def choice_marginal_entropy(dist: torch.distributions.Normal, bins: Tuple[int, ...]) -> Tensor:
+    """Mean over the decision steps and action dimensions of the entropy (nats) of the batch's
+    marginal distribution of the discrete choice: action a in dimension j picks option
+    floor(a * bins[j]) (clamped into range, as ``Prance.to_choices``), so image i picks option o with
+    probability P_io = Phi((o+1)/n) - Phi(o/n) under its Gaussian (the end options take the tails);
+    the marginal is P averaged over the batch. loc, scale: (..., B, A)."""
+    out = []
+    for j, n in enumerate(bins):
+        mean, std = dist.loc[..., j], dist.scale[..., j]
+        edges = torch.arange(1, n, device=mean.device, dtype=mean.dtype) / n
+        cdf = torch.special.ndtr((edges - mean[..., None]) / std[..., None])  # (..., B, n - 1)
+        cdf = torch.cat([torch.zeros_like(cdf[..., :1]), cdf, torch.ones_like(cdf[..., :1])], dim=-1)
+        marginal = (cdf[..., 1:] - cdf[..., :-1]).mean(dim=-2)  # (..., n): over the batch
+        out.append(-(marginal * marginal.clamp_min(1e-12).log()).sum(-1).mean())
+    return torch.stack(out).mean()
+
+
+def ppo_update(selector, ro: dict, rewards: Tensor, cfg: PPOConfig, opt_actor, opt_critic, world: int = 1,
+               value_norm: Optional[ValueNorm] = None, option_entropy: float = 0.0,
+               bins: Tuple[int, ...] = ()) -> dict:
+    """K PPO iterations on one batch of image trajectories (one agent per image). With
+    ``value_norm`` the critic predicts normalised returns (the statistics updated on this batch's
+    first); with ``option_entropy`` the actor's loss adds that times :func:`choice_marginal_entropy`
+    over the action dimensions' ``bins``."""
     feats, actions = ro["features"], ro["actions"]
     with torch.no_grad():
-        values_old = selector.value(feats)
+        values_old = selector.value(feats)  # normalised when value_norm
+        raw = value_norm.denormalize(values_old) if value_norm is not None else values_old
         dones = torch.zeros_like(rewards, dtype=torch.bool)
         dones[-1] = True
-        adv, returns = gae(rewards, values_old, dones, gamma=cfg.gamma, lam=cfg.lam)
+        adv, returns = gae(rewards, raw, dones, gamma=cfg.gamma, lam=cfg.lam)
         adv = (adv - adv.mean()) / adv.std().clamp_min(1e-6)
+        if value_norm is not None:
+            value_norm.update(returns)
+            returns = value_norm.normalize(returns)
     actor_params = [*selector.actor.parameters(), selector.log_std]
+    spread = torch.zeros(())
     for _ in range(cfg.epochs):
         dist_new = selector.distribution(feats)
         pol = clipped_policy_loss(dist_new.log_prob(actions).sum(-1), ro["logp"], adv, cfg.clip)
         ent = dist_new.entropy().sum(-1).mean()
+        loss = pol - cfg.entropy_coef * ent
+        if option_entropy:
+            spread = choice_marginal_entropy(dist_new, bins)
+            loss = loss + option_entropy * spread
         opt_actor.zero_grad(set_to_none=True)
-        (pol - cfg.entropy_coef * ent).backward()
+        loss.backward()
         _average_grads(actor_params, world)
         torch.nn.utils.clip_grad_norm_(actor_params, cfg.max_grad_norm)
         opt_actor.step()
@@ -193,7 +253,8 @@ def ppo_update(selector, ro: dict, rewards: Tensor, cfg: PPOConfig, opt_actor, o
         _average_grads(selector.critic, world)
         torch.nn.utils.clip_grad_norm_(selector.critic.parameters(), cfg.max_grad_norm)
         opt_critic.step()
-    return dict(policy_loss=pol.item(), value_loss=vloss.item())
+    return dict(policy_loss=pol.item(), value_loss=vloss.item(), entropy=ent.item(),
+                **(dict(option_entropy=spread.item()) if option_entropy else {}))
 
 
 def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> dict:
@@ -201,11 +262,15 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
     cost weight is PI-controlled toward it (see the module doc)."""
     if cfg.budget is not None and not 0 < cfg.budget <= 1:
         raise ValueError(f"budget must be a fraction of the dense GMACs in (0, 1], got {cfg.budget}")
+    options = dict(cfg.options)
+    if cfg.state is not None:
+        if options.setdefault("state", cfg.state) != cfg.state:
+            raise ValueError(f"--state {cfg.state} and --opt state={options['state']} disagree; give one")
     from .models import create_model  # at call time: tests replace models.create_model
     run = Run(cfg, log)
     model = create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained).to(run.device)
     run.setup_data(model)
-    runner = adapt(model.eval(), "prance", **cfg.options)
+    runner = adapt(model.eval(), "prance", **options)
     dense = adapt(model, "none")
     method, selector = runner.method, runner.method.selector
     if method.fixed is not None:
@@ -218,8 +283,13 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
     control = BudgetController(cfg.budget, cfg.dual_lr, cfg.dual_p, integral=start) if cfg.budget else None
     cost_weight = start
 
+    ppo = replace(cfg.ppo, entropy_coef=cfg.entropy_coef)
+    value_norm = ValueNorm(total=all_sum).to(run.device) if cfg.value_norm else None
+
     def restore(ckpt):
         nonlocal cost_weight, control
+        if value_norm is not None and ckpt.get("value_norm"):
+            value_norm.load_state_dict(ckpt["value_norm"])
         method.load_state_dict(ckpt["selector"])
         opt_actor.load_state_dict(ckpt["opt_actor"])
         opt_critic.load_state_dict(ckpt["opt_critic"])
@@ -229,7 +299,8 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
 
     def state() -> dict:
         return dict(selector=method.state_dict(), opt_actor=opt_actor.state_dict(), opt_critic=opt_critic.state_dict(),
-                    cost_weight=cost_weight, control=asdict(control) if control is not None else None)
+                    cost_weight=cost_weight, control=asdict(control) if control is not None else None,
+                    value_norm=value_norm.state_dict() if value_norm is not None else None)
 
     def step(batch, i) -> dict:
         nonlocal cost_weight
@@ -240,7 +311,8 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
         ro = rollout_tensors(method.rollout, batch.images.shape[0], method.n_stages, dense_macs, batch.labels)
         rewards = stage_rewards(ro["correct"], dense_correct, ro["macs_ratio"], ro["kept"],
                                 cost_weight, cfg.token_weight)
-        losses = ppo_update(selector, ro, rewards, cfg.ppo, opt_actor, opt_critic, run.world)
+        losses = ppo_update(selector, ro, rewards, ppo, opt_actor, opt_critic, run.world, value_norm=value_norm,
+                            option_entropy=cfg.option_entropy, bins=method.action_bins())
         logged = dict(reward=float(rewards.sum(0).mean()), macs=float(ro["macs_ratio"][-1].mean()),
                       kept=float(ro["kept"][-1].mean()), acc=float(ro["correct"][-1].float().mean()),
                       **{k: f"{v:.3f}" for k, v in losses.items()})
@@ -253,6 +325,7 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
     def evaluate(epoch, sums, n) -> dict:
         ev = evaluate_policy(runner, run.eval_loader)
         ev["gmacs_ratio"] = ev["gmacs"] / dense_gmacs
+        ev.update(evaluate_fidelity(runner, dense, run.eval_loader))
         return dict(mean_return=sums["reward"] / n, rollout_macs_ratio=sums["macs"] / n,
                     rollout_kept=sums["kept"] / n, rollout_acc=100 * sums["acc"] / n, cost_weight=cost_weight,
                     **(dict(train_greedy_macs_ratio=sums["greedy"] / n) if cfg.budget else {}), **ev)
@@ -283,6 +356,7 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
         with torch.no_grad():
             bias.copy_(base + shift)
         ev = evaluate_policy(runner, run.eval_loader)
+        ev.update(evaluate_fidelity(runner, dense, run.eval_loader))
         run.log(f"calibrated the greedy selector for budget {cfg.budget}: actor output shifted by {shift:+.3f}")
         run.record(history[-1]["epoch"], dict(calibration_shift=shift, cost_weight=cost_weight, **ev,
                                               gmacs_ratio=ev["gmacs"] / dense_gmacs))
@@ -299,3 +373,40 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
 
 def _meets(ratio: float, cfg: SelectorConfig) -> bool:
     return abs(ratio / cfg.budget - 1) <= cfg.budget_tolerance
+
+
+def evaluate_fidelity(runner, dense, loader, group: int = 32) -> dict:
+    """The greedy selector against the dense model on ``loader`` (summed over processes):
+    ``agreement`` (% same top-1), ``kl_to_dense`` (mean KL(dense || selector), nats), and
+    ``configs_per_32``: the mean number of distinct configurations (per image: the heads, MLP
+    width and token count every block ran with) in consecutive groups of ``group`` images of
+    each batch (the last, smaller group of a batch included)."""
+    runner.eval()
+    runner.masked, runner.method.sampling = False, False
+    agree = kl = total = configs = groups = 0.0
+    with torch.inference_mode():
+        for batch in batches_on(loader, runner):
+            with runner.tracing() as trace:
+                logits = runner(batch.images)
+            ref = dense(batch.images)
+            agree += float((logits.argmax(1) == ref.argmax(1)).sum())
+            kl += float(kl_per_image(ref, logits).sum())
+            total += batch.images.shape[0]
+            keys = image_configurations(trace, batch.images.shape[0])
+            for lo in range(0, len(keys), group):
+                configs += len(set(keys[lo:lo + group]))
+                groups += 1
+    agree, kl, total, configs, groups = all_sum([agree, kl, total, configs, groups])
+    return dict(agreement=100 * agree / max(total, 1), kl_to_dense=kl / max(total, 1),
+                **{f"configs_per_{group}": configs / max(groups, 1)})
+
+
+def image_configurations(trace: List[dict], batch: int) -> List[tuple]:
+    """Per image, what every traced block ran with: (heads, MLP width, tokens) per block."""
+    def column(value):
+        if value is None or isinstance(value, (int, float)):
+            return [value] * batch
+        return [int(v) for v in value.tolist()]
+    per_block = [list(zip(column(r["heads"]), column(r["hidden"]), column(r["mlp_tokens"])))
+                 for r in trace if r.get("layer") is not None]  # not the decision networks' MACs
+    return [tuple(block[i] for block in per_block) for i in range(batch)]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -34,6 +34,8 @@ MLP_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 KEEP_RATIOS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 STRATEGIES = ("prune", "merge", "prune-merge", "none")
 SUBNETS = ("largest", "middle", "smallest")
+# the selector's state: [CLS ; mean patch ; stage ; left], or [mean key of the last block ; stage ; left]
+SELECTOR_STATES = ("summary", "keys")
 
 
 @dataclass(frozen=True)
@@ -77,16 +79,18 @@ class Prance(Reduction, nn.Module):
 
     name = "prance"
 
-    def __init__(self, strategy=None, channels=None, stages=4, weights=None, subnet=None):
+    def __init__(self, strategy=None, channels=None, stages=4, weights=None, subnet=None, state=None):
         nn.Module.__init__(self)
         # strategy and channels default to what the selector weights were trained with (else
         # prune, with channels): adapt(model, "prance", weights=NAME) needs nothing else
-        self.strategy_option, self.channels_option = strategy, channels
+        self.strategy_option, self.channels_option, self.state_option = strategy, channels, state
         self.weights, self.subnet = weights, subnet
         if subnet is not None and subnet not in SUBNETS:
             raise OptionError(f"prance: subnet must be one of {', '.join(SUBNETS)} (or unset for the selector), got {subnet!r}")
         self.n_stages = check_int("prance", "stages", stages, low=2)
-        self.fixed: Optional[StageChoice] = None  # every image and stage runs this (sub-network training)
+        # every image runs this (sub-network training): one choice for every stage, or a tuple of
+        # one per later stage (stage 0 always runs at full width)
+        self.fixed: Optional[Union[StageChoice, Tuple[StageChoice, ...]]] = None
         # selector training: sample actions and record a rollout in which, after each decision,
         # the network is finished at full width from there (Result-to-Go)
         self.sampling = False
@@ -105,12 +109,15 @@ class Prance(Reduction, nn.Module):
             raise OptionError(f"prance: channels must be true or false, got {channels!r}")
         if strategy == "none" and not channels:
             raise OptionError("prance: with strategy=none and channels=false there is nothing to decide")
-        self.strategy, self.channels = strategy, channels
+        state = self.state_option if self.state_option is not None else trained.get("state", "summary")
+        if state not in SELECTOR_STATES:
+            raise OptionError(f"prance: state must be one of {', '.join(SELECTOR_STATES)}, got {state!r}")
+        self.strategy, self.channels, self.state_kind = strategy, channels, state
         mine = self.options_metadata()
         diff = {k: v for k, v in trained.items() if k in mine and mine[k] != v}
         if diff:
             raise OptionError(f"prance: the selector {self.weights} was trained with "
-                              f"{' '.join(f'{k}={trained[k]}' for k in ('strategy', 'channels', 'stages') if k in trained)}; "
+                              f"{' '.join(f'{k}={trained[k]}' for k in ('strategy', 'channels', 'stages', 'state') if k in trained)}; "
                               f"pass those options (got {' '.join(f'{k}={mine[k]}' for k in diff)})")
 
     def _trained_options(self) -> Dict[str, str]:
@@ -136,7 +143,8 @@ class Prance(Reduction, nn.Module):
         self.mlp_options = _choices(MLP_FRACTIONS, info.mlp_hidden)
         self.full = StageChoice(info.num_heads, info.mlp_hidden)
         self.action_dim = (2 if self.channels else 0) + {"none": 0, "prune-merge": 2}.get(self.strategy, 1)
-        self.selector = Selector(2 * info.embed_dim + self.n_stages, self.action_dim)
+        state_dim = (2 if self.state_kind == "summary" else 1) * info.embed_dim
+        self.selector = Selector(state_dim + self.n_stages, self.action_dim)
         if self.weights:
             load_weights(self, self.weights, "selector weights")
         if self.subnet is not None:
@@ -145,7 +153,7 @@ class Prance(Reduction, nn.Module):
     def options_metadata(self) -> Dict[str, str]:
         """The options a selector is trained for, stored with its weights."""
         return dict(method=self.name, strategy=self.strategy, channels=str(self.channels).lower(),
-                    stages=str(self.n_stages))
+                    stages=str(self.n_stages), state=self.state_kind)
 
     def subnetwork(self, which: str) -> StageChoice:
         """The largest, middle or smallest channel configuration (all tokens kept)."""
@@ -153,13 +161,29 @@ class Prance(Reduction, nn.Module):
         pick = (lambda o: o[len(o) // 2 - 1 if len(o) > 1 else 0]) if i is None else (lambda o: o[i])
         return StageChoice(pick(self.head_options), pick(self.mlp_options))
 
-    def random_subnetwork(self, generator: torch.Generator) -> StageChoice:
+    def random_subnetwork(self, generator: torch.Generator, per_stage: bool = False):
+        """A random channel configuration (all tokens kept): heads and MLP width drawn independently;
+        with ``per_stage``, independently for every later stage too (a tuple of choices, as the
+        selector picks them), else one choice shared by all stages."""
         def pick(options):
             return options[int(torch.randint(len(options), (1,), generator=generator))]
-        return StageChoice(pick(self.head_options), pick(self.mlp_options))
+
+        def one():
+            return StageChoice(pick(self.head_options), pick(self.mlp_options))
+        return tuple(one() for _ in range(self.n_stages - 1)) if per_stage else one()
 
     def decision_layers(self):
-        return self.bounds[1:-1]  # tokens are reduced after the first attention of every later stage
+        # tokens are reduced after the first attention of every later stage; state=keys also reads
+        # the keys of the last block before each later stage
+        layers = set(self.bounds[1:-1])
+        if self.state_kind == "keys":
+            layers |= {b - 1 for b in self.bounds[1:-1]}
+        return sorted(layers)
+
+    def action_bins(self) -> Tuple[int, ...]:
+        """The number of options each action dimension picks from (in ``to_choices``' order)."""
+        return ((len(self.head_options), len(self.mlp_options)) if self.channels else ()) + \
+            {"none": (), "prune-merge": (len(KEEP_RATIOS),) * 2}.get(self.strategy, (len(KEEP_RATIOS),))
 
     def prepare_layers(self):
         return self.bounds[1:]  # before every later stage (choices), and before the head (depth)
@@ -173,17 +197,36 @@ class Prance(Reduction, nn.Module):
     # --- decisions -------------------------------------------------------------------------
     def features(self, state: TokenState, k: int) -> Tensor:
         """The selector's view of each image's tokens before stage ``k``: [CLS ; mean patch ;
-        stage one-hot ; fraction of the patches left] (no CLS token: the mean real token)."""
+        stage one-hot ; fraction of the patches left] (no CLS token: the mean real token); with
+        state=keys, [per-token mean of the last block's keys (``plan["keys"]``, see ``reduce``) ;
+        stage one-hot ; fraction left]."""
         x, p = state.x, state.n_prefix
         patches = state.counts() - p
+        stage = x.new_zeros(state.batch, self.n_stages - 1)
+        stage[:, k - 1] = 1.0
+        left = (patches / (self.info.n_tokens - p)).to(x.dtype)[:, None]
+        if self.state_kind == "keys":
+            return torch.cat([state.plan["keys"].to(x.dtype), stage, left], dim=1)
         if state.valid is None:
             mean = x[:, p:].mean(dim=1)
         else:
             mean = (x[:, p:] * state.valid[:, p:, None]).sum(dim=1) / patches[:, None]
-        stage = x.new_zeros(state.batch, self.n_stages - 1)
-        stage[:, k - 1] = 1.0
-        left = (patches / (self.info.n_tokens - p)).to(x.dtype)[:, None]
         return torch.cat([state.summary(self.info.has_cls), mean, stage, left], dim=1)
+
+    def mean_keys(self, state: TokenState, attn) -> Tensor:
+        """(B, H * d) the per-token mean of the attention keys over each image's real tokens, its
+        heads concatenated (zero for heads an image did not run)."""
+        k = attn.k  # (B, h, N, d), padding included
+        B, h, N, d = k.shape
+        if self.info.num_heads * d != self.info.embed_dim:
+            raise OptionError(f"prance: state=keys needs heads x head width = embedding width, got "
+                              f"{self.info.num_heads} x {d} != {self.info.embed_dim}")
+        if state.valid is None:
+            mean = k.mean(dim=2)
+        else:
+            w = state.valid[:, None, :N, None].to(k.dtype)
+            mean = (k * w).sum(dim=2) / state.counts().to(k.dtype)[:, None, None]
+        return torch.nn.functional.pad(mean.flatten(1), (0, (self.info.num_heads - h) * d))
 
     def to_choices(self, actions: Tensor) -> Dict[str, Tensor]:
         """(B, action_dim) actions in [0, 1] -> per image: heads, hidden (long), keep, merge (float64)."""
@@ -207,6 +250,7 @@ class Prance(Reduction, nn.Module):
         """Per-image choices for stage ``k`` (and, when sampling, what the rollout records)."""
         if self.fixed is not None:
             f, b, dev = self.fixed, state.batch, state.x.device
+            f = f[k - 1] if isinstance(f, tuple) else f
             return dict(heads=torch.full((b,), f.heads, device=dev), hidden=torch.full((b,), f.hidden, device=dev),
                         keep=torch.full((b,), f.keep, dtype=torch.float64, device=dev),
                         merge=torch.full((b,), f.merge, dtype=torch.float64, device=dev)), None
@@ -234,6 +278,14 @@ class Prance(Reduction, nn.Module):
         return state.replace(heads=choice["heads"], hidden=choice["hidden"], plan=plan)
 
     def reduce(self, layer, state, attn):
+        keys = self.mean_keys(state, attn) if self.state_kind == "keys" and layer + 1 in self.bounds[1:-1] else None
+        if layer in self.bounds[1:-1]:
+            state = self._reduce_tokens(state, attn)
+        if keys is not None:  # for the selector before the next stage (features), with the tokens
+            state = state.replace(plan={**(state.plan or {}), "keys": keys})
+        return state
+
+    def _reduce_tokens(self, state, attn):
         plan = state.plan
         if plan is None or self.strategy == "none" or bool((plan["keep"] >= 1.0).all() & (plan["merge"] >= 1.0).all()):
             return state
