@@ -46,8 +46,8 @@ def _sliced(linear: nn.Linear, kind: str, width: int, make) -> Tuple[Tensor, Opt
     """``make(linear) -> (weight, bias)`` sliced for ``width``, as contiguous tensors: a matmul with a
     strided or gathered weight costs 3-4x on CPU. Kept on the layer while its weights are unchanged
     (their version counters) and no gradient must flow into them (inference)."""
-    if torch.is_grad_enabled() and linear.weight.requires_grad:
-        return make(linear)
+    if torch.is_grad_enabled() and linear.weight.requires_grad or torch.compiler.is_compiling():
+        return make(linear)  # compiled or exported: the slice is part of the graph (no host-side cache)
     key = (kind, width)
     stamp = (linear.weight._version, linear.weight.data_ptr(), linear.weight.dtype, linear.weight.device,
              None if linear.bias is None else linear.bias._version)
