@@ -213,6 +213,12 @@ class Reduction(abc.ABC):
         result files use (PPT: ``prune_fraction_per_layer``); empty when there are none."""
         return {}
 
+    def why_not_static(self) -> Optional[str]:
+        """None if every forward of this method has the same shapes and no host synchronisation
+        (fixed token counts and widths: ``torch.compile(fullgraph=True)`` and ONNX export work);
+        else a one-line reason (per-image counts, host-side randomness, ...). Checked by export."""
+        return None
+
     def extra_loss(self) -> Optional[Tensor]:
         """A term a training with this method active adds to its loss, from the last training
         forward (DynamicViT's keep-ratio loss); None: nothing to add."""
