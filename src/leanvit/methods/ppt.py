@@ -51,6 +51,9 @@ class PPT(Reduction):
         prune = scores.var(dim=1, unbiased=True) >= self.threshold
         if not torch.compiler.is_exporting():  # an exported graph has no statistics to keep
             self._count(layer, prune)
+        if not state.compact:  # masked execution (training) cannot merge: it runs only if every image prunes
+            return keep_top(state, scores, state.n_patches - r) if bool(prune.all()) \
+                else merge_tokens(state, attn.key_mean, r)
         # both branches on every image, each image takes its own (one batch, no split, no sync)
         return choose(prune, keep_top(state, scores, state.n_patches - r), merge_tokens(state, attn.key_mean, r))
 
