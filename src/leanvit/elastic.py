@@ -66,9 +66,10 @@ def attention_projections(attn: nn.Module, h: Tensor, heads: Optional[int]) -> T
     if not isinstance(attn, Attention):
         raise ValueError(f"only timm's Attention can be sliced by heads, got {type(attn).__name__}")
 
-    def make(qkv):
-        rows = qkv_rows(attn, heads)
-        return qkv.weight[rows], None if qkv.bias is None else qkv.bias[rows]
+    def make(qkv):  # the rows of qkv_rows as three slices: a slice exports (and constant-folds) better than a gather
+        n = heads * attn.head_dim
+        w = qkv.weight.view(3, -1, qkv.in_features)[:, :n].reshape(3 * n, qkv.in_features)
+        return w, None if qkv.bias is None else qkv.bias.view(3, -1)[:, :n].reshape(3 * n)
     return F.linear(h, *_sliced(attn.qkv, "qkv", heads, make)), heads
 
 
