@@ -76,7 +76,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--table", action="store_true", help="print the markdown table")
+    p.add_argument("--from-json", type=Path, help="only print the table of this result file (no measurement)")
     args = p.parse_args(argv)
+    if args.from_json:
+        print(table(json.loads(args.from_json.read_text())))
+        return 0
 
     import timm
     from leanvit import adapt
