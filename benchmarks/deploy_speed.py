@@ -110,13 +110,15 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
 
     with tempfile.TemporaryDirectory() as tmp:
-        sessions = {}
+        sessions, ops = {}, {}
 
         def session_of(label):  # exported on first use: a partial run has its first methods complete
             if label not in sessions:
                 t0 = time.perf_counter()
                 path = export_onnx(runners[label], Path(tmp) / f"{label.split()[0]}.onnx")
                 sessions[label] = (onnx_session(path, threads=args.threads), time.perf_counter() - t0)
+                import collections, onnx  # noqa: E401  what the graph is made of (gathers, scatters, ...)
+                ops[label] = dict(collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node).most_common())
                 print(f"exported {label} in {sessions[label][1]:.0f} s", flush=True)
             return sessions[label]
         for b in args.batch:
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
             for label, runner in runners.items():
                 session, export_seconds = session_of(label)
                 row = dict(batch=b, method=label, gmacs=gmacs[label], gmacs_ratio=gmacs["dense"] / gmacs[label],
-                           forwards=forwards, export_seconds=export_seconds)
+                           forwards=forwards, export_seconds=export_seconds, onnx_ops=ops[label])
                 with torch.no_grad():
                     row["eager"] = throughput(runner, images, args.repeats, forwards)
                     if not args.no_compile:
