@@ -40,6 +40,7 @@ BASE = {
     "demo": ["--out", "{out}"],
     "compare": ["{out}/results.json", "--gmacs", "0.1"],
     "match": ["--model", MODEL, "--of-dense", "0.5"],
+    "export": ["--model", MODEL, "--out", "{out}/model.onnx"],
 }
 # values each kind of numeric option must refuse
 BAD = {
@@ -116,6 +117,7 @@ OPTS = {  # command -> (how options are given, bad options, what the error says)
     "train-supernet": ["--opt"],
     "train-selector": ["--opt"],
     "train-policy": ["--opt"],
+    "export": ["--method", "tome", "--opt"],
 }
 NOT_FINITE = ["r=1e999", "r=nan", "r=-inf", "r=(2,inf)", "r=[1,-Infinity]"]
 
@@ -187,7 +189,7 @@ def test_bad_data(command, data, message, files, tmp_path, capsys):
     assert str(files / data) in err
 
 
-MODEL_COMMANDS = ["eval", "bench", "train", "train-supernet", "train-selector", "train-policy", "sweep"]
+MODEL_COMMANDS = ["eval", "bench", "train", "train-supernet", "train-selector", "train-policy", "sweep", "export"]
 
 
 @pytest.mark.parametrize("command", MODEL_COMMANDS)
@@ -235,6 +237,20 @@ def test_out_paths_are_checked_before_work(command, files, tmp_path, capsys, no_
     _expect_error(argv(files / "notes.txt"), capsys, "notes.txt is a file, not a directory")
     _expect_error(argv(files / "notes.txt" / "run"), capsys, "notes.txt is a file, not a directory")
     _expect_error(argv(NOT_WRITABLE / "run"), capsys, "cannot be written")
+
+
+def test_export_out_is_checked_before_work(files, tmp_path, capsys, no_work):
+    _expect_error(["export", "--model", MODEL, "--out", str(files)], capsys, "is a directory", "model.onnx")
+    _expect_error(["export", "--model", MODEL, "--out", str(files / "notes.txt" / "m.onnx")], capsys,
+                  "notes.txt is a file, not a directory")
+    _expect_error(["export", "--model", MODEL, "--out", str(NOT_WRITABLE / "m.onnx")], capsys, "cannot be written")
+
+
+@pytest.mark.parametrize("method, why", [("ats", "per-image number of tokens"), ("random", "use fixed=true")])
+def test_export_refuses_per_image_methods(method, why, tmp_path, capsys):
+    _expect_error(["export", "--model", MODEL, "--method", method, "--out", str(tmp_path / "m.onnx")], capsys,
+                  f"method {method!r} cannot be exported with static shapes", why)
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_out_in_a_read_only_folder(tmp_path, capsys, no_work):

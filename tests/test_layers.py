@@ -19,7 +19,7 @@ LAYERS: List[List[str]] = [
     ["methods"],  # the reduction methods
     ["runtime"],  # the block runner and adapt
     ["measure"],  # MACs of what a runner ran
-    ["evaluate", "bench", "report", "analysis"],
+    ["evaluate", "bench", "report", "analysis", "export"],
     ["demo", "training", "train_policy", "train_prance", "train"],
     ["publish"],  # model cards: trains, evaluates
     ["cli", "__main__"],

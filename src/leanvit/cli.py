@@ -200,6 +200,26 @@ def cmd_train_policy(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """The model with its method as ONNX (dynamic batch axis), checked in onnxruntime against PyTorch."""
+    from .export import export_onnx, run_onnx
+    from .runtime import adapt
+    out = Path(args.onnx)
+    if out.is_dir():
+        raise CliError(f"--out {out} is a directory; pass a file name, e.g. {out / 'model.onnx'}")
+    _check_writable(out.parent, "--out", out)
+    model = _load(args).eval()
+    runner = adapt(model, args.method, **parse_options(args.opt))
+    export_onnx(runner, out)
+    size = list(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    images = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = float((run_onnx(out, images) - runner(images)).abs().max())
+    print(f"wrote {out} ({args.model}, {runner.method!r}; input images (batch, {', '.join(map(str, size))}), "
+          f"output logits); onnxruntime vs PyTorch on 2 images: max |logit difference| {diff:.2e}")
+    return 0
+
+
 def cmd_methods(args) -> int:
     from .methods import list_methods
     from .methods.base import REGISTRY
@@ -580,6 +600,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_restart(p)
     _add_device_args(p)
     p.set_defaults(func=cmd_train_policy)
+
+    p = command("export", help="the model with a fixed-count method as ONNX (dynamic batch axis)",
+                epilog="Exports dense and the methods with fixed shapes (tome, evit, ppt, random with "
+                       "fixed=true, channels, dynamicvit); per-image methods (ats, rl4evit, prance) are refused. "
+                       "Needs pip install 'leanvit[export]'. " + EPILOG)
+    _add_model_args(p)
+    p.add_argument("--method", default="none", help="a method from `leanvit methods`")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
+    p.add_argument("--out", dest="onnx", type=path, required=True, metavar="FILE.onnx", help="the ONNX file to write")
+    p.set_defaults(func=cmd_export, device="cpu", amp="off")
 
     command("methods", help="list the token-reduction methods").set_defaults(func=cmd_methods)
     command("models", help="list leanvit's reference models").set_defaults(func=cmd_models)

@@ -46,8 +46,8 @@ def _sliced(linear: nn.Linear, kind: str, width: int, make) -> Tuple[Tensor, Opt
     """``make(linear) -> (weight, bias)`` sliced for ``width``, as contiguous tensors: a matmul with a
     strided or gathered weight costs 3-4x on CPU. Kept on the layer while its weights are unchanged
     (their version counters) and no gradient must flow into them (inference)."""
-    if torch.is_grad_enabled() and linear.weight.requires_grad:
-        return make(linear)
+    if torch.is_grad_enabled() and linear.weight.requires_grad or torch.compiler.is_compiling():
+        return make(linear)  # compiled or exported: the slice is part of the graph (no host-side cache)
     key = (kind, width)
     stamp = (linear.weight._version, linear.weight.data_ptr(), linear.weight.dtype, linear.weight.device,
              None if linear.bias is None else linear.bias._version)
@@ -66,9 +66,10 @@ def attention_projections(attn: nn.Module, h: Tensor, heads: Optional[int]) -> T
     if not isinstance(attn, Attention):
         raise ValueError(f"only timm's Attention can be sliced by heads, got {type(attn).__name__}")
 
-    def make(qkv):
-        rows = qkv_rows(attn, heads)
-        return qkv.weight[rows], None if qkv.bias is None else qkv.bias[rows]
+    def make(qkv):  # the rows of qkv_rows as three slices: a slice exports (and constant-folds) better than a gather
+        n = heads * attn.head_dim
+        w = qkv.weight.view(3, -1, qkv.in_features)[:, :n].reshape(3 * n, qkv.in_features)
+        return w, None if qkv.bias is None else qkv.bias.view(3, -1)[:, :n].reshape(3 * n)
     return F.linear(h, *_sliced(attn.qkv, "qkv", heads, make)), heads
 
 

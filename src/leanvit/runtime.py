@@ -9,7 +9,6 @@ attention and returns the reduced tokens, which the block's MLP and all later bl
 from __future__ import annotations
 
 import contextlib
-from functools import cached_property
 from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
@@ -31,7 +30,7 @@ from . import elastic
 from .device import module_device
 from .flops import attention_pool_macs
 from .methods import OptionError, build_method  # the package: every method registered
-from .methods.base import AttentionView, ModelInfo, Reduction
+from .methods.base import AttentionView, ModelInfo, Reduction, lazy
 from .tokens import TokenState, identity_rope
 
 SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "map")
@@ -566,9 +565,17 @@ class _GroupedAttention(AttentionView):
             full[g.images, :t.shape[1], :t.shape[2]] = t
         return full
 
-    q = cached_property(lambda self: self._assemble(0))
-    k = cached_property(lambda self: self._assemble(1))
-    v = cached_property(lambda self: self._assemble(2))
+    @lazy
+    def q(self) -> Tensor:
+        return self._assemble(0)
+
+    @lazy
+    def k(self) -> Tensor:
+        return self._assemble(1)
+
+    @lazy
+    def v(self) -> Tensor:
+        return self._assemble(2)
 
 
 class _Packed(NamedTuple):

@@ -202,8 +202,10 @@ def bipartite_soft_matching(metric: Tensor, r: int, n_prefix: int) -> Callable[[
     a, b = metric[:, ::2], metric[:, 1::2]
     scores = a @ b.transpose(-1, -2)
     pa, pb = (n_prefix + 1) // 2, n_prefix // 2  # prefix tokens that landed in A / in B
-    scores[:, :pa, :] = float("-inf")
-    scores[:, :, :pb] = float("-inf")
+    # a mask, not an indexed assignment: it exports as one Where instead of two ScatterNDs
+    prefix = (torch.arange(a.shape[1], device=metric.device)[:, None] < pa) \
+        | (torch.arange(b.shape[1], device=metric.device)[None, :] < pb)
+    scores = scores.masked_fill(prefix, float("-inf"))
     node_max, node_idx = scores.max(dim=-1)
     edge_idx = node_max.argsort(dim=-1, descending=True)
     unm_a = edge_idx[:, r:].sort(dim=1).values[:, pa:]  # A's prefix sorts first (-inf), then index order

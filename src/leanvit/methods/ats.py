@@ -51,5 +51,8 @@ class ATS(Reduction):
         keep.scatter_(1, picked.clamp_max(scores.shape[1] - 1), True)
         return keep_mask(state, keep)
 
+    def why_not_static(self):
+        return "ats keeps a per-image number of tokens (duplicate samples collapse): a ragged batch"
+
     def extra_repr(self):
         return f"tokens={self.tokens}, layers={self.layers}"

@@ -12,7 +12,6 @@ import copy
 import inspect
 import math
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Type
 
 import torch
@@ -39,6 +38,23 @@ class ModelInfo:
     channel_elastic: bool = True  # every block's heads and MLP neurons can be sliced (elastic.sliceable)
 
 
+class lazy:
+    """A value computed on first read and kept on the instance, like ``functools.cached_property``
+    but without its lock, which torch.compile cannot trace (Python 3.11)."""
+
+    def __init__(self, f: Callable):
+        self.f, self.name = f, f.__name__
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.f(obj)
+        return value
+
+
 class AttentionView:
     """The block's attention, as a decision may read it. Everything is computed lazily.
 
@@ -59,7 +75,7 @@ class AttentionView:
                  heads: Optional[Tensor] = None):
         self.q, self.k, self.v, self.bias, self.n_prefix, self.heads = q, k, v, bias, n_prefix, heads
 
-    @cached_property
+    @lazy
     def _head_weights(self) -> Optional[Tensor]:
         """(B, H, 1) 1 for the heads an image ran with, 0 beyond; None when it ran with all."""
         if self.heads is None:
@@ -72,7 +88,7 @@ class AttentionView:
         return (t * self._head_weights.reshape(t.shape[:2] + (1,) * (t.dim() - 2))).sum(dim=1) \
             / self.heads.reshape((-1,) + (1,) * (t.dim() - 2)).to(t.dtype)
 
-    @cached_property
+    @lazy
     def cls_attn(self) -> Tensor:
         """(B, H, N) post-softmax attention of the CLS query, with the block's bias (zero for heads
         an image did not run).
@@ -113,22 +129,22 @@ class AttentionView:
             self.note_macs(n * n * d * heads, float(N * N * d * H))
         return received
 
-    @cached_property
+    @lazy
     def cls_attn_mean(self) -> Tensor:
         """(B, N) CLS attention averaged over the heads each image ran with (EViT's score)."""
         return self._mean_over_heads(self.cls_attn)
 
-    @cached_property
+    @lazy
     def key_mean(self) -> Tensor:
         """(B, N, D) keys averaged over heads: ToMe's similarity metric."""
         return self._mean_over_heads(self.k)
 
-    @cached_property
+    @lazy
     def v_norm(self) -> Tensor:
         """(B, N) L2 norm of each token's value vector over all heads."""
         return self.v.transpose(1, 2).flatten(2).norm(dim=-1)
 
-    @cached_property
+    @lazy
     def significance(self) -> Tensor:
         """(B, n_patches) ATS significance (sum over heads of CLS attention) x ||V||, summing to 1."""
         p = self.n_prefix
@@ -196,6 +212,12 @@ class Reduction(abc.ABC):
         """JSON-ready statistics of the forwards since :meth:`reset_stats`, under the keys the
         result files use (PPT: ``prune_fraction_per_layer``); empty when there are none."""
         return {}
+
+    def why_not_static(self) -> Optional[str]:
+        """None if every forward of this method has the same shapes and no host synchronisation
+        (fixed token counts and widths: ``torch.compile(fullgraph=True)`` and ONNX export work);
+        else a one-line reason (per-image counts, host-side randomness, ...). Checked by export."""
+        return None
 
     def extra_loss(self) -> Optional[Tensor]:
         """A term a training with this method active adds to its loss, from the last training

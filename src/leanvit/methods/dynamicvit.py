@@ -94,5 +94,11 @@ class DynamicViT(Reduction, nn.Module):
         return 2.0 * sum(((d.mean(dim=1) - self.keep_rate ** (s + 1)) ** 2).mean()
                          for s, d in enumerate(self.decisions))
 
+    def why_not_static(self):
+        # inference keeps a fixed top-k per stage (static); training samples Gumbel decisions
+        if self.training:
+            return "dynamicvit in training mode samples Gumbel-softmax decisions; call .eval() (inference keeps a fixed top-k)"
+        return None
+
     def extra_repr(self):
         return f"keep_rate={self.keep_rate}, layers={self.layers}" + (f", weights={self.weights}" if self.weights else "")

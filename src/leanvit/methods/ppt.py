@@ -1,3 +1,5 @@
+import torch
+
 from ..tokens import choose, keep_top, max_merge, merge_tokens
 from .base import Reduction, check_int, check_layers, check_number, register
 
@@ -12,7 +14,9 @@ class PPT(Reduction):
 
     ``threshold`` was set for 197 tokens (scores sum to 1, so their variance scales like
     1/(N-1)^2); ``threshold="scaled"`` uses 7e-5 * (196 / (N0 - 1))^2 for a model with N0 tokens.
-    ``prune_counts[layer]`` and ``seen_counts[layer]`` count the images that chose pruning.
+    Both branches run on every image and each image takes its own with ``torch.where``: no host
+    synchronisation and the same shapes every forward (compile, export). ``tally`` (one row per
+    decision layer: images that pruned, images seen) stays on the device; only :meth:`stats` reads it.
     """
 
     name = "ppt"
@@ -22,7 +26,7 @@ class PPT(Reduction):
         self.r = check_int("ppt", "r", r)
         self.layers = layers
         self.threshold_option = threshold
-        self.reset_stats()
+        self.tally = None
 
     def bind(self, info):
         super().bind(info)
@@ -31,9 +35,10 @@ class PPT(Reduction):
             self.threshold = self.PAPER_THRESHOLD * (196 / (info.n_tokens - info.n_prefix)) ** 2
         else:
             self.threshold = check_number("ppt", "threshold", self.threshold_option, low=0.0)
+        self.reset_stats()
 
     def reset_stats(self):
-        self.prune_counts, self.seen_counts = {}, {}
+        self.tally = None if not hasattr(self, "info") else torch.zeros(len(self.layers), 2, dtype=torch.long)
 
     def decision_layers(self):
         return self.layers
@@ -44,21 +49,43 @@ class PPT(Reduction):
             return state
         scores = attn.significance
         prune = scores.var(dim=1, unbiased=True) >= self.threshold
-        n_prune = int(prune.sum())  # host sync: statistics, and skipping a branch no image takes
-        self.prune_counts[layer] = self.prune_counts.get(layer, 0) + n_prune
-        self.seen_counts[layer] = self.seen_counts.get(layer, 0) + state.batch
-        if n_prune == state.batch:
-            return keep_top(state, scores, state.n_patches - r)
-        if n_prune == 0:
-            return merge_tokens(state, attn.key_mean, r)
-        # a mixed batch: both branches on every image, each image takes its own (one batch, no split)
+        if not torch.compiler.is_exporting():  # an exported graph has no statistics to keep
+            self._count(layer, prune)
+        if not state.compact:  # masked execution (training) cannot merge: it runs only if every image prunes
+            return keep_top(state, scores, state.n_patches - r) if bool(prune.all()) \
+                else merge_tokens(state, attn.key_mean, r)
+        # both branches on every image, each image takes its own (one batch, no split, no sync)
         return choose(prune, keep_top(state, scores, state.n_patches - r), merge_tokens(state, attn.key_mean, r))
+
+    def _count(self, layer, prune):
+        """Add the layer's (pruned, seen) images to the tally, on the device and out of place
+        (a warm-up under ``leaves_no_trace`` gets the old tally back)."""
+        tally = self.tally.to(prune.device)
+        row = torch.stack([prune.sum(), torch.ones_like(prune, dtype=torch.long).sum()])
+        at = torch.full((1,), self.layers.index(layer), dtype=torch.long, device=prune.device)
+        self.tally = tally.index_add(0, at, row[None].to(tally.dtype))
+
+    def _counts(self):
+        """{layer: (pruned, seen)} of the layers that saw images: the one host read of the tally."""
+        if self.tally is None:
+            return {}
+        return {l: (int(p), int(n)) for l, (p, n) in zip(self.layers, self.tally.tolist()) if n}
+
+    @property
+    def prune_counts(self):
+        return {l: p for l, (p, _) in self._counts().items()}
+
+    @property
+    def seen_counts(self):
+        return {l: n for l, (_, n) in self._counts().items()}
 
     def prune_fraction(self):
         """{layer: fraction of images that chose pruning} since the last reset_stats()."""
-        return {l: self.prune_counts[l] / self.seen_counts[l] for l in sorted(self.seen_counts)}
+        return {l: p / n for l, (p, n) in self._counts().items()}
 
     def stats(self):
+        # under torchrun, evaluate averages each process's fractions weighted by its images; every
+        # image passes every layer, so that is the summed tally's pruned / seen
         return {"prune_fraction_per_layer": self.prune_fraction()}
 
     def extra_repr(self):

@@ -338,6 +338,9 @@ class Prance(Reduction, nn.Module):
         from ..flops import linear_macs
         return linear_macs(self.selector.actor)
 
+    def why_not_static(self):
+        return "prance's selector chooses per-image widths and token counts: a ragged, packed batch"
+
     def extra_repr(self):
         fixed = f", subnet={self.subnet}" if self.subnet else ""
         strategy = getattr(self, "strategy", self.strategy_option)  # resolved when bound

@@ -172,6 +172,9 @@ class RL4EViT(Reduction, nn.Module):
             self.rollout[-1]["kept"] = keep  # what happened, including that fallback
         return keep_mask(state, keep)
 
+    def why_not_static(self):
+        return "rl4evit's agents keep a per-image number of tokens: a ragged batch"
+
     def extra_repr(self):
         if not hasattr(self, "placement"):  # not bound yet
             return f"weights={self.weights}" if self.weights else ""
