@@ -1,9 +1,10 @@
 """Deployment speed: eager PyTorch, torch.compile and onnxruntime for dense and every exportable
 method on DeiT-S 224 (random weights: speed does not depend on them), on the CPU.
 
-For each batch size and method: throughput (median of --repeats timings of --forwards forwards)
-in each backend, the ratio to dense in the same backend and run, the cold compile time (a fresh
-inductor cache, the first call), GMACs per image (leanvit.measure) and the efficiency
+For each batch size and method: throughput in each backend (median of --repeats timings of about
+--seconds each; every repeat times every method in every backend once, in a new random order, so
+that drift of the machine's speed hits all alike), the ratio to dense in the same backend and run,
+the compile time (a fresh inductor cache; the first call at each batch size), GMACs per image (leanvit.measure) and the efficiency
 speedup / (dense GMACs / method GMACs): 1.0 means the method is as much faster as it is cheaper.
 
     flock /work/main/.cpu.lock python benchmarks/deploy_speed.py --batch 32 1 --table
@@ -14,9 +15,11 @@ keeps what it measured) and, with --table, prints the markdown table of BENCHMAR
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -39,16 +42,12 @@ METHODS = {  # label: (method, options)
 OUT = Path(__file__).parent / "results" / "deploy" / "deploy_speed.json"
 
 
-def throughput(fn, images, repeats: int, forwards: int) -> float:
-    """Images per second: the median over ``repeats`` of ``forwards`` calls (one warm-up call first)."""
-    fn(images)
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(forwards):
-            fn(images)
-        rates.append(forwards * images.shape[0] / (time.perf_counter() - t0))
-    return statistics.median(rates)
+def timed(fn, images, forwards: int) -> float:
+    """Seconds for ``forwards`` calls."""
+    t0 = time.perf_counter()
+    for _ in range(forwards):
+        fn(images)
+    return time.perf_counter() - t0
 
 
 def table(result: dict) -> str:
@@ -100,6 +99,7 @@ def main(argv=None) -> int:
                                 date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
                                 command=" ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))),
                   rows=[])
+    import onnx
     import onnxruntime
     result["settings"]["onnxruntime"] = onnxruntime.__version__
     probe = torch.randn(8, *size, generator=torch.Generator().manual_seed(0))
@@ -110,48 +110,56 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
 
     with tempfile.TemporaryDirectory() as tmp:
-        sessions, ops = {}, {}
-
-        def session_of(label):  # exported on first use: a partial run has its first methods complete
-            if label not in sessions:
-                t0 = time.perf_counter()
-                path = export_onnx(runners[label], Path(tmp) / f"{label.split()[0]}.onnx")
-                sessions[label] = (onnx_session(path, threads=args.threads), time.perf_counter() - t0)
-                import collections, onnx  # noqa: E401  what the graph is made of (gathers, scatters, ...)
-                ops[label] = dict(collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node).most_common())
-                print(f"exported {label} in {sessions[label][1]:.0f} s", flush=True)
-            return sessions[label]
+        sessions, ops, export_seconds = {}, {}, {}
+        for label, runner in runners.items():
+            t0 = time.perf_counter()
+            path = export_onnx(runner, Path(tmp) / f"{label.split()[0]}.onnx")
+            export_seconds[label] = time.perf_counter() - t0
+            sessions[label] = onnx_session(path, threads=args.threads)
+            # what the graph is made of (gathers, scatters, ...)
+            ops[label] = dict(collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node).most_common())
+            print(f"exported {label} in {export_seconds[label]:.0f} s", flush=True)
+        compiled = {} if args.no_compile else {label: torch.compile(r, fullgraph=True) for label, r in runners.items()}
         for b in args.batch:
             images = torch.randn(b, *size, generator=torch.Generator().manual_seed(1))
-            with torch.no_grad():
-                dense_time = throughput(runners["dense"], images, 1, 1)  # a rough rate: how many forwards fit
-            forwards = max(1, round(args.seconds * dense_time / b))
-            rows = {}
+            feed = images.numpy()
+            calls, rows = {}, {}
             for label, runner in runners.items():
-                session, export_seconds = session_of(label)
-                row = dict(batch=b, method=label, gmacs=gmacs[label], gmacs_ratio=gmacs["dense"] / gmacs[label],
-                           forwards=forwards, export_seconds=export_seconds, onnx_ops=ops[label])
-                with torch.no_grad():
-                    row["eager"] = throughput(runner, images, args.repeats, forwards)
-                    if not args.no_compile:
-                        torch._dynamo.reset()
-                        compiled = torch.compile(runner, fullgraph=True)
+                rows[label] = dict(batch=b, method=label, gmacs=gmacs[label], gmacs_ratio=gmacs["dense"] / gmacs[label],
+                                   export_seconds=export_seconds[label], onnx_ops=ops[label])
+                calls[label, "eager"] = runner
+                calls[label, "onnx"] = lambda x, s=sessions[label]: s.run(["logits"], {"images": feed})
+                if label in compiled:
+                    with torch.no_grad():
                         t0 = time.perf_counter()
-                        compiled(images)
-                        row["compile_seconds"] = time.perf_counter() - t0
-                        row["compiled"] = throughput(compiled, images, args.repeats, forwards)
-                feed = images.numpy()
-                row["onnx"] = throughput(lambda x: session.run(["logits"], {"images": feed}), images,
-                                         args.repeats, forwards)
-                dense = rows.get("dense", row)
-                row["speedup"] = {k: row[k] / dense[k] for k in ("eager", "compiled", "onnx") if k in row}
+                        compiled[label](images)  # the first call at this batch size compiles
+                        rows[label]["compile_seconds"] = time.perf_counter() - t0
+                    calls[label, "compiled"] = compiled[label]
+            with torch.no_grad():
+                for fn in calls.values():
+                    fn(images)  # warm-up
+                forwards = max(1, round(args.seconds / timed(calls["dense", "eager"], images, 1)))
+                # every repeat times each (method, backend) once, in a new random order: drift of the
+                # machine's speed hits all of them alike instead of whichever ran last
+                rates = {key: [] for key in calls}
+                order = list(calls)
+                rng = random.Random(b)
+                for _ in range(args.repeats):
+                    rng.shuffle(order)
+                    for key in order:
+                        rates[key].append(forwards * b / timed(calls[key], images, forwards))
+            for (label, backend), r in rates.items():
+                rows[label][backend] = statistics.median(r)
+                rows[label][f"{backend}_spread"] = [min(r), max(r)]
+            for label, row in rows.items():
+                row["forwards"] = forwards
+                row["speedup"] = {k: row[k] / rows["dense"][k] for k in ("eager", "compiled", "onnx") if k in row}
                 row["efficiency"] = {k: v / row["gmacs_ratio"] for k, v in row["speedup"].items()}
-                rows[label] = row
                 result["rows"].append(row)
-                save()
                 print(f"batch {b} {label}: eager {row['eager']:.1f}, compiled {row.get('compiled', 0):.1f} "
                       f"(compile {row.get('compile_seconds', 0):.0f} s), onnx {row['onnx']:.1f} img/s; "
                       f"speedups {row['speedup']}, GMACs ratio {row['gmacs_ratio']:.2f}", flush=True)
+            save()
     if args.table:
         print(table(result))
     return 0
