@@ -28,6 +28,20 @@ for f in sorted(out.glob("*-s*-n*.json")):
 for name, r in rows.items():
     print(f"{name:24s} top1 {r['top1']:.2f}  agree {r['agreement']:.2f}  KL {r['kl_to_dense']:.4f}  "
           f"GMACs {r['gmacs_ratio']:.3f}  configs/32 {r['configs_per_32']:.1f}  steps {r['steps']}")
+# per setting and training length, over the seeds: mean +- sample std (summary_seeds.json)
+import re, statistics
+groups = {}
+for name, r in rows.items():
+    setting, seed, n = re.fullmatch(r"(.+)-s(\d+)-n(\d+)", name).groups()
+    groups.setdefault(f"{setting}-n{n}", []).append(r)
+seeds = {}
+for g, rs in groups.items():
+    seeds[g] = dict(seeds=len(rs), **{k: [statistics.mean(r[k] for r in rs), statistics.stdev(r[k] for r in rs) if len(rs) > 1 else None]
+                                      for k in ("top1", "agreement", "kl_to_dense", "gmacs_ratio", "configs_per_32")})
+    if len(rs) > 1:
+        print(f"{g:24s} {len(rs)} seeds: " + "  ".join(f"{k} {m:.4f} +- {s:.4f}" for k, (m, s) in
+                                                       ((k, v) for k, v in seeds[g].items() if k != "seeds")))
+(out / "summary_seeds.json").write_text(json.dumps(seeds, indent=1) + "\n")
 PY
 }
 cd "$(dirname "$0")/.."

@@ -238,6 +238,16 @@ def rl4evit():
           f"(dense of that ViT: " + ", ".join(
               f"k{b[2]}: {load(RL / f'dynamicvit_k{b[2]}' / 'results.json')['dense']['top1']:.2f}%"
               for b in budgets) + "); its speedup is against that sweep's dense pass.")
+    print("\nDynamicViT against its own fine-tuned ViT (benchmarks/dynamicvit_reference.sh)\n")
+    print("| keep rate | dense of its ViT, top-1 % | DynamicViT top-1 % | vs its dense (95% CI) | agree % | "
+          "KL | GMACs | of dense |")
+    print("|---:|---:|---:|---|---:|---:|---:|---:|")
+    for b in budgets:
+        dv = load(RL / f"dynamicvit_k{b[2]}" / "results.json")
+        r, d = dv["rows"][0], dv["dense"]
+        lo, hi = r["delta_top1_ci95"]
+        print(f"| {b[2]} | {d['top1']:.2f} | {r['top1']:.2f} | {r['delta_top1']:+.2f} ({lo:+.2f}, {hi:+.2f}) | "
+              f"{r['agreement']:.2f} | {r['kl_to_dense']:.4f} | {r['gmacs']:.4f} | {r['gmacs'] / d['gmacs']:.3f} |")
 
 
 
