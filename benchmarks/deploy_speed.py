@@ -87,6 +87,9 @@ def main(argv=None) -> int:
     from leanvit.measure import count_macs
 
     torch.set_num_threads(args.threads)
+    # every runner's forward is the same code object (LeanViT.forward), so each method and batch size is
+    # one more entry in its dynamo cache: more than the default limit of 8 in one process
+    torch._dynamo.config.recompile_limit = 64
     torch.manual_seed(0)
     model = timm.create_model(args.model, pretrained=False).eval()
     size = model.pretrained_cfg["input_size"]
