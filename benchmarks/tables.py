@@ -234,7 +234,8 @@ def rl4evit():
         print(f"- alpha {alpha}: {patches:.1f} patch decisions, {g:.4f} GMACs; without it "
               f"{r['gmacs'] - g:.4f} GMACs = {(r['gmacs'] - g) / dense['gmacs']:.3f} of dense")
     print(f"\n{sweep['n_images']} images, {sweep['threads']} threads, batch {sweep['batch_size']}, "
-          f"{sweep['date']}; DynamicViT rows: their own sweep against their fine-tuned ViT "
+          f"{sweep['date']}; DynamicViT rows: their own sweep "
+          f"({load(RL / f'dynamicvit_k{budgets[0][2]}' / 'results.json')['date']}) against their fine-tuned ViT "
           f"(dense of that ViT: " + ", ".join(
               f"k{b[2]}: {load(RL / f'dynamicvit_k{b[2]}' / 'results.json')['dense']['top1']:.2f}%"
               for b in budgets) + "); its speedup is against that sweep's dense pass.")
