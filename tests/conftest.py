@@ -154,3 +154,14 @@ class AboveMean(Reduction):
         s = attn.significance  # zero on padding, sums to 1 over the real patches
         n = (state.counts() - state.n_prefix).to(s.dtype)
         return keep_mask(state, s >= 1.0 / n[:, None])
+
+
+# the fixed-count methods on small_vit(depth=4) (65 tokens, 4 blocks): compile and export tests
+STATIC_METHODS = {
+    "none": {},
+    "tome": dict(r=8),
+    "evit": dict(keep_rate=0.7, layers=(1, 2)),
+    "ppt": dict(r=8, layers=(1, 2)),
+    "random": dict(keep_rate=0.7, layers=(1, 2), fixed=True),
+    "channels": dict(heads=0.5, mlp=0.5),
+}

@@ -6,18 +6,11 @@ inductor's code generation, which takes minutes on 2 cores); inductor itself run
 import pytest
 import torch
 
-from conftest import images, small_vit
+from conftest import STATIC_METHODS, images, small_vit
 from leanvit import adapt
 from leanvit.methods import build_method
 
-STATIC = {  # method: options on small_vit(depth=4): 65 tokens, 4 blocks
-    "none": {},
-    "tome": dict(r=8),
-    "evit": dict(keep_rate=0.7, layers=(1, 2)),
-    "ppt": dict(r=8, layers=(1, 2)),
-    "random": dict(keep_rate=0.7, layers=(1, 2), fixed=True),
-    "channels": dict(heads=0.5, mlp=0.5),
-}
+STATIC = STATIC_METHODS
 
 
 def _model():

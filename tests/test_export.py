@@ -3,7 +3,7 @@ at any batch size (the batch axis is dynamic); per-image methods are refused wit
 import pytest
 import torch
 
-from conftest import images, small_vit
+from conftest import STATIC_METHODS, images, small_vit
 from leanvit import adapt
 from leanvit.cli import main
 
@@ -13,15 +13,7 @@ pytest.importorskip("onnxruntime", reason="running the exported file needs onnxr
 
 from leanvit.export import ExportError, export_onnx, onnx_session, run_onnx  # noqa: E402
 
-STATIC = {
-    "none": {},
-    "tome": dict(r=8),
-    "evit": dict(keep_rate=0.7, layers=(1, 2)),
-    "ppt": dict(r=8, layers=(1, 2)),
-    "random": dict(keep_rate=0.7, layers=(1, 2), fixed=True),
-    "channels": dict(heads=0.5, mlp=0.5),
-    "dynamicvit": dict(layers=(1, 2)),
-}
+STATIC = {**STATIC_METHODS, "dynamicvit": dict(layers=(1, 2))}  # dynamicvit at inference is static
 
 
 @pytest.mark.parametrize("name", list(STATIC))
