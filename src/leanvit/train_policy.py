@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from .data import DATA_HELP
 from .measure import count_macs, macs_per_image
 from .methods.rl4evit import agent_rewards
-from .options import arg, fraction, natural, nonnegative, path, positive, positive_int
+from .options import arg, fraction, natural, nonnegative, one_of, path, positive, positive_int
 from .rl import BudgetController, PPOConfig, ValueNorm, calibrate, clipped_policy_loss, clipped_value_loss, gae, \
     orthogonal_init
 from .runtime import adapt
@@ -72,28 +72,13 @@ class PolicyRun:
 REWARDS = ("correct", "agreement", "kl")
 
 
-def reward_signal(kind: str):
-    """The ``--reward`` option's check."""
-    if kind not in REWARDS:
-        import argparse
-        raise argparse.ArgumentTypeError(f"must be one of {', '.join(REWARDS)}, got {kind!r}")
-    return kind
-
-
-def init_kind(kind: str):
-    if kind not in ("orthogonal", "default"):
-        import argparse
-        raise argparse.ArgumentTypeError(f"must be orthogonal or default, got {kind!r}")
-    return kind
-
-
 @dataclass(kw_only=True)
 class PolicyConfig(PolicyRun):
     alpha: Optional[float] = arg(None, nonnegative, (  # default 0.8, or 0.03 (start) with a budget
         "weight of r1 (-1 per kept token): default 0.8 (the paper's); with --budget the starting value, "
         "default 0.03"))
     beta: float = arg(1.0, nonnegative, "weight of r2 (accuracy signal / tokens kept)")
-    reward: str = arg("correct", reward_signal, (
+    reward: str = arg("correct", one_of(*REWARDS), (
         "accuracy signal of r2: correct (the paper's: 0/1 right), agreement (0/1 the same prediction as "
         "the dense model), kl (exp(-KL(dense || reduced)) per image)"))
     budget: Optional[float] = arg(None, fraction, (
@@ -104,7 +89,7 @@ class PolicyConfig(PolicyRun):
     dual_p: float = arg(0.03, nonnegative, "proportional gain on the same excess")
     calibrate: bool = arg(True, help="with --budget: do not shift the final policy's keep logit to meet the budget")
     value_norm: bool = arg(True, help="no value normalisation (MAPPO's ValueNorm of the returns)")
-    init: str = arg("orthogonal", init_kind, "actor/critic initialisation: orthogonal (MAPPO's) or default (PyTorch's)")
+    init: str = arg("orthogonal", one_of("orthogonal", "default"), "actor/critic initialisation: orthogonal (MAPPO's) or default (PyTorch's)")
     epochs: int = arg(2, positive_int)
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(entropy_coef=0.01))
     finetune_vit: bool = arg(False, help="even epochs fine-tune the ViT, agents frozen")
@@ -321,7 +306,7 @@ def train_policy(cfg: PolicyConfig, log: Callable[[str], None] = print) -> dict:
     method.sampling, runner.masked = False, False
     history = run.history
     if cfg.calibrate and cfg.budget and history and "calibration_shift" not in history[-1] \
-            and not _meets(history[-1]["gmacs_ratio"], cfg):
+            and not meets_budget(history[-1]["gmacs_ratio"], cfg):
         bias = method.actor[-1].bias
         base = bias.detach().clone()
 
@@ -346,7 +331,7 @@ def train_policy(cfg: PolicyConfig, log: Callable[[str], None] = print) -> dict:
                    dense_gmacs=dense_gmacs, curve=curve,
                    **{k: last[k] for k in ("top1", "gmacs", "gmacs_ratio", "decision_gmacs", "alpha") if k in last})
     if cfg.budget and last:
-        metrics["budget_met"] = _meets(last["gmacs_ratio"], cfg)
+        metrics["budget_met"] = meets_budget(last["gmacs_ratio"], cfg)
 
     def export(out):
         export_weights(method, out / "policy.safetensors", metadata=method.options_metadata())
@@ -361,5 +346,6 @@ def train_policy(cfg: PolicyConfig, log: Callable[[str], None] = print) -> dict:
     return run.finish(metrics, replicas=runner if cfg.finetune_vit else method, export=export)
 
 
-def _meets(ratio: float, cfg) -> bool:
+def meets_budget(ratio: float, cfg) -> bool:
+    """Within ``cfg.budget_tolerance`` (relative) of ``cfg.budget``."""
     return abs(ratio / cfg.budget - 1) <= cfg.budget_tolerance

@@ -49,7 +49,7 @@ from .methods.prance import SELECTOR_STATES
 from .options import arg, nonnegative, one_of, positive, positive_int
 from .rl import BudgetController, PPOConfig, ValueNorm, calibrate, clipped_policy_loss, clipped_value_loss, gae
 from .runtime import adapt
-from .train_policy import PolicyRun, _average_grads, evaluate_policy, greedy_macs_ratio
+from .train_policy import PolicyRun, _average_grads, evaluate_policy, greedy_macs_ratio, meets_budget
 from .training import Run, Supervised, all_sum, batches_on, distill_loss, evaluate_top1, export_weights, fit
 
 
@@ -334,7 +334,7 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
         """The planned epochs are done but the budget is not met: one more epoch (up to max_epochs)."""
         last = run.history[-1] if run.history else None
         if not cfg.budget or cfg.max_steps or last is None or last["step"] != run.step or \
-                _meets(last["gmacs_ratio"], cfg) or "calibration_shift" in last or \
+                meets_budget(last["gmacs_ratio"], cfg) or "calibration_shift" in last or \
                 run.step // run.steps_per_epoch >= (cfg.max_epochs or cfg.epochs):
             return False
         run.stop_at = (run.step // run.steps_per_epoch + 1) * run.steps_per_epoch
@@ -344,7 +344,7 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
     fit(run, "train-selector", step, evaluate, state, restore, evaluate_at_stop=True, extend=extend)
     method.sampling = False
     history = run.history
-    if cfg.calibrate and cfg.budget and history and not _meets(history[-1]["gmacs_ratio"], cfg):
+    if cfg.calibrate and cfg.budget and history and not meets_budget(history[-1]["gmacs_ratio"], cfg):
         bias = selector.actor[-1].bias
         base = bias.detach().clone()
 
@@ -365,14 +365,10 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
                    config=asdict(cfg), **run.about(),
                    **{k: history[-1][k] for k in ("top1", "gmacs", "gmacs_ratio", "cost_weight")})
     if cfg.budget:
-        metrics["budget_met"] = _meets(metrics["gmacs_ratio"], cfg)
+        metrics["budget_met"] = meets_budget(metrics["gmacs_ratio"], cfg)
     return run.finish(metrics, replicas=method,  # the selector replicas must be identical
                       export=lambda out: export_weights(method, out / "selector.safetensors",
                                                         metadata=method.options_metadata()))
-
-
-def _meets(ratio: float, cfg: SelectorConfig) -> bool:
-    return abs(ratio / cfg.budget - 1) <= cfg.budget_tolerance
 
 
 def evaluate_fidelity(runner, dense, loader, group: int = 32) -> dict:
