@@ -6,8 +6,10 @@
 #   1. train-policy --budget B (resumable: re-running the script continues every run where it stopped);
 #   2. `leanvit match` of the policy on 2,000 test images: its mean GMACs, tokens per block and the
 #      random:schedule spec at those counts (the control for its per-image choice);
-#   3. `leanvit sweep` on the 10,000 test images: dense, the policy and random at its counts, with
-#      fidelity to dense (agreement, KL) in results.json.
+#   3. `leanvit sweep --random-floor` on the 10,000 test images: dense, the policy and random at its
+#      mean counts, with fidelity to dense (agreement, KL) in results.json, and for the policy its
+#      random floor: random tokens at its own per-image counts on the same images, with the paired
+#      differences policy - floor (KL, agreement, top-1) and their 95% intervals.
 # Environment (defaults in brackets):
 #   SEEDS ["0 1 2"], BUDGETS ["0.5 0.7"] (fractions of the dense GMACs), REWARD [correct]
 #   (correct | agreement | kl), ACTOR [default] (default: hidden [4C, 256, 64] = 512-256-64;
@@ -49,7 +51,7 @@ for seed in $SEEDS; do
         --methods evit tome ppt --json "$RES/$name/match.json" < /dev/null
     random=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['random_control'])" "$RES/$name/match.json")
     leanvit sweep --model cifar10_vit12_w128 --data "$DATA" --threads 2 --batch-size 250 --out "$RES/$name/sweep" \
-        --methods none "$policy" "$random" < /dev/null
+        --methods none "$policy" "$random" --random-floor < /dev/null
 done
 done
 done

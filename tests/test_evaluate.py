@@ -128,3 +128,54 @@ def test_table_marks_significant_differences():
     table = format_table(rows, dense)
     assert "-2.00*" in table and "-0.20 " in table and "90.00" in table and "0.0200" in table and "1.90x" in table
     assert "paired 95% interval" in table
+
+
+def test_random_floor_is_random_tokens_at_the_method_counts():
+    """``controls``: the floor of a method is random tokens at its traced per-image counts, on the
+    same images; its ``vs_random_floor`` equals the paired differences recomputed from the logits,
+    and a method that keeps every token has a floor equal to itself."""
+    from conftest import sharpen, small_vit
+    from leanvit.bench import Floor
+    from leanvit.evaluate import paired_interval
+    ds = load_dataset(EMBEDDED_CIFAR10, split="test", transform=eval_transform(dict(input_size=(3, 32, 32))), limit=24)
+    m = sharpen(small_vit())
+    runners = {"dense": leanvit.adapt(m, "none"), "evit": leanvit.adapt(m, "evit", keep_rate=0.5),
+               "all": leanvit.adapt(m, "evit", keep_rate=1.0)}
+    res = evaluate(runners, make_loader(ds, batch_size=24, num_workers=0), controls=["evit", "all", "dense"])
+    assert "evit floor" in res and "all floor" in res and "dense floor" not in res  # the reference has none
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    y = torch.tensor(ds.targets)
+    with torch.inference_mode():
+        dense = runners["dense"](x)
+        with runners["evit"].tracing() as trace:
+            evit = runners["evit"](x)
+        floor = leanvit.LeanViT(m, Floor(trace, runners["evit"].method.position))(x)
+    assert res["evit floor"].gmacs == pytest.approx(res["evit"].gmacs, rel=1e-6)  # same counts, same MACs
+    assert res["evit floor"].kl_to_dense == pytest.approx(float(kl_per_image(dense, floor).mean()), rel=1e-4)
+    assert not torch.allclose(floor, evit, atol=1e-3)  # other tokens were kept
+    v = res["evit"].vs_random_floor
+    kl, kl_ci = paired_interval(kl_per_image(dense, evit) - kl_per_image(dense, floor))
+    agree, agree_ci = paired_interval(100.0 * ((evit.argmax(1) == dense.argmax(1)).double()
+                                               - (floor.argmax(1) == dense.argmax(1)).double()))
+    top1, _ = paired_interval(100.0 * ((evit.argmax(1) == y).double() - (floor.argmax(1) == y).double()))
+    assert v["kl_to_dense"] == pytest.approx(kl, rel=1e-3, abs=1e-6)
+    assert v["kl_to_dense_ci95"] == pytest.approx(kl_ci, rel=1e-3, abs=1e-6)
+    assert v["agreement"] == pytest.approx(agree) and v["agreement_ci95"] == pytest.approx(agree_ci)
+    assert v["top1"] == pytest.approx(top1)
+    same = res["all"].vs_random_floor
+    assert same["kl_to_dense"] == pytest.approx(0.0, abs=1e-6) and same["agreement"] == 0.0
+    assert res["dense"].vs_random_floor is None
+    with pytest.raises(ValueError, match="no runner"):
+        evaluate(runners, make_loader(ds, batch_size=24, num_workers=0), controls=["nope"])
+
+
+def test_floor_table_marks_where_the_method_beats_random():
+    from leanvit.report import format_floor_table
+    floor = dict(top1=70.0, agreement=80.0, kl_to_dense=0.05)
+    rows = [dict(method="x", label="a", random_floor=floor,
+                 vs_random_floor=dict(kl_to_dense=-0.02, kl_to_dense_ci95=[-0.03, -0.01], agreement=4.0,
+                                      agreement_ci95=[-1.0, 9.0], top1=1.0, top1_ci95=[-2.0, 4.0])),
+            dict(method="y", label="b")]  # no floor: no line
+    table = format_floor_table(rows)
+    assert "-0.0200 [-0.0300, -0.0100]*" in table and "+4.00 [-1.00, +9.00] " in table and "0.0500" in table
+    assert "\ny " not in table and len(table.strip().splitlines()) == 4

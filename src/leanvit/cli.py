@@ -247,7 +247,8 @@ def _comparison(args, model, model_name, specs, data_path) -> int:
                         pretrained=getattr(args, "pretrained", False), data=resolve_data(data_path), split=args.split,
                         limit=args.limit)
     result = run_comparison(model, model_name, dataset, specs, args.out, batch_size=args.batch_size,
-                            workers=args.workers, provenance=source, amp=args.amp)
+                            workers=args.workers, provenance=source, amp=args.amp,
+                            random_floor=getattr(args, "random_floor", False))
     if "table" not in result:  # not process 0 under torchrun: it prints and writes
         return 0
     print(f"{model_name} on {dataset.root} ({args.split}, {result['n_images']} images), "
@@ -623,6 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=250)
     p.add_argument("--workers", type=natural, default=None)
     p.add_argument("--out", type=path, default="leanvit-sweep", help="output directory")
+    p.add_argument("--random-floor", action="store_true",
+                   help="also run, for every method, random tokens at its own per-image counts and widths on the "
+                        "same images, and report the paired differences (KL, agreement, top-1) with 95%% intervals")
     _add_device_args(p)
     p.set_defaults(func=cmd_sweep)
 

@@ -7,6 +7,13 @@ outputs, nats), and ``delta_top1`` with ``delta_top1_ci95``, a paired 95% interv
 interval of the mean of the per-image differences d_i = correct_method,i - correct_dense,i,
 delta +- 1.96 sd(d)/sqrt(n). On the same images it is far narrower than two independent
 intervals, and KL and agreement separate methods that top-1 cannot.
+
+A method's *random floor* (``controls``) is the control for its choice of tokens: on every batch,
+random tokens kept at exactly the per-image token counts (and channel widths) the method ran
+(:class:`leanvit.bench.Floor`, replaying the method's trace of that batch). The method's
+``vs_random_floor`` holds the paired differences method - floor of KL, agreement and top-1, with
+the same paired normal intervals: a negative KL difference whose interval excludes 0 means the
+method's choice of tokens beats random at its own counts.
 """
 from __future__ import annotations
 
@@ -43,6 +50,8 @@ class EvalResult:
     delta_top1_ci95: Optional[List[float]] = None  # paired 95% interval of delta_top1
     speedup: Optional[float] = None  # reference's forward time / this runner's, over all batches
     speedup_iqr: Optional[List[float]] = None  # quartiles of the per-batch speedups: the spread
+    # paired differences to the random floor at this method's per-image counts (see the module doc)
+    vs_random_floor: Optional[Dict[str, object]] = None
     skipped_paths: List[str] = field(default_factory=list)
     extra: Dict[str, object] = field(default_factory=dict)
 
@@ -60,6 +69,25 @@ def paired_delta(correct: Tensor, reference: Tensor, z: float = 1.96) -> Tuple[f
     """Top-1 difference in points and its paired normal interval, from per-image 0/1 correctness."""
     d = correct.long() - reference.long()
     return _paired_delta(int(d.sum()), int((d * d).sum()), d.numel(), z)
+
+
+def paired_interval(d: Tensor, z: float = 1.96) -> Tuple[float, List[float]]:
+    """Mean of per-image differences ``d`` and its paired normal 95% interval."""
+    d = d.double()
+    n = d.numel()
+    mean = float(d.mean())
+    half = z * float(d.std()) / math.sqrt(n) if n > 1 else 0.0
+    return mean, [mean - half, mean + half]
+
+
+def _versus(a: Dict[str, Tensor], b: Dict[str, Tensor]) -> Dict[str, object]:
+    """Paired differences a - b over the same images: KL (nats), agreement and top-1 (points)."""
+    out = {}
+    for key, scale in (("kl_to_dense", 1.0), ("agreement", 100.0), ("top1", 100.0)):
+        mean, ci = paired_interval(scale * (a[key].double() - b[key].double()))
+        out[key] = mean
+        out[key + "_ci95"] = ci
+    return out
 
 
 def _paired_delta(sum_d: float, sum_d2: float, n: int, z: float = 1.96) -> Tuple[float, List[float]]:
@@ -86,7 +114,7 @@ SUMS = ("correct", "d", "d2", "macs", "agree", "kl", "time")  # what evaluate ad
 
 
 def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", reference: str = "dense",
-             seed: int = 0, amp: str = "off") -> Dict[str, EvalResult]:
+             seed: int = 0, amp: str = "off", controls: Iterable[str] = ()) -> Dict[str, EvalResult]:
     """Run every runner on each batch of ``loader`` (one pass over the data for all of them).
 
     The runners run in a seeded random order on every batch, so that none is favoured by always
@@ -98,12 +126,22 @@ def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", 
     shard=(rank, world))``) and the counts, MACs and fidelity sums are added up over the
     processes: every process returns the results of the whole data set (timing: images/s of one
     process, speedups over all batches).
+
+    ``controls``: runners that also get their random floor, as ``"<name> floor"`` in the results
+    (run right after the runner, on the same images), and ``vs_random_floor`` (needs ``reference``).
     """
+    from .bench import Floor  # random tokens at a traced forward's per-image counts and widths
+    controls = [c for c in controls if c != reference]
+    unknown = [c for c in controls if c not in runners]
+    if unknown:
+        raise ValueError(f"controls name no runner: {unknown}")
     names = list(runners)
+    all_names = names + [f"{c} floor" for c in controls]
     device = module_device(next(iter(runners.values())))
     # per runner: the SUMS over the images (correct, d = correct - reference's correct, d^2, MACs,
     # agreement, KL) and batches (forward seconds), and the forward seconds of every batch
-    stats = {k: dict({key: 0 for key in SUMS}, seconds=[]) for k in names}
+    stats = {k: dict({key: 0 for key in SUMS}, seconds=[]) for k in all_names}
+    per_image = {k: {key: [] for key in ("kl_to_dense", "agreement", "top1")} for k in all_names}
     n, skipped, warm = 0, [], False
     order = random.Random(seed)
     for r in runners.values():
@@ -124,8 +162,8 @@ def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", 
                 warm = True
             n += images.shape[0]
             logits, correct = {}, {}
-            for name in order.sample(names, len(names)):
-                runner = runners[name]
+
+            def run(name: str, runner: LeanViT) -> list:
                 with torch.inference_mode(), runner.tracing() as trace:
                     t0 = time.perf_counter()
                     logits[name] = runner(images)
@@ -136,14 +174,24 @@ def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", 
                 correct[name] = logits[name].argmax(dim=1) == labels
                 stats[name]["correct"] += int(correct[name].sum())
                 stats[name]["macs"] += float(macs_per_image(runner, trace, images).sum())
+                return trace
+
+            for name in order.sample(names, len(names)):
+                trace = run(name, runners[name])
+                if name in controls:
+                    run(f"{name} floor", LeanViT(runners[name].model, Floor(trace, runners[name].method.position)))
             if reference in logits:
                 ref = logits[reference]
-                for name in names:
+                for name in all_names:
                     s, d = stats[name], correct[name].long() - correct[reference].long()
+                    agree, kl = logits[name].argmax(1) == ref.argmax(1), kl_per_image(ref, logits[name])
                     s["d"] += int(d.sum())
                     s["d2"] += int((d * d).sum())
-                    s["agree"] += int((logits[name].argmax(1) == ref.argmax(1)).sum())
-                    s["kl"] += float(kl_per_image(ref, logits[name]).sum())
+                    s["agree"] += int(agree.sum())
+                    s["kl"] += float(kl.sum())
+                    if controls:  # per image, for the paired differences to the floors
+                        for key, t in (("kl_to_dense", kl), ("agreement", agree), ("top1", correct[name])):
+                            per_image[name][key].append(t.cpu())
             bar.set_postfix({k: f"{100 * s['correct'] / n:.1f}%" for k, s in stats.items()})
     # over the processes (alone: as they are); integer counts and MACs add up exactly in float64
     n_local, n = n, int(all_sum([n])[0])
@@ -151,8 +199,11 @@ def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", 
     if n == 0:
         raise ValueError(f"no readable images to evaluate ({len(skipped)} unreadable)")
     totals = {name: dict(zip(SUMS, all_sum([s[k] for k in SUMS]))) for name, s in stats.items()}
+    if controls and reference in totals:  # every process's images, in rank order
+        per_image = {k: {key: torch.cat([t for part in all_gather(v) for t in part]) for key, v in d.items()}
+                     for k, d in per_image.items()}
     results = {}
-    for name, runner in runners.items():
+    for name in all_names:
         t, fidelity = totals[name], {}
         if reference in totals:
             ref = totals[reference]
@@ -161,10 +212,13 @@ def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", 
             fidelity = dict(agreement=100.0 * t["agree"] / n, kl_to_dense=t["kl"] / n, delta_top1=delta,
                             delta_top1_ci95=ci, speedup=ref["time"] / t["time"],
                             speedup_iqr=_quartiles([r for part in all_gather(ratios) for r in part]))
+            if name in controls:
+                fidelity["vs_random_floor"] = _versus(per_image[name], per_image[f"{name} floor"])
         results[name] = EvalResult(
             method=name, top1=100.0 * t["correct"] / n, gmacs=t["macs"] / n / 1e9,
             images_per_second=n / t["time"], n_images=n, skipped=len(skipped),
-            skipped_paths=skipped, extra=_image_mean(runner.method.stats(), n_local), **fidelity)
+            skipped_paths=skipped, **fidelity,
+            extra=_image_mean(runners[name].method.stats(), n_local) if name in runners else {})
     return results
 
 
@@ -193,21 +247,27 @@ def adapt_spec(model, spec: Spec, models: Optional[dict] = None) -> LeanViT:
     return adapt(model, spec.method, **spec.options)
 
 
-def sweep(model, loader, specs: list, desc: str = "sweep", amp: str = "off") -> dict:
+def sweep(model, loader, specs: list, desc: str = "sweep", amp: str = "off", random_floor: bool = False) -> dict:
     """Dense and every :class:`~leanvit.options.Spec` in one pass over ``loader``.
 
     Returns ``{"dense": EvalResult-dict, "rows": [dict(method, label, options, ...EvalResult)]}``
-    (and ``model`` in the rows of specs that run on a model of their own).
+    (and ``model`` in the rows of specs that run on a model of their own). ``random_floor``: every
+    row also carries ``random_floor`` (the result of random tokens at its per-image counts and
+    widths) and ``vs_random_floor`` (see :func:`evaluate`).
     """
     from .provenance import method_weights, model_weights
     runners, models = {"dense": adapt(model, "none")}, {}
     for spec in specs:
         runners[f"{spec.method} {spec.label}"] = adapt_spec(model, spec, models)
-    results = evaluate(runners, loader, desc=desc, amp=amp)
+    names = [f"{spec.method} {spec.label}" for spec in specs]
+    results = evaluate(runners, loader, desc=desc, amp=amp, controls=names if random_floor else ())
     rows = []
-    for spec in specs:
-        r = results[f"{spec.method} {spec.label}"].to_dict()
+    for spec, name in zip(specs, names):
+        r = results[name].to_dict()
         r.pop("skipped_paths")
+        if random_floor:
+            r["random_floor"] = {k: v for k, v in results[f"{name} floor"].to_dict().items()
+                                 if k not in ("skipped_paths", "extra", "vs_random_floor")}
         rows.append(dict(r, method=spec.method, label=spec.label, options=spec.options,
                          method_weights=method_weights(spec.method, spec.options),
                          **({"model": spec.model, "model_weights": model_weights(spec.model)} if spec.model else {})))

@@ -414,3 +414,28 @@ def format_table(rows: Sequence[Mapping], dense: Mapping) -> str:
         out.append("* the paired 95% interval of the top-1 difference excludes 0; agree % and KL(dense || method) "
                    "are measured on the same images")
     return "\n".join(out) + "\n"
+
+
+def format_floor_table(rows: Sequence[Mapping]) -> str:
+    """The rows with a random floor (``sweep --random-floor``): each method against random tokens at
+    its own per-image counts and widths, on the same images: the floor's top-1, agreement and KL,
+    and the paired differences method - floor (``*``: the 95% interval excludes 0)."""
+    header = ["method", "budget", "floor top-1", "floor agree", "floor KL", "KL - floor [95%]",
+              "agree - floor [95%]", "top-1 - floor [95%]"]
+
+    def diff(v: Mapping, key: str, digits: int) -> str:
+        lo, hi = v[key + "_ci95"]
+        return f"{v[key]:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]" + ("*" if lo > 0 or hi < 0 else " ")
+
+    body = [[str(_get(r, "method", "")), str(_get(r, "label", "") or ""), f"{r['random_floor']['top1']:.2f}",
+             f"{r['random_floor']['agreement']:.2f}", f"{r['random_floor']['kl_to_dense']:.4f}",
+             diff(r["vs_random_floor"], "kl_to_dense", 4), diff(r["vs_random_floor"], "agreement", 2),
+             diff(r["vs_random_floor"], "top1", 2)]
+            for r in rows if _get(r, "vs_random_floor")]
+    widths = [max(len(c[i]) for c in [header] + body) for i in range(len(header))]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    out = [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(c) for c in body]
+    out.append("floor: random tokens at the method's own per-image counts and widths, same images; * the paired "
+               "95% interval of the difference excludes 0 (KL below the floor's: the method's choice beats random)")
+    return "\n".join(out) + "\n"
