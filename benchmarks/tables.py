@@ -3,14 +3,18 @@
     python benchmarks/tables.py packed  > benchmarks/results/packed/tables.md
     python benchmarks/tables.py prance  > benchmarks/results/prance_reference/tables.md
     python benchmarks/tables.py rl4evit > benchmarks/results/rl4evit/tables.md
+    python benchmarks/tables.py rl4evit_v2 > benchmarks/results/rl4evit_v2/tables.md
 
 packed: benchmarks/packed_speed.sh; prance: benchmarks/prance_selectors.sh and prance_speed.sh;
+rl4evit_v2: benchmarks/rl4evit_v2.sh (3 seeds x 2 budgets, against the random floor and the
+parameter-free curves of benchmarks/sweep_reference*.sh at equal GMACs);
 rl4evit: benchmarks/rl4evit_reference.sh (GMACs in results written from commit 4051bed,
 ``Reduction.decision_macs``, on include RL4EViT's actor and DynamicViT's predictors; the tables
 published before it, 2026-11-22, leave them out).
 """
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -251,9 +255,73 @@ def rl4evit():
               f"{r['agreement']:.2f} | {r['kl_to_dense']:.4f} | {r['gmacs']:.4f} | {r['gmacs'] / d['gmacs']:.3f} |")
 
 
+def mean_std(values, digits):
+    """"mean ± std" over seeds (sample std; one value: just it)."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def interval(v: dict, key: str, digits: int) -> str:
+    lo, hi = v[key + "_ci95"]
+    return f"{v[key]:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]" + ("*" if lo > 0 or hi < 0 else "")
+
+
+def rl4evit_v2(prefix: str = "multi_cheap_correct"):
+    """benchmarks/rl4evit_v2.sh: per seed and budget the policy on the 10,000 test images against
+    random tokens at its own per-image counts (the floor), then mean ± std over seeds, and the
+    parameter-free curves (benchmarks/sweep_reference*.sh) at the policies' mean GMACs."""
+    from leanvit.analysis import at_gmacs
+    runs = sorted(p for p in (RES / "rl4evit_v2").glob(f"{prefix}_b*_s*") if (p / "sweep" / "results.json").exists())
+    by_budget = {}
+    for p in runs:
+        budget, seed = re.match(r".*_b([0-9.]+)_s(\d+)$", p.name).groups()
+        sweep, train = load(p / "sweep" / "results.json"), load(p / "train_metrics.json")
+        row = next(r for r in sweep["rows"] if r["method"] == "rl4evit")
+        control = next(r for r in sweep["rows"] if r["method"] == "random")
+        by_budget.setdefault(float(budget), []).append((int(seed), sweep["dense"], row, control, train))
+    print(f"Per seed ({prefix}; 10,000 test images; floor = random tokens at the policy's own per-image counts, "
+          "same images; * = the paired 95% interval excludes 0)\n")
+    print("| budget | seed | held-out GMACs ratio (train) | test GMACs ratio | top-1 % | agree % | KL | "
+          "floor top-1 | floor KL | KL - floor [95%] | agree - floor [95%] | top-1 - floor [95%] | "
+          "random at mean counts: top-1 / KL |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|")
+    for budget, seeds in sorted(by_budget.items()):
+        for seed, dense, r, c, t in sorted(seeds, key=lambda s: s[0]):
+            f, v = r["random_floor"], r["vs_random_floor"]
+            print(f"| {budget} | {seed} | {t['gmacs_ratio']:.3f} | {r['gmacs'] / dense['gmacs']:.3f} | {r['top1']:.2f} | "
+                  f"{r['agreement']:.2f} | {r['kl_to_dense']:.4f} | {f['top1']:.2f} | {f['kl_to_dense']:.4f} | "
+                  f"{interval(v, 'kl_to_dense', 4)} | {interval(v, 'agreement', 2)} | {interval(v, 'top1', 2)} | "
+                  f"{c['top1']:.2f} / {c['kl_to_dense']:.4f} |")
+    refs = [load(RES / name / "results.json") for name in ("sweep_reference", "sweep_reference_aggressive")
+            if (RES / name / "results.json").exists()]
+    print("\nOver seeds (mean ± std), and the parameter-free curves at the policies' mean GMACs "
+          "(linear between measured settings of `benchmarks/sweep_reference*.sh`)\n")
+    print("| budget | seeds | within 5% of budget | GMACs ratio | actor GMACs | top-1 % | agree % | KL | "
+          "KL - floor | best parameter-free KL at equal GMACs |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for budget, seeds in sorted(by_budget.items()):
+        dense = seeds[0][1]
+        ratios = [r["gmacs"] / d["gmacs"] for _, d, r, _, _ in seeds]
+        met = sum(abs(x / budget - 1) <= 0.05 for x in ratios)
+        col = lambda key: [r[key] for _, _, r, _, _ in seeds]  # noqa: E731
+        g = statistics.mean(col("gmacs"))
+        best = ""
+        if refs and all("kl_to_dense" in row for ref in refs for row in ref["rows"]):
+            curves = {k: v[0] for k, v in at_gmacs(refs, [g], metric="kl_to_dense").items()
+                      if v[0] is not None and not k.startswith("random")}  # random is the control, not a rule
+            if curves:
+                key = min(curves, key=curves.get)
+                best = f"{key} {curves[key]:.4f}"
+        print(f"| {budget} | {len(seeds)} | {met}/{len(seeds)} (test) | {mean_std(ratios, 3)} | "
+              f"{mean_std([t['decision_gmacs'] for *_, t in seeds], 4)} | {mean_std(col('top1'), 2)} | "
+              f"{mean_std(col('agreement'), 2)} | {mean_std(col('kl_to_dense'), 4)} | "
+              f"{mean_std([r['vs_random_floor']['kl_to_dense'] for _, _, r, _, _ in seeds], 4)} | {best} |")
+
+
 
 if __name__ == "__main__":
-    tables = dict(packed=packed, prance=prance, rl4evit=rl4evit)
+    tables = dict(packed=packed, prance=prance, rl4evit=rl4evit, rl4evit_v2=rl4evit_v2)
     if len(sys.argv) != 2 or sys.argv[1] not in tables:
         sys.exit(f"usage: python benchmarks/tables.py {{{','.join(tables)}}}")
     tables[sys.argv[1]]()
