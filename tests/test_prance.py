@@ -114,6 +114,31 @@ def test_options_are_checked():
         leanvit.adapt(small_vit(depth=3), "prance", stages=4)
 
 
+def test_random_choices_are_uniform_per_image_seeded_and_free():
+    """random=true: no selector runs (no MACs for it), every image and stage draws its own widths
+    and keep ratio (several per batch), the same seed the same draws; a batch equals its images alone
+    when each image draws what it drew in the batch (the floor replays those draws)."""
+    from leanvit.bench import Floor
+    m = small_vit(sharp=3.0)
+    x = images(16, seed=5)
+    f = leanvit.adapt(m, "prance", random=True, seed=3)
+    with torch.inference_mode(), f.tracing() as trace:
+        out = f(x)
+    assert not any(rec["layer"] is None for rec in trace)  # no selector MACs noted
+    later = [rec for rec in trace if rec["layer"] in f.method.bounds[1:-1]]
+    assert all(len(set(rec["heads"].tolist())) > 1 and len(set(rec["hidden"].tolist())) > 1 for rec in later)
+    assert len({tuple(rec["mlp_tokens"].tolist()) for rec in later}) == len(later)  # counts differ by stage
+    with torch.inference_mode():
+        again = leanvit.adapt(m, "prance", random=True, seed=3)(x)
+        other = leanvit.adapt(m, "prance", random=True, seed=4)(x)
+        assert torch.equal(out, again) and not torch.allclose(out, other)
+        replay = leanvit.LeanViT(m, Floor(trace, f.method.position))  # same per-image counts and widths
+        assert leanvit.count_macs(replay, x) == pytest.approx(leanvit.count_macs(leanvit.adapt(m, "prance", random=True, seed=3), x))
+    for bad, match in ((dict(random="yes"), "random must be"), (dict(random=True, subnet="middle"), "no weights")):
+        with pytest.raises(leanvit.OptionError, match=match):
+            leanvit.adapt(m, "prance", **bad)
+
+
 def test_result_to_go_rewards_hand_made():
     # 2 decisions, 3 images. Image 0: dense right, finished network right then wrong.
     correct = torch.tensor([[True, True, False], [False, True, False]])

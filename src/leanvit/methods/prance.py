@@ -14,6 +14,10 @@ one matmul per distinct width and fewer tokens where images kept fewer.
 Token strategies: ``prune`` (keep the top ⌊ρN⌋ patches by CLS attention), ``merge`` (those are
 destinations; every other patch joins its most similar one), ``prune-merge`` (prune to ⌊ρ₁N⌋,
 then merge down to ⌊ρ₂·ρ₁N⌋) and ``none`` (channels only).
+
+``random=true`` replaces the selector by uniform random choices per image and stage (seeded by
+``seed``, no network): PRANCE's random floor over its whole action space, and ragged per-image
+widths on any channel-elastic ViT (for measuring packed execution where no selector is trained).
 """
 from __future__ import annotations
 
@@ -79,8 +83,17 @@ class Prance(Reduction, nn.Module):
 
     name = "prance"
 
-    def __init__(self, strategy=None, channels=None, stages=4, weights=None, subnet=None, state=None):
+    def __init__(self, strategy=None, channels=None, stages=4, weights=None, subnet=None, state=None,
+                 random=False, seed=0):
         nn.Module.__init__(self)
+        if not isinstance(random, bool):
+            raise OptionError(f"prance: random must be true or false, got {random!r}")
+        if random and (weights or subnet):
+            raise OptionError("prance: random=true draws every choice at random: give no weights= nor subnet=")
+        # random=true: per image and stage, every choice uniform over its options (seeded), no
+        # selector network: PRANCE's own random floor, on any channel-elastic ViT
+        self.random = random
+        self.generator = torch.Generator().manual_seed(check_int("prance", "seed", seed))
         # strategy and channels default to what the selector weights were trained with (else
         # prune, with channels): adapt(model, "prance", weights=NAME) needs nothing else
         self.strategy_option, self.channels_option, self.state_option = strategy, channels, state
@@ -254,6 +267,9 @@ class Prance(Reduction, nn.Module):
             return dict(heads=torch.full((b,), f.heads, device=dev), hidden=torch.full((b,), f.hidden, device=dev),
                         keep=torch.full((b,), f.keep, dtype=torch.float64, device=dev),
                         merge=torch.full((b,), f.merge, dtype=torch.float64, device=dev)), None
+        if self.random:
+            actions = torch.rand(state.batch, self.action_dim, generator=self.generator, dtype=torch.float64)
+            return self.to_choices(actions.to(state.x.device)), None
         feats = self.features(state, k)
         dist = self.selector.distribution(feats)
         if not self.sampling:
@@ -270,7 +286,7 @@ class Prance(Reduction, nn.Module):
         if k == self.n_stages:
             return state
         choice, record = self.decide(state, k)
-        if self.fixed is None:
+        if self.fixed is None and not self.random:
             runner.note_macs(self.selector_macs())
         plan = dict(keep=choice["keep"], merge=choice["merge"], n_in=state.counts() - state.n_prefix)
         if self.sampling:
@@ -342,7 +358,7 @@ class Prance(Reduction, nn.Module):
         return "prance's selector chooses per-image widths and token counts: a ragged, packed batch"
 
     def extra_repr(self):
-        fixed = f", subnet={self.subnet}" if self.subnet else ""
+        fixed = f", subnet={self.subnet}" if self.subnet else ", random=true" if self.random else ""
         strategy = getattr(self, "strategy", self.strategy_option)  # resolved when bound
         channels = getattr(self, "channels", self.channels_option)
         return f"strategy={strategy}, channels={channels}, stages={self.n_stages}{fixed}" + \
