@@ -63,8 +63,37 @@ def test_none_matches_timm_logits(variant, mode, device):
     with torch.no_grad():
         ref = model(x)
         out = f(x)
+        with f.tracing():  # a trace records what ran: leanvit's own block runner, never timm's Block.forward
+            general = f(x)
     assert out.shape == ref.shape
     assert (out - ref).abs().max().item() <= 1e-5
+    assert (general - ref).abs().max().item() <= 1e-5
+
+
+def test_blocks_with_nothing_to_do_run_timms_own_forward():
+    """Where a block has nothing of leanvit's (no decision in or after it, every token real and
+    unmerged, full width, not tracing) it is timm's Block.forward itself, bit for bit; the others
+    run leanvit's block runner."""
+    m = sharpen(small_vit(), 2.0)
+    x = images(3)
+    called = []
+    for i, blk in enumerate(m.blocks):
+        blk.register_forward_hook(lambda mod, args, out, i=i: called.append(i))
+    with torch.no_grad():
+        ref = m(x)
+        called.clear()
+        assert torch.equal(leanvit.adapt(m, "none")(x), ref) and called == list(range(12))
+        called.clear()
+        traced = leanvit.adapt(m, "none")
+        with traced.tracing():
+            traced(x)
+        assert called == []
+        called.clear()
+        leanvit.adapt(m, "evit", keep_rate=0.5)(x)  # decisions in 3, 6, 9; its fused token has a size
+        assert called[:3] == [0, 1, 2] and not {3, 6, 9} & set(called)
+        called.clear()
+        leanvit.adapt(m, "channels", heads=0.5)(x)  # every block sliced
+        assert called == []
 
 
 def test_none_matches_timm_deit_tiny_224(x224):

@@ -206,6 +206,12 @@ class LeanViT(nn.Module):
         self.decision_layers = layers if method.position == "attention" else frozenset()
         self.after_block_layers = layers if method.position == "block" else frozenset()
         self.prepare_layers = frozenset(method.prepare_layers())
+        # blocks that can run as timm's own Block.forward when the tokens are plain (see _plain):
+        # timm's Block with its fused attention (the SDPA call run_block makes), no decision in or
+        # after it, full width
+        self._timm_blocks = frozenset(
+            i for i, blk in enumerate(model.blocks)
+            if type(blk) is Block and blk.attn.fused_attn and i not in layers and not method.block_widths(i))
         self.track_source = False  # set True to record which input tokens each token stands for
         # True: pruning marks tokens invalid instead of removing them (training with a fixed batch
         # shape, as RL4EViT and DynamicViT train); merging methods cannot run masked
@@ -328,6 +334,10 @@ class LeanViT(nn.Module):
         the block returns ``(state, packed)`` with ``state.x`` stale and ``packed`` to unpack.
         Otherwise the batch runs as one (B, N, C) tensor, as timm runs it, and ``packed`` is None.
         """
+        if packed is None and self._plain(index, state):
+            # nothing of leanvit's in this block: timm's own Block.forward, without the per-call
+            # bookkeeping below (at batch 1 on a small ViT that bookkeeping cost ~25% of the time)
+            return state.replace(x=blk(state.x)), None
         static = self.method.block_widths(index) or (None, None)  # static channel widths
         if packed is None:
             layout = self._layout(state)
@@ -389,6 +399,13 @@ class LeanViT(nn.Module):
             if trace:
                 record["tokens"] = self._tokens_of(state)  # not _trace[-1]: the decision's cost came after it
         return state, packed
+
+    def _plain(self, index: int, state: TokenState) -> bool:
+        """Whether block ``index`` on ``state`` is exactly timm's Block.forward on ``state.x``: one
+        of ``_timm_blocks``, every token real and unmerged, no per-image widths, rotary table or
+        differentiable policy, and not tracing (a trace records what ran)."""
+        return (index in self._timm_blocks and self._trace is None and state.valid is None and state.size is None
+                and state.policy is None and state.heads is None and state.hidden is None and state.rope is None)
 
     def _tokens_of(self, decided: Optional[TokenState]) -> Optional[dict]:
         """For token maps (tracing with sources): which input tokens each token stands for after a
