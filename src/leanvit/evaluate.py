@@ -74,10 +74,7 @@ def paired_delta(correct: Tensor, reference: Tensor, z: float = 1.96) -> Tuple[f
 def paired_interval(d: Tensor, z: float = 1.96) -> Tuple[float, List[float]]:
     """Mean of per-image differences ``d`` and its paired normal 95% interval."""
     d = d.double()
-    n = d.numel()
-    mean = float(d.mean())
-    half = z * float(d.std()) / math.sqrt(n) if n > 1 else 0.0
-    return mean, [mean - half, mean + half]
+    return _paired_delta(float(d.sum()), float((d * d).sum()), d.numel(), z, scale=1.0)
 
 
 def _versus(a: Dict[str, Tensor], b: Dict[str, Tensor]) -> Dict[str, object]:
@@ -90,12 +87,13 @@ def _versus(a: Dict[str, Tensor], b: Dict[str, Tensor]) -> Dict[str, object]:
     return out
 
 
-def _paired_delta(sum_d: float, sum_d2: float, n: int, z: float = 1.96) -> Tuple[float, List[float]]:
-    """:func:`paired_delta` from the sums of the differences and of their squares (integers, so
-    that processes can add theirs up exactly)."""
+def _paired_delta(sum_d: float, sum_d2: float, n: int, z: float = 1.96,
+                  scale: float = 100.0) -> Tuple[float, List[float]]:
+    """:func:`paired_delta` (``scale`` 100: points) from the sums of the differences and of their
+    squares (integers for 0/1 correctness, so that processes can add theirs up exactly)."""
     mean = sum_d / n
     sd = math.sqrt(max(sum_d2 - n * mean * mean, 0.0) / (n - 1)) if n > 1 else 0.0
-    delta, half = 100.0 * mean, 100.0 * z * sd / math.sqrt(n)
+    delta, half = scale * mean, scale * z * sd / math.sqrt(n)
     return delta, [delta - half, delta + half]
 
 
