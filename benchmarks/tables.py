@@ -4,6 +4,7 @@
     python benchmarks/tables.py prance  > benchmarks/results/prance_reference/tables.md
     python benchmarks/tables.py rl4evit > benchmarks/results/rl4evit/tables.md
     python benchmarks/tables.py rl4evit_v2 > benchmarks/results/rl4evit_v2/tables.md
+    python benchmarks/tables.py reference > benchmarks/results/sweep_reference/tables.md
 
 packed: benchmarks/packed_speed.sh; prance: benchmarks/prance_selectors.sh and prance_speed.sh;
 rl4evit_v2: benchmarks/rl4evit_v2.sh (3 seeds x 2 budgets, against the random floor and the
@@ -319,9 +320,46 @@ def rl4evit_v2(prefix: str = "multi_cheap_correct"):
               f"{mean_std([r['vs_random_floor']['kl_to_dense'] for _, _, r, _, _ in seeds], 4)} | {best} |")
 
 
+REFERENCE_SWEEPS = ("sweep_reference", "sweep_reference_aggressive")
+EQUAL_GMACS = (0.089, 0.095, 0.105, 0.115, 0.125, 0.14, 0.155)
+
+
+def reference():
+    """benchmarks/sweep_reference.sh and sweep_reference_aggressive.sh: every parameter-free method
+    on the reference model with fidelity to dense, then top-1 and KL at equal GMACs."""
+    from leanvit.analysis import at_gmacs
+    sweeps = [load(RES / name / "results.json") for name in REFERENCE_SWEEPS]
+    dense = sweeps[0]["dense"]
+    print(f"{sweeps[0]['n_images']} test images, batch {sweeps[0]['batch_size']}, {sweeps[0]['threads']} threads, "
+          f"{sweeps[0]['date']}; dense {dense['top1']:.2f}%, {dense['gmacs']:.4f} GMACs, "
+          f"{dense['images_per_second']:.0f} img/s\n")
+    print("| method, budget | top-1 % | vs dense (95% CI) | agree % | KL to dense | GMACs | speedup [IQR] | "
+          "PPT prune % per layer |")
+    print("|---|---:|---|---:|---:|---:|---|---|")
+    for sweep in sweeps:
+        for r in sweep["rows"]:
+            lo, hi = r["delta_top1_ci95"]
+            sig = "*" if lo > 0 or hi < 0 else ""
+            prune = r["extra"].get("prune_fraction_per_layer") or {}
+            prune = " / ".join(f"{100 * v:.1f}" for _, v in sorted(prune.items(), key=lambda kv: int(kv[0])))
+            q1, q3 = r["speedup_iqr"]
+            label = r["label"].replace("threshold=", "τ=")
+            print(f"| `{r['method']}` {label} | {r['top1']:.2f} | {r['delta_top1']:+.2f}{sig} ({lo:+.2f}, {hi:+.2f}) | "
+                  f"{r['agreement']:.2f} | {r['kl_to_dense']:.4f} | {r['gmacs']:.3f} | {r['speedup']:.2f}x "
+                  f"[{q1:.2f}, {q3:.2f}] | {prune} |")
+    for metric, digits in (("top1", 2), ("kl_to_dense", 4), ("agreement", 2)):
+        table = at_gmacs(sweeps, EQUAL_GMACS, metric=metric)
+        print(f"\n{metric} at equal GMACs (linear along each curve; blank outside a curve's range)\n")
+        print("| curve | " + " | ".join(f"{g:.3f} G ({g / dense['gmacs']:.2f})" for g in EQUAL_GMACS) + " |")
+        print("|---|" + "---:|" * len(EQUAL_GMACS))
+        for key, vals in table.items():
+            if sum(v is not None for v in vals) > 0:
+                print(f"| {key} | " + " | ".join("" if v is None else f"{v:.{digits}f}" for v in vals) + " |")
+
+
 
 if __name__ == "__main__":
-    tables = dict(packed=packed, prance=prance, rl4evit=rl4evit, rl4evit_v2=rl4evit_v2)
+    tables = dict(packed=packed, prance=prance, rl4evit=rl4evit, rl4evit_v2=rl4evit_v2, reference=reference)
     if len(sys.argv) != 2 or sys.argv[1] not in tables:
         sys.exit(f"usage: python benchmarks/tables.py {{{','.join(tables)}}}")
     tables[sys.argv[1]]()
