@@ -3,7 +3,8 @@
     python benchmarks/tables.py packed  > benchmarks/results/packed/tables.md
     python benchmarks/tables.py prance  > benchmarks/results/prance_reference/tables.md
     python benchmarks/tables.py rl4evit > benchmarks/results/rl4evit/tables.md
-    python benchmarks/tables.py rl4evit_v2 > benchmarks/results/rl4evit_v2/tables.md
+    python benchmarks/tables.py rl4evit_v2 [RUN PREFIX, default multi_cheap_correct] > benchmarks/results/rl4evit_v2/tables.md
+    python benchmarks/tables.py dynamicvit_v2 > benchmarks/results/dynamicvit_v2/tables.md
     python benchmarks/tables.py reference > benchmarks/results/sweep_reference/tables.md
 
 packed: benchmarks/packed_speed.sh; prance: benchmarks/prance_selectors.sh and prance_speed.sh;
@@ -272,40 +273,74 @@ def rl4evit_v2(prefix: str = "multi_cheap_correct"):
     """benchmarks/rl4evit_v2.sh: per seed and budget the policy on the 10,000 test images against
     random tokens at its own per-image counts (the floor), then mean ± std over seeds, and the
     parameter-free curves (benchmarks/sweep_reference*.sh) at the policies' mean GMACs."""
-    from leanvit.analysis import at_gmacs
-    runs = sorted(p for p in (RES / "rl4evit_v2").glob(f"{prefix}_b*_s*") if (p / "sweep" / "results.json").exists())
-    by_budget = {}
-    for p in runs:
+    runs = []
+    for p in sorted((RES / "rl4evit_v2").glob(f"{prefix}_b*_s*")):
+        if not (p / "sweep" / "results.json").exists():
+            continue
         budget, seed = re.match(r".*_b([0-9.]+)_s(\d+)$", p.name).groups()
         sweep, train = load(p / "sweep" / "results.json"), load(p / "train_metrics.json")
         row = next(r for r in sweep["rows"] if r["method"] == "rl4evit")
         control = next(r for r in sweep["rows"] if r["method"] == "random")
-        by_budget.setdefault(float(budget), []).append((int(seed), sweep["dense"], row, control, train))
-    print(f"Per seed ({prefix}; 10,000 test images; floor = random tokens at the policy's own per-image counts, "
-          "same images; * = the paired 95% interval excludes 0)\n")
-    print("| budget | seed | held-out GMACs ratio (train) | test GMACs ratio | top-1 % | agree % | KL | "
-          "floor top-1 | floor KL | KL - floor [95%] | agree - floor [95%] | top-1 - floor [95%] | "
-          "random at mean counts: top-1 / KL |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|")
-    for budget, seeds in sorted(by_budget.items()):
-        for seed, dense, r, c, t in sorted(seeds, key=lambda s: s[0]):
-            f, v = r["random_floor"], r["vs_random_floor"]
-            print(f"| {budget} | {seed} | {t['gmacs_ratio']:.3f} | {r['gmacs'] / dense['gmacs']:.3f} | {r['top1']:.2f} | "
-                  f"{r['agreement']:.2f} | {r['kl_to_dense']:.4f} | {f['top1']:.2f} | {f['kl_to_dense']:.4f} | "
-                  f"{interval(v, 'kl_to_dense', 4)} | {interval(v, 'agreement', 2)} | {interval(v, 'top1', 2)} | "
-                  f"{c['top1']:.2f} / {c['kl_to_dense']:.4f} |")
+        runs.append(dict(budget=float(budget), seed=int(seed), dense=sweep["dense"], row=row,
+                         decision_gmacs=train["decision_gmacs"],
+                         extra={"held-out GMACs ratio (train)": f"{train['gmacs_ratio']:.3f}",
+                                "random at mean counts: top-1 / KL": f"{control['top1']:.2f} / {control['kl_to_dense']:.4f}"}))
+    learned_vs_floor(prefix, runs, "policies'", "actor")
+
+
+def dynamicvit_v2():
+    """benchmarks/dynamicvit_v2.sh: DynamicViT (predictors and ViT fine-tuned) per seed and budget,
+    with fidelity to the *original* dense model, against random tokens at its counts on the same
+    fine-tuned ViT; the fine-tuned ViT's own dense KL says how much of DynamicViT's is fine-tuning."""
+    runs = []
+    for p in sorted((RES / "dynamicvit_v2").glob("b*_s*")):
+        if not (p / "sweep" / "results.json").exists():
+            continue
+        budget, seed = re.match(r"b([0-9.]+)_s(\d+)$", p.name).groups()
+        sweep = load(p / "sweep" / "results.json")
+        row = next(r for r in sweep["rows"] if r["method"] == "dynamicvit")
+        tuned = next(r for r in sweep["rows"] if r["method"] == "none")
+        runs.append(dict(budget=float(budget), seed=int(seed), dense=sweep["dense"], row=row,
+                         decision_gmacs=None, extra={
+                             "fine-tuned ViT dense: top-1 / agree / KL":
+                                 f"{tuned['top1']:.2f} / {tuned['agreement']:.2f} / {tuned['kl_to_dense']:.4f}"}))
+    learned_vs_floor("DynamicViT, keep rate matched to the budget", runs, "runs'", "predictor")
+
+
+def learned_vs_floor(title: str, runs: list, whose: str, decision: str):
+    """Per seed and budget a learned method on the test images against its random floor, then
+    mean ± std over seeds and the best parameter-free curve at the same mean GMACs. ``runs``: dicts
+    of budget, seed, dense, row (a sweep row with ``random_floor``), decision_gmacs, extra columns."""
+    from leanvit.analysis import at_gmacs
+    print(f"Per seed ({title}; {runs[0]['row']['n_images'] if runs else 0:,} test images; floor = random tokens "
+          f"at the method's own per-image counts, same images; * = the paired 95% interval excludes 0)\n")
+    extra = list(runs[0]["extra"]) if runs else []  # the first before the test columns, the rest after
+    head = ["budget", "seed", *extra[:1], "test GMACs ratio", "top-1 %", "agree %", "KL", "floor top-1", "floor KL",
+            "KL - floor [95%]", "agree - floor [95%]", "top-1 - floor [95%]", *extra[1:]]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---:|" * (len(head) - 3 - len(extra[1:])) + "---|" * (3 + len(extra[1:])))
+    for r in sorted(runs, key=lambda r: (r["budget"], r["seed"])):
+        row, f, v = r["row"], r["row"]["random_floor"], r["row"]["vs_random_floor"]
+        cols = list(r["extra"].values())
+        cells = [r["budget"], r["seed"], *cols[:1], f"{row['gmacs'] / r['dense']['gmacs']:.3f}", f"{row['top1']:.2f}",
+                 f"{row['agreement']:.2f}", f"{row['kl_to_dense']:.4f}", f"{f['top1']:.2f}", f"{f['kl_to_dense']:.4f}",
+                 interval(v, "kl_to_dense", 4), interval(v, "agreement", 2), interval(v, "top1", 2), *cols[1:]]
+        print("| " + " | ".join(map(str, cells)) + " |")
     refs = [load(RES / name / "results.json") for name in ("sweep_reference", "sweep_reference_aggressive")
             if (RES / name / "results.json").exists()]
-    print("\nOver seeds (mean ± std), and the parameter-free curves at the policies' mean GMACs "
+    print(f"\nOver seeds (mean ± std), and the parameter-free curves at the {whose} mean GMACs "
           "(linear between measured settings of `benchmarks/sweep_reference*.sh`)\n")
-    print("| budget | seeds | within 5% of budget | GMACs ratio | actor GMACs | top-1 % | agree % | KL | "
+    print(f"| budget | seeds | within 5% of budget | GMACs ratio | {decision} GMACs | top-1 % | agree % | KL | "
           "KL - floor | best parameter-free KL at equal GMACs |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    by_budget = {}
+    for r in runs:
+        by_budget.setdefault(r["budget"], []).append(r)
     for budget, seeds in sorted(by_budget.items()):
-        dense = seeds[0][1]
-        ratios = [r["gmacs"] / d["gmacs"] for _, d, r, _, _ in seeds]
+        rows = [r["row"] for r in seeds]
+        ratios = [row["gmacs"] / r["dense"]["gmacs"] for row, r in zip(rows, seeds)]
         met = sum(abs(x / budget - 1) <= 0.05 for x in ratios)
-        col = lambda key: [r[key] for _, _, r, _, _ in seeds]  # noqa: E731
+        col = lambda key: [row[key] for row in rows]  # noqa: E731
         g = statistics.mean(col("gmacs"))
         best = ""
         if refs and all("kl_to_dense" in row for ref in refs for row in ref["rows"]):
@@ -314,10 +349,11 @@ def rl4evit_v2(prefix: str = "multi_cheap_correct"):
             if curves:
                 key = min(curves, key=curves.get)
                 best = f"{key} {curves[key]:.4f}"
+        decision = [r["decision_gmacs"] for r in seeds if r["decision_gmacs"] is not None]
         print(f"| {budget} | {len(seeds)} | {met}/{len(seeds)} (test) | {mean_std(ratios, 3)} | "
-              f"{mean_std([t['decision_gmacs'] for *_, t in seeds], 4)} | {mean_std(col('top1'), 2)} | "
+              f"{mean_std(decision, 4) if decision else 'in GMACs'} | {mean_std(col('top1'), 2)} | "
               f"{mean_std(col('agreement'), 2)} | {mean_std(col('kl_to_dense'), 4)} | "
-              f"{mean_std([r['vs_random_floor']['kl_to_dense'] for _, _, r, _, _ in seeds], 4)} | {best} |")
+              f"{mean_std([row['vs_random_floor']['kl_to_dense'] for row in rows], 4)} | {best} |")
 
 
 REFERENCE_SWEEPS = ("sweep_reference", "sweep_reference_aggressive")
@@ -359,7 +395,9 @@ def reference():
 
 
 if __name__ == "__main__":
-    tables = dict(packed=packed, prance=prance, rl4evit=rl4evit, rl4evit_v2=rl4evit_v2, reference=reference)
-    if len(sys.argv) != 2 or sys.argv[1] not in tables:
-        sys.exit(f"usage: python benchmarks/tables.py {{{','.join(tables)}}}")
-    tables[sys.argv[1]]()
+    tables = dict(packed=packed, prance=prance, rl4evit=rl4evit, rl4evit_v2=rl4evit_v2, dynamicvit_v2=dynamicvit_v2,
+                  reference=reference)
+    if len(sys.argv) < 2 or sys.argv[1] not in tables or len(sys.argv) > (3 if sys.argv[1] == "rl4evit_v2" else 2):
+        sys.exit(f"usage: python benchmarks/tables.py {{{','.join(tables)}}} (rl4evit_v2 takes a run prefix, "
+                 "e.g. multi_cheap_kl)")
+    tables[sys.argv[1]](*sys.argv[2:3])

@@ -24,6 +24,12 @@ def test_option_parsing():
     assert parse_spec("tome:r=(13,0.5)") == Spec("tome", "r=(13,0.5)", {"r": (13, 0.5)})
     assert parse_spec("ppt:r=10:threshold=scaled") == Spec("ppt", "r=10 threshold=scaled", {"r": 10, "threshold": "scaled"})
     assert parse_spec("none") == Spec("none", "default", {})
+    # what a spec runs on is not a method option
+    assert parse_spec("dynamicvit:keep_rate=0.6:checkpoint=ft.safetensors") == Spec(
+        "dynamicvit", "keep_rate=0.6 checkpoint=ft.safetensors", {"keep_rate": 0.6}, checkpoint="ft.safetensors")
+    assert parse_spec("prance:model=cifar10_vit12_w128_prance").model == "cifar10_vit12_w128_prance"
+    with pytest.raises(ValueError, match="checkpoint= takes a file"):
+        parse_spec("none:checkpoint=3")
     with pytest.raises(ValueError, match="key=value"):
         parse_options(["r50"])
 
@@ -101,6 +107,7 @@ def test_bench_json(tmp_path, capsys):
     (["bench", "--model", "deit_tiny_patch16_224", "--methods", "tome", "--input-size", "3", "32", "32"],
      "expects 224x224 images, got 32x32"),
     (["train-policy", "--model", "deit_tiny_patch16_224", "--method", "ppt", "--out", "/tmp/x"], "trains rl4evit"),
+    (["bench", "--model", "deit_tiny_patch16_224", "--methods", "tome:checkpoint=ft.safetensors"], "are for `leanvit sweep`"),
 ])
 def test_errors(args, message, capsys):
     code, out, err = run_cli(args, capsys)

@@ -169,6 +169,36 @@ def test_random_floor_is_random_tokens_at_the_method_counts():
         evaluate(runners, make_loader(ds, batch_size=24, num_workers=0), controls=["nope"])
 
 
+def test_a_spec_on_its_own_checkpoint_is_measured_against_the_compared_dense_model(tmp_path):
+    """``checkpoint=`` runs a row on a copy of the compared model with other weights (a ViT
+    fine-tuned with its method): its fidelity is to the compared model's dense forward, its random
+    floor runs on the same copy, and the row names the weights; the compared model is untouched."""
+    from safetensors.torch import save_file
+    from conftest import sharpen, small_vit
+    from leanvit.evaluate import sweep
+    from leanvit.options import parse_spec
+    from leanvit.provenance import file_sha256
+    ds = load_dataset(EMBEDDED_CIFAR10, split="test", transform=eval_transform(dict(input_size=(3, 32, 32))), limit=16)
+    m = sharpen(small_vit())
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    other = {k: v + 0.05 * torch.randn_like(v) if k.startswith("head") else v.clone() for k, v in before.items()}
+    path = tmp_path / "ft.safetensors"
+    save_file(other, str(path))
+    specs = [parse_spec("none"), parse_spec(f"none:checkpoint={path}"), parse_spec(f"evit:keep_rate=0.5:checkpoint={path}")]
+    res = sweep(m, make_loader(ds, batch_size=16, num_workers=0), specs, random_floor=True)
+    plain, own, evit = res["rows"]
+    assert plain["kl_to_dense"] == pytest.approx(0.0, abs=1e-7) and "model_weights" not in plain
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    tuned = small_vit()
+    tuned.load_state_dict(other)
+    with torch.inference_mode():
+        kl = float(kl_per_image(m.eval()(x), tuned.eval()(x)).mean())
+    assert kl > 1e-4 and own["kl_to_dense"] == pytest.approx(kl, rel=1e-4)
+    assert own["model_weights"]["checkpoint_sha256"] == file_sha256(path) and "model" not in own
+    assert evit["random_floor"]["gmacs"] == pytest.approx(evit["gmacs"], rel=1e-6)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
 def test_floor_table_marks_where_the_method_beats_random():
     from leanvit.report import format_floor_table
     floor = dict(top1=70.0, agreement=80.0, kl_to_dense=0.05)

@@ -100,12 +100,21 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _on_model(text: str):
+    """A method spec that runs on --model (model=/checkpoint= of a spec are for sweep)."""
+    spec = parse_spec(text)
+    if spec.model or spec.checkpoint:
+        raise CliError(f"{text}: model= and checkpoint= in a method spec are for `leanvit sweep`; "
+                       "here the method runs on --model (and --checkpoint)")
+    return spec
+
+
 def cmd_bench(args) -> int:
     from .bench import benchmark, format_table
     from .data import resolve_data
     from .provenance import provenance
     from .runtime import adapt
-    methods = [(text, spec.method, spec.options) for text, spec in zip(args.methods, map(parse_spec, args.methods))]
+    methods = [(text, spec.method, spec.options) for text, spec in zip(args.methods, map(_on_model, args.methods))]
     model = _load(args)
     size = args.input_size or list(model.pretrained_cfg.get("input_size", (3, 224, 224)))
     if args.data:
@@ -303,7 +312,7 @@ def cmd_match(args) -> int:
         if not args.data:
             raise CliError("--method needs --data: a method's token counts depend on the images")
         from .data import eval_transform, load_dataset, make_loader, model_label_names
-        spec = parse_spec(args.method)
+        spec = _on_model(args.method)
         runner = adapt(model, spec.method, **spec.options)
         ds = load_dataset(args.data, split=args.split, transform=eval_transform(model), num_classes=model.num_classes,
                           limit=args.limit, classes=model_label_names(model))
@@ -619,7 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=path, help=DATA_HELP)
     p.add_argument("--split", default="test")
     p.add_argument("--methods", nargs="+", required=True, metavar="SPEC",
-                   help="method specs name:key=value:..., e.g. tome:r=2 tome:r=4 ppt:r=10:threshold=scaled")
+                   help="method specs name:key=value:..., e.g. tome:r=2 tome:r=4 ppt:r=10:threshold=scaled; "
+                        "checkpoint=FILE runs one on other weights for --model (e.g. a ViT fine-tuned with "
+                        "dynamicvit), model=NAME on another shipped model, both against --model's dense forward")
     p.add_argument("--limit", type=positive_int, help="a class-balanced subset of this many images (default: all)")
     p.add_argument("--batch-size", type=positive_int, default=250)
     p.add_argument("--workers", type=natural, default=None)

@@ -17,6 +17,7 @@ method's choice of tokens beats random at its own counts.
 """
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -31,7 +32,7 @@ from tqdm import tqdm
 from .device import all_gather, all_sum, autocast, is_main, module_device
 from .measure import macs_per_image
 from .methods.base import leaves_no_trace
-from .models import load_model
+from .models import load_fitting, load_model, read_state_dict
 from .options import Spec
 from .runtime import LeanViT, adapt
 
@@ -235,25 +236,42 @@ def _image_mean(stats: dict, n_local: int) -> dict:
 
 
 def adapt_spec(model, spec: Spec, models: Optional[dict] = None) -> LeanViT:
-    """``spec``'s method on ``model``, or on the shipped model the spec names (loaded once into
-    ``models``, a cache by name)."""
-    if spec.model is not None:
+    """``spec``'s method on ``model``, or on the model the spec names: a shipped model and/or a
+    checkpoint (of the shipped model, else of a copy of ``model``), loaded once into ``models``,
+    a cache by (name, checkpoint)."""
+    if spec.model is not None or spec.checkpoint is not None:
         models = {} if models is None else models
-        if spec.model not in models:
-            models[spec.model] = load_model(spec.model).to(module_device(model))
-        model = models[spec.model]
+        key = (spec.model, spec.checkpoint)
+        if key not in models:
+            if spec.model is not None:
+                own = load_model(spec.model, checkpoint=spec.checkpoint)
+            else:
+                own = copy.deepcopy(model).cpu()
+                load_fitting(own, read_state_dict(spec.checkpoint), spec.checkpoint, type(model).__name__)
+            models[key] = own.eval().to(module_device(model))
+        model = models[key]
     return adapt(model, spec.method, **spec.options)
+
+
+def _runs_on(spec: Spec) -> dict:
+    """What a row ran on when not the compared model: the shipped model and its weights file."""
+    from .provenance import model_weights
+    if spec.model is None and spec.checkpoint is None:
+        return {}
+    weights = model_weights(spec.model or "the compared model", checkpoint=spec.checkpoint)
+    return dict(model_weights=weights, **({"model": spec.model} if spec.model else {}))
 
 
 def sweep(model, loader, specs: list, desc: str = "sweep", amp: str = "off", random_floor: bool = False) -> dict:
     """Dense and every :class:`~leanvit.options.Spec` in one pass over ``loader``.
 
     Returns ``{"dense": EvalResult-dict, "rows": [dict(method, label, options, ...EvalResult)]}``
-    (and ``model`` in the rows of specs that run on a model of their own). ``random_floor``: every
+    (and ``model_weights``, ``model`` in the rows of specs that run on a model of their own: a
+    shipped model or a checkpoint, measured against ``model``'s dense forward). ``random_floor``: every
     row also carries ``random_floor`` (the result of random tokens at its per-image counts and
     widths) and ``vs_random_floor`` (see :func:`evaluate`).
     """
-    from .provenance import method_weights, model_weights
+    from .provenance import method_weights
     runners, models = {"dense": adapt(model, "none")}, {}
     for spec in specs:
         runners[f"{spec.method} {spec.label}"] = adapt_spec(model, spec, models)
@@ -268,5 +286,5 @@ def sweep(model, loader, specs: list, desc: str = "sweep", amp: str = "off", ran
                                  if k not in ("skipped_paths", "extra", "vs_random_floor")}
         rows.append(dict(r, method=spec.method, label=spec.label, options=spec.options,
                          method_weights=method_weights(spec.method, spec.options),
-                         **({"model": spec.model, "model_weights": model_weights(spec.model)} if spec.model else {})))
+                         **_runs_on(spec)))
     return dict(dense=results["dense"].to_dict(), rows=rows)

@@ -20,12 +20,18 @@ from typing import Callable, List, NamedTuple, Optional
 
 class Spec(NamedTuple):
     """One configuration of a comparison: a method, a label for its budget, its options, and
-    the shipped model it runs on when not the compared one (PRANCE runs on its meta-network)."""
+    the model it runs on when not the compared one: a shipped model (PRANCE runs on its
+    meta-network) and/or a checkpoint of that model (a ViT fine-tuned with its method, as
+    DynamicViT is), so that its fidelity is measured against the compared dense model."""
 
     method: str
     label: str
     options: dict
     model: Optional[str] = None
+    checkpoint: Optional[str] = None
+
+
+SPEC_KEYS = ("model", "checkpoint")  # keys of a spec that say what it runs on, not method options
 
 
 def parse_value(text: str):
@@ -88,9 +94,17 @@ def parse_options(pairs: List[str]) -> dict:
 
 
 def parse_spec(text: str) -> Spec:
-    """'ppt:r=10:threshold=scaled' -> Spec('ppt', 'r=10 threshold=scaled', {'r': 10, 'threshold': 'scaled'})."""
+    """'ppt:r=10:threshold=scaled' -> Spec('ppt', 'r=10 threshold=scaled', {'r': 10, 'threshold': 'scaled'}).
+
+    ``model=NAME`` (a shipped reference model) and ``checkpoint=FILE`` (weights for it, or for the
+    compared model) say what the method runs on: 'dynamicvit:keep_rate=0.6:checkpoint=ft.safetensors'."""
     method, *pairs = text.split(":")
-    return Spec(method, " ".join(pairs) or "default", parse_options(pairs))
+    options = parse_options(pairs)
+    where = {k: options.pop(k) for k in SPEC_KEYS if k in options}
+    for key, value in where.items():
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{text}: {key}= takes a {'file' if key == 'checkpoint' else 'model name'}, got {value!r}")
+    return Spec(method, " ".join(pairs) or "default", options, **where)
 
 
 # --- configuration fields on the command line ------------------------------------------------------
