@@ -13,9 +13,11 @@
 # Environment (defaults in brackets):
 #   SEEDS ["0 1 2"], BUDGETS ["0.5 0.7"] (fractions of the dense GMACs), REWARD [correct]
 #   (correct | agreement | kl), ACTOR [default] (default: hidden [4C, 256, 64] = 512-256-64;
-#   cheap: hidden=[64], about a twentieth of the default actor's MACs), AGENTS [multi] (multi |
-#   single, or both), EPOCHS [4] (epochs over LIMIT_TRAIN [9600] images, batch 64), DATA.
-# Results: benchmarks/results/rl4evit_v2/<agents>_<actor>_<reward>_b<B>_s<seed>/{match.json,sweep/};
+#   cheap: hidden=[64], about a twentieth of the default actor's MACs), INPUT_NORM [true] (a
+#   LayerNorm of the actor's and critic's input, MAPPO's feature normalisation; runs with it are
+#   named <actor>-ln; false: as the runs of 2026-12-02/03), AGENTS [multi] (multi | single, or
+#   both), EPOCHS [4] (epochs over LIMIT_TRAIN [9600] images, batch 64), DATA.
+# Results: benchmarks/results/rl4evit_v2/<agents>_<actor>[-ln]_<reward>_b<B>_s<seed>/{match.json,sweep/};
 # runs in runs/rl4evit_v2/<same name>/ (metrics.json with the per-batch curve, curves.png).
 # Run it under the shared CPU lock: flock .cpu.lock bash benchmarks/rl4evit_v2.sh
 set -euo pipefail
@@ -26,6 +28,8 @@ BUDGETS="${BUDGETS:-0.5 0.7}"
 REWARD="${REWARD:-correct}"
 ACTOR="${ACTOR:-default}"
 AGENTS="${AGENTS:-multi}"
+INPUT_NORM="${INPUT_NORM:-true}"
+case "$INPUT_NORM" in true) ln=-ln ;; false) ln= ;; *) echo "INPUT_NORM must be true or false" >&2; exit 2 ;; esac
 EPOCHS="${EPOCHS:-4}"
 LIMIT_TRAIN="${LIMIT_TRAIN:-9600}"
 case "$ACTOR" in
@@ -38,10 +42,10 @@ mkdir -p "$RES"
 for agents in $AGENTS; do
 for budget in $BUDGETS; do
 for seed in $SEEDS; do
-    name=${agents}_${ACTOR}_${REWARD}_b${budget}_s${seed}
+    name=${agents}_${ACTOR}${ln}_${REWARD}_b${budget}_s${seed}
     out=runs/rl4evit_v2/$name
     leanvit train-policy --model cifar10_vit12_w128 --data "$DATA" --threads 2 --opt agents=$agents \
-        "${actor_opts[@]}" --budget "$budget" --reward "$REWARD" --seed "$seed" --epochs "$EPOCHS" \
+        --opt input_norm=$INPUT_NORM "${actor_opts[@]}" --budget "$budget" --reward "$REWARD" --seed "$seed" --epochs "$EPOCHS" \
         --batch-size 64 --limit-train "$LIMIT_TRAIN" --limit-eval 1000 --out "$out" < /dev/null
     mkdir -p "$RES/$name"
     cp "$out/metrics.json" "$RES/$name/train_metrics.json"

@@ -25,7 +25,7 @@ def test_actor_and_critic_sizes_follow_the_width():
     f = leanvit.adapt(small_vit(), "rl4evit")  # width 64: actor 64-256-256-64-2, critic 128-256-256-64-1
     sizes = [m.weight.shape[::-1] for m in f.method.actor if isinstance(m, torch.nn.Linear)]
     assert [tuple(s) for s in sizes] == [(64, 256), (256, 256), (256, 64), (64, 2)]
-    assert f.method.critic[0].weight.shape[1] == 128
+    assert f.method.critic[0].normalized_shape == (128,) and f.method.critic[1].weight.shape[1] == 128
     assert any(k.startswith("method.actor.") for k in f.state_dict())  # the policy is part of the model
 
 
@@ -138,15 +138,26 @@ def test_options_travel_with_the_weights(tmp_path):
     g = leanvit.adapt(small_vit(sharp=4.0), "rl4evit", weights=str(path))
     m = g.method
     assert (m.layers, m.hidden, m.agents, m.placement, m.activation) == ((2, 7), [32], "single", "after", "relu")
-    assert isinstance(m.actor[1], torch.nn.ReLU)
+    assert m.input_norm and isinstance(m.actor[0], torch.nn.LayerNorm) and isinstance(m.actor[2], torch.nn.ReLU)
     x = images(3)
     with torch.no_grad():
         torch.testing.assert_close(g(x), f(x), rtol=0, atol=0)
     with pytest.raises(leanvit.OptionError, match="trained with placement=after"):
         leanvit.adapt(small_vit(), "rl4evit", weights=str(path), placement="before")
-    # the defaults now: tanh, before; PRANCE's selector, built by the same mlp, keeps its ReLU
-    assert isinstance(leanvit.adapt(small_vit(), "rl4evit").method.actor[1], torch.nn.Tanh)
+    # the defaults now: LayerNorm of the input, tanh, before; PRANCE's selector, built by the same
+    # mlp, keeps its ReLU and no input norm
+    default = leanvit.adapt(small_vit(), "rl4evit").method
+    assert isinstance(default.actor[0], torch.nn.LayerNorm) and isinstance(default.critic[0], torch.nn.LayerNorm)
+    assert isinstance(default.actor[2], torch.nn.Tanh)
     assert isinstance(leanvit.adapt(small_vit(), "prance").method.selector.actor[1], torch.nn.ReLU)
+    # a policy of 2026-12-02/03 stores its options but not input_norm: it had none
+    old = leanvit.adapt(small_vit(sharp=4.0), "rl4evit", hidden=[32], input_norm=False)
+    meta = {k: v for k, v in old.method.options_metadata().items() if k != "input_norm"}
+    export_weights(old.method, tmp_path / "old.safetensors", metadata=meta)
+    back = leanvit.adapt(small_vit(sharp=4.0), "rl4evit", weights=str(tmp_path / "old.safetensors")).method
+    assert back.input_norm is False and isinstance(back.actor[0], torch.nn.Linear)
+    with pytest.raises(leanvit.OptionError, match="trained with input_norm=False"):
+        leanvit.adapt(small_vit(), "rl4evit", weights=str(tmp_path / "old.safetensors"), input_norm=True)
 
 
 def test_sampling_records_a_rollout():
@@ -182,7 +193,7 @@ def test_short_policy_training_raises_the_reward(tmp_path):
     assert (tmp_path / "policy.safetensors").is_file()
     f = leanvit.adapt(leanvit.create_model("vit12_convstem_w96_cifar"), "rl4evit", hidden=[64, 32],
                       weights=str(tmp_path / "policy.safetensors"))
-    assert f.method.actor[0].weight.shape == (64, 96)
+    assert f.method.actor[1].weight.shape == (64, 96)  # after the input LayerNorm
 
 
 def test_accuracy_signals_by_hand():

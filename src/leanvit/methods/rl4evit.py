@@ -5,7 +5,8 @@ DynamicViT" and the authors' code: the decision reads the output of block 2 and 
 kept tokens); ``placement="after"`` prunes after them, as leanvit did before 2026-12-02 (the shipped
 policy was trained so). Every patch token is an agent; one shared actor reads the token's feature
 and outputs keep/prune logits; one shared critic reads [token ; CLS]. Both are MLPs with tanh
-(MAPPO's; ``activation="relu"`` for policies trained before 2026-12-02), hidden widths
+(MAPPO's; ``activation="relu"`` for policies trained before 2026-12-02) after a LayerNorm of their
+input (MAPPO's feature normalisation; ``input_norm=false`` for policies trained before 2026-12-03), hidden widths
 ``[4C, 256, 64]`` by default (the authors' for DeiT-S) or ``hidden=[64]`` for a cheap actor.
 The options a policy was trained with are stored in its weights file's metadata and are its
 defaults when it is loaded; a weights file without them is one of the old policies (after, relu).
@@ -28,12 +29,14 @@ from .base import OptionError, Reduction, check_layers, load_weights, register
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 PLACEMENTS = ("before", "after")
-LEGACY = dict(placement="after", activation="relu")  # what a weights file without options was trained with
+LEGACY = dict(placement="after", activation="relu", input_norm=False)  # a weights file without options
+OPTIONS = ("layers", "hidden", "agents", "placement", "activation", "input_norm")  # stored with the weights
 
 
-def mlp(sizes: Sequence[int], activation: str = "relu") -> nn.Sequential:
-    """Linear layers with ``activation`` between them (ReLU by default: PRANCE's selector uses it too)."""
-    layers: List[nn.Module] = []
+def mlp(sizes: Sequence[int], activation: str = "relu", input_norm: bool = False) -> nn.Sequential:
+    """Linear layers with ``activation`` between them (ReLU by default: PRANCE's selector uses it too);
+    ``input_norm``: a LayerNorm of the input first (MAPPO's feature normalisation)."""
+    layers: List[nn.Module] = [nn.LayerNorm(sizes[0])] if input_norm else []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
@@ -64,10 +67,12 @@ class RL4EViT(Reduction, nn.Module):
     position = "block"  # a decision before block l sits after block l - 1
 
     # None: what the weights were trained with (their metadata), else the default
-    def __init__(self, layers=None, hidden=None, weights=None, agents=None, placement=None, activation=None):
+    def __init__(self, layers=None, hidden=None, weights=None, agents=None, placement=None, activation=None,
+                 input_norm=None):
         nn.Module.__init__(self)
         self.weights = weights
-        self.given = dict(layers=layers, hidden=hidden, agents=agents, placement=placement, activation=activation)
+        self.given = dict(layers=layers, hidden=hidden, agents=agents, placement=placement, activation=activation,
+                          input_norm=input_norm)
         self._check(self.given)
         self.sampling = False  # True during training rollouts: sample actions and record them
         self.rollout: List[dict] = []
@@ -84,6 +89,8 @@ class RL4EViT(Reduction, nn.Module):
                               f"got {o['placement']!r}")
         if o["activation"] not in (None, *ACTIVATIONS):
             raise OptionError(f"rl4evit: activation must be one of {', '.join(ACTIVATIONS)}, got {o['activation']!r}")
+        if o["input_norm"] not in (None, True, False):
+            raise OptionError(f"rl4evit: input_norm must be true or false, got {o['input_norm']!r}")
 
     def _trained_options(self) -> Optional[Dict[str, object]]:
         """The options stored with the weights; None when the file has none (an old policy)."""
@@ -96,12 +103,14 @@ class RL4EViT(Reduction, nn.Module):
             return {}  # missing or unreadable: load_weights says so
         if "placement" not in meta:
             return None
-        return {k: json.loads(meta[k]) for k in ("layers", "hidden", "agents", "placement", "activation") if k in meta}
+        # policies trained 2026-12-02/03 store no input_norm: they had none
+        return {"input_norm": False, **{k: json.loads(meta[k]) for k in OPTIONS if k in meta}}
 
     def bind(self, info):
         super().bind(info)
         trained = self._trained_options() if self.weights else {}
-        defaults = dict(layers=(3, 6, 9), hidden=None, agents="multi", placement="before", activation="tanh")
+        defaults = dict(layers=(3, 6, 9), hidden=None, agents="multi", placement="before", activation="tanh",
+                        input_norm=True)
         if trained is None:
             trained = dict(LEGACY)
         self._check({**defaults, **trained})
@@ -115,18 +124,19 @@ class RL4EViT(Reduction, nn.Module):
                               f"{' '.join(f'{k}={_plain(trained[k])}' for k in diff)}; got "
                               f"{' '.join(f'{k}={_plain(opts[k])}' for k in diff)}")
         self.layers, self.hidden, self.agents = opts["layers"], opts["hidden"], opts["agents"]
-        self.placement, self.activation = opts["placement"], opts["activation"]
+        self.placement, self.activation, self.input_norm = opts["placement"], opts["activation"], opts["input_norm"]
         if self.placement == "before" and self.layers[0] < 1:
             raise OptionError("rl4evit: placement=before prunes before blocks 1..depth-1 (there is none before block 0)")
-        self.actor = mlp([c, *self.hidden, 2], self.activation)
-        self.critic = mlp([2 * c, *self.hidden, 1], self.activation)  # DeiT-S: 768-1536-256-64-1
+        # the residual stream is not normalised (token norms ~70 on the reference model): without the
+        # input LayerNorm the first tanh layer saturates
+        self.actor = mlp([c, *self.hidden, 2], self.activation, self.input_norm)
+        self.critic = mlp([2 * c, *self.hidden, 1], self.activation, self.input_norm)  # DeiT-S: 768-1536-256-64-1
         if self.weights:
             load_weights(self, self.weights, "policy weights")
 
     def options_metadata(self) -> Dict[str, str]:
         """The options a policy is trained with, stored with its weights (JSON values)."""
-        return dict(method=self.name, **{k: json.dumps(_plain(getattr(self, k)))
-                                         for k in ("layers", "hidden", "agents", "placement", "activation")})
+        return dict(method=self.name, **{k: json.dumps(_plain(getattr(self, k))) for k in OPTIONS})
 
     def decision_layers(self):
         return [l - 1 for l in self.layers] if self.placement == "before" else list(self.layers)
