@@ -8,8 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # the published numbers (BENCHMARKS.md, 2026-11-23) were trained with the settings before issue 19:
-# pruning after blocks 3, 6, 9, ReLU MLPs, PyTorch's init, no entropy bonus, no value normalisation
-LEGACY="--opt placement=after --opt activation=relu --init default --entropy-coef 0 --no-value-norm"
+# pruning after blocks 3, 6, 9, ReLU MLPs, PyTorch's init, no entropy bonus, no value normalisation,
+# no input LayerNorm, r2 paid to pruned agents too
+LEGACY="--opt placement=after --opt activation=relu --opt input_norm=false --init default --entropy-coef 0 --no-value-norm --r2-to alive"
 agents=${1:-multi}
 for alpha in ${ALPHAS:-0.8 0.72 0.56 0.3 0.1 0.03}; do
     leanvit train-policy --model cifar10_vit12_w128 --data "${DATA:-../shared/data/cifar10-jpeg.tar.gz}" \

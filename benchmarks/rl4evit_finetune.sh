@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # the published numbers (BENCHMARKS.md, 2026-11-23) were trained with the settings before issue 19:
 # pruning after blocks 3, 6, 9, ReLU MLPs, PyTorch's init, no entropy bonus, no value normalisation
-LEGACY="--opt placement=after --opt activation=relu --init default --entropy-coef 0 --no-value-norm"
+LEGACY="--opt placement=after --opt activation=relu --opt input_norm=false --init default --entropy-coef 0 --no-value-norm --r2-to alive"
 DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
 RES=benchmarks/results/rl4evit
 read -r -a alphas < $RES/alphas.txt

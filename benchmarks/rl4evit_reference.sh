@@ -3,7 +3,8 @@
 # BENCHMARKS.md. Every step resumes or is cheap to repeat; re-running the script picks up where it
 # stopped. Run it under the shared CPU lock: flock .cpu.lock bash benchmarks/rl4evit_reference.sh
 # It reproduces the published numbers: its trainings (rl4evit_alpha_scan.sh) pin the settings of
-# then (placement=after, relu, default init, no entropy bonus or value normalisation); the policies
+# then (placement=after, relu, default init, no entropy bonus or value normalisation, no input
+# LayerNorm, r2 to every agent that acted); the policies
 # they write carry placement=after in their metadata. The paper-faithful recipe is rl4evit_v2.sh.
 #  1. alpha scan: 30 MAPPO steps at alpha in {0.8, 0.72, 0.56 (the paper's), 0.3, 0.1, 0.07, 0.05,
 #     0.04, 0.03}, beta = 1 (rl4evit_alpha_scan.sh); the alphas nearest 0.75, 0.65, 0.55 of the

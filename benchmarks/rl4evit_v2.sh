@@ -15,9 +15,11 @@
 #   (correct | agreement | kl), ACTOR [default] (default: hidden [4C, 256, 64] = 512-256-64;
 #   cheap: hidden=[64], about a twentieth of the default actor's MACs), INPUT_NORM [true] (a
 #   LayerNorm of the actor's and critic's input, MAPPO's feature normalisation; runs with it are
-#   named <actor>-ln; false: as the runs of 2026-12-02/03), AGENTS [multi] (multi | single, or
-#   both), EPOCHS [4] (epochs over LIMIT_TRAIN [9600] images, batch 64), DATA.
-# Results: benchmarks/results/rl4evit_v2/<agents>_<actor>[-ln]_<reward>_b<B>_s<seed>/{match.json,sweep/};
+#   named <actor>-ln; false: as the runs of 2026-12-02/03), R2_TO [kept] (who earns r2: the agents
+#   that kept their token, the paper's, named -kept; alive: every agent that acted, as the runs of
+#   2026-12-02/03), AGENTS [multi] (multi | single, or both), EPOCHS [4] (epochs over LIMIT_TRAIN
+#   [9600] images, batch 64), DATA.
+# Results: benchmarks/results/rl4evit_v2/<agents>_<actor>[-ln][-kept]_<reward>_b<B>_s<seed>/{match.json,sweep/};
 # runs in runs/rl4evit_v2/<same name>/ (metrics.json with the per-batch curve, curves.png).
 # Run it under the shared CPU lock: flock .cpu.lock bash benchmarks/rl4evit_v2.sh
 set -euo pipefail
@@ -30,6 +32,8 @@ ACTOR="${ACTOR:-default}"
 AGENTS="${AGENTS:-multi}"
 INPUT_NORM="${INPUT_NORM:-true}"
 case "$INPUT_NORM" in true) ln=-ln ;; false) ln= ;; *) echo "INPUT_NORM must be true or false" >&2; exit 2 ;; esac
+R2_TO="${R2_TO:-kept}"
+case "$R2_TO" in kept) ln=$ln-kept ;; alive) ;; *) echo "R2_TO must be kept or alive" >&2; exit 2 ;; esac
 EPOCHS="${EPOCHS:-4}"
 LIMIT_TRAIN="${LIMIT_TRAIN:-9600}"
 case "$ACTOR" in
@@ -45,7 +49,7 @@ for seed in $SEEDS; do
     name=${agents}_${ACTOR}${ln}_${REWARD}_b${budget}_s${seed}
     out=runs/rl4evit_v2/$name
     leanvit train-policy --model cifar10_vit12_w128 --data "$DATA" --threads 2 --opt agents=$agents \
-        --opt input_norm=$INPUT_NORM "${actor_opts[@]}" --budget "$budget" --reward "$REWARD" --seed "$seed" --epochs "$EPOCHS" \
+        --opt input_norm=$INPUT_NORM "${actor_opts[@]}" --budget "$budget" --reward "$REWARD" --r2-to "$R2_TO" --seed "$seed" --epochs "$EPOCHS" \
         --batch-size 64 --limit-train "$LIMIT_TRAIN" --limit-eval 1000 --out "$out" < /dev/null
     mkdir -p "$RES/$name"
     cp "$out/metrics.json" "$RES/$name/train_metrics.json"

@@ -14,11 +14,17 @@ def test_rewards_hand_made():
     kept = torch.tensor([[[True, False, True]], [[True, False, False]]])
     alive = torch.tensor([[[True, True, True]], [[True, False, True]]])
     r = agent_rewards(kept, alive, torch.tensor([True]), alpha=0.5, beta=2.0)
-    # layer 0: n=2 kept -> r2 = 1/2; kept agents: 0.5*-1 + 2*0.5 = 0.5, pruned: 0 + 1 = 1
-    # layer 1: n=1 -> r2 = 1; agent 0 kept: -0.5 + 2 = 1.5; agent 1 gone: 0; agent 2 pruned: 2
-    assert r[:, 0].tolist() == [[0.5, 1.0, 0.5], [1.5, 0.0, 2.0]]
+    # the paper's: r2 is shared by the preserved tokens only
+    # layer 0: n=2 kept -> r2 = 1/2; kept agents: 0.5*-1 + 2*0.5 = 0.5, pruned: 0
+    # layer 1: n=1 -> r2 = 1; agent 0 kept: -0.5 + 2 = 1.5; agent 1 gone: 0; agent 2 pruned: 0
+    assert r[:, 0].tolist() == [[0.5, 0.0, 0.5], [1.5, 0.0, 0.0]]
     wrong = agent_rewards(kept, alive, torch.tensor([False]), alpha=0.5, beta=2.0)
     assert wrong[:, 0].tolist() == [[-0.5, 0.0, -0.5], [-0.5, 0.0, 0.0]]
+    # the earlier reading: every agent that acted earns r2, pruned ones included
+    alive_r = agent_rewards(kept, alive, torch.tensor([True]), alpha=0.5, beta=2.0, r2_to="alive")
+    assert alive_r[:, 0].tolist() == [[0.5, 1.0, 0.5], [1.5, 0.0, 2.0]]
+    with pytest.raises(ValueError, match="r2_to"):
+        agent_rewards(kept, alive, torch.tensor([True]), alpha=0.5, beta=2.0, r2_to="all")
 
 
 def test_actor_and_critic_sizes_follow_the_width():

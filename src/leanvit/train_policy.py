@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .data import DATA_HELP
 from .measure import count_macs, macs_per_image
-from .methods.rl4evit import agent_rewards
+from .methods.rl4evit import R2_TO, agent_rewards
 from .options import arg, fraction, natural, nonnegative, one_of, path, positive, positive_int
 from .rl import BudgetController, PPOConfig, ValueNorm, calibrate, clipped_policy_loss, clipped_value_loss, gae, \
     orthogonal_init
@@ -78,6 +78,9 @@ class PolicyConfig(PolicyRun):
         "weight of r1 (-1 per kept token): default 0.8 (the paper's); with --budget the starting value, "
         "default 0.03"))
     beta: float = arg(1.0, nonnegative, "weight of r2 (accuracy signal / tokens kept)")
+    r2_to: str = arg("kept", one_of(*R2_TO), (
+        "who earns r2: kept (the agents that kept their token: the paper's and the authors' code) or alive "
+        "(every agent that acted: the runs before 2026-12-03)"))
     reward: str = arg("correct", one_of(*REWARDS), (
         "accuracy signal of r2: correct (the paper's: 0/1 right), agreement (0/1 the same prediction as "
         "the dense model), kl (exp(-KL(dense || reduced)) per image)"))
@@ -268,7 +271,7 @@ def train_policy(cfg: PolicyConfig, log: Callable[[str], None] = print) -> dict:
             signal = accuracy_signal(cfg.reward, logits, batch.labels, dense_logits)
             ro = rollout_tensors(method.rollout)
             used = alpha
-            rewards = agent_rewards(ro["kept"], ro["alive"], signal, used, cfg.beta)
+            rewards = agent_rewards(ro["kept"], ro["alive"], signal, used, cfg.beta, cfg.r2_to)
             losses = ppo_update(method, ro, rewards, cfg.ppo, opt_actor, opt_critic, run.world, value_norm)
             alive = ro["alive"].float()
             logged = dict(reward=float(rewards.sum((0, 2)).mean()),

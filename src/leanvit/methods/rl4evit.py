@@ -44,18 +44,31 @@ def mlp(sizes: Sequence[int], activation: str = "relu", input_norm: bool = False
     return nn.Sequential(*layers)
 
 
-def agent_rewards(kept: Tensor, alive: Tensor, correct: Tensor, alpha: float, beta: float) -> Tensor:
+R2_TO = ("kept", "alive")
+
+
+def agent_rewards(kept: Tensor, alive: Tensor, correct: Tensor, alpha: float, beta: float,
+                  r2_to: str = "kept") -> Tensor:
     """The paper's equations 1-2 for every agent at every pruning layer.
 
     kept, alive: (T, B, P) bool: the agent's action (keep) and whether the agent acted at that
     layer (its token was still there). correct: (B,) the image's accuracy signal γ: bool (the
     paper's: the final prediction is right) or a number in [0, 1] (agreement with the dense model,
     exp(-KL to it)). ``R = alpha * r1 + beta * r2`` with r1 = -1 if kept else 0 and r2 = γ / n_l,
-    n_l the tokens kept at layer l. Agents that did not act get 0.
+    n_l the tokens kept at layer l. r2 goes to the agents that kept their token (``r2_to="kept"``:
+    the paper "amortizes the accuracy gain to each preserved token", and the authors' code pays it
+    to the live agents only), or to every agent that acted (``"alive"``: leanvit's reading before
+    2026-12-03, under which keeping and pruning earn the same r2, so nothing but later layers'
+    rewards pays for keeping and the last pruning layer keeps almost nothing). Agents that did not
+    act get 0.
     """
+    if r2_to not in R2_TO:
+        raise ValueError(f"r2_to must be one of {R2_TO}, got {r2_to!r}")
     r1 = -kept.to(torch.float32)
     n_kept = (kept & alive).sum(dim=2, keepdim=True).clamp_min(1).to(torch.float32)
     r2 = correct.to(torch.float32)[None, :, None] / n_kept
+    if r2_to == "kept":
+        r2 = r2 * kept
     return (alpha * r1 + beta * r2) * alive
 
 
