@@ -54,6 +54,7 @@ for seed in $SEEDS; do
     mkdir -p "$RES/$name"
     cp "$out/metrics.json" "$RES/$name/train_metrics.json"
     [ -f "$out/curves.png" ] && cp "$out/curves.png" "$RES/$name/curves.png"
+    cp "$out/policy.safetensors" "$RES/$name/policy.safetensors"  # about 100 KB with the cheap actor
     policy=rl4evit:weights=$out/policy.safetensors
     leanvit match --model cifar10_vit12_w128 --method "$policy" --data "$DATA" --limit 2000 --threads 2 \
         --methods evit tome ppt --json "$RES/$name/match.json" < /dev/null
