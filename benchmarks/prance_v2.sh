@@ -8,6 +8,7 @@
 #   ent-vn:   --entropy-coef 0.01 --value-norm (the authors'/MAPPO's)
 #   ent-vn-oe: ent-vn plus option-count regularisation (--option-entropy 0.1)
 #   ent-vn-k10: ent-vn with the authors' K = 10 PPO epochs (not in the default NAMES)
+#   kl:       the fidelity reward (--reward kl: exp(-KL to dense) as the accuracy term; not in the default NAMES)
 # Short: 2,560 training images (40 PPO batches of 64, K=4), 1 epoch; a budget missed by more than 5% is
 # met by calibration (train_prance.py). SEEDS="0 1 2" STEPS_IMAGES=6400 bash benchmarks/prance_v2.sh:
 # the 3-seed long version; NAMES="base ent-vn-k10": other settings. 2 torchrun CPU processes; run under flock /work/main/.cpu.lock.
@@ -55,6 +56,7 @@ declare -A SETTINGS=(
     [ent-vn]="--entropy-coef 0.01 --value-norm"
     [ent-vn-oe]="--entropy-coef 0.01 --value-norm --option-entropy 0.1"
     [ent-vn-k10]="--entropy-coef 0.01 --value-norm --ppo-epochs 10"
+    [kl]="--reward kl"
 )
 read -r -a NAMES <<< "${NAMES:-base ent-vn-oe ent-vn}"
 for seed in "${SEEDS[@]}"; do

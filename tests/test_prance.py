@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import leanvit
+from leanvit.evaluate import kl_per_image
 from leanvit.elastic import reorder_by_importance
 from leanvit.methods.prance import StageChoice
 from leanvit.train_prance import (BudgetController, SelectorConfig, calibrate, rollout_tensors, stage_rewards,
@@ -149,6 +150,10 @@ def test_result_to_go_rewards_hand_made():
     expect = torch.tensor([[1 - 0.4 - 0.05, 1 - 0.45 - 0.1, 0 - 0.25 - 0.05],
                            [0 - 0.3 - 0.025, 1 - 0.35 - 0.1, 0 - 0.2 - 0.025]])
     torch.testing.assert_close(r, expect)
+    # the fidelity reward replaces the accuracy term by exp(-KL to dense), the costs stay
+    fidelity = torch.tensor([[1.0, 0.5, 0.25], [0.75, 1.0, 0.0]])
+    r = stage_rewards(correct, dense, macs, kept, cost_weight=0.5, token_weight=0.2, fidelity=fidelity)
+    torch.testing.assert_close(r, fidelity - 0.5 * (macs + 0.2 * kept))
 
 
 def test_rollout_records_every_image_at_every_decision(device):
@@ -168,6 +173,11 @@ def test_rollout_records_every_image_at_every_decision(device):
     # the recorded log-probabilities are those of the recorded actions
     d = m.selector.distribution(ro["features"])
     torch.testing.assert_close(d.log_prob(ro["actions"]).sum(-1), ro["logp"])
+    # with the dense logits: the fidelity of every finished network; the last one's is the network's
+    dense = leanvit.adapt(f.model, "none")(x)
+    fid = rollout_tensors(m.rollout, 6, m.n_stages, m.dense_block_macs(f), labels, dense)["fidelity"]
+    assert fid.shape == (3, 6) and ((fid > 0) & (fid <= 1 + 1e-6)).all()
+    torch.testing.assert_close(fid[-1], torch.exp(-kl_per_image(dense, out)).float(), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("budget", [0.3, 0.5, 0.8])
@@ -215,6 +225,20 @@ def test_budget_is_met_on_a_tiny_model(tmp_path, monkeypatch):
     assert again["history"] == m["history"] and again["cost_weight"] == m["cost_weight"]
     with pytest.raises(ValueError, match="budget must be"):
         train_selector(replace(cfg, budget=1.5), log=lambda s: None)
+
+
+def test_fidelity_reward_reaches_the_rewards(tmp_path, monkeypatch):
+    """``reward="kl"``: every PPO batch's Result-to-Go rewards get the finished networks' fidelity
+    to dense, exp(-KL) in (0, 1], in place of the 0/1 accuracy term."""
+    from leanvit import train_prance
+    seen, real = [], train_prance.stage_rewards
+    monkeypatch.setattr(train_prance, "stage_rewards", lambda *a: seen.append(a[6]) or real(*a))
+    cfg = SelectorConfig(model="vit12_convstem_w96_cifar", out=str(tmp_path), data=str(CIFAR), reward="kl",
+                         options=dict(strategy="prune"), cost_weight=0.0, epochs=1, batch_size=32,
+                         limit_train=64, limit_eval=32, workers=0)
+    train_selector(cfg, log=lambda s: None)
+    assert len(seen) == 2 and all(f is not None and ((f > 0) & (f <= 1 + 1e-6)).all() and (f < 1).any()
+                                  for f in seen)
 
 
 def test_budget_not_met_trains_on_up_to_max_epochs(tmp_path):

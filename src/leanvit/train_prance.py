@@ -124,6 +124,9 @@ def evaluate_subnetworks(runner, loader) -> dict:
 
 
 # --- the selector -------------------------------------------------------------------------------
+SELECTOR_REWARDS = ("correct", "kl")
+
+
 @dataclass(kw_only=True)
 class SelectorConfig(PolicyRun):
     """``checkpoint``: the meta-network's weights (from train-supernet); ``options``: prance's."""
@@ -131,6 +134,9 @@ class SelectorConfig(PolicyRun):
     cost_weight: Optional[float] = arg(None, nonnegative, (  # default 0.5, or 0 (start) with a budget
         "reward cost per unit of GMACs ratio (default 0.5; with --budget, the starting value, default 0)"))
     token_weight: float = arg(0.25, nonnegative, "cost of the kept-token ratio, relative to the GMACs ratio's")
+    reward: str = arg("correct", one_of(*SELECTOR_REWARDS), (
+        "accuracy term of the Result-to-Go reward: correct (the authors': 0 only when dense is right and the "
+        "finished network wrong) or kl (exp(-KL(dense || finished network)), the fidelity to dense)"))
     # target mean GMACs as a fraction of dense (PI control of cost_weight); the command line takes several
     budget: Optional[float] = None
     budget_tolerance: float = arg(0.05, positive, "relative (default 5%): the final selector is reported as "
@@ -168,17 +174,21 @@ class SelectorConfig(PolicyRun):
 
 
 def stage_rewards(correct: Tensor, dense_correct: Tensor, macs_ratio: Tensor, kept: Tensor,
-                  cost_weight: float, token_weight: float) -> Tensor:
+                  cost_weight: float, token_weight: float, fidelity: Optional[Tensor] = None) -> Tensor:
     """Result-to-Go rewards (T, B): for each decision, the network finished from there.
 
     correct: (T, B) whether the finished network is right; dense_correct: (B,); macs_ratio,
-    kept: (T, B) its block MACs over dense and its kept-token ratio."""
-    acc = 1.0 - (dense_correct[None] & ~correct).float()
+    kept: (T, B) its block MACs over dense and its kept-token ratio. The accuracy term is the
+    authors' (0 only when dense is right and the finished network wrong), or ``fidelity`` (T, B)
+    when given: exp(-KL(dense || finished network)), 1 when it gives the dense output."""
+    acc = 1.0 - (dense_correct[None] & ~correct).float() if fidelity is None else fidelity
     return acc - cost_weight * (macs_ratio + token_weight * kept)
 
 
-def rollout_tensors(rollout: List[dict], batch: int, stages: int, dense_macs: float, labels: Tensor) -> dict:
-    """The per-group rollout steps of one forward as (T, B, ...) tensors, T = stages - 1."""
+def rollout_tensors(rollout: List[dict], batch: int, stages: int, dense_macs: float, labels: Tensor,
+                    dense_logits: Optional[Tensor] = None) -> dict:
+    """The per-group rollout steps of one forward as (T, B, ...) tensors, T = stages - 1; with
+    ``dense_logits`` also ``fidelity``: exp(-KL(dense || the network finished after each step))."""
     first, dev = rollout[0], labels.device
     T = stages - 1
     out = dict(features=first["features"].new_zeros(T, batch, first["features"].shape[1]),
@@ -190,6 +200,9 @@ def rollout_tensors(rollout: List[dict], batch: int, stages: int, dense_macs: fl
         for key in ("features", "actions", "logp"):
             out[key][t, rows] = step[key]
         out["correct"][t, rows] = step["logits"].argmax(dim=1) == labels[rows]
+        if dense_logits is not None:
+            out.setdefault("fidelity", torch.zeros(T, batch, device=dev))
+            out["fidelity"][t, rows] = torch.exp(-kl_per_image(dense_logits[rows], step["logits"]).float())
         # MACs and kept ratios are counted on the host
         out["macs_ratio"][t, rows] = torch.as_tensor(step["block_macs"] / dense_macs, dtype=torch.float32).to(dev)
         out["kept"][t, rows] = torch.as_tensor(step["kept"], dtype=torch.float32).to(dev)
@@ -306,11 +319,13 @@ def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> d
         nonlocal cost_weight
         method.sampling = True
         with torch.no_grad():
-            dense_correct = dense(batch.images).argmax(1) == batch.labels
+            dense_logits = dense(batch.images)
+            dense_correct = dense_logits.argmax(1) == batch.labels
             runner(batch.images)
-        ro = rollout_tensors(method.rollout, batch.images.shape[0], method.n_stages, dense_macs, batch.labels)
+        ro = rollout_tensors(method.rollout, batch.images.shape[0], method.n_stages, dense_macs, batch.labels,
+                             dense_logits if cfg.reward == "kl" else None)
         rewards = stage_rewards(ro["correct"], dense_correct, ro["macs_ratio"], ro["kept"],
-                                cost_weight, cfg.token_weight)
+                                cost_weight, cfg.token_weight, ro.get("fidelity"))
         losses = ppo_update(selector, ro, rewards, ppo, opt_actor, opt_critic, run.world, value_norm=value_norm,
                             option_entropy=cfg.option_entropy, bins=method.action_bins())
         logged = dict(reward=float(rewards.sum(0).mean()), macs=float(ro["macs_ratio"][-1].mean()),
