@@ -5,6 +5,7 @@
     python benchmarks/tables.py rl4evit > benchmarks/results/rl4evit/tables.md
     python benchmarks/tables.py rl4evit_v2 [RUN PREFIX, default multi_cheap_correct] > benchmarks/results/rl4evit_v2/tables.md
     python benchmarks/tables.py dynamicvit_v2 > benchmarks/results/dynamicvit_v2/tables.md
+    python benchmarks/tables.py verdicts > benchmarks/results/rl4evit_v2/verdicts.md
     python benchmarks/tables.py reference > benchmarks/results/sweep_reference/tables.md
 
 packed: benchmarks/packed_speed.sh; prance: benchmarks/prance_selectors.sh and prance_speed.sh;
@@ -307,11 +308,20 @@ def dynamicvit_v2():
     learned_vs_floor("DynamicViT, keep rate matched to the budget", runs, "runs'", "predictor")
 
 
+def best_fixed_rule(gmacs: float):
+    """(curve, KL to dense) of the best parameter-free curve of the reference sweeps on the original
+    model at ``gmacs`` (linear between measured settings); None outside every curve."""
+    from leanvit.analysis import at_gmacs
+    refs = [load(RES / name / "results.json") for name in REFERENCE_SWEEPS if (RES / name / "results.json").exists()]
+    curves = {k: v[0] for k, v in at_gmacs(refs, [gmacs], metric="kl_to_dense").items()
+              if v[0] is not None and not k.startswith("random")}  # random is the control, not a rule
+    return min(curves.items(), key=lambda kv: kv[1]) if curves else None
+
+
 def learned_vs_floor(title: str, runs: list, whose: str, decision: str):
     """Per seed and budget a learned method on the test images against its random floor, then
     mean ± std over seeds and the best parameter-free curve at the same mean GMACs. ``runs``: dicts
     of budget, seed, dense, row (a sweep row with ``random_floor``), decision_gmacs, extra columns."""
-    from leanvit.analysis import at_gmacs
     print(f"Per seed ({title}; {runs[0]['row']['n_images'] if runs else 0:,} test images; floor = random tokens "
           f"at the method's own per-image counts, same images; * = the paired 95% interval excludes 0)\n")
     extra = list(runs[0]["extra"]) if runs else []  # the first before the test columns, the rest after
@@ -326,8 +336,6 @@ def learned_vs_floor(title: str, runs: list, whose: str, decision: str):
                  f"{row['agreement']:.2f}", f"{row['kl_to_dense']:.4f}", f"{f['top1']:.2f}", f"{f['kl_to_dense']:.4f}",
                  interval(v, "kl_to_dense", 4), interval(v, "agreement", 2), interval(v, "top1", 2), *cols[1:]]
         print("| " + " | ".join(map(str, cells)) + " |")
-    refs = [load(RES / name / "results.json") for name in ("sweep_reference", "sweep_reference_aggressive")
-            if (RES / name / "results.json").exists()]
     print(f"\nOver seeds (mean ± std), and the parameter-free curves at the {whose} mean GMACs "
           "(linear between measured settings of `benchmarks/sweep_reference*.sh`)\n")
     print(f"| budget | seeds | within 5% of budget | GMACs ratio | {decision} GMACs | top-1 % | agree % | KL | "
@@ -341,19 +349,65 @@ def learned_vs_floor(title: str, runs: list, whose: str, decision: str):
         ratios = [row["gmacs"] / r["dense"]["gmacs"] for row, r in zip(rows, seeds)]
         met = sum(abs(x / budget - 1) <= 0.05 for x in ratios)
         col = lambda key: [row[key] for row in rows]  # noqa: E731
-        g = statistics.mean(col("gmacs"))
-        best = ""
-        if refs and all("kl_to_dense" in row for ref in refs for row in ref["rows"]):
-            curves = {k: v[0] for k, v in at_gmacs(refs, [g], metric="kl_to_dense").items()
-                      if v[0] is not None and not k.startswith("random")}  # random is the control, not a rule
-            if curves:
-                key = min(curves, key=curves.get)
-                best = f"{key} {curves[key]:.4f}"
+        best = best_fixed_rule(statistics.mean(col("gmacs")))
+        best = f"{best[0]} {best[1]:.4f}" if best else ""
         decision = [r["decision_gmacs"] for r in seeds if r["decision_gmacs"] is not None]
         print(f"| {budget} | {len(seeds)} | {met}/{len(seeds)} (test) | {mean_std(ratios, 3)} | "
               f"{mean_std(decision, 4) if decision else 'in GMACs'} | {mean_std(col('top1'), 2)} | "
               f"{mean_std(col('agreement'), 2)} | {mean_std(col('kl_to_dense'), 4)} | "
               f"{mean_std([row['vs_random_floor']['kl_to_dense'] for row in rows], 4)} | {best} |")
+
+
+VERDICT_POLICIES = (("MAPPO, reward correct", "multi_cheap_correct"),
+                    ("MAPPO, reward kl", "multi_cheap_kl"),
+                    ("MAPPO, input LayerNorm, r2 to kept", "multi_cheap-ln-kept_correct"),
+                    ("single-agent PPO, input LayerNorm, r2 to kept", "single_cheap-ln-kept_correct"))
+
+
+def verdicts():
+    """Issue 19's verdicts: every learned method at 0.5 and 0.7 of dense against random tokens at
+    its own per-image counts (and widths) and against the best fixed rule at equal GMACs, in KL."""
+    groups = []  # (label, budget, [(row, dense)], fixed-rule lookup)
+    for label, prefix in VERDICT_POLICIES:
+        for budget in (0.5, 0.7):
+            runs = [load(p / "sweep" / "results.json") for p in sorted((RES / "rl4evit_v2").glob(f"{prefix}_b{budget}_s*"))
+                    if (p / "sweep" / "results.json").exists()]
+            groups.append((label, budget, [(next(r for r in x["rows"] if r["method"] == "rl4evit"), x["dense"])
+                                           for x in runs], best_fixed_rule))
+    for budget in (0.5, 0.7):
+        runs = [load(p / "sweep" / "results.json") for p in sorted((RES / "dynamicvit_v2").glob(f"b{budget}_s*"))
+                if (p / "sweep" / "results.json").exists()]
+        groups.append(("DynamicViT (ViT fine-tuned with it; KL to the original dense)", budget,
+                       [(next(r for r in x["rows"] if r["method"] == "dynamicvit"), x["dense"]) for x in runs],
+                       best_fixed_rule))
+    shipped = RES / "prance_reference" / "shipped_floor" / "results.json"
+    if shipped.exists():
+        x = load(shipped)
+        subnets = [r for r in x["rows"] if "subnet" in r["options"]]
+
+        def best_subnet(g):  # the fixed sub-networks of the same meta-network, at or below g GMACs
+            fits = [r for r in subnets if r["gmacs"] <= g * 1.02]
+            return min(((f"prance {r['label']}", r["kl_to_dense"]) for r in fits), key=lambda kv: kv[1]) if fits else None
+        groups.append(("PRANCE shipped selector (meta-network; fixed rule: its fixed sub-networks)", 0.5,
+                       [(next(r for r in x["rows"] if "weights" in r["options"]), x["dense"])], best_subnet))
+    print("| budget | method | seeds | GMACs ratio | KL to dense | floor KL | KL - floor (mean; seeds whose interval "
+          "excludes 0: below / above) | beats random at its counts | best fixed rule at equal GMACs: KL | "
+          "beats it |")
+    print("|---:|---|---:|---:|---:|---:|---|---|---|---|")
+    for label, budget, rows, fixed in sorted(groups, key=lambda g: g[1]):
+        if not rows:
+            continue
+        kl = [r["kl_to_dense"] for r, _ in rows]
+        diff = [r["vs_random_floor"]["kl_to_dense"] for r, _ in rows]
+        below = sum(r["vs_random_floor"]["kl_to_dense_ci95"][1] < 0 for r, _ in rows)
+        above = sum(r["vs_random_floor"]["kl_to_dense_ci95"][0] > 0 for r, _ in rows)
+        gm = statistics.mean(r["gmacs"] for r, _ in rows)
+        best = fixed(gm)
+        beats_floor = "yes" if below == len(rows) else "no" if above else "within noise"
+        print(f"| {budget} | {label} | {len(rows)} | {mean_std([r['gmacs'] / d['gmacs'] for r, d in rows], 3)} | "
+              f"{mean_std(kl, 4)} | {mean_std([r['random_floor']['kl_to_dense'] for r, _ in rows], 4)} | "
+              f"{statistics.mean(diff):+.4f} ({below} / {above}) | {beats_floor} | "
+              + (f"{best[0]} {best[1]:.4f} | {'yes' if max(kl) < best[1] else 'no'} |" if best else "- | - |"))
 
 
 REFERENCE_SWEEPS = ("sweep_reference", "sweep_reference_aggressive")
@@ -396,7 +450,7 @@ def reference():
 
 if __name__ == "__main__":
     tables = dict(packed=packed, prance=prance, rl4evit=rl4evit, rl4evit_v2=rl4evit_v2, dynamicvit_v2=dynamicvit_v2,
-                  reference=reference)
+                  verdicts=verdicts, reference=reference)
     if len(sys.argv) < 2 or sys.argv[1] not in tables or len(sys.argv) > (3 if sys.argv[1] == "rl4evit_v2" else 2):
         sys.exit(f"usage: python benchmarks/tables.py {{{','.join(tables)}}} (rl4evit_v2 takes a run prefix, "
                  "e.g. multi_cheap_kl)")
