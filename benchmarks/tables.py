@@ -6,6 +6,7 @@
     python benchmarks/tables.py rl4evit_v2 [RUN PREFIX, default multi_cheap_correct] > benchmarks/results/rl4evit_v2/tables.md
     python benchmarks/tables.py dynamicvit_v2 > benchmarks/results/dynamicvit_v2/tables.md
     python benchmarks/tables.py verdicts > benchmarks/results/rl4evit_v2/verdicts.md
+    python benchmarks/tables.py rl4evit_tables > benchmarks/results/rl4evit_v2/tables_I_II.md
     python benchmarks/tables.py reference > benchmarks/results/sweep_reference/tables.md
 
 packed: benchmarks/packed_speed.sh; prance: benchmarks/prance_selectors.sh and prance_speed.sh;
@@ -410,6 +411,81 @@ def verdicts():
               + (f"{best[0]} {best[1]:.4f} | {'yes' if max(kl) < best[1] else 'no'} |" if best else "- | - |"))
 
 
+TABLE_POLICIES = (("MAPPO", "multi_cheap_correct"), ("MAPPO, input LayerNorm, r2 to kept", "multi_cheap-ln-kept_correct"),
+                  ("single-agent PPO, input LayerNorm, r2 to kept", "single_cheap-ln-kept_correct"))
+
+
+def seeds_of(glob_root: Path, pattern: str, method: str):
+    """[(row, sweep)] of ``method`` in every finished sweep of the runs matching ``pattern``."""
+    out = []
+    for p in sorted(glob_root.glob(pattern)):
+        if (p / "sweep" / "results.json").exists():
+            x = load(p / "sweep" / "results.json")
+            out.append((next(r for r in x["rows"] if r["method"] == method), x))
+    return out
+
+
+def summary_cells(runs) -> str:
+    """GMACs ratio, top-1, Δ top-1 (its paired interval for one run), agreement, KL, speedup: mean ± std
+    over the runs (each speedup against the dense pass of its own sweep)."""
+    rows = [r for r, _ in runs]
+    col = lambda key: [r[key] for r in rows]  # noqa: E731
+    delta = interval(rows[0], "delta_top1", 2) if len(rows) == 1 else mean_std(col("delta_top1"), 2)
+    return (f"{len(rows)} | {mean_std([r['gmacs'] / x['dense']['gmacs'] for r, x in runs], 3)} | "
+            f"{mean_std(col('top1'), 2)} | {delta} | {mean_std(col('agreement'), 2)} | "
+            f"{mean_std(col('kl_to_dense'), 4)} | {mean_std(col('speedup'), 2)}x |")
+
+
+def rl4evit_tables():
+    """Tables I and II of RL4EViT on the reference model from the v2 runs (benchmarks/rl4evit_v2.sh,
+    dynamicvit_v2.sh) and the parameter-free sweeps (sweep_reference*.sh), at 0.5 and 0.7 of dense:
+    Table I against the other methods, at each method's measured setting nearest the budget; Table
+    II the ablations (single-agent PPO, random tokens at the policy's own per-image counts)."""
+    refs = [load(RES / name / "results.json") for name in REFERENCE_SWEEPS]
+    head = ("| budget | method | setting | runs | GMACs ratio | top-1 % | vs dense [95%] or mean | agree % | KL | "
+            "speedup |\n|---:|---|---|---:|---:|---:|---|---:|---:|---:|")
+    print("Table I (10,000 test images; dense = the reference model, "
+          f"{refs[0]['dense']['top1']:.2f}%, {refs[0]['dense']['gmacs']:.4f} GMACs; speedup against the dense "
+          "pass of the same sweep; runs > 1: mean ± std over seeds)\n")
+    print(head)
+    for budget in (0.5, 0.7):
+        for method in ("tome", "ppt", "evit", "random"):
+            rows = [(r, x) for x in refs for r in x["rows"] if r["method"] == method
+                    and r["options"].get("threshold", "scaled") == "scaled"]
+            r, x = min(rows, key=lambda rx: abs(rx[0]["gmacs"] / rx[1]["dense"]["gmacs"] - budget))
+            print(f"| {budget} | {method} | `{r['label']}` | {summary_cells([(r, x)])}")
+        dv = seeds_of(RES / "dynamicvit_v2", f"b{budget}_s*", "dynamicvit")
+        if dv:
+            print(f"| {budget} | DynamicViT (ViT fine-tuned with it) | `keep_rate={dv[0][0]['options']['keep_rate']}` | "
+                  f"{summary_cells(dv)}")
+        for label, prefix in TABLE_POLICIES[:2]:
+            runs = seeds_of(RES / "rl4evit_v2", f"{prefix}_b{budget}_s*", "rl4evit")
+            if runs:
+                print(f"| {budget} | **RL4EViT ({label})** | `--budget {budget}` | {summary_cells(runs)}")
+    print("\nTable II (the ablations, same images; random = random tokens at each policy's own per-image "
+          "token counts, the policy's random floor, no actor to pay for; KL - floor: mean over seeds, "
+          "with how many seeds' paired 95% intervals lie below / above 0)\n")
+    print("| budget | method | runs | GMACs ratio | top-1 % | agree % | KL | speedup | floor: GMACs ratio | "
+          "floor: top-1 % | floor: KL | floor: speedup | KL - floor (below / above) |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for budget in (0.5, 0.7):
+        for label, prefix in TABLE_POLICIES:
+            runs = seeds_of(RES / "rl4evit_v2", f"{prefix}_b{budget}_s*", "rl4evit")
+            if not runs:
+                continue
+            rows = [r for r, _ in runs]
+            floors = [r["random_floor"] for r in rows]
+            ratio = lambda rs: mean_std([r["gmacs"] / x["dense"]["gmacs"] for r, (_, x) in zip(rs, runs)], 3)  # noqa: E731
+            diff = [r["vs_random_floor"]["kl_to_dense_ci95"] for r in rows]
+            print(f"| {budget} | {label} | {len(rows)} | {ratio(rows)} | {mean_std([r['top1'] for r in rows], 2)} | "
+                  f"{mean_std([r['agreement'] for r in rows], 2)} | {mean_std([r['kl_to_dense'] for r in rows], 4)} | "
+                  f"{mean_std([r['speedup'] for r in rows], 2)}x | {ratio(floors)} | "
+                  f"{mean_std([f['top1'] for f in floors], 2)} | {mean_std([f['kl_to_dense'] for f in floors], 4)} | "
+                  f"{mean_std([f['speedup'] for f in floors], 2)}x | "
+                  f"{statistics.mean(r['vs_random_floor']['kl_to_dense'] for r in rows):+.4f} "
+                  f"({sum(hi < 0 for _, hi in diff)} / {sum(lo > 0 for lo, _ in diff)}) |")
+
+
 REFERENCE_SWEEPS = ("sweep_reference", "sweep_reference_aggressive")
 EQUAL_GMACS = (0.089, 0.095, 0.105, 0.115, 0.125, 0.14, 0.155)
 
@@ -450,7 +526,7 @@ def reference():
 
 if __name__ == "__main__":
     tables = dict(packed=packed, prance=prance, rl4evit=rl4evit, rl4evit_v2=rl4evit_v2, dynamicvit_v2=dynamicvit_v2,
-                  verdicts=verdicts, reference=reference)
+                  verdicts=verdicts, reference=reference, rl4evit_tables=rl4evit_tables)
     if len(sys.argv) < 2 or sys.argv[1] not in tables or len(sys.argv) > (3 if sys.argv[1] == "rl4evit_v2" else 2):
         sys.exit(f"usage: python benchmarks/tables.py {{{','.join(tables)}}} (rl4evit_v2 takes a run prefix, "
                  "e.g. multi_cheap_kl)")
