@@ -359,6 +359,16 @@ def learned_vs_floor(title: str, runs: list, whose: str, decision: str):
               f"{mean_std([row['vs_random_floor']['kl_to_dense'] for row in rows], 4)} | {best} |")
 
 
+def seeds_of(glob_root: Path, pattern: str, method: str):
+    """[(row, sweep)] of ``method`` in every finished sweep of the runs matching ``pattern``."""
+    out = []
+    for p in sorted(glob_root.glob(pattern)):
+        if (p / "sweep" / "results.json").exists():
+            x = load(p / "sweep" / "results.json")
+            out.append((next(r for r in x["rows"] if r["method"] == method), x))
+    return out
+
+
 VERDICT_POLICIES = (("MAPPO, reward correct", "multi_cheap_correct"),
                     ("MAPPO, reward kl", "multi_cheap_kl"),
                     ("MAPPO, input LayerNorm, r2 to kept", "multi_cheap-ln-kept_correct"),
@@ -371,16 +381,12 @@ def verdicts():
     groups = []  # (label, budget, [(row, dense)], fixed-rule lookup)
     for label, prefix in VERDICT_POLICIES:
         for budget in (0.5, 0.7):
-            runs = [load(p / "sweep" / "results.json") for p in sorted((RES / "rl4evit_v2").glob(f"{prefix}_b{budget}_s*"))
-                    if (p / "sweep" / "results.json").exists()]
-            groups.append((label, budget, [(next(r for r in x["rows"] if r["method"] == "rl4evit"), x["dense"])
-                                           for x in runs], best_fixed_rule))
+            runs = seeds_of(RES / "rl4evit_v2", f"{prefix}_b{budget}_s*", "rl4evit")
+            groups.append((label, budget, [(r, x["dense"]) for r, x in runs], best_fixed_rule))
     for budget in (0.5, 0.7):
-        runs = [load(p / "sweep" / "results.json") for p in sorted((RES / "dynamicvit_v2").glob(f"b{budget}_s*"))
-                if (p / "sweep" / "results.json").exists()]
+        runs = seeds_of(RES / "dynamicvit_v2", f"b{budget}_s*", "dynamicvit")
         groups.append(("DynamicViT (ViT fine-tuned with it; KL to the original dense)", budget,
-                       [(next(r for r in x["rows"] if r["method"] == "dynamicvit"), x["dense"]) for x in runs],
-                       best_fixed_rule))
+                       [(r, x["dense"]) for r, x in runs], best_fixed_rule))
     shipped = RES / "prance_reference" / "shipped_floor" / "results.json"
     if shipped.exists():
         x = load(shipped)
@@ -413,16 +419,6 @@ def verdicts():
 
 TABLE_POLICIES = (("MAPPO", "multi_cheap_correct"), ("MAPPO, input LayerNorm, r2 to kept", "multi_cheap-ln-kept_correct"),
                   ("single-agent PPO, input LayerNorm, r2 to kept", "single_cheap-ln-kept_correct"))
-
-
-def seeds_of(glob_root: Path, pattern: str, method: str):
-    """[(row, sweep)] of ``method`` in every finished sweep of the runs matching ``pattern``."""
-    out = []
-    for p in sorted(glob_root.glob(pattern)):
-        if (p / "sweep" / "results.json").exists():
-            x = load(p / "sweep" / "results.json")
-            out.append((next(r for r in x["rows"] if r["method"] == method), x))
-    return out
 
 
 def summary_cells(runs) -> str:
