@@ -426,10 +426,13 @@ def summary_cells(runs) -> str:
     over the runs (each speedup against the dense pass of its own sweep)."""
     rows = [r for r, _ in runs]
     col = lambda key: [r[key] for r in rows]  # noqa: E731
-    delta = interval(rows[0], "delta_top1", 2) if len(rows) == 1 else mean_std(col("delta_top1"), 2)
+    one = len(rows) == 1
+    delta = interval(rows[0], "delta_top1", 2) if one else mean_std(col("delta_top1"), 2)
+    speed = f"{rows[0]['speedup']:.2f}x [{rows[0]['speedup_iqr'][0]:.2f}, {rows[0]['speedup_iqr'][1]:.2f}]" if one \
+        else f"{mean_std(col('speedup'), 2)}x"
     return (f"{len(rows)} | {mean_std([r['gmacs'] / x['dense']['gmacs'] for r, x in runs], 3)} | "
             f"{mean_std(col('top1'), 2)} | {delta} | {mean_std(col('agreement'), 2)} | "
-            f"{mean_std(col('kl_to_dense'), 4)} | {mean_std(col('speedup'), 2)}x |")
+            f"{mean_std(col('kl_to_dense'), 4)} | {speed} |")
 
 
 def rl4evit_tables():
@@ -439,7 +442,7 @@ def rl4evit_tables():
     II the ablations (single-agent PPO, random tokens at the policy's own per-image counts)."""
     refs = [load(RES / name / "results.json") for name in REFERENCE_SWEEPS]
     head = ("| budget | method | setting | runs | GMACs ratio | top-1 % | vs dense [95%] or mean | agree % | KL | "
-            "speedup |\n|---:|---|---|---:|---:|---:|---|---:|---:|---:|")
+            "speedup [IQR over batches] or mean |\n|---:|---|---|---:|---:|---:|---|---:|---:|---:|")
     print("Table I (10,000 test images; dense = the reference model, "
           f"{refs[0]['dense']['top1']:.2f}%, {refs[0]['dense']['gmacs']:.4f} GMACs; speedup against the dense "
           "pass of the same sweep; runs > 1: mean ± std over seeds)\n")
