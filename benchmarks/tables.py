@@ -8,6 +8,7 @@
     python benchmarks/tables.py verdicts > benchmarks/results/rl4evit_v2/verdicts.md
     python benchmarks/tables.py rl4evit_tables > benchmarks/results/rl4evit_v2/tables_I_II.md
     python benchmarks/tables.py reference > benchmarks/results/sweep_reference/tables.md
+    python benchmarks/tables.py finetune_ppt > benchmarks/results/finetune_ppt/tables.md
 
 packed: benchmarks/packed_speed.sh; prance: benchmarks/prance_selectors.sh and prance_speed.sh;
 rl4evit_v2: benchmarks/rl4evit_v2.sh (3 seeds x 2 budgets, against the random floor and the
@@ -524,10 +525,53 @@ def reference():
                 print(f"| {key} | " + " | ".join("" if v is None else f"{v:.{digits}f}" for v in vals) + " |")
 
 
+FINETUNE_PPT = RES / "finetune_ppt"
+FT_WEIGHTS = (("", "shipped reference model (off the shelf)"), ("ft-dense", "+ 1 epoch dense (control)"),
+              ("ft-ppt", "+ 1 epoch with PPT active"))
+
+
+def finetune_ppt():
+    """benchmarks/finetune_ppt.sh: PPT, ToMe and EViT on the shipped model and on its two fine-tuned
+    copies; first each against its own dense model, then everything against the shipped dense."""
+    shipped = load(FINETUNE_PPT / "vs-shipped" / "results.json")
+
+    def weights_of(row):  # "" (shipped), "ft-dense" or "ft-ppt", from the row's checkpoint= option
+        m = re.search(r"checkpoint=runs/([\w-]+)/", row["label"])
+        return m.group(1) if m else ""
+
+    def cell(r):
+        lo, hi = r["delta_top1_ci95"]
+        sig = "*" if lo > 0 or hi < 0 else ""
+        return (f"{r['top1']:.2f} ({r['delta_top1']:+.2f}{sig} [{lo:+.2f}, {hi:+.2f}]) / "
+                f"{r['agreement']:.2f} / {r['kl_to_dense']:.4f}")
+
+    methods = [r for r in shipped["rows"] if weights_of(r) == ""]
+    header = "| weights | dense top-1 | " + " | ".join(f"{r['method']} {r['label']} ({r['gmacs']:.3f} G)"
+                                                       for r in methods) + " |"
+    print(f"{shipped['n_images']} test images, batch {shipped['batch_size']}, {shipped['threads']} threads, "
+          f"{shipped['date']}. Each cell: top-1 % (difference to the dense model, paired 95% interval) / "
+          "agreement % / KL(dense || method); * the interval excludes 0.\n")
+    print("Against each weight set's own dense model:\n")
+    print(header)
+    print("|---|---:|" + "---|" * len(methods))
+    for key, title in FT_WEIGHTS:
+        sweep = shipped if key == "" else load(FINETUNE_PPT / key / "results.json")
+        rows = {r["method"]: r for r in sweep["rows"] if weights_of(r) == ""}
+        print(f"| {title} | {sweep['dense']['top1']:.2f} | " + " | ".join(cell(rows[m["method"]]) for m in methods) + " |")
+    print(f"\nAgainst the shipped model's dense predictions ({shipped['dense']['top1']:.2f}%); "
+          "the dense column is the fine-tuned dense model itself:\n")
+    print(header)
+    print("|---|---|" + "---|" * len(methods))
+    for key, title in FT_WEIGHTS:
+        rows = {r["method"]: r for r in shipped["rows"] if weights_of(r) == key}
+        dense = cell(rows.pop("none")) if key else "-"
+        print(f"| {title} | {dense} | " + " | ".join(cell(rows[m["method"]]) for m in methods) + " |")
+
 
 if __name__ == "__main__":
     tables = dict(packed=packed, prance=prance, rl4evit=rl4evit, rl4evit_v2=rl4evit_v2, dynamicvit_v2=dynamicvit_v2,
-                  verdicts=verdicts, reference=reference, rl4evit_tables=rl4evit_tables)
+                  verdicts=verdicts, reference=reference, rl4evit_tables=rl4evit_tables,
+                  finetune_ppt=finetune_ppt)
     if len(sys.argv) < 2 or sys.argv[1] not in tables or len(sys.argv) > (3 if sys.argv[1] == "rl4evit_v2" else 2):
         sys.exit(f"usage: python benchmarks/tables.py {{{','.join(tables)}}} (rl4evit_v2 takes a run prefix, "
                  "e.g. multi_cheap_kl)")
