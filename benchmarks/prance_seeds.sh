@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# PRANCE selectors over seeds against random tokens at their own per-image counts (and widths), on
+# the 10,000 test images (issue 19, points 3 and 4). NET picks the network:
+#   original: the *original* reference model cifar10_vit12_w128 with channels off (`channels=false`):
+#             the selector picks only token keep ratios on a ViT never made channel-elastic, which
+#             separates the meta-network's effect from the selector's (default STRATEGIES "prune");
+#   meta:     the shipped meta-network cifar10_vit12_w128_prance, channels on (default STRATEGIES
+#             "prune prune-merge merge none"), with its fixed sub-networks in the same sweep.
+# For every strategy x seed: one selector per budget (0.5 and 0.7 of dense, selector included),
+# trained as benchmarks/prance_selectors.sh trains them (100 PPO batches of 64 from 6,400 training
+# images, K=4, actor lr 1e-3, the cost weight PI-controlled toward the budget, on an epoch at a time
+# up to 3 while the greedy GMACs ratio on 1,000 held-out training images is more than 5% off, then
+# calibration on those held-out images; the test set plays no part). Then one `leanvit sweep
+# --random-floor` of all of them on the test images: fidelity to dense, and each selector against
+# random tokens at its own per-image counts and widths. Re-running resumes (finished selectors are kept).
+# Environment: NET [original], STRATEGIES, SEEDS ["0 1 2"], LIMIT_TRAIN [6400], DATA; for a smoke run
+# LIMIT_TEST (test images of the sweep, default all), RES and RUNS (where results and runs go).
+# Results: benchmarks/results/prance_<NET>/{results.json,table.txt,...}, selectors and their metrics
+# in runs/prance-<NET>/<strategy>_s<seed>/budget-<B>/.
+# Run it under the shared CPU lock: flock .cpu.lock bash benchmarks/prance_seeds.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
+NET="${NET:-original}"
+case "$NET" in
+    original) model=cifar10_vit12_w128; net_opts=(--opt channels=false); spec_opts=:channels=false
+              fixed=(); default_strategies=prune ;;
+    meta) model=cifar10_vit12_w128_prance; net_opts=(); spec_opts=
+          fixed=(prance:subnet=middle prance:subnet=smallest); default_strategies="prune prune-merge merge none" ;;
+    *) echo "NET must be original or meta, got $NET" >&2; exit 2 ;;
+esac
+STRATEGIES="${STRATEGIES:-$default_strategies}"
+SEEDS="${SEEDS:-0 1 2}"
+LIMIT_TRAIN="${LIMIT_TRAIN:-6400}"
+RES="${RES:-benchmarks/results/prance_$NET}"
+RUNS="${RUNS:-runs/prance-$NET}"
+specs=()
+for strategy in $STRATEGIES; do
+for seed in $SEEDS; do
+    out=$RUNS/${strategy}_s$seed
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m leanvit train-selector \
+        --model "$model" --data "$DATA" --opt "strategy=$strategy" "${net_opts[@]}" --out "$out" \
+        --budget 0.5 0.7 --epochs 1 --max-epochs 3 --batch-size 64 --limit-train "$LIMIT_TRAIN" --limit-eval 1000 \
+        --workers 1 --lr-actor 1e-3 --seed "$seed" < /dev/null
+    for budget in 0.5 0.7; do
+        mkdir -p "$RES/${strategy}_s$seed/budget-$budget"
+        cp "$out/budget-$budget/metrics.json" "$RES/${strategy}_s$seed/budget-$budget/train_metrics.json"
+        specs+=("prance:strategy=$strategy$spec_opts:weights=$out/budget-$budget/selector.safetensors")
+    done
+done
+done
+leanvit sweep --model "$model" --data "$DATA" --threads 2 --batch-size 250 --out "$RES" --random-floor \
+    ${LIMIT_TEST:+--limit "$LIMIT_TEST"} --methods "${fixed[@]}" "${specs[@]}" < /dev/null
