@@ -310,14 +310,27 @@ def dynamicvit_v2():
     learned_vs_floor("DynamicViT, keep rate matched to the budget", runs, "runs'", "predictor")
 
 
-def best_fixed_rule(gmacs: float):
-    """(curve, KL to dense) of the best parameter-free curve of the reference sweeps on the original
-    model at ``gmacs`` (linear between measured settings); None outside every curve."""
+def fixed_rule(sweeps):
+    """A function g -> (rule, KL to dense) of the best parameter-free rule of ``sweeps`` (their rows
+    merged; random, the control, and trained methods left out) at g GMACs: each curve's KL linear
+    between its measured settings at g, and every measured setting at or below g (+2%), as a rule
+    that is as cheap and closer to dense beats too. None where no rule reaches g."""
     from leanvit.analysis import at_gmacs
+    rows = [r for x in sweeps for r in x["rows"]
+            if r["method"] not in ("random", "none") and "weights" not in r["options"]]
+
+    def best(g):
+        rules = {k: v[0] for k, v in at_gmacs([{"rows": rows}], [g], metric="kl_to_dense").items() if v[0] is not None}
+        rules.update({f"{r['method']} {r['label']}": r["kl_to_dense"] for r in rows if r["gmacs"] <= g * 1.02})
+        return min(rules.items(), key=lambda kv: kv[1]) if rules else None
+    return best
+
+
+def best_fixed_rule(gmacs: float):
+    """(rule, KL to dense) of the best parameter-free rule of the reference sweeps on the original
+    model at ``gmacs`` (see :func:`fixed_rule`)."""
     refs = [load(RES / name / "results.json") for name in REFERENCE_SWEEPS if (RES / name / "results.json").exists()]
-    curves = {k: v[0] for k, v in at_gmacs(refs, [gmacs], metric="kl_to_dense").items()
-              if v[0] is not None and not k.startswith("random")}  # random is the control, not a rule
-    return min(curves.items(), key=lambda kv: kv[1]) if curves else None
+    return fixed_rule(refs)(gmacs)
 
 
 def learned_vs_floor(title: str, runs: list, whose: str, decision: str):
@@ -388,16 +401,24 @@ def verdicts():
         runs = seeds_of(RES / "dynamicvit_v2", f"b{budget}_s*", "dynamicvit")
         groups.append(("DynamicViT (ViT fine-tuned with it; KL to the original dense)", budget,
                        [(r, x["dense"]) for r, x in runs], best_fixed_rule))
+    meta_rule = fixed_rule([load(p) for p in (RES / "prance_reference" / "results.json",) if p.exists()])
     shipped = RES / "prance_reference" / "shipped_floor" / "results.json"
     if shipped.exists():
         x = load(shipped)
-        subnets = [r for r in x["rows"] if "subnet" in r["options"]]
-
-        def best_subnet(g):  # the fixed sub-networks of the same meta-network, at or below g GMACs
-            fits = [r for r in subnets if r["gmacs"] <= g * 1.02]
-            return min(((f"prance {r['label']}", r["kl_to_dense"]) for r in fits), key=lambda kv: kv[1]) if fits else None
-        groups.append(("PRANCE shipped selector (meta-network; fixed rule: its fixed sub-networks)", 0.5,
-                       [(next(r for r in x["rows"] if "weights" in r["options"]), x["dense"])], best_subnet))
+        groups.append(("PRANCE shipped selector (meta-network)", 0.5,
+                       [(next(r for r in x["rows"] if "weights" in r["options"]), x["dense"])], meta_rule))
+    for net, title, rule in (("original", "channels off, original reference model", best_fixed_rule),
+                             ("meta", "meta-network", meta_rule)):
+        path = RES / f"prance_{net}" / "results.json"
+        if not path.exists():
+            continue
+        x, selectors = load(path), {}
+        for r in x["rows"]:  # benchmarks/prance_seeds.sh: .../<strategy>_s<seed>/budget-<B>/selector.safetensors
+            m = re.search(r"/([\w-]+)_s\d+/budget-([\d.]+)/", r["options"].get("weights", ""))
+            if m:
+                selectors.setdefault((m.group(1), float(m.group(2))), []).append((r, x["dense"]))
+        for (strategy, budget), rows in sorted(selectors.items()):
+            groups.append((f"PRANCE {strategy} ({title})", budget, rows, rule))
     print("| budget | method | seeds | GMACs ratio | KL to dense | floor KL | KL - floor (mean; seeds whose interval "
           "excludes 0: below / above) | beats random at its counts | best fixed rule at equal GMACs: KL | "
           "beats it |")
