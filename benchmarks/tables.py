@@ -9,6 +9,7 @@
     python benchmarks/tables.py rl4evit_tables > benchmarks/results/rl4evit_v2/tables_I_II.md
     python benchmarks/tables.py reference > benchmarks/results/sweep_reference/tables.md
     python benchmarks/tables.py finetune_ppt > benchmarks/results/finetune_ppt/tables.md
+    python benchmarks/tables.py prance_seeds {original,meta} > benchmarks/results/prance_{original,meta}/tables.md
 
 packed: benchmarks/packed_speed.sh; prance: benchmarks/prance_selectors.sh and prance_speed.sh;
 rl4evit_v2: benchmarks/rl4evit_v2.sh (3 seeds x 2 budgets, against the random floor and the
@@ -333,10 +334,12 @@ def best_fixed_rule(gmacs: float):
     return fixed_rule(refs)(gmacs)
 
 
-def learned_vs_floor(title: str, runs: list, whose: str, decision: str):
+def learned_vs_floor(title: str, runs: list, whose: str, decision: str, rule=None):
     """Per seed and budget a learned method on the test images against its random floor, then
     mean ± std over seeds and the best parameter-free curve at the same mean GMACs. ``runs``: dicts
-    of budget, seed, dense, row (a sweep row with ``random_floor``), decision_gmacs, extra columns."""
+    of budget, seed, dense, row (a sweep row with ``random_floor``), decision_gmacs, extra columns;
+    ``rule``: the fixed-rule lookup (default: the reference sweeps on the original model)."""
+    rule = rule or best_fixed_rule
     print(f"Per seed ({title}; {runs[0]['row']['n_images'] if runs else 0:,} test images; floor = random tokens "
           f"at the method's own per-image counts, same images; * = the paired 95% interval excludes 0)\n")
     extra = list(runs[0]["extra"]) if runs else []  # the first before the test columns, the rest after
@@ -351,8 +354,8 @@ def learned_vs_floor(title: str, runs: list, whose: str, decision: str):
                  f"{row['agreement']:.2f}", f"{row['kl_to_dense']:.4f}", f"{f['top1']:.2f}", f"{f['kl_to_dense']:.4f}",
                  interval(v, "kl_to_dense", 4), interval(v, "agreement", 2), interval(v, "top1", 2), *cols[1:]]
         print("| " + " | ".join(map(str, cells)) + " |")
-    print(f"\nOver seeds (mean ± std), and the parameter-free curves at the {whose} mean GMACs "
-          "(linear between measured settings of `benchmarks/sweep_reference*.sh`)\n")
+    print(f"\nOver seeds (mean ± std), and the best parameter-free rule at the {whose} mean GMACs "
+          "(linear between its measured settings, or any cheaper setting)\n")
     print(f"| budget | seeds | within 5% of budget | GMACs ratio | {decision} GMACs | top-1 % | agree % | KL | "
           "KL - floor | best parameter-free KL at equal GMACs |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
@@ -364,7 +367,7 @@ def learned_vs_floor(title: str, runs: list, whose: str, decision: str):
         ratios = [row["gmacs"] / r["dense"]["gmacs"] for row, r in zip(rows, seeds)]
         met = sum(abs(x / budget - 1) <= 0.05 for x in ratios)
         col = lambda key: [row[key] for row in rows]  # noqa: E731
-        best = best_fixed_rule(statistics.mean(col("gmacs")))
+        best = rule(statistics.mean(col("gmacs")))
         best = f"{best[0]} {best[1]:.4f}" if best else ""
         decision = [r["decision_gmacs"] for r in seeds if r["decision_gmacs"] is not None]
         print(f"| {budget} | {len(seeds)} | {met}/{len(seeds)} (test) | {mean_std(ratios, 3)} | "
@@ -546,6 +549,36 @@ def reference():
                 print(f"| {key} | " + " | ".join("" if v is None else f"{v:.{digits}f}" for v in vals) + " |")
 
 
+PRANCE_NETS = {"original": "channels off, the original reference model", "meta": "the shipped meta-network"}
+
+
+def prance_seeds(net: str = "original"):
+    """benchmarks/prance_seeds.sh (NET=original|meta): per strategy, seed and budget each selector on
+    the test images against random tokens at its own per-image counts and widths, then mean ± std
+    over seeds and the best fixed rule on the same network at the selectors' mean GMACs."""
+    res = RES / f"prance_{net}"
+    sweep = load(res / "results.json")
+    fixed = [RES / "prance_reference" / "results.json"] if net == "meta" else [RES / n / "results.json" for n in REFERENCE_SWEEPS]
+    rule = fixed_rule([load(p) for p in fixed] + [sweep])
+    by_strategy = {}
+    for row in sweep["rows"]:
+        m = re.search(r"/([\w-]+)_s(\d+)/budget-([\d.]+)/", row["options"].get("weights", ""))
+        if not m:
+            continue
+        strategy, seed, budget = m.group(1), int(m.group(2)), float(m.group(3))
+        train = load(res / f"{strategy}_s{seed}" / f"budget-{m.group(3)}" / "train_metrics.json")
+        last = train["history"][-1]
+        f = row["random_floor"]
+        by_strategy.setdefault(strategy, []).append(dict(
+            budget=budget, seed=seed, dense=sweep["dense"], row=row, decision_gmacs=last.get("decision_gmacs"),
+            extra={"held-out GMACs ratio (train)": f"{train['gmacs_ratio']:.3f}",
+                   "speedup / floor": f"{row['speedup']:.2f}x / {f['speedup']:.2f}x",
+                   "configs per 32 (held-out)": f"{last['configs_per_32']:.1f}"}))
+    for strategy, runs in sorted(by_strategy.items()):
+        learned_vs_floor(f"PRANCE {strategy}, {PRANCE_NETS[net]}", runs, "selectors'", "selector", rule)
+        print()
+
+
 FINETUNE_PPT = RES / "finetune_ppt"
 FT_WEIGHTS = (("", "shipped reference model (off the shelf)"), ("ft-dense", "+ 1 epoch dense (control)"),
               ("ft-ppt", "+ 1 epoch with PPT active"))
@@ -592,8 +625,8 @@ def finetune_ppt():
 if __name__ == "__main__":
     tables = dict(packed=packed, prance=prance, rl4evit=rl4evit, rl4evit_v2=rl4evit_v2, dynamicvit_v2=dynamicvit_v2,
                   verdicts=verdicts, reference=reference, rl4evit_tables=rl4evit_tables,
-                  finetune_ppt=finetune_ppt)
-    if len(sys.argv) < 2 or sys.argv[1] not in tables or len(sys.argv) > (3 if sys.argv[1] == "rl4evit_v2" else 2):
+                  finetune_ppt=finetune_ppt, prance_seeds=prance_seeds)
+    if len(sys.argv) < 2 or sys.argv[1] not in tables or len(sys.argv) > (3 if sys.argv[1] in ("rl4evit_v2", "prance_seeds") else 2):
         sys.exit(f"usage: python benchmarks/tables.py {{{','.join(tables)}}} (rl4evit_v2 takes a run prefix, "
-                 "e.g. multi_cheap_kl)")
+                 "e.g. multi_cheap_kl; prance_seeds a network, original or meta)")
     tables[sys.argv[1]](*sys.argv[2:3])
