@@ -6,6 +6,9 @@
 # block) per group of 32 images.
 #   base:     entropy bonus 0, no value normalisation (the defaults before 2026-12-02)
 #   ent:      --entropy-coef 0.01 (train-selector's defaults since 2026-12-02; not in the default NAMES)
+#   keys:     ent with the authors' selector state (--opt state=keys: the per-token mean of the last
+#             block's keys; not in the default NAMES)
+#   k10:      ent with the authors' K = 10 PPO epochs (not in the default NAMES)
 #   ent-vn:   --entropy-coef 0.01 --value-norm (the authors'/MAPPO's)
 #   ent-vn-oe: ent-vn plus option-count regularisation (--option-entropy 0.1)
 #   ent-vn-k10: ent-vn with the authors' K = 10 PPO epochs (not in the default NAMES)
@@ -56,6 +59,8 @@ mkdir -p "$OUT"
 declare -A SETTINGS=(
     [base]="--entropy-coef 0"
     [ent]="--entropy-coef 0.01"
+    [keys]="--entropy-coef 0.01 --opt state=keys"
+    [k10]="--entropy-coef 0.01 --ppo-epochs 10"
     [ent-vn]="--entropy-coef 0.01 --value-norm"
     [ent-vn-oe]="--entropy-coef 0.01 --value-norm --option-entropy 0.1"
     [ent-vn-k10]="--entropy-coef 0.01 --value-norm --ppo-epochs 10"
