@@ -35,8 +35,8 @@ LIMIT_TRAIN="${LIMIT_TRAIN:-6400}"
 RES="${RES:-benchmarks/results/prance_$NET}"
 RUNS="${RUNS:-runs/prance-$NET}"
 specs=()
+for seed in $SEEDS; do  # seed-major: an interrupted run has every strategy at the first seeds
 for strategy in $STRATEGIES; do
-for seed in $SEEDS; do
     out=$RUNS/${strategy}_s$seed
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m leanvit train-selector \
         --model "$model" --data "$DATA" --opt "strategy=$strategy" "${net_opts[@]}" --out "$out" \
