@@ -8,12 +8,12 @@
 #             "prune prune-merge merge none"), with its fixed sub-networks in the same sweep.
 # For every strategy x seed: one selector per budget (0.5 and 0.7 of dense, selector included),
 # trained as benchmarks/prance_selectors.sh trains them (100 PPO batches of 64 from 6,400 training
-# images, K=4, actor lr 1e-3, the cost weight PI-controlled toward the budget, on an epoch at a time
+# images, K=PPO_EPOCHS [10, the default; NET=original ran with 4 on 2026-12-04], actor lr 1e-3, the cost weight PI-controlled toward the budget, on an epoch at a time
 # up to 3 while the greedy GMACs ratio on 1,000 held-out training images is more than 5% off, then
 # calibration on those held-out images; the test set plays no part). Then one `leanvit sweep
 # --random-floor` of all of them on the test images: fidelity to dense, and each selector against
 # random tokens at its own per-image counts and widths. Re-running resumes (finished selectors are kept).
-# Environment: NET [original], STRATEGIES, SEEDS ["0 1 2"], LIMIT_TRAIN [6400], DATA; for a smoke run
+# Environment: NET [original], STRATEGIES, SEEDS ["0 1 2"], LIMIT_TRAIN [6400], PPO_EPOCHS [10], DATA; for a smoke run
 # LIMIT_TEST (test images of the sweep, default all), RES and RUNS (where results and runs go).
 # Results: benchmarks/results/prance_<NET>/{results.json,table.txt,...}, selectors and their metrics
 # in runs/prance-<NET>/<strategy>_s<seed>/budget-<B>/.
@@ -32,6 +32,7 @@ esac
 STRATEGIES="${STRATEGIES:-$default_strategies}"
 SEEDS="${SEEDS:-0 1 2}"
 LIMIT_TRAIN="${LIMIT_TRAIN:-6400}"
+PPO_EPOCHS="${PPO_EPOCHS:-10}"
 RES="${RES:-benchmarks/results/prance_$NET}"
 RUNS="${RUNS:-runs/prance-$NET}"
 specs=()
@@ -41,7 +42,7 @@ for strategy in $STRATEGIES; do
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m leanvit train-selector \
         --model "$model" --data "$DATA" --opt "strategy=$strategy" "${net_opts[@]}" --out "$out" \
         --budget 0.5 0.7 --epochs 1 --max-epochs 3 --batch-size 64 --limit-train "$LIMIT_TRAIN" --limit-eval 1000 \
-        --workers 1 --lr-actor 1e-3 --seed "$seed" < /dev/null
+        --workers 1 --lr-actor 1e-3 --ppo-epochs "$PPO_EPOCHS" --seed "$seed" < /dev/null
     for budget in 0.5 0.7; do
         mkdir -p "$RES/${strategy}_s$seed/budget-$budget"
         cp "$out/budget-$budget/metrics.json" "$RES/${strategy}_s$seed/budget-$budget/train_metrics.json"

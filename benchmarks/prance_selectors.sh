@@ -2,7 +2,8 @@
 # PRANCE selectors for the reference meta-network (benchmarks/prance_supernet.sh first): for each
 # token strategy, and channel-only (strategy=none), one selector per GMACs budget (0.5 and 0.7 of
 # dense), its reward's cost weight PI-controlled toward the budget during training. Each trains for
-# 1 epoch on 6,400 training images (100 PPO batches of 64, K=4, Result-to-Go rewards), and on, an
+# 1 epoch on 6,400 training images (100 PPO batches of 64, K=4 as in the runs of
+# 2026-12-02, pinned: the default is 10 since 2026-12-04, Result-to-Go rewards), and on, an
 # epoch at a time up to 3, while its greedy GMACs ratio is not within 5% of the budget. That ratio is
 # measured on the holdout: 1,000 class-balanced training images that are never trained on (eval
 # transform), so the test set plays no part in the tuning.
@@ -29,7 +30,7 @@ for conf in "${CONFIGS[@]}"; do
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m leanvit train-selector \
         "${model[@]}" --data "$DATA" "${opts[@]}" --out "$out" \
         --budget 0.5 0.7 --epochs 1 --max-epochs 3 --batch-size 64 --limit-train 6400 --limit-eval 1000 \
-        --workers 1 --lr-actor 1e-3
+        --workers 1 --lr-actor 1e-3 --ppo-epochs 4
     for budget in 0.5 0.7; do
         spec="prance:strategy=$strategy:weights=$out/budget-$budget/selector.safetensors"
         [[ "$conf" == *channels=false ]] && spec="$spec:channels=false"

@@ -14,7 +14,8 @@
 #   ent-vn-k10: ent-vn with the authors' K = 10 PPO epochs (not in the default NAMES)
 #   kl:       the fidelity reward (--reward kl: exp(-KL to dense) as the accuracy term), with the defaults
 #             otherwise, i.e. against ent (not in the default NAMES)
-# Short: 2,560 training images (40 PPO batches of 64, K=4), 1 epoch; a budget missed by more than 5% is
+# Short: 2,560 training images (40 PPO batches of 64, K=4 unless the setting says otherwise: pinned,
+# the default is 10 since 2026-12-04), 1 epoch; a budget missed by more than 5% is
 # met by calibration (train_prance.py). SEEDS="0 1 2" STEPS_IMAGES=6400 bash benchmarks/prance_v2.sh:
 # the 3-seed long version; NAMES="base ent-vn-k10": other settings. 2 torchrun CPU processes; run under flock /work/main/.cpu.lock.
 set -euo pipefail
@@ -74,7 +75,7 @@ for seed in "${SEEDS[@]}"; do
         OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m leanvit train-selector \
             --model cifar10_vit12_w128_prance --data "$DATA" --opt strategy=prune --out "$run" \
             --budget 0.5 --epochs 1 --max-epochs 1 --batch-size 64 --limit-train "$IMAGES" --limit-eval 512 \
-            --workers 1 --lr-actor 1e-3 --seed "$seed" "${extra[@]}"
+            --workers 1 --lr-actor 1e-3 --ppo-epochs 4 --seed "$seed" "${extra[@]}"
         cp "$run/metrics.json" "$OUT/$name-s$seed-n$IMAGES.json"
         summarize
     done

@@ -30,8 +30,9 @@ actor's output before the sigmoid moves every action the same way (wider stages,
 bisection over that shift on the evaluation images brings the mean GMACs to the budget.
 
 PPO as the authors (and MAPPO) run it where it is known to matter: an entropy bonus of 0.01
-(``entropy_coef``), and optionally the critic on normalised returns (``value_norm``); K = 4 PPO
-epochs per batch by default (the authors' 10 with ``--ppo-epochs 10``). ``option_entropy`` adds
+(``entropy_coef``), and optionally the critic on normalised returns (``value_norm``); K = 10 PPO
+epochs per batch, as the authors (K = 4 until 2026-12-04: 10 measured closer to dense in each of 3
+seeds, BENCHMARKS "PRANCE selector settings"). ``option_entropy`` adds
 option-count regularisation (:func:`choice_marginal_entropy`).
 """
 from __future__ import annotations
@@ -150,8 +151,8 @@ class SelectorConfig(PolicyRun):
     calibrate: bool = arg(True, help="with --budget: do not shift the final selector's actions to meet a missed "
                           "budget")
     epochs: int = arg(1, positive_int)
-    # K = 4 PPO epochs by default (--ppo-epochs; the authors use 10)
-    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(gamma=0.9, lam=0.9, epochs=4, lr_actor=1e-4,
+    # K = 10 PPO epochs by default (--ppo-epochs), the authors'
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(gamma=0.9, lam=0.9, epochs=10, lr_actor=1e-4,
                                                              lr_critic=5e-3))
     # PPO's entropy bonus (the authors' and MAPPO's 0.01); overrides the ppo field's
     entropy_coef: float = arg(0.01, nonnegative, "weight of the entropy bonus of the selector's action "
