@@ -525,7 +525,11 @@ def reference():
     print(f"{sweeps[0]['n_images']} test images, batch {sweeps[0]['batch_size']}, {sweeps[0]['threads']} threads, "
           f"{sweeps[0]['date']}; dense {dense['top1']:.2f}%, {dense['gmacs']:.4f} GMACs, "
           f"{dense['images_per_second']:.0f} img/s\n")
-    print("| method, budget | top-1 % | vs dense (95% CI) | agree % | KL to dense | GMACs | speedup [IQR] | "
+    def kl_cell(r):  # the mean KL and its 95% interval over the images (sweeps from 2026-12-04 on)
+        ci = r.get("kl_to_dense_ci95")
+        return f"{r['kl_to_dense']:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+
+    print("| method, budget | top-1 % | vs dense (95% CI) | agree % | KL to dense [95%] | GMACs | speedup [IQR] | "
           "PPT prune % per layer |")
     print("|---|---:|---|---:|---:|---:|---|---|")
     for sweep in sweeps:
@@ -537,17 +541,25 @@ def reference():
             q1, q3 = r["speedup_iqr"]
             label = r["label"].replace("threshold=", "τ=")
             print(f"| `{r['method']}` {label} | {r['top1']:.2f} | {r['delta_top1']:+.2f}{sig} ({lo:+.2f}, {hi:+.2f}) | "
-                  f"{r['agreement']:.2f} | {r['kl_to_dense']:.4f} | {r['gmacs']:.3f} | {r['speedup']:.2f}x "
+                  f"{r['agreement']:.2f} | {kl_cell(r)} | {r['gmacs']:.3f} | {r['speedup']:.2f}x "
                   f"[{q1:.2f}, {q3:.2f}] | {prune} |")
+    # the KL interval's bounds, linear along each curve as the KL itself
+    bounds = [{"rows": [dict(r, kl_lo=r["kl_to_dense_ci95"][0], kl_hi=r["kl_to_dense_ci95"][1])
+                        for r in x["rows"] if r.get("kl_to_dense_ci95")]} for x in sweeps]
+    lo_hi = [at_gmacs(bounds, EQUAL_GMACS, metric=m) for m in ("kl_lo", "kl_hi")]
     for metric, digits in (("top1", 2), ("kl_to_dense", 4), ("agreement", 2)):
         table = at_gmacs(sweeps, EQUAL_GMACS, metric=metric)
-        print(f"\n{metric} at equal GMACs (linear along each curve; blank outside a curve's range)\n")
+        print(f"\n{metric} at equal GMACs (linear along each curve; blank outside a curve's range"
+              + ("; [95%]: the interval's bounds, linear too" if metric == "kl_to_dense" and lo_hi[0] else "") + ")\n")
         print("| curve | " + " | ".join(f"{g:.3f} G ({g / dense['gmacs']:.2f})" for g in EQUAL_GMACS) + " |")
         print("|---|" + "---:|" * len(EQUAL_GMACS))
         for key, vals in table.items():
             if sum(v is not None for v in vals) > 0:
-                print(f"| {key} | " + " | ".join("" if v is None else f"{v:.{digits}f}" for v in vals) + " |")
-
+                cells = ["" if v is None else f"{v:.{digits}f}" for v in vals]
+                if metric == "kl_to_dense" and key in lo_hi[0]:
+                    cells = [c + (f" [{lo:.4f}, {hi:.4f}]" if c and lo is not None and hi is not None else "")
+                             for c, lo, hi in zip(cells, lo_hi[0][key], lo_hi[1][key])]
+                print(f"| {key} | " + " | ".join(cells) + " |")
 
 PRANCE_NETS = {"original": "channels off, the original reference model", "meta": "the shipped meta-network"}
 

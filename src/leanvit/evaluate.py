@@ -3,9 +3,10 @@ pass of a data set.
 
 Fidelity is measured on the same images as the reference runner ("dense"): ``agreement`` (% of
 images with the same top-1 class), ``kl_to_dense`` (mean KL(dense || method) of the softmax
-outputs, nats), and ``delta_top1`` with ``delta_top1_ci95``, a paired 95% interval: the normal
-interval of the mean of the per-image differences d_i = correct_method,i - correct_dense,i,
-delta +- 1.96 sd(d)/sqrt(n). On the same images it is far narrower than two independent
+outputs, nats) with ``kl_to_dense_ci95``, the normal 95% interval of that mean over the images
+(kl +- 1.96 sd(kl_i)/sqrt(n): it ranks methods whose intervals do not overlap), and ``delta_top1``
+with ``delta_top1_ci95``, a paired 95% interval: the normal interval of the mean of the per-image
+differences d_i = correct_method,i - correct_dense,i, delta +- 1.96 sd(d)/sqrt(n). On the same images it is far narrower than two independent
 intervals, and KL and agreement separate methods that top-1 cannot.
 
 A method's *random floor* (``controls``) is the control for its choice of tokens: on every batch,
@@ -47,6 +48,7 @@ class EvalResult:
     skipped: int  # unreadable images, reported by path while loading
     agreement: Optional[float] = None  # % of images whose top-1 class equals the reference's
     kl_to_dense: Optional[float] = None  # mean KL(reference || this) in nats
+    kl_to_dense_ci95: Optional[List[float]] = None  # normal 95% interval of that mean over the images
     delta_top1: Optional[float] = None  # top-1 minus the reference's, points
     delta_top1_ci95: Optional[List[float]] = None  # paired 95% interval of delta_top1
     speedup: Optional[float] = None  # reference's forward time / this runner's, over all batches
@@ -69,13 +71,13 @@ class EvalResult:
 def paired_delta(correct: Tensor, reference: Tensor, z: float = 1.96) -> Tuple[float, List[float]]:
     """Top-1 difference in points and its paired normal interval, from per-image 0/1 correctness."""
     d = correct.long() - reference.long()
-    return _paired_delta(int(d.sum()), int((d * d).sum()), d.numel(), z)
+    return _mean_interval(int(d.sum()), int((d * d).sum()), d.numel(), z)
 
 
 def paired_interval(d: Tensor, z: float = 1.96) -> Tuple[float, List[float]]:
     """Mean of per-image differences ``d`` and its paired normal 95% interval."""
     d = d.double()
-    return _paired_delta(float(d.sum()), float((d * d).sum()), d.numel(), z, scale=1.0)
+    return _mean_interval(float(d.sum()), float((d * d).sum()), d.numel(), z, scale=1.0)
 
 
 def _versus(a: Dict[str, Tensor], b: Dict[str, Tensor]) -> Dict[str, object]:
@@ -88,12 +90,13 @@ def _versus(a: Dict[str, Tensor], b: Dict[str, Tensor]) -> Dict[str, object]:
     return out
 
 
-def _paired_delta(sum_d: float, sum_d2: float, n: int, z: float = 1.96,
-                  scale: float = 100.0) -> Tuple[float, List[float]]:
-    """:func:`paired_delta` (``scale`` 100: points) from the sums of the differences and of their
-    squares (integers for 0/1 correctness, so that processes can add theirs up exactly)."""
-    mean = sum_d / n
-    sd = math.sqrt(max(sum_d2 - n * mean * mean, 0.0) / (n - 1)) if n > 1 else 0.0
+def _mean_interval(sum_x: float, sum_x2: float, n: int, z: float = 1.96,
+                   scale: float = 100.0) -> Tuple[float, List[float]]:
+    """``scale`` x the mean of n values and its normal interval, from their sum and the sum of their
+    squares (for :func:`paired_delta` the per-image differences, integers for 0/1 correctness, so
+    that processes can add theirs up exactly)."""
+    mean = sum_x / n
+    sd = math.sqrt(max(sum_x2 - n * mean * mean, 0.0) / (n - 1)) if n > 1 else 0.0
     delta, half = scale * mean, scale * z * sd / math.sqrt(n)
     return delta, [delta - half, delta + half]
 
@@ -109,7 +112,7 @@ def _quartiles(values: List[float]) -> List[float]:
     return [float(t.quantile(0.25)), float(t.quantile(0.75))]
 
 
-SUMS = ("correct", "d", "d2", "macs", "agree", "kl", "time")  # what evaluate adds up over images and processes
+SUMS = ("correct", "d", "d2", "macs", "agree", "kl", "kl2", "time")  # what evaluate adds up over images and processes
 
 
 def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", reference: str = "dense",
@@ -188,6 +191,7 @@ def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", 
                     s["d2"] += int((d * d).sum())
                     s["agree"] += int(agree.sum())
                     s["kl"] += float(kl.sum())
+                    s["kl2"] += float((kl.double() ** 2).sum())
                     if controls:  # per image, for the paired differences to the floors
                         for key, t in (("kl_to_dense", kl), ("agreement", agree), ("top1", correct[name])):
                             per_image[name][key].append(t.cpu())
@@ -206,9 +210,10 @@ def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", 
         t, fidelity = totals[name], {}
         if reference in totals:
             ref = totals[reference]
-            delta, ci = _paired_delta(t["d"], t["d2"], n)
+            delta, ci = _mean_interval(t["d"], t["d2"], n)
             ratios = [r / x for r, x in zip(stats[reference]["seconds"], stats[name]["seconds"])]
-            fidelity = dict(agreement=100.0 * t["agree"] / n, kl_to_dense=t["kl"] / n, delta_top1=delta,
+            fidelity = dict(agreement=100.0 * t["agree"] / n, kl_to_dense=t["kl"] / n,
+                            kl_to_dense_ci95=_mean_interval(t["kl"], t["kl2"], n, scale=1.0)[1], delta_top1=delta,
                             delta_top1_ci95=ci, speedup=ref["time"] / t["time"],
                             speedup_iqr=_quartiles([r for part in all_gather(ratios) for r in part]))
             if name in controls:
