@@ -140,3 +140,14 @@ def test_calibrate_bisects_to_the_budget():
     s, r = calibrate(ratio_at, ratio_at(0.0), budget=0.3, tolerance=0.05)
     assert abs(r / 0.3 - 1) <= 0.025 and s < 0
     assert calibrate(ratio_at, 0.5, budget=0.5, tolerance=0.05) == (0.0, 0.5)
+
+
+def test_calibrate_widens_its_bracket_for_a_confident_policy():
+    """A policy whose outputs sit far out (the ratio only moves for shifts beyond the default span
+    of 8) is still brought to the budget; beyond max_span it returns the nearest it saw."""
+    from leanvit.rl import calibrate
+    ratio_at = lambda s: min(max(0.45 + 0.02 * (s - 20), 0.45), 0.95)  # noqa: E731 (flat below 20)
+    s, r = calibrate(ratio_at, 0.45, budget=0.7, tolerance=0.05)
+    assert abs(r / 0.7 - 1) <= 0.025 and 20 < s <= 64
+    s, r = calibrate(ratio_at, 0.45, budget=0.7, tolerance=0.05, max_span=16)
+    assert r == 0.45 and s == 0.0  # nothing nearer within reach

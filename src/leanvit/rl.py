@@ -163,19 +163,35 @@ class BudgetController:
 
 
 def calibrate(ratio_at: Callable[[float], float], ratio: float, budget: float, tolerance: float,
-              span: float = 8.0, iters: int = 12) -> tuple:
+              span: float = 8.0, iters: int = 12, max_span: float = 64.0) -> tuple:
     """Bisection for the shift s of a policy's output (PRANCE: before the sigmoid; RL4EViT: the keep
     logit) whose greedy GMACs ratio ``ratio_at(s)`` is nearest the budget; ``ratio`` is the one at
     s = 0. Every action grows with s, so the ratio does too (on average over images: later decisions
-    see other features). Stops within half the tolerance. Returns (s, its ratio); s = 0 when nothing
-    got nearer."""
-    lo, hi, s, best = -span, span, 0.0, (0.0, ratio)
+    see other features). The bracket is [0, span] on the side toward the budget, doubled up to
+    ``max_span`` while the budget lies beyond it (a confident policy's outputs can sit further out
+    than ``span``). Stops within half the tolerance. Returns (s, its ratio); s = 0 when nothing got
+    nearer."""
+    best = (0.0, ratio)
+
+    def seen(s: float) -> float:
+        nonlocal best
+        r = ratio_at(s)
+        if abs(r - budget) < abs(best[1] - budget):
+            best = (s, r)
+        return r
+
+    if abs(ratio / budget - 1) <= tolerance / 2:
+        return best
+    up = ratio < budget  # the ratio must grow: a positive shift
+    sign, lo, hi = (1.0 if up else -1.0), 0.0, span
+    while (seen(sign * hi) < budget) == up and hi < max_span:  # the budget lies beyond the bracket
+        lo, hi = hi, 2 * hi
     for _ in range(iters):
-        if abs(ratio / budget - 1) <= tolerance / 2:
+        if abs(best[1] / budget - 1) <= tolerance / 2:
             break
-        lo, hi = (s, hi) if ratio < budget else (lo, s)
-        s = (lo + hi) / 2
-        ratio = ratio_at(s)
-        if abs(ratio - budget) < abs(best[1] - budget):
-            best = (s, ratio)
+        mid = (lo + hi) / 2
+        if (seen(sign * mid) < budget) == up:
+            lo = mid
+        else:
+            hi = mid
     return best
