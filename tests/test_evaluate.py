@@ -54,7 +54,8 @@ def test_eval_json_fidelity_matches_a_recomputation(tmp_path, capsys):
     kl = kl_per_image(dense, evit).double()
     assert r["kl_to_dense"] == pytest.approx(float(kl.mean()), rel=1e-4, abs=1e-7)
     half = 1.96 * float(kl.std()) / len(kl) ** 0.5  # the normal interval of the mean KL
-    assert r["kl_to_dense_ci95"] == pytest.approx([float(kl.mean()) - half, float(kl.mean()) + half], rel=1e-3, abs=1e-7)
+    assert r["kl_to_dense_ci95"] == pytest.approx([float(kl.mean()) - half, float(kl.mean()) + half],
+                                                  rel=1e-3, abs=1e-7)
     assert r["kl_to_dense_ci95"][0] < r["kl_to_dense"] < r["kl_to_dense_ci95"][1]
     delta, ci = paired_delta(evit.argmax(1) == y, dense.argmax(1) == y)
     assert r["delta_top1"] == pytest.approx(delta) and r["delta_top1_ci95"] == pytest.approx(ci)

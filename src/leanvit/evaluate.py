@@ -6,8 +6,9 @@ images with the same top-1 class), ``kl_to_dense`` (mean KL(dense || method) of 
 outputs, nats) with ``kl_to_dense_ci95``, the normal 95% interval of that mean over the images
 (kl +- 1.96 sd(kl_i)/sqrt(n): it ranks methods whose intervals do not overlap), and ``delta_top1``
 with ``delta_top1_ci95``, a paired 95% interval: the normal interval of the mean of the per-image
-differences d_i = correct_method,i - correct_dense,i, delta +- 1.96 sd(d)/sqrt(n). On the same images it is far narrower than two independent
-intervals, and KL and agreement separate methods that top-1 cannot.
+differences d_i = correct_method,i - correct_dense,i, delta +- 1.96 sd(d)/sqrt(n). On the same
+images it is far narrower than two independent intervals, and KL and agreement separate methods
+that top-1 cannot.
 
 A method's *random floor* (``controls``) is the control for its choice of tokens: on every batch,
 random tokens kept at exactly the per-image token counts (and channel widths) the method ran
@@ -213,8 +214,8 @@ def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", 
             delta, ci = _mean_interval(t["d"], t["d2"], n)
             ratios = [r / x for r, x in zip(stats[reference]["seconds"], stats[name]["seconds"])]
             fidelity = dict(agreement=100.0 * t["agree"] / n, kl_to_dense=t["kl"] / n,
-                            kl_to_dense_ci95=_mean_interval(t["kl"], t["kl2"], n, scale=1.0)[1], delta_top1=delta,
-                            delta_top1_ci95=ci, speedup=ref["time"] / t["time"],
+                            kl_to_dense_ci95=_mean_interval(t["kl"], t["kl2"], n, scale=1.0)[1],
+                            delta_top1=delta, delta_top1_ci95=ci, speedup=ref["time"] / t["time"],
                             speedup_iqr=_quartiles([r for part in all_gather(ratios) for r in part]))
             if name in controls:
                 fidelity["vs_random_floor"] = _versus(per_image[name], per_image[f"{name} floor"])
