@@ -13,7 +13,10 @@
 # calibration on those held-out images; the test set plays no part). Then one `leanvit sweep
 # --random-floor` of all of them on the test images: fidelity to dense, and each selector against
 # random tokens at its own per-image counts and widths. Re-running resumes (finished selectors are kept).
-# Environment: NET [original], STRATEGIES, SEEDS ["0 1 2"], LIMIT_TRAIN [6400], PPO_EPOCHS [10], DATA; for a smoke run
+# FLOOR=shuffled adds the shuffled floor (`sweep --shuffled-floor`): each batch's per-image counts and widths
+# dealt to its images in a random order, the control for which image gets which budget, and the only one
+# of the channel-only selectors (strategy none), whose random floor is themselves.
+# Environment: NET [original], STRATEGIES, SEEDS ["0 1 2"], LIMIT_TRAIN [6400], PPO_EPOCHS [10], FLOOR [random], DATA; for a smoke run
 # LIMIT_TEST (test images of the sweep, default all), RES and RUNS (where results and runs go).
 # Results: benchmarks/results/prance_<NET>/{results.json,table.txt,...}, selectors and their metrics
 # in runs/prance-<NET>/<strategy>_s<seed>/budget-<B>/.
@@ -33,6 +36,8 @@ STRATEGIES="${STRATEGIES:-$default_strategies}"
 SEEDS="${SEEDS:-0 1 2}"
 LIMIT_TRAIN="${LIMIT_TRAIN:-6400}"
 PPO_EPOCHS="${PPO_EPOCHS:-10}"
+case "${FLOOR:-random}" in random) floor=--random-floor ;; shuffled) floor=--shuffled-floor ;;
+    *) echo "FLOOR must be random or shuffled, got $FLOOR" >&2; exit 2 ;; esac
 RES="${RES:-benchmarks/results/prance_$NET}"
 RUNS="${RUNS:-runs/prance-$NET}"
 specs=()
@@ -50,5 +55,5 @@ for strategy in $STRATEGIES; do
     done
 done
 done
-leanvit sweep --model "$model" --data "$DATA" --threads 2 --batch-size 250 --out "$RES" --random-floor \
+leanvit sweep --model "$model" --data "$DATA" --threads 2 --batch-size 250 --out "$RES" "$floor" \
     ${LIMIT_TEST:+--limit "$LIMIT_TEST"} --methods "${fixed[@]}" "${specs[@]}" < /dev/null

@@ -153,14 +153,16 @@ def test_sweep_writes_table_json_and_plots(tmp_path, capsys):
     code, stdout, err = run_cli(["sweep", "--model", "vit12_convstem_w96_cifar", "--data", str(CIFAR),
                                  "--methods", "tome:r=2", "tome:r=4", "ppt:r=10:threshold=scaled", "evit:keep_rate=0.5",
                                  "--limit", "40", "--batch-size", "20", "--workers", "0", "--out", str(out),
-                                 "--random-floor"], capsys)
+                                 "--shuffled-floor"], capsys)
     assert code == 0, err
     result = json.loads((out / "results.json").read_text())
     assert result["n_images"] == 40 and len(result["rows"]) == 4
-    for r in result["rows"]:  # --random-floor: random tokens at each method's counts, same MACs
-        assert r["random_floor"]["gmacs"] == pytest.approx(r["gmacs"], rel=1e-6)
-        assert set(r["vs_random_floor"]) >= {"kl_to_dense", "kl_to_dense_ci95", "agreement", "top1"}
+    for r in result["rows"]:  # --shuffled-floor implies --random-floor: random tokens at each method's counts
+        for floor in ("random_floor", "shuffled_floor"):  # ... and those counts dealt to other images: same MACs
+            assert r[floor]["gmacs"] == pytest.approx(r["gmacs"], rel=1e-6)
+            assert set(r["vs_" + floor]) >= {"kl_to_dense", "kl_to_dense_ci95", "agreement", "top1"}
     assert "KL - floor" in (out / "table.txt").read_text() and "KL - floor" in stdout
+    assert "random floor:" in stdout and "shuffled floor:" in stdout
     by_label = {(r["method"], r["label"]): r for r in result["rows"]}
     assert by_label[("tome", "r=4")]["gmacs"] < by_label[("tome", "r=2")]["gmacs"] < result["dense"]["gmacs"]
     assert by_label[("ppt", "r=10 threshold=scaled")]["extra"]["prune_fraction_per_layer"].keys() == {"3", "6", "9"} \

@@ -353,6 +353,51 @@ def test_floor_replays_per_image_counts_and_widths(strategy):
     assert paths(floor, [x[i:i + 1] for i in range(4)]) == paths(f, [x[i:i + 1] for i in range(4)])
 
 
+def test_shuffled_floor_deals_a_channel_only_selectors_widths_to_other_images():
+    """A channel-only selector reduces no token, so its random floor is itself; its shuffled floor
+    runs the batch's per-image widths permuted over the images: the same multiset of per-image
+    paths and MACs, not the same order, and other logits; evaluate's ``vs_shuffled_floor`` is the
+    paired difference recomputed from those logits."""
+    from leanvit.bench import Floor
+    from leanvit.data import Batch
+    from leanvit.evaluate import evaluate, paired_interval
+    from leanvit.measure import macs_per_image
+    f = spread(leanvit.adapt(small_vit(sharp=3.0), "prance", strategy="none"))
+    x = images(8)
+
+    def widths(trace):
+        full = [torch.as_tensor(-1 if rec[k] is None else rec[k]).expand(len(x)).tolist()
+                for rec in trace if rec["layer"] is not None for k in ("heads", "hidden")]
+        return [tuple(w[i] for w in full) for i in range(len(x))]
+    with torch.inference_mode():
+        with f.tracing() as trace:
+            out = f(x)
+        macs = macs_per_image(f, trace, x)
+        same = leanvit.LeanViT(f.model, Floor(trace, f.method.position))
+        shuffled = leanvit.LeanViT(f.model, Floor(trace, f.method.position, shuffle=True))
+        assert torch.allclose(same(x), out, atol=1e-5)  # no token chosen: the random floor is the method
+        with shuffled.tracing() as shuffled_trace:
+            other = shuffled(x)
+        other_macs = macs_per_image(shuffled, shuffled_trace, x)
+    mine, theirs = widths(trace), widths(shuffled_trace)
+    assert len(set(mine)) > 2 and sorted(mine) == sorted(theirs) and mine != theirs
+    # the same MACs per image, dealt to other images, less the selector's (the floor decides nothing)
+    selector = torch.tensor(sorted(macs.tolist())) - torch.tensor(sorted(other_macs.tolist()))
+    assert float(selector.min()) > 0 and torch.allclose(selector, selector[0]) and not torch.equal(macs - selector[0], other_macs)
+    assert not torch.allclose(other, out, atol=1e-3)
+    dense = leanvit.adapt(f.model, "none")
+    res = evaluate({"dense": dense, "sel": f}, [Batch(x, torch.zeros(len(x), dtype=torch.long))], controls=["sel"],
+                   shuffled=True)
+    assert res["sel floor"].kl_to_dense == pytest.approx(res["sel"].kl_to_dense, rel=1e-4)
+    with torch.inference_mode():
+        ref = dense(x)
+        replay = leanvit.LeanViT(f.model, Floor(trace, f.method.position, shuffle=True))(x)  # the same permutation
+    kl, ci = paired_interval(kl_per_image(ref, out) - kl_per_image(ref, replay))
+    assert res["sel"].vs_shuffled_floor["kl_to_dense"] == pytest.approx(kl, rel=1e-3, abs=1e-7)
+    assert res["sel"].vs_shuffled_floor["kl_to_dense_ci95"] == pytest.approx(ci, rel=1e-3, abs=1e-7)
+    assert res["sel shuffled floor"].gmacs == pytest.approx(res["sel floor"].gmacs, rel=1e-9)
+
+
 def test_selector_weights_remember_their_options(tmp_path):
     from leanvit.training import export_weights
     f = leanvit.adapt(small_vit(), "prance", strategy="prune-merge")

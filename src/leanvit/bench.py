@@ -31,11 +31,14 @@ class Floor(Reduction):
     """The cheapest execution of what a method ran: per image, the same token counts and channel
     widths in every block, with random tokens kept (no scoring, sorting or policy). Replays a trace
     of the method on a batch; successive forwards take its images in turn (a forward of one image
-    at a time replays them one by one)."""
+    at a time replays them one by one). ``shuffle``: the *shuffled floor*, the decisions of the
+    batch's images dealt to its images in a random order (same counts and widths in all, so the
+    same MACs): the control for which image gets which budget, also where no token is reduced
+    (channel widths only)."""
 
     name = "floor"
 
-    def __init__(self, trace: List[dict], position: str, seed: int = 0):
+    def __init__(self, trace: List[dict], position: str, seed: int = 0, shuffle: bool = False):
         blocks = [rec for rec in trace if rec["layer"] is not None]
         self.position = position
         attn = torch.stack([rec["attn_tokens"] for rec in blocks]).cpu()  # (blocks, B)
@@ -46,7 +49,7 @@ class Floor(Reduction):
         batch = attn.shape[1]
         self.width = [(_per_image(rec["heads"], batch), _per_image(rec["hidden"], batch)) for rec in blocks]
         self.generator = torch.Generator().manual_seed(seed)
-        self.cursor, self.images = 0, None
+        self.cursor, self.images, self.shuffle = 0, None, shuffle
 
     def decision_layers(self):
         return self.layers
@@ -58,6 +61,8 @@ class Floor(Reduction):
     def begin(self, batch):
         n = self.counts.shape[1]
         self.images = (self.cursor + torch.arange(batch)) % n
+        if self.shuffle:
+            self.images = self.images[torch.randperm(batch, generator=self.generator)]
         self.cursor = (self.cursor + batch) % n
 
     def prepare(self, runner, layer, state):

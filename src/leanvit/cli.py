@@ -257,7 +257,8 @@ def _comparison(args, model, model_name, specs, data_path) -> int:
                         limit=args.limit)
     result = run_comparison(model, model_name, dataset, specs, args.out, batch_size=args.batch_size,
                             workers=args.workers, provenance=source, amp=args.amp,
-                            random_floor=getattr(args, "random_floor", False))
+                            random_floor=getattr(args, "random_floor", False),
+                            shuffled_floor=getattr(args, "shuffled_floor", False))
     if "table" not in result:  # not process 0 under torchrun: it prints and writes
         return 0
     print(f"{model_name} on {dataset.root} ({args.split}, {result['n_images']} images), "
@@ -638,6 +639,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-floor", action="store_true",
                    help="also run, for every method, random tokens at its own per-image counts and widths on the "
                         "same images, and report the paired differences (KL, agreement, top-1) with 95%% intervals")
+    p.add_argument("--shuffled-floor", action="store_true",
+                   help="--random-floor, and also the shuffled floor: the per-image counts and widths of each batch "
+                        "dealt to its images in a random order (the control for which image gets which budget; "
+                        "for a method that changes only channel widths, the only one)")
     _add_device_args(p)
     p.set_defaults(func=cmd_sweep)
 

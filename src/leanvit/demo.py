@@ -43,7 +43,7 @@ def demo_specs() -> List[Spec]:
 
 def run_comparison(model, model_name: str, dataset, specs, out_dir: str, batch_size: int = 250,
                    workers: Optional[int] = None, map_images: int = 4, provenance: Optional[dict] = None,
-                   amp: str = "off", random_floor: bool = False) -> dict:
+                   amp: str = "off", random_floor: bool = False, shuffled_floor: bool = False) -> dict:
     """Evaluate dense + ``specs`` on ``dataset`` on the model's device at ``amp`` precision; write
     results.json (with ``provenance``, what the numbers were computed from), pareto.png,
     token_maps.png. Under torchrun every process evaluates its shard of the images, and process 0
@@ -60,7 +60,7 @@ def run_comparison(model, model_name: str, dataset, specs, out_dir: str, batch_s
     loader = make_loader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory(device),
                          shard=(rank, world))
     result = sweep(model, loader, specs, desc=f"{model_name}: {len(specs) + 1} configurations", amp=amp,
-                   random_floor=random_floor)
+                   random_floor=random_floor, shuffled_floor=shuffled_floor)
     result.update(model=model_name, data=str(dataset.root), split=getattr(dataset, "split", None),
                   n_images=result["dense"]["n_images"], threads=torch.get_num_threads(), batch_size=batch_size,
                   processes=world, device=str(device), amp=amp, date=time.strftime("%Y-%m-%d"),
@@ -85,7 +85,8 @@ def run_comparison(model, model_name: str, dataset, specs, out_dir: str, batch_s
     token_maps(runners, images, out / "token_maps.png", layers=(depth // 4, depth // 2, 3 * depth // 4),
                image_mean=cfg.get("mean"), image_std=cfg.get("std"))
     table = format_table(result["rows"], result["dense"])
-    if random_floor:
-        table += "\n" + format_floor_table(result["rows"])
+    for kind, wanted in (("random", random_floor or shuffled_floor), ("shuffled", shuffled_floor)):
+        if wanted:
+            table += "\n" + format_floor_table(result["rows"], kind)
     (out / "table.txt").write_text(table + "\n")
     return dict(result, table=table)

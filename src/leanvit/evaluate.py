@@ -15,7 +15,10 @@ random tokens kept at exactly the per-image token counts (and channel widths) th
 (:class:`leanvit.bench.Floor`, replaying the method's trace of that batch). The method's
 ``vs_random_floor`` holds the paired differences method - floor of KL, agreement and top-1, with
 the same paired normal intervals: a negative KL difference whose interval excludes 0 means the
-method's choice of tokens beats random at its own counts.
+method's choice of tokens beats random at its own counts. Its *shuffled floor* (``shuffled``) deals
+the batch's per-image counts and widths to its images in a random order, with random tokens
+(``vs_shuffled_floor``): the control for which image gets which budget, and the only control of a
+method that changes widths but no tokens (PRANCE's channel-only selector).
 """
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ class EvalResult:
     speedup_iqr: Optional[List[float]] = None  # quartiles of the per-batch speedups: the spread
     # paired differences to the random floor at this method's per-image counts (see the module doc)
     vs_random_floor: Optional[Dict[str, object]] = None
+    vs_shuffled_floor: Optional[Dict[str, object]] = None  # the same to the shuffled floor
     skipped_paths: List[str] = field(default_factory=list)
     extra: Dict[str, object] = field(default_factory=dict)
 
@@ -117,7 +121,8 @@ SUMS = ("correct", "d", "d2", "macs", "agree", "kl", "kl2", "time")  # what eval
 
 
 def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", reference: str = "dense",
-             seed: int = 0, amp: str = "off", controls: Iterable[str] = ()) -> Dict[str, EvalResult]:
+             seed: int = 0, amp: str = "off", controls: Iterable[str] = (),
+             shuffled: bool = False) -> Dict[str, EvalResult]:
     """Run every runner on each batch of ``loader`` (one pass over the data for all of them).
 
     The runners run in a seeded random order on every batch, so that none is favoured by always
@@ -131,7 +136,8 @@ def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", 
     process, speedups over all batches).
 
     ``controls``: runners that also get their random floor, as ``"<name> floor"`` in the results
-    (run right after the runner, on the same images), and ``vs_random_floor`` (needs ``reference``).
+    (run right after the runner, on the same images), and ``vs_random_floor`` (needs ``reference``);
+    ``shuffled``: each also gets its shuffled floor, ``"<name> shuffled floor"`` and ``vs_shuffled_floor``.
     """
     from .bench import Floor  # random tokens at a traced forward's per-image counts and widths
     controls = [c for c in controls if c != reference]
@@ -139,7 +145,8 @@ def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", 
     if unknown:
         raise ValueError(f"controls name no runner: {unknown}")
     names = list(runners)
-    all_names = names + [f"{c} floor" for c in controls]
+    floors = ("floor", "shuffled floor") if shuffled else ("floor",)
+    all_names = names + [f"{c} {f}" for c in controls for f in floors]
     device = module_device(next(iter(runners.values())))
     # per runner: the SUMS over the images (correct, d = correct - reference's correct, d^2, MACs,
     # agreement, KL) and batches (forward seconds), and the forward seconds of every batch
@@ -182,7 +189,9 @@ def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", 
             for name in order.sample(names, len(names)):
                 trace = run(name, runners[name])
                 if name in controls:
-                    run(f"{name} floor", LeanViT(runners[name].model, Floor(trace, runners[name].method.position)))
+                    for f in floors:
+                        run(f"{name} {f}", LeanViT(runners[name].model, Floor(
+                            trace, runners[name].method.position, shuffle=f == "shuffled floor")))
             if reference in logits:
                 ref = logits[reference]
                 for name in all_names:
@@ -219,6 +228,8 @@ def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", 
                             speedup_iqr=_quartiles([r for part in all_gather(ratios) for r in part]))
             if name in controls:
                 fidelity["vs_random_floor"] = _versus(per_image[name], per_image[f"{name} floor"])
+                if shuffled:
+                    fidelity["vs_shuffled_floor"] = _versus(per_image[name], per_image[f"{name} shuffled floor"])
         results[name] = EvalResult(
             method=name, top1=100.0 * t["correct"] / n, gmacs=t["macs"] / n / 1e9,
             images_per_second=n / t["time"], n_images=n, skipped=len(skipped),
@@ -268,28 +279,33 @@ def _runs_on(spec: Spec) -> dict:
     return dict(model_weights=weights, **({"model": spec.model} if spec.model else {}))
 
 
-def sweep(model, loader, specs: list, desc: str = "sweep", amp: str = "off", random_floor: bool = False) -> dict:
+def sweep(model, loader, specs: list, desc: str = "sweep", amp: str = "off", random_floor: bool = False,
+          shuffled_floor: bool = False) -> dict:
     """Dense and every :class:`~leanvit.options.Spec` in one pass over ``loader``.
 
     Returns ``{"dense": EvalResult-dict, "rows": [dict(method, label, options, ...EvalResult)]}``
     (and ``model_weights``, ``model`` in the rows of specs that run on a model of their own: a
     shipped model or a checkpoint, measured against ``model``'s dense forward). ``random_floor``: every
     row also carries ``random_floor`` (the result of random tokens at its per-image counts and
-    widths) and ``vs_random_floor`` (see :func:`evaluate`).
+    widths) and ``vs_random_floor`` (see :func:`evaluate`); ``shuffled_floor`` (implies
+    ``random_floor``): also ``shuffled_floor`` and ``vs_shuffled_floor``.
     """
     from .provenance import method_weights
     runners, models = {"dense": adapt(model, "none")}, {}
     for spec in specs:
         runners[f"{spec.method} {spec.label}"] = adapt_spec(model, spec, models)
     names = [f"{spec.method} {spec.label}" for spec in specs]
-    results = evaluate(runners, loader, desc=desc, amp=amp, controls=names if random_floor else ())
+    random_floor = random_floor or shuffled_floor
+    results = evaluate(runners, loader, desc=desc, amp=amp, controls=names if random_floor else (),
+                       shuffled=shuffled_floor)
     rows = []
     for spec, name in zip(specs, names):
         r = results[name].to_dict()
         r.pop("skipped_paths")
-        if random_floor:
-            r["random_floor"] = {k: v for k, v in results[f"{name} floor"].to_dict().items()
-                                 if k not in ("skipped_paths", "extra", "vs_random_floor")}
+        for key, floor in (("random_floor", "floor"), ("shuffled_floor", "shuffled floor")):
+            if f"{name} {floor}" in results:
+                r[key] = {k: v for k, v in results[f"{name} {floor}"].to_dict().items()
+                          if k not in ("skipped_paths", "extra", "vs_random_floor", "vs_shuffled_floor")}
         rows.append(dict(r, method=spec.method, label=spec.label, options=spec.options,
                          method_weights=method_weights(spec.method, spec.options),
                          **_runs_on(spec)))

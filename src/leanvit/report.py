@@ -416,10 +416,13 @@ def format_table(rows: Sequence[Mapping], dense: Mapping) -> str:
     return "\n".join(out) + "\n"
 
 
-def format_floor_table(rows: Sequence[Mapping]) -> str:
+def format_floor_table(rows: Sequence[Mapping], kind: str = "random") -> str:
     """The rows with a random floor (``sweep --random-floor``): each method against random tokens at
     its own per-image counts and widths, on the same images: the floor's top-1, agreement and KL,
-    and the paired differences method - floor (``*``: the 95% interval excludes 0)."""
+    and the paired differences method - floor (``*``: the 95% interval excludes 0). ``kind``
+    "shuffled": against the shuffled floor (``--shuffled-floor``), those counts and widths dealt to
+    the images in a random order."""
+    floor, versus = f"{kind}_floor", f"vs_{kind}_floor"
     header = ["method", "budget", "floor top-1", "floor agree", "floor KL", "KL - floor [95%]",
               "agree - floor [95%]", "top-1 - floor [95%]"]
 
@@ -427,15 +430,16 @@ def format_floor_table(rows: Sequence[Mapping]) -> str:
         lo, hi = v[key + "_ci95"]
         return f"{v[key]:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]" + ("*" if lo > 0 or hi < 0 else " ")
 
-    body = [[str(_get(r, "method", "")), str(_get(r, "label", "") or ""), f"{r['random_floor']['top1']:.2f}",
-             f"{r['random_floor']['agreement']:.2f}", f"{r['random_floor']['kl_to_dense']:.4f}",
-             diff(r["vs_random_floor"], "kl_to_dense", 4), diff(r["vs_random_floor"], "agreement", 2),
-             diff(r["vs_random_floor"], "top1", 2)]
-            for r in rows if _get(r, "vs_random_floor")]
+    body = [[str(_get(r, "method", "")), str(_get(r, "label", "") or ""), f"{r[floor]['top1']:.2f}",
+             f"{r[floor]['agreement']:.2f}", f"{r[floor]['kl_to_dense']:.4f}",
+             diff(r[versus], "kl_to_dense", 4), diff(r[versus], "agreement", 2), diff(r[versus], "top1", 2)]
+            for r in rows if _get(r, versus)]
     widths = [max(len(c[i]) for c in [header] + body) for i in range(len(header))]
     fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     out = [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(c) for c in body]
-    out.append("floor: random tokens at the method's own per-image counts and widths, same images; * the paired "
-               "95% interval of the difference excludes 0 (KL below the floor's: the method's choice beats random)")
+    what = ("random tokens at the method's own per-image counts and widths" if kind == "random" else
+            "the method's per-image counts and widths of the batch dealt to its images in a random order, random tokens")
+    out.append(f"{kind} floor: {what}, same images; * the paired 95% interval of the difference excludes 0 "
+               "(KL below the floor's: the method's choice beats it)")
     return "\n".join(out) + "\n"
