@@ -1,13 +1,26 @@
 #!/usr/bin/env bash
-# Ship the MAPPO policy of the middle budget (second alpha of benchmarks/results/rl4evit/alphas.txt)
-# as src/leanvit/zoo/cifar10_vit12_w128.rl4evit.safetensors (fp32, loadable with
-# weights="cifar10_vit12_w128") and write its model card; then re-run the demo, which includes it,
-# into docs/demo.
+# Ship an RL4EViT policy for the reference model: among the MAPPO runs of benchmarks/rl4evit_v2.sh at
+# one budget (default: the three seeds at 0.7 of dense, cheap actor, input LayerNorm, r2 to the kept
+# agents), the one closest to the dense model (lowest mean KL) on 2,000 class-balanced training images
+# that none of them read (never the test set), copied to src/leanvit/zoo/cifar10_vit12_w128.rl4evit.safetensors
+# with its model card (`leanvit.publish.publish_rl4evit`). The policy shipped before (2026-11-23, its alpha
+# chosen on test images) is measured on the same images for comparison: tests/data/rl4evit_legacy_policy.safetensors.
+# The choice is recorded in benchmarks/results/rl4evit_v2/shipped.json. Then the demo, which includes the
+# shipped policy, is re-run into docs/demo.
+# Environment: RUNS (the candidate result folders), DATA.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-read -r -a alphas < benchmarks/results/rl4evit/alphas.txt
-src=runs/rl4evit/multi_a${alphas[1]}/policy.safetensors
-cp "$src" src/leanvit/zoo/cifar10_vit12_w128.rl4evit.safetensors
-sha256sum "$src" src/leanvit/zoo/cifar10_vit12_w128.rl4evit.safetensors
-python -c "import sys; from leanvit.publish import publish_rl4evit; publish_rl4evit(sys.argv[1])" "${alphas[1]}"
-leanvit demo --data "${DATA:-../shared/data/cifar10-jpeg.tar.gz}" --threads 2 --out docs/demo < /dev/null
+DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
+RES=benchmarks/results/rl4evit_v2
+RUNS="${RUNS:-$RES/multi_cheap-ln-kept_correct_b0.7_s0 $RES/multi_cheap-ln-kept_correct_b0.7_s1 $RES/multi_cheap-ln-kept_correct_b0.7_s2}"
+python - "$DATA" $RUNS <<'PY'
+import sys
+from leanvit.publish import publish_rl4evit
+data, runs = sys.argv[1], sys.argv[2:]
+# what the legacy policy read: 9,600 training images (seed 0); its evaluations were on test images
+legacy = dict(data=data, train_split="train", eval_split="test", limit_train=9600, seed=0)
+out = publish_rl4evit(runs, previous=("previously shipped (2026-11-23)", "tests/data/rl4evit_legacy_policy.safetensors",
+                                      legacy), record="benchmarks/results/rl4evit_v2/shipped.json")
+print("shipped", out["chosen"], out["sha256"])
+PY
+leanvit demo --data "$DATA" --threads 2 --out docs/demo < /dev/null

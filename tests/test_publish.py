@@ -1,7 +1,11 @@
 """Model cards: one layout for every shipped file (leanvit.publish)."""
 import json
 
-from leanvit.publish import markdown_table, model_card, publish_rl4evit, write_card
+import torch
+
+import leanvit
+from leanvit.publish import markdown_table, model_card, publish_rl4evit, trained_on, untouched_images, write_card
+from leanvit.training import export_weights
 
 
 def test_markdown_table_and_card_layout(tmp_path):
@@ -15,24 +19,58 @@ def test_markdown_table_and_card_layout(tmp_path):
     assert path.read_text() == card and not list(tmp_path.glob("*.tmp"))
 
 
-def test_rl4evit_card_from_the_recorded_results(tmp_path):
-    res, runs, zoo = tmp_path / "res", tmp_path / "runs", tmp_path / "zoo"
-    for d in (res / "sweep", runs / "multi_a0.07", zoo):
-        d.mkdir(parents=True)
-    policy = f"{runs}/multi_a0.07/policy.safetensors"
-    (res / "sweep" / "results.json").write_text(json.dumps(dict(
-        dense=dict(top1=75.47, gmacs=0.1777), date="2026-11-23", threads=2, batch_size=250,
-        rows=[dict(method="rl4evit", label=f"weights={policy}", n_images=10000, top1=75.06, gmacs=0.1663,
-                   speedup=1.21)])))
-    (runs / "multi_a0.07" / "metrics.json").write_text(json.dumps(dict(
-        steps=90, history=[dict(elapsed_s=3000)],
-        config=dict(alpha=0.07, beta=1, batch_size=64, limit_train=9600,
-                    ppo=dict(epochs=15, lr_actor=5e-5, lr_critic=5e-5, clip=0.2, gamma=0.99, lam=0.95)))))
-    (res / "counts.txt").write_text(f"{policy}: mean tokens per block (2000 images): "
-                                    + " ".join(["65.0"] * 4 + ["52.6"] * 3 + ["44.4"] * 3 + ["10.1"] * 2) + "\n")
-    (zoo / "cifar10_vit12_w128.rl4evit.safetensors").write_bytes(b"\0" * 2 ** 20)
-    card = publish_rl4evit("0.07", results=str(res), runs=str(runs), zoo=zoo)
-    assert (zoo / "cifar10_vit12_w128.rl4evit.md").read_text() == card
-    assert "**Top-1 on CIFAR-10 (JPEG) test, 10000 images: 75.06%** (dense 75.47%)" in card
-    assert "(0.936 of dense 0.1777" in card and "keeps 52.6, 44.4, 10.1 tokens" in card
-    assert "--alpha 0.07" in card and "Weights: fp32, 1.0 MB" in card and "1.21x" in card
+def _policy_run(tmp_path, model, seed: int, keep_bias: float):
+    """A result folder of benchmarks/rl4evit_v2.sh: an untrained policy biased toward keeping
+    (``keep_bias`` > 0) or pruning, its training config on the tests' CIFAR split, its test sweep."""
+    from conftest import CIFAR
+    run = tmp_path / f"run{seed}"
+    (run / "sweep").mkdir(parents=True)
+    torch.manual_seed(seed)
+    f = leanvit.adapt(model, "rl4evit", hidden=[16])
+    with torch.no_grad():
+        f.method.actor[-1].weight.mul_(0.1)
+        f.method.actor[-1].bias.copy_(torch.tensor([0.0, keep_bias]))
+    export_weights(f.method, run / "policy.safetensors", metadata=f.method.options_metadata())
+    ppo = dict(epochs=15, lr_actor=5e-5, lr_critic=5e-5, clip=0.2, entropy_coef=0.01, gamma=0.99, lam=0.95)
+    config = dict(model="cifar10_vit12_w128", data=str(CIFAR), train_split="train", eval_split="holdout",
+                  limit_train=200, limit_eval=100, seed=seed, options={"agents": "multi", "hidden": [16]},
+                  budget=0.7, beta=1.0, reward="correct", r2_to="kept", epochs=4, batch_size=64,
+                  out=f"runs/x{seed}", ppo=ppo)
+    (run / "train_metrics.json").write_text(json.dumps(dict(config=config, steps=12, gmacs_ratio=0.71,
+                                                            history=[dict(elapsed_s=600)])))
+    (run / "match.json").write_text(json.dumps(dict(mean_tokens=[65.0] * 3 + [40.0] * 3 + [30.0] * 3 + [20.0] * 3,
+                                                    n_images=2000)))
+    row = dict(method="rl4evit", n_images=10000, top1=74.0 + seed, delta_top1=-1.47, delta_top1_ci95=[-1.8, -1.1],
+               agreement=90.0, kl_to_dense=0.04, kl_to_dense_ci95=[0.038, 0.042], gmacs=0.125,
+               random_floor=dict(kl_to_dense=0.01), vs_random_floor=dict(kl_to_dense=0.03, kl_to_dense_ci95=[0.028, 0.032]))
+    (run / "sweep" / "results.json").write_text(json.dumps(dict(dense=dict(top1=75.47, gmacs=0.1777),
+                                                                date="2026-12-06", rows=[row])))
+    return run
+
+
+def test_rl4evit_policy_is_chosen_on_training_images_no_run_read(tmp_path):
+    """publish_rl4evit compares the candidate policies on class-balanced training images that none
+    of them trained or calibrated on, ships the one closest to dense (a byte copy) and writes its
+    card from its own test sweep."""
+    model = leanvit.load_model("cifar10_vit12_w128")
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    prunes, keeps = _policy_run(tmp_path, model, 0, -3.0), _policy_run(tmp_path, model, 1, 3.0)
+    record = tmp_path / "ship.json"
+    out = publish_rl4evit([str(prunes), str(keeps)], zoo=zoo, holdout_images=100, record=str(record))
+    assert json.loads(record.read_text()) == json.loads(json.dumps(out))
+    kl = {k: v["kl_to_dense"] for k, v in out["results"].items() if k != "dense"}
+    assert kl[str(keeps)] < kl[str(prunes)] and out["chosen"] == str(keeps)  # keeping more: closer to dense
+    shipped = zoo / "cifar10_vit12_w128.rl4evit.safetensors"
+    assert shipped.read_bytes() == (keeps / "policy.safetensors").read_bytes()
+    # the images of the choice: none that either run read, 10 of each class
+    configs = [json.loads((r / "train_metrics.json").read_text())["config"] for r in (prunes, keeps)]
+    held = untouched_images(configs[0]["data"], configs, 100, None)
+    assert not set(held.paths) & (trained_on(configs[0]) | trained_on(configs[1]))
+    assert len(trained_on(configs[0])) == 300 and sorted(set(held.targets)) == list(range(10))
+    assert all(held.targets.count(c) == 10 for c in range(10))
+    card = (zoo / "cifar10_vit12_w128.rl4evit.md").read_text()
+    assert "**Top-1 on CIFAR-10 (JPEG) test, 10000 images: 75.00%** (dense 75.47%" in card
+    assert "Random tokens kept at its own per-image counts, on the same images, are closer" in card
+    assert "KL - floor +0.0300\n  [+0.0280, +0.0320]" in card and "(0.703 of dense 0.1777" in card
+    assert "--opt agents=multi --opt hidden=[16]" in card and "--budget 0.7" in card and f"**{keeps}** (shipped)" in card

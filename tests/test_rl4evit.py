@@ -335,16 +335,19 @@ def test_shipped_policy_loads_by_name_and_reduces_tokens():
         leanvit.adapt(model, "rl4evit", weights="no_such_model")
 
 
-def test_shipped_policy_keeps_its_logits():
-    """The shipped policy was trained with the old schedule (after blocks 3, 6, 9, ReLU MLPs) and its
-    file carries no options: it loads as such and gives the logits and token counts recorded
-    with the code before the options existed (tests/data/rl4evit_shipped_logits.json)."""
+def test_legacy_policy_keeps_its_logits():
+    """The policy shipped until 2026-12-06 (tests/data/rl4evit_legacy_policy.safetensors) was trained
+    with the old schedule (after blocks 3, 6, 9, ReLU MLPs) and its file carries no options: it
+    loads as such and gives the logits and token counts recorded with the code before the options
+    existed (tests/data/rl4evit_legacy_logits.json)."""
     import json
     from pathlib import Path
     from leanvit.data import eval_transform, load_dataset
-    gold = json.loads((Path(__file__).parent / "data" / "rl4evit_shipped_logits.json").read_text())
+    here = Path(__file__).parent / "data"
+    gold = json.loads((here / "rl4evit_legacy_logits.json").read_text())
     model = leanvit.load_model("cifar10_vit12_w128")
-    f = leanvit.adapt(model, "rl4evit", weights="cifar10_vit12_w128")
+    legacy = str(here / "rl4evit_legacy_policy.safetensors")
+    f = leanvit.adapt(model, "rl4evit", weights=legacy)
     assert (f.method.placement, f.method.activation) == ("after", "relu")
     data = load_dataset(str(CIFAR), split="test", transform=eval_transform(model), num_classes=10, limit=16)
     x = torch.stack([data[i][0] for i in range(16)])
@@ -353,7 +356,7 @@ def test_shipped_policy_keeps_its_logits():
     assert tokens_per_block(trace).tolist() == gold["tokens_per_block"]
     torch.testing.assert_close(logits, torch.tensor(gold["logits"]), rtol=0, atol=1e-5)
     with pytest.raises(leanvit.OptionError, match="trained with placement=after"):
-        leanvit.adapt(model, "rl4evit", weights="cifar10_vit12_w128", placement="before")
+        leanvit.adapt(model, "rl4evit", weights=legacy, placement="before")
 
 
 def test_bench_times_rl4evit_with_its_per_image_floor():

@@ -160,50 +160,125 @@ first stage always runs at full width).""",
    {sel['budget_met']}), final cost weight {sel['cost_weight']:.4g}.""")
 
 
-def publish_rl4evit(alpha: str, results: str = "benchmarks/results/rl4evit", runs: str = "runs/rl4evit",
-                    name: str = "cifar10_vit12_w128", zoo: Path = ZOO_DIR) -> str:
-    """The card of the shipped RL4EViT policy ``zoo/<name>.rl4evit.safetensors`` (the MAPPO run
-    ``runs/multi_a<alpha>``), from what `benchmarks/rl4evit_reference.sh` measured in ``results``."""
-    res, run_dir = Path(results), Path(runs) / f"multi_a{alpha}"
-    policy = f"{runs}/multi_a{alpha}/policy.safetensors"
-    sweep = json.loads((res / "sweep" / "results.json").read_text())
+def trained_on(config: dict) -> set:
+    """Paths of every training-split image a `train-policy` run (its metrics' ``config``) read:
+    the images it trained on and, with the default ``holdout`` evaluation, those it calibrated on."""
+    from types import SimpleNamespace
+    from .training import HOLDOUT, holdout_split
+    cfg = SimpleNamespace(**config)
+    if cfg.eval_split == HOLDOUT:
+        train, held = holdout_split(cfg, None, None, None)
+        return set(train.paths) | set(held.paths)
+    return set(load_dataset(cfg.data, split=cfg.train_split, limit=cfg.limit_train, seed=cfg.seed).paths)
+
+
+def untouched_images(data: str, configs: Sequence[dict], n: int, transform, seed: int = 0, split: str = "train"):
+    """A class-balanced ``n``-image subset of ``split`` that none of the runs of ``configs`` read:
+    where policies trained on other images are compared and one is chosen, without the test set."""
+    from .data import balanced_subset
+    every = load_dataset(data, split=split)
+    seen = set().union(*(trained_on(c) for c in configs))
+    free = [i for i, path in enumerate(every.paths) if path not in seen]
+    if len(free) < n:
+        raise ValueError(f"only {len(free)} images of the {split} split are untouched by the runs, fewer than {n}")
+    pick = balanced_subset([every.targets[i] for i in free], n, seed)
+    return every.subset([free[i] for i in pick], transform)
+
+
+def publish_rl4evit(candidates: Sequence[str], name: str = "cifar10_vit12_w128", zoo: Path = ZOO_DIR,
+                    holdout_images: int = 2000, previous: Optional[tuple] = None,
+                    record: Optional[str] = None) -> dict:
+    """Ship one of ``candidates`` (result folders of `benchmarks/rl4evit_v2.sh`: ``policy.safetensors``,
+    ``train_metrics.json``, ``match.json``, ``sweep/results.json``) as ``zoo/<name>.rl4evit.safetensors``
+    with its model card: the one closest to the dense model (lowest mean KL) on ``holdout_images``
+    training images that no candidate read (:func:`untouched_images`): the test set plays no part in
+    the choice. ``previous``: (label, policy file, its training config), measured on the same images
+    for comparison only. The held-out results go to ``record`` (JSON) and are returned; the card's
+    test numbers are the chosen run's sweep."""
+    from .provenance import file_sha256, write_json
+    runs = [Path(c) for c in candidates]
+    metrics = [json.loads((r / "train_metrics.json").read_text()) for r in runs]
+    model = load_model(name)
+    data = metrics[0]["config"]["data"]
+    held = untouched_images(data, [m["config"] for m in metrics] + ([previous[2]] if previous else []),
+                            holdout_images, eval_transform(model))
+    runners = {"dense": adapt(model, "none")}
+    runners.update({str(r): adapt(model, "rl4evit", weights=str(r / "policy.safetensors")) for r in runs})
+    if previous:
+        runners[previous[0]] = adapt(model, "rl4evit", weights=str(previous[1]))
+    res = evaluate(runners, make_loader(held, batch_size=250, num_workers=0), desc="held-out choice")
+    chosen = min(runs, key=lambda r: res[str(r)].kl_to_dense)
+    shutil.copyfile(chosen / "policy.safetensors", Path(zoo) / f"{name}.rl4evit.safetensors")
+    out = dict(chosen=str(chosen), sha256=file_sha256(chosen / "policy.safetensors"), date=time.strftime("%Y-%m-%d"),
+               held_out=f"{len(held)} class-balanced training images of {data} that no run read",
+               results={k: dict(top1=v.top1, gmacs=v.gmacs, agreement=v.agreement, kl_to_dense=v.kl_to_dense,
+                                kl_to_dense_ci95=v.kl_to_dense_ci95) for k, v in res.items()})
+    if record:
+        write_json(Path(record), out)
+    write_card(f"{name}.rl4evit", rl4evit_card(name, chosen, metrics[runs.index(chosen)], out, record, zoo), zoo)
+    return out
+
+
+def rl4evit_card(name: str, run: Path, metrics: dict, held: dict, record: Optional[str], zoo: Path) -> str:
+    """The model card of a policy shipped by :func:`publish_rl4evit`."""
+    cfg, ppo = metrics["config"], metrics["config"]["ppo"]
+    sweep = json.loads((run / "sweep" / "results.json").read_text())
+    match = json.loads((run / "match.json").read_text())
     dense = sweep["dense"]
-    row = next(r for r in sweep["rows"] if r["method"] == "rl4evit" and r["label"] == f"weights={policy}")
-    run = json.loads((run_dir / "metrics.json").read_text())
-    cfg, last, ppo = run["config"], run["history"][-1], run["config"]["ppo"]
-    counts = next(line for line in (res / "counts.txt").read_text().splitlines() if line.startswith(policy))
-    per_block = [float(c) for c in counts.split(":")[-1].split()]
-    layers = cfg.get("layers", (3, 6, 9))
-    kept = ", ".join(f"{per_block[b + 1]:.1f}" for b in layers)  # tokens in the block after each decision
+    row = next(r for r in sweep["rows"] if r["method"] == "rl4evit")
+    floor, vs = row["random_floor"], row["vs_random_floor"]
+    f = adapt(load_model(name), "rl4evit", weights=str(run / "policy.safetensors")).method
+    kept = ", ".join(f"{match['mean_tokens'][b]:.1f}" for b in f.layers)  # in the block right after each decision
     size = (Path(zoo) / f"{name}.rl4evit.safetensors").stat().st_size / 2 ** 20
-    card = model_card(
+    ci = lambda v, d=4, sign="+": f"[{v[0]:{sign}.{d}f}, {v[1]:{sign}.{d}f}]"  # noqa: E731
+    lo, hi = vs["kl_to_dense_ci95"]
+    than_floor = ("Random tokens kept at its own per-image counts, on the same images, are closer to dense" if lo > 0 else
+                  "It is closer to dense than random tokens kept at its own per-image counts" if hi < 0 else
+                  "It is as close to dense as random tokens kept at its own per-image counts (the interval holds 0)")
+    choice = markdown_table(["run", "GMACs/image", "agreement %", "KL to dense"], "lrrr", [
+        (f"**{k}** (shipped)" if k == str(run) else k, f"{v['gmacs']:.4f}", f"{v['agreement']:.2f}",
+         f"{v['kl_to_dense']:.4f}") for k, v in held["results"].items() if k != "dense"])
+    options = " ".join(f"--opt {k}={v if isinstance(v, str) else json.dumps(v).replace(' ', '')}"
+                       for k, v in cfg["options"].items())
+    return model_card(
         f"{name}.rl4evit",
-        about=f"""The RL4EViT policy (actor and critic, multi-agent PPO) trained for the reference model
-`{name}`; the ViT itself is unchanged (frozen in training). Decision layers after blocks
-{', '.join(map(str, layers))}; actor 128-512-256-64-2, critic 256-512-256-64-1.""",
+        about=f"""The RL4EViT policy (actor and critic, multi-agent PPO, one agent per token) trained for the
+reference model `{name}` for {cfg['budget']} of its dense GMACs (the actor included); the ViT itself is
+unchanged (frozen in training). Decisions before blocks {', '.join(map(str, f.layers))} (the paper's
+placement), actor {f.agents}-agent with hidden layers {list(f.hidden)}, input LayerNorm {str(f.input_norm).lower()};
+these options are stored in the file and load with it.""",
         usage=f'import leanvit\nfast = leanvit.adapt(leanvit.load_model("{name}"), "rl4evit", weights="{name}")\n'
               f'# CLI: --method rl4evit --opt weights={name}',
-        measured=f"""- **Top-1 on CIFAR-10 (JPEG) test, {row['n_images']} images: {row['top1']:.2f}%** (dense {dense['top1']:.2f}%),
-  **{row['gmacs']:.4f} GMACs/image** ({row['gmacs'] / dense['gmacs']:.3f} of dense {dense['gmacs']:.4f}; the
-  actor on every live patch at each decision included), measured {sweep['date']} by the `leanvit sweep` of
-  `benchmarks/rl4evit_reference.sh` (row `rl4evit weights={policy}` in `{res}/sweep/results.json`;
-  this file is a byte copy of that policy, sha256 in `{res}/publish.txt`). Greedy decisions: on
-  average it keeps {kept} tokens (CLS included, of {int(per_block[0])}) after those blocks
-  (`{res}/counts.txt`).
-- Measured speed in that sweep ({sweep['threads']} threads, batch {sweep['batch_size']}): {row['speedup']:.2f}x the
-  dense model's images/s; details in BENCHMARKS.md.
-- Weights: fp32, {size:.1f} MB.""",
-        trained=f"""alpha = {cfg['alpha']:g}, beta = {cfg['beta']:g}, {run['steps']} PPO rollouts of {cfg['batch_size']} images from a
-class-balanced {cfg['limit_train']:,}-image subset of the CIFAR-10 training set, K = {ppo['epochs']} PPO iterations
-per rollout, Adam {ppo['lr_actor']:g} (actor) and {ppo['lr_critic']:g} (critic), clip {ppo['clip']:g}, gamma
-{ppo['gamma']:g}, lambda {ppo['lam']:g}, 1 process with 2 threads, {last['elapsed_s'] / 60:.0f} min. Command:
+        measured=f"""- **Top-1 on CIFAR-10 (JPEG) test, {row['n_images']} images: {row['top1']:.2f}%** (dense {dense['top1']:.2f}%,
+  difference {row['delta_top1']:+.2f} {ci(row['delta_top1_ci95'], 2)} paired 95%), agreement with dense
+  {row['agreement']:.2f}%, KL to dense {row['kl_to_dense']:.4f} {ci(row['kl_to_dense_ci95'], sign="")},
+  **{row['gmacs']:.4f} GMACs/image** ({row['gmacs'] / dense['gmacs']:.3f} of dense {dense['gmacs']:.4f}, the actor on
+  every live patch at each decision included); measured {sweep['date']} by the `leanvit sweep --random-floor`
+  of `benchmarks/rl4evit_v2.sh` (`{run}/sweep/results.json`; this file is a byte copy of
+  `{run}/policy.safetensors`, sha256 {held['sha256'][:16]}...). On average it keeps {kept} tokens
+  (CLS included, of {int(match['mean_tokens'][0])}) in the blocks after its decisions
+  ({match['n_images']} test images, `{run}/match.json`).
+- {than_floor}: floor KL {floor['kl_to_dense']:.4f}, KL - floor {vs['kl_to_dense']:+.4f}
+  {ci(vs['kl_to_dense_ci95'])} (paired 95%; BENCHMARKS.md, "RL4EViT", on why MAPPO loses to random here).
+- Weights: fp32, {size:.2f} MB.
+
+Chosen, among the runs below, as the one closest to the dense model (lowest mean KL) on
+{held['held_out']} (`{record}`, {held['date']}); the test set played no part in the choice:
+
+{choice}""",
+        trained=f"""Budget {cfg['budget']} of dense: the cost weight alpha PI-controlled toward it, then the keep logit
+calibrated on {cfg['limit_eval']} held-out training images, never trained on (GMACs ratio {metrics['gmacs_ratio']:.3f}
+there); beta = {cfg['beta']:g}, reward `{cfg['reward']}`, r2 to the `{cfg['r2_to']}` agents; {metrics['steps']} PPO
+rollouts of {cfg['batch_size']} images ({cfg['epochs']} epochs of a class-balanced {cfg['limit_train']:,}-image subset
+of the CIFAR-10 training set), K = {ppo['epochs']} PPO iterations per rollout, Adam {ppo['lr_actor']:g} (actor) and
+{ppo['lr_critic']:g} (critic), clip {ppo['clip']:g}, entropy {ppo['entropy_coef']:g}, gamma {ppo['gamma']:g},
+lambda {ppo['lam']:g}; 1 process with 2 threads, {metrics['history'][-1]['elapsed_s'] / 60:.0f} min. Command (one run
+of `benchmarks/rl4evit_v2.sh`):
 
 ```
-leanvit train-policy --model {name} --data ../shared/data/cifar10-jpeg.tar.gz \\
-    --threads 2 --opt agents=multi --alpha {alpha} --beta 1 --epochs 1 --batch-size 64 \\
-    --limit-train {cfg['limit_train']} --limit-eval 1000 --out {runs}/multi_a{alpha} --max-steps {run['steps']}
+leanvit train-policy --model {name} --data {cfg['data']} --threads 2 {options} \\
+    --budget {cfg['budget']} --reward {cfg['reward']} --r2-to {cfg['r2_to']} --seed {cfg['seed']} --epochs {cfg['epochs']} \\
+    --batch-size {cfg['batch_size']} --limit-train {cfg['limit_train']} --limit-eval {cfg['limit_eval']} --out {cfg['out']}
 ```
 
-Shipped by `bash benchmarks/rl4evit_publish.sh` (run at the end of `benchmarks/rl4evit_reference.sh`).""")
-    write_card(f"{name}.rl4evit", card, zoo)
-    return card
+Chosen and shipped by `bash benchmarks/rl4evit_publish.sh`.""")
