@@ -10,6 +10,7 @@
     python benchmarks/tables.py reference > benchmarks/results/sweep_reference/tables.md
     python benchmarks/tables.py finetune_ppt > benchmarks/results/finetune_ppt/tables.md
     python benchmarks/tables.py prance_seeds {original,meta} > benchmarks/results/prance_{original,meta}/tables.md
+    python benchmarks/tables.py prance_channels > benchmarks/results/prance_channels_meta/tables.md
 
 packed: benchmarks/packed_speed.sh; prance: benchmarks/prance_selectors.sh and prance_speed.sh;
 rl4evit_v2: benchmarks/rl4evit_v2.sh (3 seeds x 2 budgets, against the random floor and the
@@ -412,14 +413,12 @@ def verdicts():
                        [(next(r for r in x["rows"] if "weights" in r["options"]), x["dense"])], meta_rule))
     for net, title, rule in (("original", "channels off, original reference model", best_fixed_rule),
                              ("meta", "meta-network", meta_rule)):
-        path = RES / f"prance_{net}" / "results.json"
-        if not path.exists():
-            continue
-        x, selectors = load(path), {}
-        for r in x["rows"]:  # benchmarks/prance_seeds.sh: .../<strategy>_s<seed>/budget-<B>/selector.safetensors
-            m = re.search(r"/([\w-]+)_s\d+/budget-([\d.]+)/", r["options"].get("weights", ""))
-            if m:
-                selectors.setdefault((m.group(1), float(m.group(2))), []).append((r, x["dense"]))
+        selectors = {}
+        for _, x in prance_sweeps(net):
+            for r in x["rows"]:  # benchmarks/prance_seeds.sh: .../<strategy>_s<seed>/budget-<B>/selector.safetensors
+                m = re.search(r"/([\w-]+)_s\d+/budget-([\d.]+)/", r["options"].get("weights", ""))
+                if m:
+                    selectors.setdefault((m.group(1), float(m.group(2))), []).append((r, x["dense"]))
         for (strategy, budget), rows in sorted(selectors.items()):
             groups.append((f"PRANCE {strategy} ({title})", budget, rows, rule))
     print("| budget | method | seeds | GMACs ratio | KL to dense | floor KL | KL - floor (mean; seeds whose interval "
@@ -564,16 +563,22 @@ def reference():
 PRANCE_NETS = {"original": "channels off, the original reference model", "meta": "the shipped meta-network"}
 
 
+def prance_sweeps(net: str):
+    """[(folder, sweep)] of benchmarks/prance_seeds.sh for NET=net: benchmarks/results/prance_<net>, and
+    prance_<net>_s<seed> for seeds swept on their own (SEEDS=2 RES=...), which hold no selector twice."""
+    dirs = [RES / f"prance_{net}"] + sorted(RES.glob(f"prance_{net}_s*"))
+    return [(d, load(d / "results.json")) for d in dirs if (d / "results.json").exists()]
+
+
 def prance_seeds(net: str = "original"):
     """benchmarks/prance_seeds.sh (NET=original|meta): per strategy, seed and budget each selector on
     the test images against random tokens at its own per-image counts and widths, then mean ± std
     over seeds and the best fixed rule on the same network at the selectors' mean GMACs."""
-    res = RES / f"prance_{net}"
-    sweep = load(res / "results.json")
+    sweeps = prance_sweeps(net)
     fixed = [RES / "prance_reference" / "results.json"] if net == "meta" else [RES / n / "results.json" for n in REFERENCE_SWEEPS]
-    rule = fixed_rule([load(p) for p in fixed] + [sweep])
+    rule = fixed_rule([load(p) for p in fixed] + [x for _, x in sweeps])
     by_strategy = {}
-    for row in sweep["rows"]:
+    for res, sweep, row in [(d, x, r) for d, x in sweeps for r in x["rows"]]:
         m = re.search(r"/([\w-]+)_s(\d+)/budget-([\d.]+)/", row["options"].get("weights", ""))
         if not m:
             continue
@@ -589,6 +594,42 @@ def prance_seeds(net: str = "original"):
     for strategy, runs in sorted(by_strategy.items()):
         learned_vs_floor(f"PRANCE {strategy}, {PRANCE_NETS[net]}", runs, "selectors'", "selector", rule)
         print()
+
+
+def prance_channels():
+    """benchmarks/prance_seeds.sh with NET=meta STRATEGIES=none FLOOR=shuffled: the channel-only selectors
+    (per image and stage, widths only) against their shuffled floor, the same widths dealt to other
+    images of the batch at random; and the fixed sub-networks and best parameter-free rule at their GMACs."""
+    sweep = load(RES / "prance_channels_meta" / "results.json")
+    rule = fixed_rule([load(RES / "prance_reference" / "results.json"), sweep])
+    print(f"{sweep['n_images']:,} test images, {sweep['date']}; shuffled floor = each batch's per-image widths dealt "
+          "to its images in a random order (same MACs); * = the paired 95% interval excludes 0\n")
+    print("| budget | seed | GMACs ratio | top-1 % | agree % | KL | shuffled floor KL | KL - shuffled [95%] | "
+          "agree - shuffled [95%] | top-1 - shuffled [95%] |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---|---|---|")
+    runs = []
+    for row in sweep["rows"]:
+        m = re.search(r"/none_s(\d+)/budget-([\d.]+)/", row["options"].get("weights", ""))
+        if m:
+            runs.append((float(m.group(2)), int(m.group(1)), row))
+    for budget, seed, row in sorted(runs, key=lambda r: r[:2]):
+        v = row["vs_shuffled_floor"]
+        print(f"| {budget} | {seed} | {row['gmacs'] / sweep['dense']['gmacs']:.3f} | {row['top1']:.2f} | "
+              f"{row['agreement']:.2f} | {row['kl_to_dense']:.4f} | {row['shuffled_floor']['kl_to_dense']:.4f} | "
+              f"{interval(v, 'kl_to_dense', 4)} | {interval(v, 'agreement', 2)} | {interval(v, 'top1', 2)} |")
+    print("\n| budget | seeds | GMACs ratio | KL | shuffled floor KL | KL - shuffled | seeds below / above the floor "
+          "| best parameter-free KL at equal GMACs |")
+    print("|---:|---:|---:|---:|---:|---:|---|---|")
+    for budget in sorted({b for b, _, _ in runs}):
+        rows = [r for b, _, r in runs if b == budget]
+        v = [r["vs_shuffled_floor"] for r in rows]
+        best = rule(statistics.mean(r["gmacs"] for r in rows))
+        print(f"| {budget} | {len(rows)} | {mean_std([r['gmacs'] / sweep['dense']['gmacs'] for r in rows], 3)} | "
+              f"{mean_std([r['kl_to_dense'] for r in rows], 4)} | "
+              f"{mean_std([r['shuffled_floor']['kl_to_dense'] for r in rows], 4)} | "
+              f"{mean_std([x['kl_to_dense'] for x in v], 4)} | "
+              f"{sum(x['kl_to_dense_ci95'][1] < 0 for x in v)} / {sum(x['kl_to_dense_ci95'][0] > 0 for x in v)} | "
+              + (f"{best[0]} {best[1]:.4f} |" if best else "- |"))
 
 
 FINETUNE_PPT = RES / "finetune_ppt"
@@ -637,7 +678,7 @@ def finetune_ppt():
 if __name__ == "__main__":
     tables = dict(packed=packed, prance=prance, rl4evit=rl4evit, rl4evit_v2=rl4evit_v2, dynamicvit_v2=dynamicvit_v2,
                   verdicts=verdicts, reference=reference, rl4evit_tables=rl4evit_tables,
-                  finetune_ppt=finetune_ppt, prance_seeds=prance_seeds)
+                  finetune_ppt=finetune_ppt, prance_seeds=prance_seeds, prance_channels=prance_channels)
     if len(sys.argv) < 2 or sys.argv[1] not in tables or len(sys.argv) > (3 if sys.argv[1] in ("rl4evit_v2", "prance_seeds") else 2):
         sys.exit(f"usage: python benchmarks/tables.py {{{','.join(tables)}}} (rl4evit_v2 takes a run prefix, "
                  "e.g. multi_cheap_kl; prance_seeds a network, original or meta)")
