@@ -605,3 +605,14 @@ def test_merge_into_first_hand_made():
     torch.testing.assert_close(out.x[0, 2], (x[0, 3] * 1 + x[0, 2] * 3) / 4)
     assert out.size.tolist() == [[1.0, 2.0, 4.0]]
     assert out.source[0].tolist() == [[1, 0, 0, 0, 0], [0, 1, 0, 0, 1], [0, 0, 1, 1, 0]]
+
+
+def test_ats_with_one_patch_left_everywhere_decides_nothing_more():
+    """ATS at half the tokens per layer halves 64 patches to one by block 8; its later decision
+    layers (which skip their sampling then) change nothing: the same logits and counts as ATS on
+    blocks 3-8 alone."""
+    model, x = small_vit(sharp=4.0), images(6)
+    out, trace, _ = run_traced(leanvit.adapt(model, "ats", tokens=0.5), x)
+    ref, ref_trace, _ = run_traced(leanvit.adapt(model, "ats", tokens=0.5, layers=tuple(range(3, 9))), x)
+    assert mlp_counts(trace)[8:] == [[2] * 6] * 4 and mlp_counts(trace) == mlp_counts(ref_trace)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)

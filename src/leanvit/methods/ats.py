@@ -33,6 +33,8 @@ class ATS(Reduction):
 
     def reduce(self, layer, state, attn):
         n = state.counts() - state.n_prefix  # (B,) each image's own patches
+        if int(n.max()) <= 1:  # one patch left in every image: it stays, so skip the sampling's ops
+            return state       # (a host sync, as keep_mask's batch width below is one anyway)
         if isinstance(self.tokens, float):
             k = (self.tokens * n).round().long()
         else:

@@ -142,7 +142,7 @@ class AttentionView:
     @lazy
     def v_norm(self) -> Tensor:
         """(B, N) L2 norm of each token's value vector over all heads."""
-        return self.v.transpose(1, 2).flatten(2).norm(dim=-1)
+        return torch.linalg.vector_norm(self.v, dim=(1, 3))  # over heads and their channels, no copy
 
     @lazy
     def significance(self) -> Tensor:
