@@ -8,13 +8,13 @@
 #      and PRANCE's execution where MACs dominate: random per-image widths and keep ratios
 #      (prance:random=true, no selector to train), widths only (strategy=none), and the fixed middle
 #      sub-network (static widths) for comparison.
-# RUNS="deit_s_b32 deit_s_b1": only those runs (default: all six).
+# RUNS="deit_s_b32 deit_s_b1": only those runs (default: all six); OUT: where the results go.
 # Results: benchmarks/results/packed/*.json (tables: leanvit's bench format, in the .txt next to them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CIFAR="${CIFAR:-../shared/data/cifar10-jpeg.tar.gz}"
 IMAGENETTE="${IMAGENETTE:-../shared/data/imagenette-val-224.tar}"
-OUT=benchmarks/results/packed
+OUT="${OUT:-benchmarks/results/packed}"
 mkdir -p "$OUT"
 RUNS="${RUNS:-prance_b32 prance_b1 reference_b32 reference_b1 deit_s_b32 deit_s_b1}"
 run() {  # name, then bench arguments
