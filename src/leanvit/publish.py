@@ -228,7 +228,8 @@ def rl4evit_card(name: str, run: Path, metrics: dict, held: dict, record: Option
     row = next(r for r in sweep["rows"] if r["method"] == "rl4evit")
     floor, vs = row["random_floor"], row["vs_random_floor"]
     f = adapt(load_model(name), "rl4evit", weights=str(run / "policy.safetensors")).method
-    kept = ", ".join(f"{match['mean_tokens'][b]:.1f}" for b in f.layers)  # in the block right after each decision
+    after = [b if f.placement == "before" else b + 1 for b in f.layers]  # the block right after each decision
+    kept = ", ".join(f"{match['mean_tokens'][b]:.1f}" for b in after)
     size = (Path(zoo) / f"{name}.rl4evit.safetensors").stat().st_size / 2 ** 20
     ci = lambda v, d=4, sign="+": f"[{v[0]:{sign}.{d}f}, {v[1]:{sign}.{d}f}]"  # noqa: E731
     lo, hi = vs["kl_to_dense_ci95"]
