@@ -146,6 +146,22 @@ def test_eval_and_sweep_on_two_processes_give_the_one_process_result(tmp_path, c
     assert (two / "sweep" / "token_maps.png").is_file() and (two / "sweep" / "pareto.png").is_file()
 
 
+def test_the_process_group_is_left_before_the_interpreter_tears_down(tmp_path):
+    """Gloo's threads alive at interpreter teardown can abort a process that did its work (SIGABRT,
+    seen once in CI). atexit handlers run last-registered first: one registered before the group is
+    formed runs after leanvit's, and finds the group gone."""
+    script = tmp_path / "leave.py"
+    script.write_text("import atexit\nimport torch.distributed as dist\nfrom leanvit.device import init_distributed\n"
+                      "atexit.register(lambda: print('group left', not dist.is_initialized(), flush=True))\n"
+                      "rank, world = init_distributed()\nassert world == 2 and dist.is_initialized()\n"
+                      "dist.barrier()\n")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("group left True") == 2, proc.stdout
+
+
 def test_bf16_training_on_cpu_keeps_fp32_weights(tmp_path):
     """--amp bf16 in a training: the steps and evaluations run under autocast (other numbers than
     fp32's), the weights and optimizer stay fp32."""

@@ -12,6 +12,7 @@ same way (a device fixture runs the tests on every device present).
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from typing import List, Optional, Sequence
@@ -108,8 +109,16 @@ def init_distributed(device: Optional[torch.device] = None):
         if cuda:
             torch.cuda.set_device(device if device is not None else local_rank())
         dist.init_process_group("nccl" if cuda else "gloo")
+        # Gloo's worker threads still alive at interpreter teardown abort the process (SIGABRT,
+        # "terminate called without an active exception"): leave the group while Python is whole.
+        atexit.register(_leave_group)
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, world
+
+
+def _leave_group():
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_main() -> bool:
