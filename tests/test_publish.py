@@ -1,6 +1,7 @@
 """Model cards: one layout for every shipped file (leanvit.publish)."""
 import json
 
+import pytest
 import torch
 
 import leanvit
@@ -19,21 +20,21 @@ def test_markdown_table_and_card_layout(tmp_path):
     assert path.read_text() == card and not list(tmp_path.glob("*.tmp"))
 
 
-def _policy_run(tmp_path, model, seed: int, keep_bias: float):
+def _policy_run(tmp_path, model, seed: int, keep_bias: float, hidden=(16,)):
     """A result folder of benchmarks/rl4evit_v2.sh: an untrained policy biased toward keeping
     (``keep_bias`` > 0) or pruning, its training config on the tests' CIFAR split, its test sweep."""
     from conftest import CIFAR
     run = tmp_path / f"run{seed}"
     (run / "sweep").mkdir(parents=True)
     torch.manual_seed(seed)
-    f = leanvit.adapt(model, "rl4evit", hidden=[16])
+    f = leanvit.adapt(model, "rl4evit", hidden=list(hidden))
     with torch.no_grad():
         f.method.actor[-1].weight.mul_(0.1)
         f.method.actor[-1].bias.copy_(torch.tensor([0.0, keep_bias]))
     export_weights(f.method, run / "policy.safetensors", metadata=f.method.options_metadata())
     ppo = dict(epochs=15, lr_actor=5e-5, lr_critic=5e-5, clip=0.2, entropy_coef=0.01, gamma=0.99, lam=0.95)
     config = dict(model="cifar10_vit12_w128", data=str(CIFAR), train_split="train", eval_split="holdout",
-                  limit_train=200, limit_eval=100, seed=seed, options={"agents": "multi", "hidden": [16]},
+                  limit_train=200, limit_eval=100, seed=seed, options={"agents": "multi", "hidden": list(hidden)},
                   budget=0.7, beta=1.0, reward="correct", r2_to="kept", epochs=4, batch_size=64,
                   out=f"runs/x{seed}", ppo=ppo)
     (run / "train_metrics.json").write_text(json.dumps(dict(config=config, steps=12, gmacs_ratio=0.71,
@@ -74,3 +75,32 @@ def test_rl4evit_policy_is_chosen_on_training_images_no_run_read(tmp_path):
     assert "Random tokens kept at its own per-image counts, on the same images, are closer" in card
     assert "KL - floor +0.0300\n  [+0.0280, +0.0320]" in card and "(0.703 of dense 0.1777" in card
     assert "--opt agents=multi --opt hidden=[16]" in card and "--budget 0.7" in card and f"**{keeps}** (shipped)" in card
+
+
+def test_rl4evit_policy_replaces_the_previous_only_if_better_on_held_out(tmp_path):
+    """With the previously shipped policy given, the chosen one ships only if, on the held-out
+    images, it is no further from dense at no more GMACs (and strictly better in one); otherwise
+    nothing is shipped, the record says so and the error names both."""
+    model = leanvit.load_model("cifar10_vit12_w128")
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    small = _policy_run(tmp_path, model, 0, 30.0)  # keeps every token
+    big = _policy_run(tmp_path, model, 1, 30.0, hidden=(64,))  # keeps every token too, with a dearer actor
+    prunes = _policy_run(tmp_path, model, 2, -3.0)
+    shipped, record = zoo / "cifar10_vit12_w128.rl4evit.safetensors", tmp_path / "ship.json"
+
+    def before(run):
+        return "before", run / "policy.safetensors", json.loads((run / "train_metrics.json").read_text())["config"]
+
+    out = publish_rl4evit([str(small)], zoo=zoo, holdout_images=100, previous=before(big), record=str(record))
+    res = out["results"]
+    assert res[str(small)]["kl_to_dense"] == res["before"]["kl_to_dense"]  # every token kept by both
+    assert res[str(small)]["gmacs"] < res["before"]["gmacs"] and out["better_than_previous"]
+    assert shipped.read_bytes() == (small / "policy.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"is not better than before on the held-out images \(KL .* nothing shipped"):
+        publish_rl4evit([str(prunes)], zoo=zoo, holdout_images=100, previous=before(small), record=str(record))
+    res = json.loads(record.read_text())["results"]
+    assert res[str(prunes)]["gmacs"] < res["before"]["gmacs"]  # cheaper, but further from dense
+    assert res[str(prunes)]["kl_to_dense"] > res["before"]["kl_to_dense"]
+    assert json.loads(record.read_text())["better_than_previous"] is False
+    assert shipped.read_bytes() == (small / "policy.safetensors").read_bytes()  # untouched

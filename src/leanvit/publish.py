@@ -192,9 +192,11 @@ def publish_rl4evit(candidates: Sequence[str], name: str = "cifar10_vit12_w128",
     ``train_metrics.json``, ``match.json``, ``sweep/results.json``) as ``zoo/<name>.rl4evit.safetensors``
     with its model card: the one closest to the dense model (lowest mean KL) on ``holdout_images``
     training images that no candidate read (:func:`untouched_images`): the test set plays no part in
-    the choice. ``previous``: (label, policy file, its training config), measured on the same images
-    for comparison only. The held-out results go to ``record`` (JSON) and are returned; the card's
-    test numbers are the chosen run's sweep."""
+    the choice. ``previous``: (label, policy file, its training config) of the policy shipped before,
+    measured on the same images: the chosen one replaces it only if it is better there, i.e. no
+    further from dense (KL) at no more GMACs, and strictly better in one; otherwise nothing is shipped
+    and a ValueError says why. The held-out results go to ``record`` (JSON, written either way) and
+    are returned; the card's test numbers are the chosen run's sweep."""
     from .provenance import file_sha256, write_json
     runs = [Path(c) for c in candidates]
     metrics = [json.loads((r / "train_metrics.json").read_text()) for r in runs]
@@ -208,13 +210,19 @@ def publish_rl4evit(candidates: Sequence[str], name: str = "cifar10_vit12_w128",
         runners[previous[0]] = adapt(model, "rl4evit", weights=str(previous[1]))
     res = evaluate(runners, make_loader(held, batch_size=250, num_workers=0), desc="held-out choice")
     chosen = min(runs, key=lambda r: res[str(r)].kl_to_dense)
-    shutil.copyfile(chosen / "policy.safetensors", Path(zoo) / f"{name}.rl4evit.safetensors")
     out = dict(chosen=str(chosen), sha256=file_sha256(chosen / "policy.safetensors"), date=time.strftime("%Y-%m-%d"),
                held_out=f"{len(held)} class-balanced training images of {data} that no run read",
                results={k: dict(top1=v.top1, gmacs=v.gmacs, agreement=v.agreement, kl_to_dense=v.kl_to_dense,
                                 kl_to_dense_ci95=v.kl_to_dense_ci95) for k, v in res.items()})
+    if previous:
+        new, old = ((res[k].kl_to_dense, res[k].gmacs) for k in (str(chosen), previous[0]))
+        out["better_than_previous"] = new != old and all(a <= b for a, b in zip(new, old))
     if record:
         write_json(Path(record), out)
+    if not out.get("better_than_previous", True):
+        raise ValueError(f"{chosen} is not better than {previous[0]} on the held-out images (KL {new[0]:.4f} at "
+                         f"{new[1]:.4f} GMACs against {old[0]:.4f} at {old[1]:.4f}): nothing shipped")
+    shutil.copyfile(chosen / "policy.safetensors", Path(zoo) / f"{name}.rl4evit.safetensors")
     write_card(f"{name}.rl4evit", rl4evit_card(name, chosen, metrics[runs.index(chosen)], out, record, zoo), zoo)
     return out
 
