@@ -3,7 +3,10 @@ per-image counts (its random floor), on the held-out training images of the choi
 (`benchmarks/rl4evit_publish.sh`: 2,000 class-balanced training images no candidate read): a
 comparison of the two that does not depend on their different GMACs.
 
-    python benchmarks/rl4evit_shipped_floor.py > benchmarks/results/rl4evit_v2/shipped_vs_previous.json
+    python benchmarks/rl4evit_shipped_floor.py [DATA] > benchmarks/results/rl4evit_v2/shipped_vs_previous.json
+
+The candidates of the choice (they fix its held-out images) are read from the record of the choice,
+benchmarks/results/rl4evit_v2/shipped.json.
 """
 import json
 import sys
@@ -14,7 +17,7 @@ from leanvit.evaluate import evaluate
 from leanvit.publish import untouched_images
 
 RES = "benchmarks/results/rl4evit_v2"
-RUNS = [f"{RES}/multi_cheap-ln-kept_correct_b0.7_s{s}" for s in (0, 1, 2)]
+RUNS = [k for k in json.load(open(f"{RES}/shipped.json"))["results"] if k.startswith(RES)]
 DATA = sys.argv[1] if len(sys.argv) > 1 else "../shared/data/cifar10-jpeg.tar.gz"
 LEGACY = dict(data=DATA, train_split="train", eval_split="test", limit_train=9600, seed=0)  # as rl4evit_publish.sh
 
