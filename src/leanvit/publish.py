@@ -210,8 +210,9 @@ def publish_rl4evit(candidates: Sequence[str], name: str = "cifar10_vit12_w128",
         runners[previous[0]] = adapt(model, "rl4evit", weights=str(previous[1]))
     res = evaluate(runners, make_loader(held, batch_size=250, num_workers=0), desc="held-out choice")
     cost = {k: (v.kl_to_dense, v.gmacs) for k, v in res.items()}
-    better = [r for r in runs if not previous or (cost[str(r)] != cost[previous[0]] and
-                                                  all(a <= b for a, b in zip(cost[str(r)], cost[previous[0]])))]
+    # better: no worse in KL and GMACs, and not equal in both
+    better = [r for r in runs if not previous or
+              cost[str(r)] != cost[previous[0]] and all(a <= b for a, b in zip(cost[str(r)], cost[previous[0]]))]
     chosen = min(better, key=lambda r: cost[str(r)][0]) if better else None
     out = dict(chosen=str(chosen) if chosen else None, date=time.strftime("%Y-%m-%d"),
                sha256=file_sha256(chosen / "policy.safetensors") if chosen else None,
