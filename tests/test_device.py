@@ -151,15 +151,17 @@ def test_the_process_group_is_left_before_the_interpreter_tears_down(tmp_path):
     seen once in CI). atexit handlers run last-registered first: one registered before the group is
     formed runs after leanvit's, and finds the group gone."""
     script = tmp_path / "leave.py"
-    script.write_text("import atexit\nimport torch.distributed as dist\nfrom leanvit.device import init_distributed\n"
-                      "atexit.register(lambda: print('group left', not dist.is_initialized(), flush=True))\n"
+    script.write_text("import atexit, os, pathlib\nimport torch.distributed as dist\n"
+                      "from leanvit.device import init_distributed\n"
+                      f"out = pathlib.Path({str(tmp_path)!r}) / ('left-' + os.environ['RANK'])\n"
+                      "atexit.register(lambda: out.write_text(str(not dist.is_initialized())))\n"
                       "rank, world = init_distributed()\nassert world == 2 and dist.is_initialized()\n"
                       "dist.barrier()\n")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script)], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("group left True") == 2, proc.stdout
+    assert [(tmp_path / f"left-{rank}").read_text() for rank in (0, 1)] == ["True", "True"]
 
 
 def test_bf16_training_on_cpu_keeps_fp32_weights(tmp_path):
