@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from leanvit import data as D
+from leanvit.data import cifar, readers
 from leanvit.data import (
     CIFAR10_CLASSES,
     EMBEDDED_CIFAR10,
@@ -132,7 +133,7 @@ def test_download_checks_every_file(tmp_path, monkeypatch):
     monkeypatch.setattr(tvu, "download_and_extract_archive", fake_download)
     with pytest.raises(DataError, match="failed its md5 check after the download"):
         D.download_cifar10(tmp_path)
-    monkeypatch.setattr(D, "_md5", lambda path: dict(CIFAR10.train_list + CIFAR10.test_list)
+    monkeypatch.setattr(cifar, "_md5", lambda path: dict(CIFAR10.train_list + CIFAR10.test_list)
                         .get(path.name, CIFAR10.meta["md5"]))
     monkeypatch.setattr(socket, "create_connection", None)  # would raise if called
     assert D.download_cifar10(tmp_path) == tmp_path / "cifar-10-batches-py"
@@ -264,7 +265,7 @@ def test_bad_image_item_and_warning(folder):
     root, _, bad = folder
     ds = load_dataset(root)  # split 'val' by default
     i = ds.paths.index(str(bad[1]))
-    D._warned.discard(str(bad[1]))
+    readers._warned.discard(str(bad[1]))
     with pytest.warns(UserWarning, match="skipping unreadable image .*trunc.jpg"):
         assert ds[i] == (None, str(bad[1]))
     # a whole batch of bad images: empty images, both paths reported
@@ -429,7 +430,7 @@ def test_errors_are_helpful(tmp_path):
 def test_default_search(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(D, "_REPO_ROOT", tmp_path / "repo")
+    monkeypatch.setattr(cifar, "_REPO_ROOT", tmp_path / "repo")
     monkeypatch.delenv("LEANVIT_DATA", raising=False)
     assert find_default_cifar10() is None
     with pytest.raises(DataError, match="no CIFAR-10 found; looked in") as e:

@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import CIFAR
-from leanvit import cli
+from leanvit import cli, commands
 from leanvit.cli import main, parse_options
 from leanvit.data import EMBEDDED_CIFAR10, DataError, check_classes, load_dataset
 
@@ -275,8 +275,8 @@ def test_weights_option_must_be_safetensors(method, files, tmp_path, capsys):
 
 def test_wrong_architecture_weights_for_a_shipped_model(tmp_path, capsys):
     other = tmp_path / "other.safetensors"
-    model = cli._load(argparse.Namespace(model=MODEL, checkpoint=None, pretrained=False, num_classes=None,
-                                         threads=None, device="cpu", amp="off"))
+    model = commands._load(argparse.Namespace(model=MODEL, checkpoint=None, pretrained=False, num_classes=None,
+                                              threads=None, device="cpu", amp="off"))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(other))
     err = _expect_error(["eval", "--model", SHIPPED, "--checkpoint", str(other), "--data", "cifar10-sample"],
                         capsys, f"checkpoint {other} does not fit {SHIPPED}", "shape differs")
@@ -337,7 +337,7 @@ def test_debug_shows_the_traceback(where, tmp_path, capsys):
     argv = ["--debug"] + argv if where == "before" else argv + ["--debug"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "Traceback" in err and "leanvit.data.DataError" in err
+    assert "Traceback" in err and f"{DataError.__module__}.DataError" in err
     assert err.strip().splitlines()[-1].startswith(f"leanvit: error: data path {tmp_path / 'missing'} does not exist")
 
 

@@ -22,7 +22,7 @@ LAYERS: List[List[str]] = [
     ["evaluate", "bench", "report", "analysis", "export"],
     ["demo", "training", "train_policy", "train_prance", "train"],
     ["publish"],  # model cards: trains, evaluates
-    ["cli", "__main__"],
+    ["commands", "cli", "__main__"],  # what the commands do; their parser
     ["__init__"],  # the package face: nothing below imports it
 ]
 MAX_UPWARD = 3

@@ -1,32 +1,41 @@
-"""The ``leanvit`` command line: eval, bench, methods, models, demo."""
+"""The ``leanvit`` command line: the parser of every command, and ``main``, its one error boundary.
+
+Each option that several commands take is defined once below (``_add_<option>``), with what
+differs between the commands (a default, a help line) as arguments. What a command does is in
+:mod:`leanvit.commands`.
+"""
 from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
-import tempfile
 import traceback
-from dataclasses import MISSING, fields, is_dataclass, replace
 from pathlib import Path
 
-import torch
-
+from .commands import (  # noqa: F401 (the parser looks the commands up here: a test may replace one)
+    check_outputs, cmd_bench, cmd_compare, cmd_demo, cmd_eval, cmd_export, cmd_match, cmd_methods, cmd_models,
+    cmd_sweep, cmd_train, cmd_train_policy, cmd_train_selector, out_lock)
 from .data import DATA_HELP
-from .options import parse_options, parse_spec
+from .options import add_config_args, config_from, parse_options, parse_spec  # noqa: F401 (leanvit.cli's API)
 # the checks of option values (the trainings' configurations name theirs); the tests find them as cli.<check>
 from .options import below_one, fraction, natural, nonnegative, path, positive, positive_int, unit  # noqa: F401
 
 EPILOG = "Method options: --opt key=value (repeatable), e.g. --method ppt --opt r=50 --opt layers=3,6,9"
+DEBUG_HELP = "show the Python traceback of an error (for reporting a bug)"
 
 
+# --- the options several commands share --------------------------------------------------------
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a timm model name or a leanvit reference model")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", type=path, help="local weights (.safetensors or torch file)")
     src.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs network)")
     p.add_argument("--num-classes", type=positive_int, help="classifier size (default: from the checkpoint or the model)")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    _add_threads(p, help="torch CPU threads (default: torch's choice)")
+
+
+def _add_threads(p, help=None) -> None:
+    p.add_argument("--threads", type=positive_int, default=None, help=help)
 
 
 def _add_device_args(p: argparse.ArgumentParser) -> None:
@@ -36,523 +45,81 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", choices=list(AMP), default="off", help=AMP_HELP)
 
 
-def _device(args) -> torch.device:
-    """The command's device, present and able to run its --amp (else a one-line DeviceError)."""
-    from .device import check_amp, select_device
-    device = select_device(args.device)
-    check_amp(device, args.amp)
-    return device
+def _add_method(p) -> None:
+    p.add_argument("--method", default="none", help="a method from `leanvit methods`")
 
 
-def _load(args):
-    from .models import create_model
-    device = _device(args)  # before the weights load: a missing device fails at once
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)  # models without weights (tests, speed) get the same random weights every run
-    return create_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
-                        num_classes=args.num_classes).to(device)
+def _add_opt(p, help="method option (repeatable)") -> None:
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help=help)
 
 
-def cmd_eval(args) -> int:
-    """Under torchrun every process evaluates its shard of the images; the results are summed
-    over the processes, and process 0 prints and writes them."""
-    from .data import eval_transform, load_dataset, make_loader, model_label_names, resolve_data
-    from .device import init_distributed, module_device, pin_memory
-    from .evaluate import evaluate
-    from .provenance import method_weights, provenance
-    from .report import format_table
-    from .runtime import adapt
-    options = parse_options(args.opt)
-    model = _load(args)
-    device = module_device(model)
-    rank, world = init_distributed(device)
-    method = adapt(model, args.method, **options)
-    dataset = load_dataset(args.data, split=args.split, transform=eval_transform(model),
-                           num_classes=model.num_classes, limit=args.limit, classes=model_label_names(model))
-    loader = make_loader(dataset, batch_size=args.batch_size, num_workers=args.workers,
-                         pin_memory=pin_memory(device), shard=(rank, world))
-    runners = {"dense": adapt(model, "none")}
-    if args.method != "none":
-        runners[args.method] = method
-    results = evaluate(runners, loader, desc=f"eval {args.model}", amp=args.amp)
-    if rank != 0:
-        return 0
-    dense = results["dense"]
-    folders = f", {len(dataset.skipped_folders)} folders skipped" if dataset.skipped_folders else ""
-    print(f"model {args.model}  data {dataset.root} ({args.split}, {dense.n_images} images, "
-          f"{dense.skipped} unreadable skipped{folders})  threads {torch.get_num_threads()}  batch {args.batch_size}")
-    rows = [dict(r.to_dict(), label=" ".join(args.opt)) for name, r in results.items() if name != "dense"]
-    print(format_table(rows, dense), end="")
-    for r in results.values():
-        if "prune_fraction_per_layer" in r.extra:
-            mix = ", ".join(f"L{l}: {100 * f:.0f}% prune" for l, f in r.extra["prune_fraction_per_layer"].items())
-            print(f"{r.method} policy mix: {mix}")
-    main_result = results[args.method if args.method != "none" else "dense"]
-    if args.json:
-        payload = dict(main_result.to_dict(), model=args.model, data=str(dataset.root), split=args.split,
-                       options=options, batch_size=args.batch_size, threads=torch.get_num_threads(),
-                       processes=world, device=str(device), amp=args.amp, skipped_folders=dataset.skipped_folders,
-                       dense=dense.to_dict(), method_weights=method_weights(args.method, options),
-                       provenance=provenance(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
-                                             data=resolve_data(args.data), split=args.split, limit=args.limit))
-        _write_json(args.json, payload)
-    return 0
+def _add_specs(p, help: str) -> None:
+    p.add_argument("--methods", nargs="+", required=True, metavar="SPEC", help=help)
 
 
-def _on_model(text: str):
-    """A method spec that runs on --model (model=/checkpoint= of a spec are for sweep)."""
-    spec = parse_spec(text)
-    if spec.model or spec.checkpoint:
-        raise CliError(f"{text}: model= and checkpoint= in a method spec are for `leanvit sweep`; "
-                       "here the method runs on --model (and --checkpoint)")
-    return spec
+def _add_data(p, help=DATA_HELP, required=False) -> None:
+    p.add_argument("--data", type=path, help=help, **(dict(required=True) if required else {}))
 
 
-def cmd_bench(args) -> int:
-    from .bench import benchmark, format_table
-    from .data import resolve_data
-    from .provenance import provenance
-    from .runtime import adapt
-    methods = [(text, spec.method, spec.options) for text, spec in zip(args.methods, map(_on_model, args.methods))]
-    model = _load(args)
-    size = args.input_size or list(model.pretrained_cfg.get("input_size", (3, 224, 224)))
-    if args.data:
-        from .data import eval_transform, load_dataset, make_loader
-        ds = load_dataset(args.data, split=args.split, transform=eval_transform(model), limit=args.batch_size)
-        images = next(iter(make_loader(ds, batch_size=args.batch_size, num_workers=0))).images
-        if images.shape[0] < args.batch_size:
-            raise ValueError(f"{args.data} has only {images.shape[0]} readable images; need --batch-size")
-    else:
-        images = torch.randn(args.batch_size, *size, generator=torch.Generator().manual_seed(0))
-    result = benchmark(model, methods, images, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
-                       one_at_a_time=args.one_at_a_time, amp=args.amp)
-    result["settings"].update(model=args.model, data=args.data or "gaussian noise")
-    result["provenance"] = provenance(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
-                                      data=resolve_data(args.data) if args.data else None, split=args.split)
-    print(format_table(result))
-    if args.profile_ops:
-        from .bench import format_profile, profile_operators
-        runners = {"dense": adapt(model, "none"), **{label: adapt(model, name, **opts) for label, name, opts in methods}}
-        result["operators"] = profile_operators(runners, images, repeats=args.repeats, top=args.profile_ops)
-        print(format_profile(result["operators"]))
-    if args.json:
-        _write_json(args.json, result)
-    return 0
+def _add_split(p, default: str, help=None) -> None:
+    p.add_argument("--split", default=default, help=help)
 
 
-def _start_run(args) -> None:
-    """Threads; with --restart, forget the run's resume checkpoints (one per budget for train-selector).
-    Rank 0 removes them before the process group forms, so no process can have read them yet."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.restart and int(os.environ.get("RANK", "0")) == 0:
-        for ckpt in [Path(args.out) / "last.pt", *Path(args.out).glob("budget-*/last.pt")]:
-            ckpt.unlink(missing_ok=True)
+def _add_limit(p, help: str, default=None) -> None:
+    p.add_argument("--limit", type=positive_int, default=default, help=help)
 
 
-def _run_log(out: str):
-    """A logger that prints a line and appends it to OUT/train.log."""
-    path = Path(out) / "train.log"
-
-    def log(line: str) -> None:
-        print(line, flush=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(line + "\n")
-    return log
+def _add_batch_size(p, default: int) -> None:
+    p.add_argument("--batch-size", type=positive_int, default=default)
 
 
-def cmd_train(args) -> int:
-    from .train import TrainConfig, train
-    cfg = config_from(TrainConfig, args, options=parse_options(args.opt))
-    _start_run(args)
-    log = _run_log(args.out)
-    metrics = train(cfg, log=log)
-    if int(os.environ.get("RANK", "0")) == 0:
-        subnets = "".join(f", {k[5:]} sub-network {v:.2f}%" for k, v in metrics.items() if k.startswith("top1_"))
-        log(f"done: top-1 {metrics['top1']:.2f}%{subnets} after {metrics['steps']} steps; "
-            f"weights in {Path(args.out) / 'final.safetensors'}")
-    return 0
+def _add_workers(p, help=None) -> None:
+    p.add_argument("--workers", type=natural, default=None, help=help)
 
 
-def cmd_train_selector(args) -> int:
-    from .train_prance import SelectorConfig, train_selector
-    cfg = config_from(SelectorConfig, args, options=parse_options(args.opt), budget=None)
-    _start_run(args)
-    log = _run_log(args.out)
-    main = int(os.environ.get("RANK", "0")) == 0
-    for budget in args.budget or [None]:
-        out = Path(args.out) / f"budget-{budget:g}" if budget and len(args.budget) > 1 else Path(args.out)
-        m = train_selector(replace(cfg, out=str(out), budget=budget), log=log)
-        if main:
-            met = "" if budget is None else f"budget {budget} {'met' if m['budget_met'] else 'NOT met'}: "
-            log(f"done: {met}top-1 {m['top1']:.2f}% at {m['gmacs']:.4f} GMACs ({m['gmacs_ratio']:.3f} of dense), "
-                f"final cost weight {m['cost_weight']:.4g}; selector in {out / 'selector.safetensors'}")
-    return 0
+def _add_json(p, help="write the result as JSON here") -> None:
+    p.add_argument("--json", type=path, help=help)
 
 
-def cmd_train_policy(args) -> int:
-    from .train_policy import PolicyConfig, train_policy
-    if args.method != "rl4evit":
-        raise ValueError(f"train-policy trains rl4evit; got --method {args.method}")
-    cfg = config_from(PolicyConfig, args, options=parse_options(args.opt))
-    _start_run(args)
-    log = _run_log(args.out)
-    metrics = train_policy(cfg, log=log)
-    if int(os.environ.get("RANK", "0")) == 0 and metrics["history"]:
-        last = metrics["history"][-1]
-        met = "" if args.budget is None else f"budget {args.budget} {'met' if metrics['budget_met'] else 'NOT met'}: "
-        log(f"done: {met}greedy top-1 {last['top1']:.2f}% at {last['gmacs']:.4f} GMACs ({last['gmacs_ratio']:.3f} of "
-            f"dense; actor {last['decision_gmacs']:.4f}), alpha {last['alpha']:.4g}; "
-            f"policy in {Path(args.out) / 'policy.safetensors'}")
-    return 0
-
-
-def cmd_export(args) -> int:
-    """The model with its method as ONNX (dynamic batch axis), checked in onnxruntime against PyTorch."""
-    from .export import export_onnx, run_onnx
-    from .runtime import adapt
-    out = Path(args.onnx)
-    if out.is_dir():
-        raise CliError(f"--out {out} is a directory; pass a file name, e.g. {out / 'model.onnx'}")
-    _check_writable(out.parent, "--out", out)
-    model = _load(args).eval()
-    runner = adapt(model, args.method, **parse_options(args.opt))
-    export_onnx(runner, out)
-    size = list(model.pretrained_cfg.get("input_size", (3, 224, 224)))
-    images = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        diff = float((run_onnx(out, images) - runner(images)).abs().max())
-    print(f"wrote {out} ({args.model}, {runner.method!r}; input images (batch, {', '.join(map(str, size))}), "
-          f"output logits); onnxruntime vs PyTorch on 2 images: max |logit difference| {diff:.2e}")
-    return 0
-
-
-def cmd_methods(args) -> int:
-    from .methods import list_methods
-    from .methods.base import REGISTRY
-    width = max(map(len, list_methods())) + 2
-    for name in list_methods():
-        doc = (REGISTRY[name].__doc__ or "").strip().splitlines()[0]
-        print(f"{name:<{width}}{doc}")
-    return 0
-
-
-def cmd_models(args) -> int:
-    from .models import list_models
-    names = list_models()
-    print("\n".join(names) if names else "no reference model shipped yet; any timm ViT name works with --model")
-    return 0
-
-
-def _comparison(args, model, model_name, specs, data_path) -> int:
-    from .data import eval_transform, load_dataset, model_label_names, resolve_data
-    from .demo import run_comparison
-    from .provenance import provenance
-    dataset = load_dataset(data_path, split=args.split, transform=eval_transform(model),
-                           num_classes=model.num_classes, limit=args.limit, classes=model_label_names(model))
-    source = provenance(model=model_name, checkpoint=getattr(args, "checkpoint", None),
-                        pretrained=getattr(args, "pretrained", False), data=resolve_data(data_path), split=args.split,
-                        limit=args.limit)
-    result = run_comparison(model, model_name, dataset, specs, args.out, batch_size=args.batch_size,
-                            workers=args.workers, provenance=source, amp=args.amp,
-                            random_floor=getattr(args, "random_floor", False),
-                            shuffled_floor=getattr(args, "shuffled_floor", False))
-    if "table" not in result:  # not process 0 under torchrun: it prints and writes
-        return 0
-    print(f"{model_name} on {dataset.root} ({args.split}, {result['n_images']} images), "
-          f"{result['threads']} threads, batch {args.batch_size}, {result['seconds']:.0f} s")
-    print(result["table"])
-    print(f"wrote {args.out}/results.json, pareto.png, token_maps.png, table.txt")
-    return 0
-
-
-def cmd_sweep(args) -> int:
-    specs = [parse_spec(s) for s in args.methods]
-    return _comparison(args, _load(args), args.model, specs, args.data)
-
-
-def cmd_compare(args) -> int:
-    import json
-    from .analysis import at_gmacs, format_at_gmacs
-    results = []
-    for path in args.results:
-        try:
-            results.append(json.loads(Path(path).read_text()))
-        except json.JSONDecodeError as e:
-            raise CliError(f"{path} is not a sweep result (JSON): {e}") from None
-        if not isinstance(results[-1], dict) or "rows" not in results[-1] or "dense" not in results[-1]:
-            raise CliError(f"{path} is not a `leanvit sweep` results.json (no rows/dense)")
-    dense = results[0]["dense"]
-    gmacs = args.gmacs or [f * dense["gmacs"] for f in args.of_dense]
-    print(format_at_gmacs(at_gmacs(results, gmacs, metric=args.metric), gmacs, dense, metric=args.metric))
-    if args.plot:
-        from .analysis import curve_key
-        from .report import pareto_plot
-        points = [dict(method=curve_key(row), gmacs=row["gmacs"], top1=row["top1"], label=row.get("label", ""))
-                  for r in results for row in r["rows"]
-                  if not args.curves or any(curve_key(row).startswith(c) for c in args.curves)]
-        pareto_plot(points, args.plot, title=args.title, dense=dense)
-        print(f"wrote {args.plot}")
-    return 0
-
-
-def cmd_match(args) -> int:
-    from .analysis import match_gmacs, mean_tokens, random_control
-    from .measure import count_macs
-    from .runtime import adapt
-    from .device import autocast, module_device
-    model = _load(args)
-    device = module_device(model)
-    size = list(model.pretrained_cfg.get("input_size", (3, 224, 224)))
-    probe = torch.zeros(1, *size, device=device)
-    dense = count_macs(model, probe)
-    result = dict(model=args.model, dense_gmacs=dense)
-    if args.method:
-        if not args.data:
-            raise CliError("--method needs --data: a method's token counts depend on the images")
-        from .data import eval_transform, load_dataset, make_loader, model_label_names
-        spec = _on_model(args.method)
-        runner = adapt(model, spec.method, **spec.options)
-        ds = load_dataset(args.data, split=args.split, transform=eval_transform(model), num_classes=model.num_classes,
-                          limit=args.limit, classes=model_label_names(model))
-        loader = make_loader(ds, batch_size=args.batch_size, num_workers=args.workers)
-        with autocast(device, args.amp):
-            counts, target, n = mean_tokens(runner, (b.images.to(device) for b in loader))
-        print(f"{args.method}: {target:.4f} GMACs/image ({target / dense:.3f} of dense {dense:.4f}) on {n} images "
-              f"of {args.data} ({args.split})")
-        print("mean tokens per block: " + " ".join(f"{c:.1f}" for c in counts))
-        control = random_control(counts, runner.n_prefix)
-        print(f"random at these counts: {control}")
-        result.update(method=args.method, data=str(args.data), split=args.split, n_images=n, mean_tokens=counts,
-                      random_control=control)
-    else:
-        target = args.gmacs if args.gmacs is not None else args.of_dense * dense
-        print(f"target: {target:.4f} GMACs/image ({target / dense:.3f} of dense {dense:.4f})")
-    matched = match_gmacs(model, target, probe, args.methods)
-    for m, (text, g) in matched.items():
-        print(f"{m:<11} {text:<45} {g:.4f} GMACs ({g / dense:.3f} of dense, {100 * (g / target - 1):+.1f}%)")
-    if args.json:
-        result.update(gmacs=target, matched={m: dict(spec=text, gmacs=g) for m, (text, g) in matched.items()})
-        _write_json(args.json, result)
-    return 0
-
-
-def cmd_demo(args) -> int:
-    from .data import EMBEDDED_CIFAR10, DataError, describe_search, download_cifar10, find_default_cifar10, resolve_data
-    from .demo import DEMO_MODEL, demo_specs
-    from .models import list_models, load_model
-    device = _device(args)  # a missing device fails before anything else
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if DEMO_MODEL not in list_models():
-        print(f"leanvit demo: the reference model {DEMO_MODEL} is not shipped in this checkout yet.\n"
-              "Meanwhile try: leanvit eval --model deit_tiny_patch16_224 --data DIR --method ppt --opt r=50",
-              file=sys.stderr)
-        return 1
-    if args.download and args.data:
-        raise DataError("give either --download or --data, not both")
-    data = download_cifar10() if args.download else args.data or find_default_cifar10()
-    if data is None:
-        if args.full:
-            raise DataError("--full needs the full CIFAR-10 test set and found none; looked in:\n"
-                            + describe_search() + "\npass --data PATH to a local copy, or --download")
-        print("leanvit demo: no full CIFAR-10 found (--data PATH, $LEANVIT_DATA, ./data, ~/.cache/leanvit or "
-              "--download); using the 2,000 CIFAR-10 test images shipped with leanvit")
-        data = EMBEDDED_CIFAR10
-    if args.full:
-        if resolve_data(data) == EMBEDDED_CIFAR10:
-            raise DataError("--full needs the full CIFAR-10 test set; the shipped sample has 2,000 of its images: "
-                            "pass --data PATH to a local copy, or --download")
-        args.limit = None
-    return _comparison(args, load_model(DEMO_MODEL).to(device), DEMO_MODEL, demo_specs(), data)
-
-
-def _write_json(path: str, payload: dict) -> None:
-    from .provenance import write_json
-    write_json(path, payload)
-    print(f"wrote {path}")
-
-
-class CliError(ValueError):
-    """A usage problem the command line finds itself (an output path, a busy run directory)."""
-
-
-def _check_writable(folder: Path, option: str, path) -> None:
-    """``folder`` (made if missing) can hold what ``option`` writes: checked by writing a probe
-    file into the nearest folder that exists, so read-only mounts and permissions both show."""
-    if folder.exists() and not folder.is_dir():
-        raise CliError(f"{option} {path}: {folder} is a file, not a directory; pass another path")
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise CliError(f"{option} {path}: {existing} is a file, not a directory; pass another path")
-    try:
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as e:
-        raise CliError(f"{option} {path} cannot be written ({existing}: {e.strerror or e}); pass a path you "
-                       "can write to") from None
-
-
-def check_outputs(args) -> None:
-    """Where the command will write, checked before any work: a bad path fails now, not after
-    the evaluation or training it would have held."""
-    if getattr(args, "json", None):
-        path = Path(args.json)
-        if path.is_dir():
-            raise CliError(f"--json {path} is a directory; pass a file name, e.g. {path / 'result.json'}")
-        _check_writable(path.parent, "--json", path)
-    if getattr(args, "out", None):
-        _check_writable(Path(args.out), "--out", args.out)
-
-
-@contextlib.contextmanager
-def out_lock(out: Path):
-    """Hold ``OUT/.lock`` (flock) while a command writes into ``out``: a second run into the same
-    directory stops at once, before it touches the first one's checkpoints or results. The lock
-    goes with the process, however it ends. Under torchrun, rank 0 holds it for all processes."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    if int(os.environ.get("RANK", "0")) != 0:
-        yield
-        return
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    lock = out / ".lock"
-    with open(lock, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if not lock.exists() or os.fstat(f.fileno()).st_ino != lock.stat().st_ino:
-                raise BlockingIOError  # the run we waited on removed this lock file: someone else's turn
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip()
-            raise CliError(f"another leanvit run{f' (pid {holder})' if holder else ''} is writing into {out} "
-                           f"(it holds {lock}); wait for it to finish, or pass another --out") from None
-        f.truncate(0)
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            f.truncate(0)
-            if created and os.listdir(out) == [lock.name]:  # a run that wrote nothing leaves nothing
-                lock.unlink()
-                out.rmdir()
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-# --- training options: one per configuration field marked with options.arg ------------------------
-def _field_default(f):
-    return f.default_factory() if f.default_factory is not MISSING else f.default
-
-
-def add_config_args(p, config, skip=()) -> None:
-    """An option for every :func:`~leanvit.options.arg` field of the ``config`` dataclass but
-    ``skip``, and of the configurations it holds (PPO's), with the field's default, check and help;
-    a nested field's value goes to ``<field>_<name>``. A field of ``config`` itself shadows a nested
-    one with the same option (the selector's ``--entropy-coef`` over PPO's)."""
-    own = {_flag(f, _field_default(f)) for f in fields(config) if "arg" in f.metadata}
-    for f in fields(config):
-        default = _field_default(f)
-        if is_dataclass(default):
-            for g in fields(default):
-                if "arg" in g.metadata and _flag(g, getattr(default, g.name)) not in own:
-                    _add_field(p, g, getattr(default, g.name), dest=f"{f.name}_{g.name}")
-        elif "arg" in f.metadata and f.name not in skip:
-            _add_field(p, f, default, dest=f.name)
-
-
-def _flag(f, default) -> str:
-    """The option of a field: ``--<name>``, ``--no-<name>`` for a switch that defaults to True, or its flag."""
-    name = f.name.replace("_", "-")
-    return f.metadata["arg"]["flag"] or (f"--no-{name}" if default is True else f"--{name}")
-
-
-def _add_field(p, f, default, dest: str) -> None:
-    spec = f.metadata["arg"]
-    help = spec["help"] and spec["help"].replace("%", "%%")  # argparse formats help with %
-    name = f.name.replace("_", "-")
-    if isinstance(default, bool):  # a switch away from the default
-        p.add_argument(spec["flag"] or (f"--no-{name}" if default else f"--{name}"), dest=dest,
-                       action="store_false" if default else "store_true", help=help)
-        return
-    flag = spec["flag"] or f"--{name}"
-    given = dict(required=True) if default is MISSING else dict(default=default)
-    p.add_argument(flag, dest=dest, type=spec["check"], metavar=flag[2:].replace("-", "_").upper(), help=help,
-                   **given)
-
-
-def config_from(config, args, **given):
-    """The ``config`` dataclass of the parsed ``args``: each field from the option of its name (a
-    nested one's from ``<field>_<name>``), ``given`` over them; a field without an option keeps its default."""
-    parsed, values = vars(args), {}
-    for f in fields(config):
-        if f.name in given:
-            continue
-        default = _field_default(f)
-        if is_dataclass(default):
-            values[f.name] = replace(default, **{g.name: parsed[f"{f.name}_{g.name}"] for g in fields(default)
-                                                 if f"{f.name}_{g.name}" in parsed})
-        elif f.name in parsed:
-            values[f.name] = parsed[f.name]
-    return config(**values, **given)
+def _add_out(p, default: str, help: str) -> None:
+    p.add_argument("--out", type=path, default=default, help=help)
 
 
 def _add_restart(p) -> None:
     p.add_argument("--restart", action="store_true", help="start over: ignore (and remove) OUT/last.pt")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with usage errors in one line (the problem, then where the options are listed)."""
+def _add_training(p, config, opt_help="method option (repeatable)", **config_kw) -> None:
+    """What every training command takes: the model, --opt, its configuration's fields, --restart, the device."""
+    _add_model_args(p)
+    _add_opt(p, help=opt_help)
+    add_config_args(p, config, **config_kw)
+    _add_restart(p)
+    _add_device_args(p)
 
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
-
-DEBUG_HELP = "show the Python traceback of an error (for reporting a bug)"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from .train import TrainConfig
-    from .train_policy import PolicyConfig
-    from .train_prance import SUPERNET, SelectorConfig
-    parser = _Parser(prog="leanvit", description="Cheaper Vision Transformers per image.", epilog=EPILOG)
-    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
-    # also after the command (leanvit eval ... --debug); SUPPRESS keeps a leading --debug
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def command(name, **kw):
-        return sub.add_parser(name, parents=[common], **kw)
-
+# --- the commands ------------------------------------------------------------------------------
+def _eval_and_bench(command) -> None:
     p = command("eval", help="top-1, GMACs and images/s of the dense model and a method", epilog=EPILOG)
     _add_model_args(p)
-    p.add_argument("--data", type=path, required=True, help=DATA_HELP)
-    p.add_argument("--split", default="val", help="split folder inside --data (default val; test also accepted)")
-    p.add_argument("--method", default="none", help="a method from `leanvit methods`")
-    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--workers", type=natural, default=None, help="data loading processes")
-    p.add_argument("--limit", type=positive_int, default=None, help="evaluate a seeded subset of this many images")
-    p.add_argument("--json", type=path, help="write the result as JSON here")
+    _add_data(p, required=True)
+    _add_split(p, "val", help="split folder inside --data (default val; test also accepted)")
+    _add_method(p)
+    _add_opt(p)
+    _add_batch_size(p, 64)
+    _add_workers(p, help="data loading processes")
+    _add_limit(p, "evaluate a seeded subset of this many images")
+    _add_json(p)
     _add_device_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = command("bench", help="throughput of dense vs methods (median of repeats)")
     _add_model_args(p)
-    p.add_argument("--methods", nargs="+", required=True, metavar="SPEC",
-                   help="method specs name:key=value:..., e.g. tome:r=13 evit:keep_rate=0.7 ppt:r=50")
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    _add_specs(p, "method specs name:key=value:..., e.g. tome:r=13 evit:keep_rate=0.7 ppt:r=50")
+    _add_batch_size(p, 32)
     p.add_argument("--input-size", type=positive_int, nargs=3, metavar=("C", "H", "W"))
-    p.add_argument("--data", type=path, help="take the batch from this data set instead of noise")
-    p.add_argument("--split", default="val")
+    _add_data(p, help="take the batch from this data set instead of noise")
+    _add_split(p, "val")
     p.add_argument("--one-at-a-time", action="store_true",
                    help="batch size 1: time --batch-size images, each its own forward")
     p.add_argument("--repeats", type=positive_int, default=5)
@@ -560,37 +127,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-ops", type=positive_int, metavar="TOP",
                    help="then, where the time goes: the TOP operators of dense and each method per forward "
                         "(count, ms, calling line), the runners alternating")
-    p.add_argument("--json", type=path, help="write the result as JSON here")
+    _add_json(p)
     _add_device_args(p)
     p.set_defaults(func=cmd_bench)
 
+
+def _trainings(command) -> None:
+    from .train import TrainConfig
+    from .train_policy import PolicyConfig
+    from .train_prance import SUPERNET, SelectorConfig
     p = command("train", help="train or fine-tune a ViT (resumable; torchrun for data-parallel)",
-                       epilog="Re-running the same command resumes from OUT/last.pt. " + EPILOG)
-    _add_model_args(p)
-    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
-    add_config_args(p, TrainConfig, skip={"sandwich", "sandwich_widths", "reorder"})
-    _add_restart(p)
-    _add_device_args(p)
+                epilog="Re-running the same command resumes from OUT/last.pt. " + EPILOG)
+    _add_training(p, TrainConfig, skip={"sandwich", "sandwich_widths", "reorder"})
     p.set_defaults(func=cmd_train)
 
     p = command("train-supernet", help="PRANCE's channel-elastic meta-network: weight-sharing fine-tuning",
-                       epilog="Heads and MLP neurons are reordered by importance first (--no-reorder to skip); "
-                              "every step trains the largest sub-network on the labels, then the smallest and "
-                              "random ones on its predictions. Re-running the same command resumes from OUT/last.pt.")
-    _add_model_args(p)
-    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
-    add_config_args(p, TrainConfig, skip={"method"})
-    _add_restart(p)
-    _add_device_args(p)
+                epilog="Heads and MLP neurons are reordered by importance first (--no-reorder to skip); "
+                       "every step trains the largest sub-network on the labels, then the smallest and "
+                       "random ones on its predictions. Re-running the same command resumes from OUT/last.pt.")
+    _add_training(p, TrainConfig, skip={"method"})
     p.set_defaults(func=cmd_train, **SUPERNET)
 
     p = command("train-selector", help="PRANCE's selector: PPO with Result-to-Go (resumable; torchrun)",
-                       epilog="With --budget, the cost weight is a Lagrange multiplier moved toward the budget "
-                              "after every batch by a PI controller on the greedy selector's GMACs ratio. "
-                              "Load the selector with --method prance --opt weights=OUT/selector.safetensors.")
+                epilog="With --budget, the cost weight is a Lagrange multiplier moved toward the budget "
+                       "after every batch by a PI controller on the greedy selector's GMACs ratio. "
+                       "Load the selector with --method prance --opt weights=OUT/selector.safetensors.")
     _add_model_args(p)
-    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="prance option: strategy=prune|merge|prune-merge|none, channels=true|false, stages=4")
+    _add_opt(p, help="prance option: strategy=prune|merge|prune-merge|none, channels=true|false, stages=4")
     p.add_argument("--budget", type=fraction, nargs="+", help="target mean GMACs as a fraction of dense, e.g. 0.5; "
                    "several budgets train one selector each, in OUT/budget-B/")
     add_config_args(p, SelectorConfig)
@@ -599,43 +162,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_selector)
 
     p = command("train-policy", help="train RL4EViT's agents by multi-agent PPO (resumable; torchrun)",
-                       epilog="With --budget, alpha is moved toward the budget after every batch by a PI controller "
-                              "on the greedy policy's GMACs ratio (never below 0), then the keep logit is calibrated "
-                              "on the evaluation images. Re-running the same command resumes from OUT/last.pt.")
+                epilog="With --budget, alpha is moved toward the budget after every batch by a PI controller "
+                       "on the greedy policy's GMACs ratio (never below 0), then the keep logit is calibrated "
+                       "on the evaluation images. Re-running the same command resumes from OUT/last.pt.")
     _add_model_args(p)
     p.add_argument("--method", default="rl4evit")
-    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="rl4evit option: placement=before|after, hidden=[64] (a cheap actor), agents=multi|single, "
-                        "layers=[3,6,9], activation=tanh|relu")
+    _add_opt(p, help="rl4evit option: placement=before|after, hidden=[64] (a cheap actor), agents=multi|single, "
+                     "layers=[3,6,9], activation=tanh|relu")
     add_config_args(p, PolicyConfig)
     _add_restart(p)
     _add_device_args(p)
     p.set_defaults(func=cmd_train_policy)
 
+
+def _export_and_lists(command) -> None:
     p = command("export", help="the model with a fixed-count method as ONNX (dynamic batch axis)",
                 epilog="Exports dense and the methods with fixed shapes (tome, evit, ppt, random with "
                        "fixed=true, channels, dynamicvit); per-image methods (ats, rl4evit, prance) are refused. "
                        "Needs pip install 'leanvit[export]'. " + EPILOG)
     _add_model_args(p)
-    p.add_argument("--method", default="none", help="a method from `leanvit methods`")
-    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable)")
+    _add_method(p)
+    _add_opt(p)
     p.add_argument("--out", dest="onnx", type=path, required=True, metavar="FILE.onnx", help="the ONNX file to write")
     p.set_defaults(func=cmd_export, device="cpu", amp="off")
 
     command("methods", help="list the token-reduction methods").set_defaults(func=cmd_methods)
     command("models", help="list leanvit's reference models").set_defaults(func=cmd_models)
+
+
+def _sweep_and_compare(command) -> None:
     p = command("sweep", help="every method at several budgets: table, JSON, Pareto plot, token maps")
     _add_model_args(p)
-    p.add_argument("--data", type=path, help=DATA_HELP)
-    p.add_argument("--split", default="test")
-    p.add_argument("--methods", nargs="+", required=True, metavar="SPEC",
-                   help="method specs name:key=value:..., e.g. tome:r=2 tome:r=4 ppt:r=10:threshold=scaled; "
-                        "checkpoint=FILE runs one on other weights for --model (e.g. a ViT fine-tuned with "
-                        "dynamicvit), model=NAME on another shipped model, both against --model's dense forward")
-    p.add_argument("--limit", type=positive_int, help="a class-balanced subset of this many images (default: all)")
-    p.add_argument("--batch-size", type=positive_int, default=250)
-    p.add_argument("--workers", type=natural, default=None)
-    p.add_argument("--out", type=path, default="leanvit-sweep", help="output directory")
+    _add_data(p)
+    _add_split(p, "test")
+    _add_specs(p, "method specs name:key=value:..., e.g. tome:r=2 tome:r=4 ppt:r=10:threshold=scaled; "
+                  "checkpoint=FILE runs one on other weights for --model (e.g. a ViT fine-tuned with "
+                  "dynamicvit), model=NAME on another shipped model, both against --model's dense forward")
+    _add_limit(p, "a class-balanced subset of this many images (default: all)")
+    _add_batch_size(p, 250)
+    _add_workers(p)
+    _add_out(p, "leanvit-sweep", "output directory")
     p.add_argument("--random-floor", action="store_true",
                    help="also run, for every method, random tokens at its own per-image counts and widths on the "
                         "same images, and report the paired differences (KL, agreement, top-1) with 95%% intervals")
@@ -657,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title")
     p.set_defaults(func=cmd_compare)
 
+
+def _match(command) -> None:
     p = command("match", help="settings of fixed-count methods at a method's (or a given) GMACs, "
                 "and random tokens at its counts", epilog="With --method, its mean GMACs and tokens per block "
                 "over --data; the random:schedule spec keeps random tokens at those counts, the control for "
@@ -668,31 +236,54 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--of-dense", type=fraction, help="a target as a fraction of the dense GMACs")
     p.add_argument("--methods", nargs="+", default=["tome", "evit", "ppt", "dynamicvit"],
                    help="the fixed-count methods to match (default: tome evit ppt dynamicvit)")
-    p.add_argument("--data", type=path, help=DATA_HELP + " (needed with --method)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=positive_int, default=2000, help="class-balanced subset (default 2000)")
-    p.add_argument("--batch-size", type=positive_int, default=250)
-    p.add_argument("--workers", type=natural, default=None)
-    p.add_argument("--json", type=path, help="write the target, the matched settings (and counts) as JSON here")
+    _add_data(p, help=DATA_HELP + " (needed with --method)")
+    _add_split(p, "test")
+    _add_limit(p, "class-balanced subset (default 2000)", default=2000)
+    _add_batch_size(p, 250)
+    _add_workers(p)
+    _add_json(p, help="write the target, the matched settings (and counts) as JSON here")
     _add_device_args(p)
     p.set_defaults(func=cmd_match)
 
+
+def _demo(command) -> None:
     p = command("demo", help="the shipped reference model against every parameter-free method")
-    p.add_argument("--data", type=path, help="CIFAR-10 (default: $LEANVIT_DATA, ./data, ../shared/data or ~/.cache/leanvit; "
-                   "without any, the 2,000 test images shipped with leanvit)")
+    _add_data(p, help="CIFAR-10 (default: $LEANVIT_DATA, ./data, ../shared/data or ~/.cache/leanvit; "
+                      "without any, the 2,000 test images shipped with leanvit)")
     p.add_argument("--download", action="store_true",
                    help="download the full CIFAR-10 through torchvision into ~/.cache/leanvit (once)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=positive_int, default=2000,
-                   help="class-balanced subset of the test set (default 2000: the shipped sample, about 3 minutes "
-                        "on 2 cores)")
+    _add_split(p, "test")
+    _add_limit(p, "class-balanced subset of the test set (default 2000: the shipped sample, about 3 minutes "
+                  "on 2 cores)", default=2000)
     p.add_argument("--full", action="store_true", help="all 10,000 test images (needs the full set)")
-    p.add_argument("--batch-size", type=positive_int, default=250)
-    p.add_argument("--workers", type=natural, default=None)
-    p.add_argument("--threads", type=positive_int, default=None)
-    p.add_argument("--out", type=path, default="leanvit-demo", help="output directory (default ./leanvit-demo)")
+    _add_batch_size(p, 250)
+    _add_workers(p)
+    _add_threads(p)
+    _add_out(p, "leanvit-demo", "output directory (default ./leanvit-demo)")
     _add_device_args(p)
     p.set_defaults(func=cmd_demo)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors in one line (the problem, then where the options are listed)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="leanvit", description="Cheaper Vision Transformers per image.", epilog=EPILOG)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    # also after the command (leanvit eval ... --debug); SUPPRESS keeps a leading --debug
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, **kw):
+        return sub.add_parser(name, parents=[common], **kw)
+
+    for add in (_eval_and_bench, _trainings, _export_and_lists, _sweep_and_compare, _match, _demo):
+        add(command)
     return parser
 
 

@@ -4,14 +4,16 @@
     name:key=value:key=value   a method with its options: parse_spec("ppt:r=10:threshold=scaled")
 
 Also how a configuration field is given on the command line: :func:`arg` marks a dataclass
-field with the check of its value (:data:`positive_int`, :func:`path`, ...) and its help, and
-``leanvit.cli`` makes one option of each such field, with the field's default.
+field with the check of its value (:data:`positive_int`, :func:`path`, ...) and its help;
+:func:`add_config_args` makes one option of each such field, with the field's default, and
+:func:`config_from` the configuration of the parsed options.
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import dataclasses
+from dataclasses import MISSING, fields, is_dataclass, replace
 import math
 import re
 from pathlib import Path
@@ -154,3 +156,61 @@ def arg(default=dataclasses.MISSING, check: Optional[Callable[[str], object]] = 
     for a field that defaults to True), its value checked by ``check`` (None: any string; a bool
     field is a switch), with ``help``. No default: the option is required."""
     return dataclasses.field(default=default, metadata={"arg": dict(check=check, help=help, flag=flag)})
+
+
+# --- configuration fields as command-line options ------------------------------------------------
+def _field_default(f):
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def add_config_args(p, config, skip=()) -> None:
+    """An option for every :func:`~leanvit.options.arg` field of the ``config`` dataclass but
+    ``skip``, and of the configurations it holds (PPO's), with the field's default, check and help;
+    a nested field's value goes to ``<field>_<name>``. A field of ``config`` itself shadows a nested
+    one with the same option (the selector's ``--entropy-coef`` over PPO's)."""
+    own = {_flag(f, _field_default(f)) for f in fields(config) if "arg" in f.metadata}
+    for f in fields(config):
+        default = _field_default(f)
+        if is_dataclass(default):
+            for g in fields(default):
+                if "arg" in g.metadata and _flag(g, getattr(default, g.name)) not in own:
+                    _add_field(p, g, getattr(default, g.name), dest=f"{f.name}_{g.name}")
+        elif "arg" in f.metadata and f.name not in skip:
+            _add_field(p, f, default, dest=f.name)
+
+
+def _flag(f, default) -> str:
+    """The option of a field: ``--<name>``, ``--no-<name>`` for a switch that defaults to True, or its flag."""
+    name = f.name.replace("_", "-")
+    return f.metadata["arg"]["flag"] or (f"--no-{name}" if default is True else f"--{name}")
+
+
+def _add_field(p, f, default, dest: str) -> None:
+    spec = f.metadata["arg"]
+    help = spec["help"] and spec["help"].replace("%", "%%")  # argparse formats help with %
+    name = f.name.replace("_", "-")
+    if isinstance(default, bool):  # a switch away from the default
+        p.add_argument(spec["flag"] or (f"--no-{name}" if default else f"--{name}"), dest=dest,
+                       action="store_false" if default else "store_true", help=help)
+        return
+    flag = spec["flag"] or f"--{name}"
+    given = dict(required=True) if default is MISSING else dict(default=default)
+    p.add_argument(flag, dest=dest, type=spec["check"], metavar=flag[2:].replace("-", "_").upper(), help=help,
+                   **given)
+
+
+def config_from(config, args, **given):
+    """The ``config`` dataclass of the parsed ``args``: each field from the option of its name (a
+    nested one's from ``<field>_<name>``), ``given`` over them; a field without an option keeps its default."""
+    parsed, values = vars(args), {}
+    for f in fields(config):
+        if f.name in given:
+            continue
+        default = _field_default(f)
+        if is_dataclass(default):
+            values[f.name] = replace(default, **{g.name: parsed[f"{f.name}_{g.name}"] for g in fields(default)
+                                                 if f"{f.name}_{g.name}" in parsed})
+        elif f.name in parsed:
+            values[f.name] = parsed[f.name]
+    return config(**values, **given)
+
