@@ -4,5 +4,5 @@
 #   bash benchmarks/publish_prance.sh runs/prance-sel/prune/budget-0.5 prune
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -c "import sys; from leanvit.publish import publish_prance; print(publish_prance(*sys.argv[1:]))" \
+python -c "import sys; sys.path.insert(0, 'tools'); from publish import publish_prance; print(publish_prance(*sys.argv[1:]))" \
     "${META:-runs/prance-supernet}" "$1" "$2" "${DATA:-../shared/data/cifar10-jpeg.tar.gz}"

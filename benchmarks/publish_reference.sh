@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python - <<'PY'
-from leanvit.publish import publish
+import sys
+sys.path.insert(0, "tools")  # tools/publish.py
+from publish import publish
 command = ("OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m leanvit train \\\n"
            "    --model vit12_convstem_w128_cifar --data ../shared/data/cifar10-jpeg.tar.gz \\\n"
            "    --out runs/ref-w128 --epochs 15 --batch-size 128 --lr 2e-3 --warmup-epochs 1 \\\n"

@@ -10,11 +10,14 @@ benchmarks/results/rl4evit_v2/shipped.json.
 """
 import json
 import sys
+from pathlib import Path
 
 import leanvit
 from leanvit.data import eval_transform, make_loader
 from leanvit.evaluate import evaluate
-from leanvit.publish import untouched_images
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from publish import untouched_images  # noqa: E402 (tools/publish.py: a maintainers' tool, not the library)
 
 RES = "benchmarks/results/rl4evit_v2"
 RUNS = [k for k in json.load(open(f"{RES}/shipped.json"))["results"] if k.startswith(RES)]

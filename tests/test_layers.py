@@ -21,11 +21,10 @@ LAYERS: List[List[str]] = [
     ["measure"],  # MACs of what a runner ran
     ["evaluate", "bench", "report", "analysis", "export"],
     ["demo", "training", "train_policy", "train_prance", "train"],
-    ["publish"],  # model cards: trains, evaluates
     ["commands", "cli", "__main__"],  # what the commands do; their parser
     ["__init__"],  # the package face: nothing below imports it
 ]
-MAX_UPWARD = 3
+MAX_UPWARD = 0
 
 
 def module_names(root: Path) -> Dict[str, Path]:

@@ -1,12 +1,16 @@
-"""Model cards: one layout for every shipped file (leanvit.publish)."""
+"""Model cards: one layout for every shipped file (tools/publish.py, a maintainers' tool outside the library)."""
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import leanvit
-from leanvit.publish import markdown_table, model_card, publish_rl4evit, trained_on, untouched_images, write_card
 from leanvit.training import export_weights
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from publish import markdown_table, model_card, publish_rl4evit, trained_on, untouched_images, write_card  # noqa: E402
 
 
 def test_markdown_table_and_card_layout(tmp_path):

@@ -103,7 +103,7 @@ class LeanViT(nn.Module):
     # --- forward ---------------------------------------------------------------------------
     def forward(self, images: Tensor) -> Tensor:
         if isinstance(images, Tensor) and images.dim() == 4 and images.shape[0] == 0:
-            self._check_images(images)
+            check_images(self.model, images)
             return self.model(images)  # nothing to decide: timm's own (empty) output
         return self.run(self.embed(images))
 
@@ -112,7 +112,7 @@ class LeanViT(nn.Module):
         ``forward_features`` returns them (with ``none``: exactly those). ``source=True`` also
         returns the patch-to-token map, which :meth:`unmerge` needs."""
         if isinstance(images, Tensor) and images.dim() == 4 and images.shape[0] == 0:
-            self._check_images(images)
+            check_images(self.model, images)
             x = self.model.forward_features(images)
             eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device).expand(0, -1, -1) if source else None
             return TokenOutput(x, x.new_ones(x.shape[:2]), None, eye)
@@ -176,7 +176,7 @@ class LeanViT(nn.Module):
         return self.head(state)
 
     def embed(self, images: Tensor) -> TokenState:
-        self._check_images(images)
+        check_images(self.model, images)
         m = self.model
         rope = None
         if isinstance(m, Eva):  # EVA's rotary table: one row per patch; prefix tokens rotate by nothing
@@ -368,9 +368,6 @@ class LeanViT(nn.Module):
     def head(self, state: TokenState) -> Tensor:
         """The model's head on the final tokens: final norm, pooling, classifier."""
         return classify(self.model, state, self._pooled_from)
-
-    def _check_images(self, images: Tensor) -> None:
-        check_images(self.model, images)
 
     # --- tracing (used by count_macs and token maps) ---------------------------------------
     @contextlib.contextmanager

@@ -1,5 +1,6 @@
 """Where the reference models leanvit ships are (trained on this project's machines, see each model
-card): an index of files only; :mod:`leanvit.models` loads them, :mod:`leanvit.publish` writes them.
+card): an index of files only; :mod:`leanvit.models` loads them, and ``tools/publish.py`` of a
+source checkout writes them.
 
 Each entry is ``zoo/<name>.safetensors`` (fp16 weights) next to ``zoo/<name>.json`` (the timm
 architecture arguments and the preprocessing config), and ``zoo/<name>.md`` (the model card).

@@ -1,7 +1,11 @@
 """Shipping into the zoo: a run's weights with their model card, the numbers in the card measured
 on the shipped files as users load them. One card layout (:func:`model_card`) for every shipped
 file: the reference model (:func:`publish`), PRANCE's meta-network and selector
-(:func:`publish_prance`) and the RL4EViT policy (:func:`publish_rl4evit`)."""
+(:func:`publish_prance`) and the RL4EViT policy (:func:`publish_rl4evit`).
+
+A maintainers' tool of a source checkout, not part of the installed library: it trains, evaluates
+and writes into ``src/leanvit/zoo/``. Import it with ``tools/`` on the path (the scripts in
+``benchmarks/`` that ship files do)."""
 from __future__ import annotations
 
 import json
@@ -13,12 +17,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from .data import eval_transform, load_dataset, make_loader
-from .evaluate import evaluate
-from .models import create_model, load_model
-from .runtime import adapt
-from .training import export_weights
-from .zoo import ZOO_DIR, timm_architecture
+from leanvit.data import eval_transform, load_dataset, make_loader
+from leanvit.evaluate import evaluate
+from leanvit.models import create_model, load_model
+from leanvit.runtime import adapt
+from leanvit.training import export_weights
+from leanvit.zoo import ZOO_DIR, timm_architecture
 
 MACHINE = "2-core x86_64 VM, no GPU"
 
@@ -84,7 +88,7 @@ grid, CLS + 64 patch tokens = 65 tokens, timm pre-norm blocks. leanvit's referen
 comparing token-reduction methods (decision layers 3, 6, 9 as in the papers).""",
         usage=f'import leanvit\nmodel = leanvit.load_model("{name}")',
         measured=f"""- **Top-1 on CIFAR-10 (JPEG) test, {res.n_images} images: {res.top1:.2f}%** (these fp16 weights loaded in fp32;
-  measured {time.strftime('%Y-%m-%d')} by `leanvit.publish`, {res.skipped} images skipped),
+  measured {time.strftime('%Y-%m-%d')} by `tools/publish.py`, {res.skipped} images skipped),
   {res.gmacs:.4f} GMACs/image.
 - Weights: `{name}.safetensors`, fp16, {size_mb:.1f} MB. Preprocessing in `{name}.json`
   (mean {pre['mean']}, std {pre['std']}, input {pre['input_size']}).""",
@@ -139,7 +143,7 @@ def prance_card(name: str, base: str, strategy: str, res: dict, meta: dict, sel:
 `{strategy}`, trained for a GMACs budget of {budget} of dense).""",
         usage=f'import leanvit\nmodel = leanvit.load_model("{name}")\n'
               f'fast = leanvit.adapt(model, "prance", strategy="{strategy}", weights="{name}")',
-        measured=f"""Measured {time.strftime('%Y-%m-%d')} by `leanvit.publish.publish_prance` (`benchmarks/publish_prance.sh`) on
+        measured=f"""Measured {time.strftime('%Y-%m-%d')} by `publish_prance` of `tools/publish.py` (`benchmarks/publish_prance.sh`) on
 the {res['selector'].n_images:,} CIFAR-10 (JPEG) test images with these shipped files ({res['selector'].skipped} images skipped):
 
 {measured}
@@ -164,7 +168,7 @@ def trained_on(config: dict) -> set:
     """Paths of every training-split image a `train-policy` run (its metrics' ``config``) read:
     the images it trained on and, with the default ``holdout`` evaluation, those it calibrated on."""
     from types import SimpleNamespace
-    from .training import HOLDOUT, holdout_split
+    from leanvit.training import HOLDOUT, holdout_split
     cfg = SimpleNamespace(**config)
     if cfg.eval_split == HOLDOUT:
         train, held = holdout_split(cfg, None, None, None)
@@ -175,7 +179,7 @@ def trained_on(config: dict) -> set:
 def untouched_images(data: str, configs: Sequence[dict], n: int, transform, seed: int = 0, split: str = "train"):
     """A class-balanced ``n``-image subset of ``split`` that none of the runs of ``configs`` read:
     where policies trained on other images are compared and one is chosen, without the test set."""
-    from .data import balanced_subset
+    from leanvit.data import balanced_subset
     every = load_dataset(data, split=split)
     seen = set().union(*(trained_on(c) for c in configs))
     free = [i for i, path in enumerate(every.paths) if path not in seen]
@@ -197,7 +201,7 @@ def publish_rl4evit(candidates: Sequence[str], name: str = "cifar10_vit12_w128",
     from dense (KL) at no more GMACs, and strictly better in one; without such a candidate nothing is
     shipped and a ValueError says why. The held-out results go to ``record`` (JSON, written either
     way) and are returned; the card's test numbers are the chosen run's sweep."""
-    from .provenance import file_sha256, write_json
+    from leanvit.provenance import file_sha256, write_json
     runs = [Path(c) for c in candidates]
     metrics = [json.loads((r / "train_metrics.json").read_text()) for r in runs]
     model = load_model(name)
