@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DynamicViT at 0.5 and 0.7 of the dense GMACs on the reference model, 3 seeds (issue 19, point 4):
 # the keep rate whose GMACs (predictors included) match the budget (`leanvit match --of-dense`), the
-# predictors and the ViT fine-tuned with the recipe of benchmarks/dynamicvit_reference.sh (held-out
+# predictors and the ViT fine-tuned with the recipe of benchmarks/archive/dynamicvit_reference.sh (held-out
 # training images for the end-of-training check; the test set plays no part), then one `leanvit
 # sweep --random-floor` on the 10,000 test images *against the original dense model*: the
 # fine-tuned ViT dense (`none:checkpoint=`) and DynamicViT on it, with fidelity to the original

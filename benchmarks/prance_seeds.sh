@@ -7,7 +7,7 @@
 #   meta:     the shipped meta-network cifar10_vit12_w128_prance, channels on (default STRATEGIES
 #             "prune prune-merge merge none"), with its fixed sub-networks in the same sweep.
 # For every strategy x seed: one selector per budget (0.5 and 0.7 of dense, selector included),
-# trained as benchmarks/prance_selectors.sh trains them (100 PPO batches of 64 from 6,400 training
+# trained as benchmarks/archive/prance_selectors.sh trains them (100 PPO batches of 64 from 6,400 training
 # images, K=PPO_EPOCHS [10, the default; NET=original ran with 4 on 2026-12-04], actor lr 1e-3, the cost weight PI-controlled toward the budget, on an epoch at a time
 # up to 3 while the greedy GMACs ratio on 1,000 held-out training images is more than 5% off, then
 # calibration on those held-out images; the test set plays no part). Then one `leanvit sweep

@@ -12,10 +12,10 @@
     python benchmarks/tables.py prance_seeds {original,meta} > benchmarks/results/prance_{original,meta}/tables.md
     python benchmarks/tables.py prance_channels > benchmarks/results/prance_channels_meta/tables.md
 
-packed: benchmarks/packed_speed.sh; prance: benchmarks/prance_selectors.sh and prance_speed.sh;
+packed: benchmarks/packed_speed.sh; prance: benchmarks/archive/prance_selectors.sh and prance_speed.sh;
 rl4evit_v2: benchmarks/rl4evit_v2.sh (3 seeds x 2 budgets, against the random floor and the
 parameter-free curves of benchmarks/sweep_reference*.sh at equal GMACs);
-rl4evit: benchmarks/rl4evit_reference.sh (GMACs in results written from commit 4051bed,
+rl4evit: benchmarks/archive/rl4evit_reference.sh (GMACs in results written from commit 4051bed,
 ``Reduction.decision_macs``, on include RL4EViT's actor and DynamicViT's predictors; the tables
 published before it, 2026-11-22, leave them out).
 """
@@ -146,7 +146,7 @@ def speed_table() -> str:
 
 
 def prance():
-    """benchmarks/prance_selectors.sh and benchmarks/prance_speed.sh."""
+    """benchmarks/archive/prance_selectors.sh and benchmarks/archive/prance_speed.sh."""
     print("### Selector training\n\n" + training_table() + "\n\n### Test set\n\n" + test_table() +
           "\n\n### Measured speed\n\n" + speed_table())
 
@@ -183,7 +183,7 @@ def scan_table():
 
 
 def rl4evit():
-    """Tables I and II (benchmarks/rl4evit_reference.sh)."""
+    """Tables I and II (benchmarks/archive/rl4evit_reference.sh)."""
     scan_table()
     alphas = (RL / "alphas.txt").read_text().split()
     single_alphas = (RL / "single_alphas.txt").read_text().split()
@@ -250,7 +250,7 @@ def rl4evit():
           f"(dense of that ViT: " + ", ".join(
               f"k{b[2]}: {load(RL / f'dynamicvit_k{b[2]}' / 'results.json')['dense']['top1']:.2f}%"
               for b in budgets) + "); its speedup is against that sweep's dense pass.")
-    print("\nDynamicViT against its own fine-tuned ViT (benchmarks/dynamicvit_reference.sh)\n")
+    print("\nDynamicViT against its own fine-tuned ViT (benchmarks/archive/dynamicvit_reference.sh)\n")
     print("| keep rate | dense of its ViT, top-1 % | DynamicViT top-1 % | vs its dense (95% CI) | agree % | "
           "KL | GMACs | of dense |")
     print("|---:|---:|---:|---|---:|---:|---:|---:|")
@@ -638,7 +638,7 @@ FT_WEIGHTS = (("", "shipped reference model (off the shelf)"), ("ft-dense", "+ 1
 
 
 def finetune_ppt():
-    """benchmarks/finetune_ppt.sh: PPT, ToMe and EViT on the shipped model and on its two fine-tuned
+    """benchmarks/archive/finetune_ppt.sh: PPT, ToMe and EViT on the shipped model and on its two fine-tuned
     copies; first each against its own dense model, then everything against the shipped dense."""
     shipped = load(FINETUNE_PPT / "vs-shipped" / "results.json")
 

@@ -3,7 +3,7 @@
 # and model card in src/leanvit/zoo/, with the top-1 of the shipped fp16 weights measured on the
 # 10,000 CIFAR-10 (JPEG) test images.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 python - <<'PY'
 import sys
 sys.path.insert(0, "tools")  # tools/publish.py

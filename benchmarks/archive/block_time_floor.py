@@ -17,7 +17,7 @@ weights. This script measures, in one run and on one model:
 measured / bound says how much leanvit and the decision lose; bound / GMACs ratio says how much
 the hardware gives of the GMACs at these token counts.
 
-    python benchmarks/block_time_floor.py --out benchmarks/results/packed/block_time_floor_deit_s_b1.json
+    python benchmarks/archive/block_time_floor.py --out benchmarks/results/packed/block_time_floor_deit_s_b1.json
 """
 import argparse
 import json

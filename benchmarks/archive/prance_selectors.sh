@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# PRANCE selectors for the reference meta-network (benchmarks/prance_supernet.sh first): for each
+# PRANCE selectors for the reference meta-network (benchmarks/archive/prance_supernet.sh first): for each
 # token strategy, and channel-only (strategy=none), one selector per GMACs budget (0.5 and 0.7 of
 # dense), its reward's cost weight PI-controlled toward the budget during training. Each trains for
 # 1 epoch on 6,400 training images (100 PPO batches of 64, K=4 as in the runs of
@@ -13,12 +13,12 @@
 # Then every selector, the fixed sub-networks and the token-only methods on the same meta-network
 # are evaluated on the 10,000 test images (benchmarks/results/prance_reference/).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
-# the meta-network of benchmarks/prance_supernet.sh if it is here, else the shipped one (its fp16 copy)
+# the meta-network of benchmarks/archive/prance_supernet.sh if it is here, else the shipped one (its fp16 copy)
 META="${META:-runs/prance-supernet/final.safetensors}"
 if [[ -f "$META" ]]; then model=(--model cifar10_vit12_w128 --checkpoint "$META"); else model=(--model cifar10_vit12_w128_prance); fi
-# CONFIGS="prune none" bash benchmarks/prance_selectors.sh: only those
+# CONFIGS="prune none" bash benchmarks/archive/prance_selectors.sh: only those
 read -r -a CONFIGS <<< "${CONFIGS:-prune prune-merge merge none prune:channels=false}"
 specs=()
 for conf in "${CONFIGS[@]}"; do
@@ -37,7 +37,7 @@ for conf in "${CONFIGS[@]}"; do
         specs+=("$spec")
     done
 done
-# RL4EViT's MAPPO policies, trained on the reference model (benchmarks/rl4evit_reference.sh), as they are
+# RL4EViT's MAPPO policies, trained on the reference model (benchmarks/archive/rl4evit_reference.sh), as they are
 if [[ -f benchmarks/results/rl4evit/alphas.txt ]]; then
     read -r -a alphas < benchmarks/results/rl4evit/alphas.txt
     for a in "${alphas[@]}"; do

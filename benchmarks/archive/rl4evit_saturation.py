@@ -6,7 +6,7 @@ hidden=[64], MAPPO's orthogonal init, gain sqrt(2) on the tanh layer), how many 
 layer's pre-activations start saturated (|z| > 2: tanh'(z) < 0.07), with and without the input
 LayerNorm? 32 images of the embedded CIFAR-10 sample, seed 0.
 
-    python benchmarks/rl4evit_saturation.py > benchmarks/results/rl4evit_v2/saturation.json
+    python benchmarks/archive/rl4evit_saturation.py > benchmarks/results/rl4evit_v2/saturation.json
 """
 import json
 

@@ -3,9 +3,9 @@
 # images (1,280 training images, 1 epoch), the default actor and the cheap one (hidden=[64]); alpha
 # PI-controlled, then the keep logit calibrated on 500 held-out training images. Copies metrics.json,
 # curves.png and train.log to benchmarks/results/rl4evit_v2/smoke/<actor>/. A few minutes per actor.
-# Run it under the shared CPU lock: flock .cpu.lock bash benchmarks/rl4evit_v2_smoke.sh
+# Run it under the shared CPU lock: flock .cpu.lock bash benchmarks/archive/rl4evit_v2_smoke.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
 for actor in default cheap; do
     extra=()

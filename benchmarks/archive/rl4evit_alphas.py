@@ -1,6 +1,6 @@
-"""The alphas of the RL4EViT scan for the three budgets of benchmarks/rl4evit_reference.sh.
+"""The alphas of the RL4EViT scan for the three budgets of benchmarks/archive/rl4evit_reference.sh.
 
-    python benchmarks/rl4evit_alphas.py multi|single
+    python benchmarks/archive/rl4evit_alphas.py multi|single
 
 From the scan runs/rl4evit/<agents>_a*/metrics.json (greedy GMACs on 1,000 test images after the
 scan's steps), the alpha whose GMACs are closest to each target fraction of the dense GMACs (0.75,

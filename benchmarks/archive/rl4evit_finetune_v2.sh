@@ -9,9 +9,9 @@
 # dense model: the fine-tuned ViT alone, the agents on the original ViT and on the fine-tuned one,
 # each against random tokens at its own per-image counts (the floor).
 # Results: benchmarks/results/rl4evit_v2/finetune_b0.7_s0/{train_metrics.json,curves.png,sweep/}.
-# Run under the shared CPU lock: flock .cpu.lock bash benchmarks/rl4evit_finetune_v2.sh
+# Run under the shared CPU lock: flock .cpu.lock bash benchmarks/archive/rl4evit_finetune_v2.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
 SEED="${SEED:-0}"
 name=finetune_b0.7_s$SEED

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # RL4EViT (issue 4) on the reference model cifar10_vit12_w128, end to end: Tables I and II of
 # BENCHMARKS.md. Every step resumes or is cheap to repeat; re-running the script picks up where it
-# stopped. Run it under the shared CPU lock: flock .cpu.lock bash benchmarks/rl4evit_reference.sh
+# stopped. Run it under the shared CPU lock: flock .cpu.lock bash benchmarks/archive/rl4evit_reference.sh
 # It reproduces the published numbers: its trainings (rl4evit_alpha_scan.sh) pin the settings of
 # then (placement=after, relu, default init, no entropy bonus or value normalisation, no input
 # LayerNorm, r2 to every agent that acted); the policies
@@ -18,25 +18,25 @@
 #     the random:schedule spec at those counts, and the EViT/ToMe/PPT/DynamicViT settings whose GMACs
 #     are closest (their counts do not depend on the image); budgets.txt and counts.txt from it.
 #     DynamicViT fine-tuned and swept at the keep rate whose GMACs match each MAPPO policy
-#     (benchmarks/dynamicvit_reference.sh; until 2026-12-02: 1 epoch, AdamW 1e-4 for all weights).
+#     (benchmarks/archive/dynamicvit_reference.sh; until 2026-12-02: 1 epoch, AdamW 1e-4 for all weights).
 #  4. Random at MAPPO's mean token counts per block (from step 3).
 #  5. Everything on the 10,000 CIFAR-10 test images (leanvit sweep, 2 threads, batch 250): EViT,
 #     ToMe and PPT (threshold=scaled) at the settings whose GMACs match each budget, both
 #     policies, the random controls; DynamicViT with its own fine-tuned ViT.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
 RES=benchmarks/results/rl4evit
 mkdir -p $RES
-STEPS=30 ALPHAS="0.8 0.72 0.56 0.3 0.1 0.07 0.05 0.04 0.03" bash benchmarks/rl4evit_alpha_scan.sh multi
-python benchmarks/rl4evit_alphas.py multi > $RES/alphas.txt
+STEPS=30 ALPHAS="0.8 0.72 0.56 0.3 0.1 0.07 0.05 0.04 0.03" bash benchmarks/archive/rl4evit_alpha_scan.sh multi
+python benchmarks/archive/rl4evit_alphas.py multi > $RES/alphas.txt
 read -r -a alphas < $RES/alphas.txt
-STEPS=30 ALPHAS="0.04 0.02 0.01 0.005 0.002 0.001" bash benchmarks/rl4evit_alpha_scan.sh single
-python benchmarks/rl4evit_alphas.py single > $RES/single_alphas.txt
+STEPS=30 ALPHAS="0.04 0.02 0.01 0.005 0.002 0.001" bash benchmarks/archive/rl4evit_alpha_scan.sh single
+python benchmarks/archive/rl4evit_alphas.py single > $RES/single_alphas.txt
 read -r -a single_alphas < $RES/single_alphas.txt
 echo "alphas for the three budgets: MAPPO ${alphas[*]}, single-agent ${single_alphas[*]}"
-ALPHAS="${alphas[*]}" STEPS=90 bash benchmarks/rl4evit_alpha_scan.sh multi
-ALPHAS="${single_alphas[*]}" STEPS=90 bash benchmarks/rl4evit_alpha_scan.sh single
+ALPHAS="${alphas[*]}" STEPS=90 bash benchmarks/archive/rl4evit_alpha_scan.sh multi
+ALPHAS="${single_alphas[*]}" STEPS=90 bash benchmarks/archive/rl4evit_alpha_scan.sh single
 : > $RES/budgets.txt
 : > $RES/counts.txt
 for a in "${alphas[@]}"; do
@@ -66,5 +66,5 @@ specs+=($(grep '^random:schedule=' $RES/counts.txt))
 mapfile -t specs < <(printf '%s\n' "${specs[@]}" | awk '!seen[$0]++')  # two budgets may share a setting
 leanvit sweep --model cifar10_vit12_w128 --data "$DATA" --threads 2 --batch-size 250 --out $RES/sweep \
     --methods "${specs[@]}"
-bash benchmarks/dynamicvit_reference.sh
-bash benchmarks/rl4evit_publish.sh | tee $RES/publish.txt
+bash benchmarks/archive/dynamicvit_reference.sh
+bash benchmarks/archive/rl4evit_publish.sh | tee $RES/publish.txt

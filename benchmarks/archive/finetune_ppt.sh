@@ -7,7 +7,7 @@
 # each against its own dense model, and all three weight sets against the shipped model's dense
 # predictions (results/finetune_ppt/vs-shipped). Tables: python benchmarks/tables.py finetune_ppt
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
 PPT=(--opt r=12 --opt layers=1,3,5,7,9 --opt threshold=scaled)
 common=(--model cifar10_vit12_w128 --data "$DATA" --epochs 1 --batch-size 128 --lr 1e-4 --min-lr 1e-6

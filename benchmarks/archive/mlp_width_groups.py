@@ -1,7 +1,7 @@
 """Cost per MAC of an MLP whose rows run different first-k widths (PRANCE's per-image MLP widths
 under packed execution), against the full-width MLP on all rows, in one run.
 
-    python benchmarks/mlp_width_groups.py [--rows 1040] [--dim 128] [--hidden 512]
+    python benchmarks/archive/mlp_width_groups.py [--rows 1040] [--dim 128] [--hidden 512]
 
 Rows are sorted by width and split into four equal groups (widths 512, 384, 256, 128 of 512):
   grouped:   one fc1-GELU-fc2 per group on its contiguous rows (what leanvit runs);

@@ -4,9 +4,9 @@
 # and at smaller ones; greedy top-1 and GMACs on a class-balanced 1,000-image test subset after
 # those steps (in runs/rl4evit/<agents>_a<alpha>/metrics.json). Same configuration as
 # rl4evit_reference.sh, so those runs resume from these ones (max-steps may change on resume).
-# Usage: bash benchmarks/rl4evit_alpha_scan.sh [multi|single]
+# Usage: bash benchmarks/archive/rl4evit_alpha_scan.sh [multi|single]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 # the published numbers (BENCHMARKS.md, 2026-11-23) were trained with the settings before issue 19:
 # pruning after blocks 3, 6, 9, ReLU MLPs, PyTorch's init, no entropy bonus, no value normalisation,
 # no input LayerNorm, r2 paid to pruned agents too

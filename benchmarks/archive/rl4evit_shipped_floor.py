@@ -1,9 +1,9 @@
 """The shipped RL4EViT policy and the one shipped before it, each against random tokens at its own
 per-image counts (its random floor), on the held-out training images of the choice
-(`benchmarks/rl4evit_publish.sh`: 2,000 class-balanced training images no candidate read): a
+(`benchmarks/archive/rl4evit_publish.sh`: 2,000 class-balanced training images no candidate read): a
 comparison of the two that does not depend on their different GMACs.
 
-    python benchmarks/rl4evit_shipped_floor.py [DATA] > benchmarks/results/rl4evit_v2/shipped_vs_previous.json
+    python benchmarks/archive/rl4evit_shipped_floor.py [DATA] > benchmarks/results/rl4evit_v2/shipped_vs_previous.json
 
 The candidates of the choice (they fix its held-out images) are read from the record of the choice,
 benchmarks/results/rl4evit_v2/shipped.json.

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # DynamicViT on the reference model at the keep rates of benchmarks/results/rl4evit/budgets.txt
-# (those whose GMACs match each MAPPO policy; part of benchmarks/rl4evit_reference.sh, runnable on
+# (those whose GMACs match each MAPPO policy; part of benchmarks/archive/rl4evit_reference.sh, runnable on
 # its own): fine-tune the predictors and the ViT, then sweep the 10,000 CIFAR-10 test images.
 # The authors' recipe scaled to this budget: predictors at the learning rate (1e-3, cosine to 1e-5),
 # the ViT frozen for the first third of an epoch and then at 1% of it; keep-ratio loss, distillation
 # 0.5 to the dense model; 2 epochs over a 12,800-image class-balanced train subset (200 steps of 128),
 # 2 torchrun processes. LOCK=FILE runs each step under flock FILE (the shared CPU lock).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
 RES=benchmarks/results/rl4evit
 run() { if [ -n "${LOCK:-}" ]; then flock "$LOCK" "$@"; else "$@"; fi; }

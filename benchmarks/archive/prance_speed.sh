@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Measured speed of the PRANCE selectors (benchmarks/prance_selectors.sh first) against their GMACs
+# Measured speed of the PRANCE selectors (benchmarks/archive/prance_selectors.sh first) against their GMACs
 # ratio, selector included, on the reference meta-network: the first 32 CIFAR-10 test images as
 # one batch of 32, and the same 32 images one at a time (batch 1). 2 threads, median of 7 repeats.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
 # the meta-network the selectors were trained on (as in prance_selectors.sh)
 META="${META:-runs/prance-supernet/final.safetensors}"

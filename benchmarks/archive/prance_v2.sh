@@ -16,7 +16,7 @@
 #             otherwise, i.e. against ent (not in the default NAMES)
 # Short: 2,560 training images (40 PPO batches of 64, K=4 unless the setting says otherwise: pinned,
 # the default is 10 since 2026-12-04), 1 epoch; a budget missed by more than 5% is
-# met by calibration (train_prance.py). SEEDS="0 1 2" STEPS_IMAGES=6400 bash benchmarks/prance_v2.sh:
+# met by calibration (train_prance.py). SEEDS="0 1 2" STEPS_IMAGES=6400 bash benchmarks/archive/prance_v2.sh:
 # the 3-seed long version; NAMES="base ent-vn-k10": other settings. 2 torchrun CPU processes; run under flock /work/main/.cpu.lock.
 set -euo pipefail
 summarize() {  # benchmarks/results/prance_v2/summary.json: the final (held-out) record of every run so far
@@ -51,7 +51,7 @@ for g, rs in groups.items():
 (out / "summary_seeds.json").write_text(json.dumps(seeds, indent=1) + "\n")
 PY
 }
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
 read -r -a SEEDS <<< "${SEEDS:-0}"
 IMAGES="${STEPS_IMAGES:-2560}"

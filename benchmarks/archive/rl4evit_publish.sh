@@ -11,7 +11,7 @@
 # shipped policy, is re-run into docs/demo.
 # Environment: RUNS (the candidate result folders), DATA.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
 RES=benchmarks/results/rl4evit_v2
 RUNS="${RUNS:-$RES/multi_cheap-ln-kept_correct_b0.93_s0 $RES/multi_cheap-ln-kept_correct_b0.93_s1 $RES/multi_cheap-ln-kept_correct_b0.93_s2}"

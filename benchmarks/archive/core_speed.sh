@@ -3,7 +3,7 @@
 # median of 7 timed repeats after 2 warm-up rounds, on the first 32 Imagenette validation photos.
 # Writes benchmarks/results/core_speed.json; BENCHMARKS.md quotes it.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DATA="${DATA:-../shared/data/imagenette-val-224.tar}"
 python -m leanvit bench --model deit_small_patch16_224 \
     --methods tome:r=13 evit:keep_rate=0.7 ppt:r=50 ppt:r=50:threshold=2e-5 ats random:keep_rate=0.7 \

@@ -8,7 +8,7 @@ margin (keep logit - prune logit) of every patch at the first decision layer, ag
 as the mean over images of the Spearman rank correlation, and the mean pixel std of kept and of
 pruned patches (greedy: margin > 0). The reference model's 8x8 tokens each cover 4x4 pixels.
 
-    python benchmarks/rl4evit_what_it_keeps.py POLICY.safetensors ... > benchmarks/results/rl4evit_v2/what_it_keeps.json
+    python benchmarks/archive/rl4evit_what_it_keeps.py POLICY.safetensors ... > benchmarks/results/rl4evit_v2/what_it_keeps.json
 """
 import argparse
 import json

@@ -4,9 +4,9 @@
 # the frozen greedy agents (90 steps, AdamW 1e-5, tokens masked). At the middle budget's alpha
 # (second of benchmarks/results/rl4evit/alphas.txt; rl4evit_reference.sh first). Then the fine-tuned
 # pair, and the same agents on the ViT before fine-tuning, on the 10,000 test images.
-# Run under the shared CPU lock: flock .cpu.lock bash benchmarks/rl4evit_finetune.sh
+# Run under the shared CPU lock: flock .cpu.lock bash benchmarks/archive/rl4evit_finetune.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 # the published numbers (BENCHMARKS.md, 2026-11-23) were trained with the settings before issue 19:
 # pruning after blocks 3, 6, 9, ReLU MLPs, PyTorch's init, no entropy bonus, no value normalisation
 LEGACY="--opt placement=after --opt activation=relu --opt input_norm=false --init default --entropy-coef 0 --no-value-norm --r2-to alive"
