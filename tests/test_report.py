@@ -121,7 +121,7 @@ def test_token_maps_png_restores_reduce_and_logits(runners, x, tmp_path):
     with Image.open(out) as im:
         assert im.format == "PNG"
         w, h = im.size
-    assert w > h > 200
+    assert 200 < w <= 1600 and h > 200  # ats decides in 9 blocks: the panels shrink to stay in width
 
     for k, r in all_runners.items():
         assert "reduce" not in vars(r.method), k
@@ -147,9 +147,38 @@ def test_token_maps_layers_subset_lines_up_methods(runners, x, tmp_path):
     # block 2 comes before any ppt/evit decision: those panels show the input tokens
     two = token_maps(sub, x[:1], tmp_path / "two.png", layers=[2, 6])
     one = token_maps(sub, x[:1], tmp_path / "one.png", layers=[6])
-    with Image.open(two) as a, Image.open(one) as b:
-        (w2, h2), (w1, h1) = a.size, b.size
-    assert h1 == h2 and w2 > 1.5 * w1  # 1 + 3*2 panels vs 1 + 3*1
+    fewer = token_maps({k: sub[k] for k in ("tome", "ppt")}, x[:1], tmp_path / "fewer.png", layers=[2, 6])
+    with Image.open(two) as a, Image.open(one) as b, Image.open(fewer) as c:
+        (w2, h2), (w1, h1), (wf, hf) = a.size, b.size, c.size
+    assert w2 > 1.3 * w1 and abs(h1 - h2) < 40  # a column per layer: 2 vs 1 (the caption may wrap once more)
+    assert wf == w2 and hf < h2 - 100  # a row per method: 2 vs 3
+
+
+def _text_boxes(fig):
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = list(fig.texts) + [ax.title for ax in fig.axes if ax.get_title()]
+    return [t.get_window_extent(renderer) for t in texts], [ax.get_window_extent(renderer) for ax in fig.axes]
+
+
+def test_token_maps_grid_has_no_overlapping_text_and_fits_in_width(runners, x):
+    """One block per image (input on top, a row per method, a column per layer), blocks side by
+    side within 1,600 pixels: no title or label runs into another, or into a picture."""
+    from leanvit import report
+    long_names = {"prance shipped selector, on its meta-network": runners["tome"],
+                  "rl4evit shipped policy trained for 0.93 of dense": runners["ppt"], "evit keep=0.7": runners["evit"]}
+    for layers in ([3, 6, 9], None):
+        imgs = images(4, 32, seed=2)
+        g, rows = report._map_rows(long_names, imgs, layers)
+        fig = report._token_map_figure(report._display_images(imgs, MEAN, STD), g, rows)
+        assert fig.get_figwidth() * report._MAP_DPI <= 1600
+        assert len(fig.axes) == 4 * (1 + sum(len(p) for _, p in rows))  # input + one panel per method and layer
+        texts, pictures = _text_boxes(fig)
+        whole = fig.bbox
+        for i, a in enumerate(texts):
+            assert whole.x0 <= a.x0 and a.x1 <= whole.x1 and whole.y0 <= a.y0 and a.y1 <= whole.y1
+            assert not any(a.overlaps(b) for b in texts[i + 1:])
+            assert not any(a.overlaps(p) for p in pictures)
 
 
 def test_non_square_grid_raises(tmp_path):

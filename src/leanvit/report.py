@@ -292,29 +292,16 @@ def _state_at(records: List[LayerTokens], layer: int, identity: LayerTokens) -> 
     return best
 
 
-def token_maps(runners: Mapping[str, LeanViT], images: Tensor, path, layers: Optional[Sequence[int]] = None,
-               image_mean=None, image_std=None, max_images: int = 4) -> str:
-    """Draw which patches each method keeps, merges and prunes, layer by layer.
+_MAP_PANEL, _MAP_LABEL, _MAP_GAP, _MAP_TITLE = 1.1, 1.3, 0.06, 0.24  # inches
+_MAP_BLOCK_GAP, _MAP_MARGIN, _MAP_DPI, _MAP_MAX_WIDTH = 0.35, 0.12, 120, 1600  # inches, dots/inch, pixels
+_MAP_CAPTION = ("dark: pruned patches  ·  same colour, outlined: patches merged into one token  ·  "
+                "untinted: patches kept as single tokens")
 
-    Rows are images (the first ``max_images``); columns are the input, then for each runner (in
-    order) one panel per decision layer. With ``layers``, each runner gets one panel per listed
-    block instead, showing the tokens in effect after that block (its latest decision so far),
-    so that methods line up by depth. In a panel, pruned patches (covered by no token) are dark
-    grey, patches merged into one token share a colour (50% over the image), single patches are
-    shown as they are. ``images`` are normalised; ``image_mean``/``image_std`` undo that for
-    display (otherwise each image is min-max scaled). Needs a square patch grid (ValueError).
-    Each runner runs once on the images in its current train/eval mode (see
-    :func:`record_token_states`). Writes a PNG and returns ``path``.
-    """
-    if images.dim() != 4:
-        raise ValueError(f"expected a batch of images (B, C, H, W), got {tuple(images.shape)}")
-    images = images[:max(int(max_images), 1)]
-    B, H, W = images.shape[0], images.shape[-2], images.shape[-1]
-    for runner in runners.values():
-        _check_square_input(runner, images)
 
-    panels = []  # (title prefix, LayerTokens)
-    g = None
+def _map_rows(runners: Mapping[str, LeanViT], images: Tensor, layers: Optional[Sequence[int]]):
+    """(patch grid side, [(runner name, [(panel title, LayerTokens), ...]), ...]): one row per runner."""
+    B = images.shape[0]
+    rows, g = [], None
     for name, runner in runners.items():
         records = record_token_states(runner, images)
         n0 = records[0].source.shape[-1] if records else None
@@ -323,49 +310,110 @@ def token_maps(runners: Mapping[str, LeanViT], images: Tensor, path, layers: Opt
                 n0 = runner.n_prefix + runner.model.patch_embed.num_patches
             eye = torch.eye(n0).expand(B, n0, n0)
             identity = LayerTokens(layer=-1, n_prefix=runner.n_prefix, source=eye)
-            chosen = [(int(l), _state_at(records, int(l), identity)) for l in layers]
+            chosen = [(f"after block {int(l)}", _state_at(records, int(l), identity)) for l in layers]
         else:
-            chosen = [(rec.layer, rec) for rec in records]
+            chosen = [(f"block {rec.layer}", rec) for rec in records]
         if n0 is not None:
             side = _grid_side(n0 - runner.n_prefix)
             if g is not None and side != g:
                 raise ValueError(f"runners disagree on the patch grid ({g}x{g} vs {side}x{side})")
             g = side
-        panels.extend((f"{name} L{l}", rec) for l, rec in chosen)
+        rows.append((name, chosen))
+    return g, rows
 
-    disp = _display_images(images, image_mean, image_std)
-    ncols = 1 + len(panels)
-    panel, title_h, gap, caption_h, margin = 1.6, 0.3, 0.08, 0.35, 0.1  # inches
-    width = 2 * margin + ncols * panel + (ncols - 1) * gap
-    height = B * (panel + title_h) + caption_h
+
+def _draw_map_panel(ax, img: np.ndarray, rec: LayerTokens, b: int, g: int, seed: int, title: str) -> None:
+    H, W = img.shape[:2]
+    owner, merged, n_real = _patch_layout(rec, b, g)
+    ax.imshow(_render(img, owner, merged, seed=seed), extent=(0, W, H, 0), interpolation="nearest")
+    ax.vlines([W * k / g for k in range(1, g)], 0, H, colors="white", linewidths=0.3, alpha=0.45)
+    ax.hlines([H * k / g for k in range(1, g)], 0, W, colors="white", linewidths=0.3, alpha=0.45)
+    segs = _group_edges(owner, merged, H, W)
+    if segs:
+        from matplotlib.collections import LineCollection
+        ax.add_collection(LineCollection(segs, colors="black", linewidths=0.9, alpha=0.8))
+    ax.set_xlim(0, W)
+    ax.set_ylim(H, 0)
+    ax.set_title(f"{n_real} tokens" if title is None else f"{title}: {n_real} tok", fontsize=6.5, pad=2)
+    ax.set_axis_off()
+
+
+def _map_geometry(n_images: int, n_rows: int, n_cols: int):
+    """Panel size, image blocks across and down, figure width and height (inches): as many image
+    blocks side by side as fit in the maximum width, panels shrunk when one block alone is wider."""
+    max_w = _MAP_MAX_WIDTH / _MAP_DPI - 2 * _MAP_MARGIN
+    panel = min(_MAP_PANEL, (max_w - _MAP_LABEL) / max(n_cols, 1) - _MAP_GAP)
+    block_w = _MAP_LABEL + n_cols * (panel + _MAP_GAP)
+    block_h = (1 + n_rows) * (panel + _MAP_TITLE)  # the input image, then one row per method
+    across = max(1, min(n_images, int((max_w + _MAP_BLOCK_GAP) // (block_w + _MAP_BLOCK_GAP))))
+    down = math.ceil(n_images / across)
+    width = 2 * _MAP_MARGIN + across * block_w + (across - 1) * _MAP_BLOCK_GAP
+    height = 2 * _MAP_MARGIN + down * block_h + (down - 1) * _MAP_BLOCK_GAP
+    return panel, across, block_w, block_h, width, height
+
+
+def _token_map_figure(disp: np.ndarray, g: int, rows) -> object:
+    """The figure of :func:`token_maps`: for each image a block with the input on top and below it
+    one row per method, one column per decision layer; blocks side by side, then stacked."""
+    import textwrap
+    B = disp.shape[0]
+    n_cols = max([len(panels) for _, panels in rows] + [1])
+    panel, across, block_w, block_h, width, height = _map_geometry(B, len(rows), n_cols)
+    caption = textwrap.wrap(_MAP_CAPTION, max(int(width * 15), 20))
+    caption_h = 0.16 * len(caption) + 0.06
+    height += caption_h
     fig = _new_figure(width, height)
-    fig.subplots_adjust(left=margin / width, right=1 - margin / width, top=1 - title_h / height,
-                        bottom=caption_h / height, wspace=gap / panel, hspace=title_h / panel)
+    titles = [[title for title, _ in panels] for _, panels in rows]
+    shared = titles[0] if titles and all(t == titles[0] for t in titles) else None  # then column headers
+
+    def axes(x: float, y: float):  # x, y of the panel's top-left corner in inches from the top-left
+        return fig.add_axes([x / width, 1 - (y + panel) / height, panel / width, panel / height])
+
     for b in range(B):
-        ax = fig.add_subplot(B, ncols, b * ncols + 1)
+        x0 = _MAP_MARGIN + (b % across) * (block_w + _MAP_BLOCK_GAP)
+        y0 = _MAP_MARGIN + (b // across) * (block_h + _MAP_BLOCK_GAP) + _MAP_TITLE
+        ax = axes(x0 + max(_MAP_LABEL - panel - _MAP_GAP, 0.0), y0)  # in the label column
+        H, W = disp[b].shape[:2]
         ax.imshow(disp[b], extent=(0, W, H, 0), interpolation="nearest")
-        ax.set_title("input" if b == 0 else "", fontsize=8)
+        ax.set_title(f"image {b + 1}: input", fontsize=7, pad=2)
         ax.set_axis_off()
-        for j, (title, rec) in enumerate(panels):
-            owner, merged, n_real = _patch_layout(rec, b, g)
-            ax = fig.add_subplot(B, ncols, b * ncols + 2 + j)
-            ax.imshow(_render(disp[b], owner, merged, seed=1000 * b + j), extent=(0, W, H, 0),
-                      interpolation="nearest")
-            ticks_x = [W * k / g for k in range(1, g)]
-            ticks_y = [H * k / g for k in range(1, g)]
-            ax.vlines(ticks_x, 0, H, colors="white", linewidths=0.3, alpha=0.45)
-            ax.hlines(ticks_y, 0, W, colors="white", linewidths=0.3, alpha=0.45)
-            segs = _group_edges(owner, merged, H, W)
-            if segs:
-                from matplotlib.collections import LineCollection
-                ax.add_collection(LineCollection(segs, colors="black", linewidths=0.9, alpha=0.8))
-            ax.set_xlim(0, W)
-            ax.set_ylim(H, 0)
-            ax.set_title(f"{title} ({n_real} tok)", fontsize=7)
-            ax.set_axis_off()
-    fig.text(0.5, 0.08 / height, "dark: pruned patches   ·   same colour, outlined: patches merged into one token   ·   "
-             "untinted: patches kept as single tokens", ha="center", va="bottom", fontsize=7, color="0.3")
-    return _save(fig, path)
+        for c, title in enumerate(shared or []):  # in the row of the input, beside it: free space
+            x = x0 + _MAP_LABEL + c * (panel + _MAP_GAP) + panel / 2
+            fig.text(x / width, 1 - (y0 + panel) / height, title, ha="center", va="bottom", fontsize=7)
+        for r, (name, panels) in enumerate(rows):
+            y = y0 + (1 + r) * (panel + _MAP_TITLE)
+            label = "\n".join(textwrap.wrap(name, 19)[:3])
+            fig.text((x0 + _MAP_LABEL - 0.08) / width, 1 - (y + panel / 2) / height, label,
+                     ha="right", va="center", fontsize=7)
+            for c, (title, rec) in enumerate(panels):
+                _draw_map_panel(axes(x0 + _MAP_LABEL + c * (panel + _MAP_GAP), y), disp[b], rec, b, g,
+                                seed=1000 * b + 100 * r + c, title=None if shared else title)
+    fig.text(0.5, 0.04 / height, "\n".join(caption), ha="center", va="bottom", fontsize=7, color="0.3")
+    return fig
+
+
+def token_maps(runners: Mapping[str, LeanViT], images: Tensor, path, layers: Optional[Sequence[int]] = None,
+               image_mean=None, image_std=None, max_images: int = 4) -> str:
+    """Draw which patches each method keeps, merges and prunes, layer by layer.
+
+    For each image (the first ``max_images``) a block: the input on top, then one row per runner
+    (in order), one column per decision layer. With ``layers``, each runner gets one panel per
+    listed block instead, showing the tokens in effect after that block (its latest decision so
+    far), so that methods line up by depth. Blocks sit side by side up to 1,600 pixels, then stack.
+    In a panel, pruned patches (covered by no token) are dark grey, patches merged into one token
+    share a colour (50% over the image), single patches are shown as they are. ``images`` are
+    normalised; ``image_mean``/``image_std`` undo that for display (otherwise each image is
+    min-max scaled). Needs a square patch grid (ValueError). Each runner runs once on the images
+    in its current train/eval mode (see :func:`record_token_states`). Writes a PNG, returns ``path``.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"expected a batch of images (B, C, H, W), got {tuple(images.shape)}")
+    images = images[:max(int(max_images), 1)]
+    for runner in runners.values():
+        _check_square_input(runner, images)
+    g, rows = _map_rows(runners, images, layers)
+    fig = _token_map_figure(_display_images(images, image_mean, image_std), g, rows)
+    return _save(fig, path, dpi=_MAP_DPI)
 
 
 # --------------------------------------------------------------------------- table
