@@ -1,6 +1,7 @@
 """The shipped reference model: listed, loaded offline with its preprocessing, small, accurate,
 and the demo runs on it."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ from conftest import CIFAR
 from leanvit.cli import main
 from leanvit.demo import DEMO_MODEL, PRANCE_MODEL
 from leanvit.zoo import ZOO_DIR, list_method_weights
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 
@@ -35,7 +38,9 @@ def test_prance_meta_network_and_selector_are_shipped():
     for f in (f"{PRANCE_MODEL}.safetensors", f"{PRANCE_MODEL}.prance.safetensors"):
         assert (ZOO_DIR / f).stat().st_size <= 12 * 2**20
     card = (ZOO_DIR / f"{PRANCE_MODEL}.md").read_text()
-    assert "benchmarks/prance_supernet.sh" in card and "benchmarks/prance_selectors.sh" in card
+    recipes = re.findall(r"benchmarks/[\w/]+\.sh", card)
+    assert {Path(r).name for r in recipes} >= {"prance_supernet.sh", "prance_selectors.sh"}
+    assert all((ROOT / r).is_file() for r in recipes), recipes  # the commands it names exist
     fast = leanvit.adapt(leanvit.load_model(PRANCE_MODEL), "prance", weights=PRANCE_MODEL)
     assert fast.method.selector is not None and fast.method.fixed is None
     with torch.no_grad():
