@@ -20,7 +20,7 @@ LAYERS: List[List[str]] = [
     ["packing", "runtime"],  # packed execution; the block runner and adapt
     ["measure"],  # MACs of what a runner ran
     ["evaluate", "bench", "report", "analysis", "export"],
-    ["demo", "training", "train_policy", "train_prance", "train"],
+    ["demo", "training", "ppo", "train_policy", "train_prance", "train"],
     ["commands", "cli", "__main__"],  # what the commands do; their parser
     ["__init__"],  # the package face: nothing below imports it
 ]

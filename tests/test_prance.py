@@ -14,8 +14,8 @@ import leanvit
 from leanvit.evaluate import kl_per_image
 from leanvit.elastic import reorder_by_importance
 from leanvit.methods.prance import StageChoice
-from leanvit.train_prance import (BudgetController, SelectorConfig, calibrate, rollout_tensors, stage_rewards,
-                                  train_selector)
+from leanvit.rl import BudgetController, calibrate
+from leanvit.train_prance import SelectorConfig, rollout_tensors, stage_rewards, train_selector
 
 from conftest import CIFAR, images, small_vit
 from test_flops import measured_macs
@@ -511,14 +511,16 @@ def _rollout(f, n=16, seed=0):
 
 
 def _update(f, ro, rewards, **kw):
+    from leanvit.ppo import ppo_update
     from leanvit.rl import PPOConfig
-    from leanvit.train_prance import ppo_update
+    from leanvit.train_prance import SelectorAgents
     sel = copy.deepcopy(f.method.selector)
     ppo = PPOConfig(gamma=0.9, lam=0.9, epochs=kw.pop("epochs", 4), lr_actor=1e-2, lr_critic=5e-3,
                     entropy_coef=kw.pop("entropy_coef", 0.0))
-    opt_a = torch.optim.Adam([*sel.actor.parameters(), sel.log_std], lr=ppo.lr_actor)
-    opt_c = torch.optim.Adam(sel.critic.parameters(), lr=ppo.lr_critic)
-    losses = ppo_update(sel, ro, rewards, ppo, opt_a, opt_c, bins=f.method.action_bins(), **kw)
+    agents = SelectorAgents(sel, f.method.action_bins(), kw.pop("option_entropy", 0.0))
+    opt_a = torch.optim.Adam(agents.actor_parameters(), lr=ppo.lr_actor)
+    opt_c = torch.optim.Adam(agents.critic_parameters(), lr=ppo.lr_critic)
+    losses = ppo_update(agents, agents.trajectories(ro, rewards), ppo, opt_a, opt_c, **kw)
     return sel, losses
 
 
@@ -529,7 +531,7 @@ def test_entropy_bonus_widens_the_action_distribution():
     bonus, losses = _update(f, ro, rewards, entropy_coef=1.0)
     assert (bonus.log_std > plain.log_std).all()
     assert "entropy" in losses
-    assert SelectorConfig(model="m", out="o").entropy_coef == 0.01  # the authors' and MAPPO's
+    assert SelectorConfig(model="m", out="o").ppo.entropy_coef == 0.01  # the authors' and MAPPO's
 
 
 def test_value_norm_tracks_the_returns_exactly():
@@ -566,7 +568,8 @@ def test_choice_marginal_entropy_counts_how_the_batch_spreads_over_options():
 def test_option_entropy_term_leaves_fewer_distinct_configurations():
     """The regularised update lowers the batch's marginal choice entropy below the plain update's, and
     the greedy selector then runs fewer distinct configurations on the batch."""
-    from leanvit.train_prance import choice_marginal_entropy, image_configurations
+    from leanvit.measure import image_configurations
+    from leanvit.train_prance import choice_marginal_entropy
     f = spread(leanvit.adapt(small_vit(sharp=3.0), "prance", strategy="prune"))
     ro, rewards = _rollout(f, n=24)
     bins = f.method.action_bins()
@@ -587,7 +590,7 @@ def test_option_entropy_term_leaves_fewer_distinct_configurations():
 
 
 def test_configurations_per_image_from_the_trace():
-    from leanvit.train_prance import image_configurations
+    from leanvit.measure import image_configurations
     f = spread(leanvit.adapt(small_vit(sharp=3.0), "prance", strategy="prune"))
     x = images(6, seed=3)
     with torch.no_grad(), f.tracing() as trace:
@@ -648,7 +651,7 @@ def test_keys_state_packed_batch_equals_one_image_at_a_time(tmp_path):
 
 
 def image_configurations_of(trace, batch):
-    from leanvit.train_prance import image_configurations
+    from leanvit.measure import image_configurations
     return image_configurations(trace, batch)
 
 
@@ -657,3 +660,19 @@ def test_selector_state_option_and_its_conflict(tmp_path):
                          state="keys")
     with pytest.raises(ValueError, match="--state keys and --opt state=summary disagree"):
         train_selector(cfg, log=lambda s: None)
+
+
+def test_configurations_are_checked_in_python_as_on_the_command_line():
+    """A negative cost weight would reward compute: the configuration refuses it when made in
+    Python, as the command line does, and so every other checked field (PPO's included)."""
+    from leanvit.rl import PPOConfig
+    from leanvit.train_policy import PolicyConfig
+    with pytest.raises(ValueError, match="cost_weight must be a number >= 0"):
+        SelectorConfig(model="m", out="o", cost_weight=-0.5)
+    with pytest.raises(ValueError, match="alpha must be a number >= 0"):
+        PolicyConfig(model="m", out="o", alpha=-1.0)
+    with pytest.raises(ValueError, match="budget must be"):
+        SelectorConfig(model="m", out="o", budget=0.0)
+    with pytest.raises(ValueError, match="clip must be a number > 0"):
+        PolicyConfig(model="m", out="o", ppo=PPOConfig(clip=0.0))
+    assert SelectorConfig(model="m", out="o", cost_weight=0.0, budget=0.5).cost_weight == 0.0

@@ -179,6 +179,25 @@ def test_sampling_records_a_rollout():
     assert not (steps[1]["alive"] & pruned).any()
 
 
+def test_a_kept_fallback_token_is_recorded_as_kept():
+    """When every agent of an image samples "prune", its most keep-inclined token is kept anyway:
+    the rollout records that agent's action as keep, with keep's log-probability, so that PPO
+    learns from the action that ran."""
+    f = leanvit.adapt(small_vit(), "rl4evit", hidden=[8])
+    with torch.no_grad():
+        f.method.actor[-1].bias.copy_(torch.tensor([30.0, -30.0]))  # prune, almost surely
+    f.masked, f.method.sampling = True, True
+    with torch.no_grad():
+        f(images(2))
+    for step in f.method.rollout:
+        alive, kept, action = step["alive"], step["kept"], step["action"]
+        assert (kept.sum(dim=1) == 1).all()  # one token per image: the fallback
+        assert torch.equal(action[alive] == 1, kept[alive])
+        logits = f.method.actor(step["tokens"])
+        expected = torch.distributions.Categorical(logits=logits).log_prob(action)
+        torch.testing.assert_close(step["logp"][alive], expected[alive])
+
+
 
 
 def test_short_policy_training_raises_the_reward(tmp_path):

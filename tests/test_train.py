@@ -98,6 +98,7 @@ def test_training_learns_and_finetunes_with_a_method(tmp_path):
                       **dict(SMALL, epochs=1))
     m = train(cfg, log=lambda s: None)
     assert m["steps"] == 4 and 0.0 <= m["top1"] <= 100.0
+    assert m["evaluated_on"] == "32 held-out images of the train split (never trained on)"  # not test images
     assert all(torch.isfinite(v).all() for v in weights(tmp_path).values())
     assert m["history"][0]["train_loss"] < 5.0
 
@@ -170,6 +171,7 @@ def test_policy_training_evaluates_on_held_out_training_images(tmp_path):
     from leanvit.train_policy import PolicyRun
     from leanvit.train_prance import SelectorConfig
     assert PolicyRun(model="m", out="o").eval_split == SelectorConfig(model="m", out="o").eval_split == "holdout"
+    assert TrainConfig(model="m", out="o").eval_split == "holdout"  # train and train-supernet too
     cfg = SimpleNamespace(data=str(CIFAR), train_split="train", limit_train=100, limit_eval=40, seed=0)
     tf = eval_transform(dict(input_size=(3, 32, 32)))
     train_set, held = holdout_split(cfg, 10, tf, tf)

@@ -35,7 +35,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .device import all_gather, all_sum, autocast, is_main, module_device
-from .measure import macs_per_image
+from .measure import image_configurations, macs_per_image
 from .methods.base import leaves_no_trace
 from .models import load_fitting, load_model, read_state_dict
 from .options import Spec
@@ -50,6 +50,8 @@ class EvalResult:
     images_per_second: float  # model forward only (data loading excluded), at the loader's batch size
     n_images: int
     skipped: int  # unreadable images, reported by path while loading
+    decision_gmacs: float = 0.0  # of gmacs: the method's own decision networks (an actor, a selector)
+    configurations: Optional[float] = None  # with evaluate's group: distinct configurations per group
     agreement: Optional[float] = None  # % of images whose top-1 class equals the reference's
     kl_to_dense: Optional[float] = None  # mean KL(reference || this) in nats
     kl_to_dense_ci95: Optional[List[float]] = None  # normal 95% interval of that mean over the images
@@ -117,18 +119,24 @@ def _quartiles(values: List[float]) -> List[float]:
     return [float(t.quantile(0.25)), float(t.quantile(0.75))]
 
 
-SUMS = ("correct", "d", "d2", "macs", "agree", "kl", "kl2", "time")  # what evaluate adds up over images and processes
+# what evaluate adds up over images and processes; "decision": MACs of a method's own networks,
+# "configs"/"groups": distinct per-image configurations and the groups of images they were counted in
+SUMS = ("correct", "d", "d2", "macs", "decision", "agree", "kl", "kl2", "time", "configs", "groups")
+PER_IMAGE = ("kl_to_dense", "agreement", "top1")  # kept image by image for the paired differences to the floors
 
 
-def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", reference: str = "dense",
-             seed: int = 0, amp: str = "off", controls: Iterable[str] = (),
-             shuffled: bool = False) -> Dict[str, EvalResult]:
+def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: Optional[str] = "eval",
+             reference: Optional[str] = "dense",
+             seed: int = 0, amp: str = "off", controls: Iterable[str] = (), shuffled: bool = False,
+             warmup: bool = True, group: Optional[int] = None) -> Dict[str, EvalResult]:
     """Run every runner on each batch of ``loader`` (one pass over the data for all of them).
 
     The runners run in a seeded random order on every batch, so that none is favoured by always
-    running first or last (caches, allocator, CPU clock), after one untimed warm-up forward each. If ``reference`` names a runner, every
-    result carries its fidelity and speedup against it. The batches go to the runners' device;
-    ``amp``: the forwards' precision (:func:`leanvit.device.autocast`).
+    running first or last (caches, allocator, CPU clock), after one untimed warm-up forward each
+    (``warmup=False``: none, for evaluations whose times nobody reads). If ``reference`` names a
+    runner, every result carries its fidelity and speedup against it. The batches go to the
+    runners' device; ``amp``: the forwards' precision (:func:`leanvit.device.autocast`);
+    ``desc=None``: no progress bar.
 
     Under torchrun each process evaluates the loader it is given (its shard: ``make_loader(...,
     shard=(rank, world))``) and the counts, MACs and fidelity sums are added up over the
@@ -138,26 +146,17 @@ def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", 
     ``controls``: runners that also get their random floor, as ``"<name> floor"`` in the results
     (run right after the runner, on the same images), and ``vs_random_floor`` (needs ``reference``);
     ``shuffled``: each also gets its shuffled floor, ``"<name> shuffled floor"`` and ``vs_shuffled_floor``.
+    ``group``: each result's ``configurations`` is the mean number of distinct per-image
+    configurations (the heads, MLP width and token count of every block) in consecutive groups of
+    ``group`` images of each batch (the last, smaller group of a batch included).
     """
-    from .bench import Floor  # random tokens at a traced forward's per-image counts and widths
-    controls = [c for c in controls if c != reference]
-    unknown = [c for c in controls if c not in runners]
-    if unknown:
-        raise ValueError(f"controls name no runner: {unknown}")
-    names = list(runners)
-    floors = ("floor", "shuffled floor") if shuffled else ("floor",)
-    all_names = names + [f"{c} {f}" for c in controls for f in floors]
+    tally = _Tally(runners, reference, controls, shuffled, group)
     device = module_device(next(iter(runners.values())))
-    # per runner: the SUMS over the images (correct, d = correct - reference's correct, d^2, MACs,
-    # agreement, KL) and batches (forward seconds), and the forward seconds of every batch
-    stats = {k: dict({key: 0 for key in SUMS}, seconds=[]) for k in all_names}
-    per_image = {k: {key: [] for key in ("kl_to_dense", "agreement", "top1")} for k in all_names}
-    n, skipped, warm = 0, [], False
-    order = random.Random(seed)
+    skipped, order = [], random.Random(seed)
     for r in runners.values():
         r.eval()
         r.method.reset_stats()
-    bar = tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True, disable=not is_main())
+    bar = tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True, disable=desc is None or not is_main())
     with autocast(device, amp):
         for batch in bar:
             skipped.extend(batch.skipped)
@@ -165,77 +164,125 @@ def evaluate(runners: Dict[str, LeanViT], loader: Iterable, desc: str = "eval", 
                 continue
             images = batch.images.to(device, non_blocking=True)
             labels = batch.labels.to(device, non_blocking=True)
-            if not warm:  # untimed: the first forward pays one-time costs (kernels, allocator)
+            if warmup:  # untimed: the first forward pays one-time costs (kernels, allocator)
                 for runner in runners.values():
                     with torch.inference_mode(), leaves_no_trace(runner.method):
                         runner(images)
-                warm = True
-            n += images.shape[0]
-            logits, correct = {}, {}
+                warmup = False
+            tally.batch(images, labels, order)
+            bar.set_postfix({k: f"{100 * s['correct'] / tally.n:.1f}%" for k, s in tally.stats.items()})
+    return tally.results(skipped)
 
-            def run(name: str, runner: LeanViT) -> list:
-                with torch.inference_mode(), runner.tracing() as trace:
-                    t0 = time.perf_counter()
-                    logits[name] = runner(images)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)  # the kernels are asynchronous: time them, not their launch
-                    stats[name]["seconds"].append(time.perf_counter() - t0)
-                    stats[name]["time"] += stats[name]["seconds"][-1]
-                correct[name] = logits[name].argmax(dim=1) == labels
-                stats[name]["correct"] += int(correct[name].sum())
-                stats[name]["macs"] += float(macs_per_image(runner, trace, images).sum())
-                return trace
 
-            for name in order.sample(names, len(names)):
-                trace = run(name, runners[name])
-                if name in controls:
-                    for f in floors:
-                        run(f"{name} {f}", LeanViT(runners[name].model, Floor(
-                            trace, runners[name].method.position, shuffle=f == "shuffled floor")))
-            if reference in logits:
-                ref = logits[reference]
-                for name in all_names:
-                    s, d = stats[name], correct[name].long() - correct[reference].long()
-                    agree, kl = logits[name].argmax(1) == ref.argmax(1), kl_per_image(ref, logits[name])
-                    s["d"] += int(d.sum())
-                    s["d2"] += int((d * d).sum())
-                    s["agree"] += int(agree.sum())
-                    s["kl"] += float(kl.sum())
-                    s["kl2"] += float((kl.double() ** 2).sum())
-                    if controls:  # per image, for the paired differences to the floors
-                        for key, t in (("kl_to_dense", kl), ("agreement", agree), ("top1", correct[name])):
-                            per_image[name][key].append(t.cpu())
-            bar.set_postfix({k: f"{100 * s['correct'] / n:.1f}%" for k, s in stats.items()})
-    # over the processes (alone: as they are); integer counts and MACs add up exactly in float64
-    n_local, n = n, int(all_sum([n])[0])
-    skipped = [path for paths in all_gather(skipped) for path in paths]
-    if n == 0:
-        raise ValueError(f"no readable images to evaluate ({len(skipped)} unreadable)")
-    totals = {name: dict(zip(SUMS, all_sum([s[k] for k in SUMS]))) for name, s in stats.items()}
-    if controls and reference in totals:  # every process's images, in rank order
-        per_image = {k: {key: torch.cat([t for part in all_gather(v) for t in part]) for key, v in d.items()}
-                     for k, d in per_image.items()}
-    results = {}
-    for name in all_names:
-        t, fidelity = totals[name], {}
-        if reference in totals:
-            ref = totals[reference]
-            delta, ci = _mean_interval(t["d"], t["d2"], n)
-            ratios = [r / x for r, x in zip(stats[reference]["seconds"], stats[name]["seconds"])]
-            fidelity = dict(agreement=100.0 * t["agree"] / n, kl_to_dense=t["kl"] / n,
-                            kl_to_dense_ci95=_mean_interval(t["kl"], t["kl2"], n, scale=1.0)[1],
-                            delta_top1=delta, delta_top1_ci95=ci, speedup=ref["time"] / t["time"],
-                            speedup_iqr=_quartiles([r for part in all_gather(ratios) for r in part]))
-            if name in controls:
-                fidelity["vs_random_floor"] = _versus(per_image[name], per_image[f"{name} floor"])
-                if shuffled:
-                    fidelity["vs_shuffled_floor"] = _versus(per_image[name], per_image[f"{name} shuffled floor"])
-        results[name] = EvalResult(
-            method=name, top1=100.0 * t["correct"] / n, gmacs=t["macs"] / n / 1e9,
-            images_per_second=n / t["time"], n_images=n, skipped=len(skipped),
-            skipped_paths=skipped, **fidelity,
-            extra=_image_mean(runners[name].method.stats(), n_local) if name in runners else {})
-    return results
+class _Tally:
+    """What :func:`evaluate` adds up, runner by runner, batch by batch, and its results."""
+
+    def __init__(self, runners: Dict[str, LeanViT], reference: Optional[str], controls: Iterable[str], shuffled: bool,
+                 group: Optional[int]):
+        self.controls = [c for c in controls if c != reference]
+        unknown = [c for c in self.controls if c not in runners]
+        if unknown:
+            raise ValueError(f"controls name no runner: {unknown}")
+        self.runners, self.reference, self.group = runners, reference, group
+        self.floors = ("floor", "shuffled floor") if shuffled else ("floor",)
+        self.names = list(runners)
+        self.all_names = self.names + [f"{c} {f}" for c in self.controls for f in self.floors]
+        # per runner: the SUMS over the images (correct, d = correct - reference's correct, d^2, MACs,
+        # agreement, KL) and batches (forward seconds), and the forward seconds of every batch
+        self.stats = {k: dict({key: 0 for key in SUMS}, seconds=[]) for k in self.all_names}
+        self.per_image = {k: {key: [] for key in PER_IMAGE} for k in self.all_names}
+        self.n = 0
+
+    def batch(self, images: Tensor, labels: Tensor, order: random.Random) -> None:
+        """Every runner (and its floors) on one batch, in ``order``'s random order; then the fidelity sums."""
+        from .bench import Floor  # random tokens at a traced forward's per-image counts and widths
+        self.n += images.shape[0]
+        logits, correct = {}, {}
+        for name in order.sample(self.names, len(self.names)):
+            runner = self.runners[name]
+            trace = self.run(name, runner, images, labels, logits, correct)
+            if name in self.controls:
+                for f in self.floors:
+                    floor = LeanViT(runner.model, Floor(trace, runner.method.position, shuffle=f == "shuffled floor"))
+                    self.run(f"{name} {f}", floor, images, labels, logits, correct)
+        if self.reference in logits:
+            self.compare(logits, correct)
+
+    def run(self, name: str, runner: LeanViT, images: Tensor, labels: Tensor, logits: dict, correct: dict) -> list:
+        """One timed, traced forward: its logits and correctness go to ``logits``/``correct``."""
+        s = self.stats[name]
+        with torch.inference_mode(), runner.tracing() as trace:
+            t0 = time.perf_counter()
+            logits[name] = runner(images)
+            if images.device.type == "cuda":
+                torch.cuda.synchronize(images.device)  # the kernels are asynchronous: time them, not their launch
+            s["seconds"].append(time.perf_counter() - t0)
+            s["time"] += s["seconds"][-1]
+        correct[name] = logits[name].argmax(dim=1) == labels
+        s["correct"] += int(correct[name].sum())
+        s["macs"] += float(macs_per_image(runner, trace, images).sum())
+        s["decision"] += sum(float(torch.as_tensor(rec["macs"], dtype=torch.float64).expand(images.shape[0]).sum())
+                             for rec in trace if "macs" in rec)
+        if self.group:
+            keys = image_configurations(trace, images.shape[0])
+            for lo in range(0, len(keys), self.group):
+                s["configs"] += len(set(keys[lo:lo + self.group]))
+                s["groups"] += 1
+        return trace
+
+    def compare(self, logits: dict, correct: dict) -> None:
+        """The sums of every runner's differences to the reference on this batch."""
+        ref = logits[self.reference]
+        for name in self.all_names:
+            s, d = self.stats[name], correct[name].long() - correct[self.reference].long()
+            agree, kl = logits[name].argmax(1) == ref.argmax(1), kl_per_image(ref, logits[name])
+            s["d"] += int(d.sum())
+            s["d2"] += int((d * d).sum())
+            s["agree"] += int(agree.sum())
+            s["kl"] += float(kl.sum())
+            s["kl2"] += float((kl.double() ** 2).sum())
+            if self.controls:  # per image, for the paired differences to the floors
+                for key, t in zip(PER_IMAGE, (kl, agree, correct[name])):
+                    self.per_image[name][key].append(t.cpu())
+
+    def results(self, skipped: List[str]) -> Dict[str, EvalResult]:
+        """Every runner's result over every process's images."""
+        # over the processes (alone: as they are); integer counts and MACs add up exactly in float64
+        n_local, n = self.n, int(all_sum([self.n])[0])
+        skipped = [path for paths in all_gather(skipped) for path in paths]
+        if n == 0:
+            raise ValueError(f"no readable images to evaluate ({len(skipped)} unreadable)")
+        totals = {name: dict(zip(SUMS, all_sum([s[k] for k in SUMS]))) for name, s in self.stats.items()}
+        if self.controls and self.reference in totals:  # every process's images, in rank order
+            self.per_image = {k: {key: torch.cat([t for part in all_gather(v) for t in part]) for key, v in d.items()}
+                              for k, d in self.per_image.items()}
+        results = {}
+        for name in self.all_names:
+            t = totals[name]
+            fidelity = self.fidelity(name, totals, n) if self.reference in totals else {}
+            results[name] = EvalResult(
+                method=name, top1=100.0 * t["correct"] / n, gmacs=t["macs"] / n / 1e9,
+                images_per_second=n / t["time"], n_images=n, skipped=len(skipped),
+                skipped_paths=skipped, decision_gmacs=t["decision"] / n / 1e9,
+                configurations=t["configs"] / max(t["groups"], 1) if self.group else None, **fidelity,
+                extra=_image_mean(self.runners[name].method.stats(), n_local) if name in self.runners else {})
+        return results
+
+    def fidelity(self, name: str, totals: dict, n: int) -> dict:
+        """``name``'s agreement, KL, top-1 difference and speedup against the reference, and its
+        paired differences to its floors."""
+        t, ref = totals[name], totals[self.reference]
+        delta, ci = _mean_interval(t["d"], t["d2"], n)
+        ratios = [r / x for r, x in zip(self.stats[self.reference]["seconds"], self.stats[name]["seconds"])]
+        out = dict(agreement=100.0 * t["agree"] / n, kl_to_dense=t["kl"] / n,
+                   kl_to_dense_ci95=_mean_interval(t["kl"], t["kl2"], n, scale=1.0)[1],
+                   delta_top1=delta, delta_top1_ci95=ci, speedup=ref["time"] / t["time"],
+                   speedup_iqr=_quartiles([r for part in all_gather(ratios) for r in part]))
+        if name in self.controls:
+            out["vs_random_floor"] = _versus(self.per_image[name], self.per_image[f"{name} floor"])
+            if "shuffled floor" in self.floors:
+                out["vs_shuffled_floor"] = _versus(self.per_image[name], self.per_image[f"{name} shuffled floor"])
+        return out
 
 
 def _image_mean(stats: dict, n_local: int) -> dict:

@@ -33,6 +33,18 @@ def macs_per_image(runner: LeanViT, trace: List[dict], images: Tensor, padded: b
     return total + head_macs(m)
 
 
+def image_configurations(trace: List[dict], batch: int) -> List[tuple]:
+    """Per image, what every traced block ran with: (heads, MLP width, tokens) per block (images
+    with the same configuration can share every matmul of a packed batch)."""
+    def column(value):
+        if value is None or isinstance(value, (int, float)):
+            return [value] * batch
+        return [int(v) for v in value.tolist()]
+    per_block = [list(zip(column(r["heads"]), column(r["hidden"]), column(r["mlp_tokens"])))
+                 for r in trace if r.get("layer") is not None]  # not the decision networks' MACs
+    return [tuple(block[i] for block in per_block) for i in range(batch)]
+
+
 def _numbers(v):
     return v.detach().double().cpu() if isinstance(v, Tensor) else v
 

@@ -167,7 +167,7 @@ def add_config_args(p, config, skip=()) -> None:
     """An option for every :func:`~leanvit.options.arg` field of the ``config`` dataclass but
     ``skip``, and of the configurations it holds (PPO's), with the field's default, check and help;
     a nested field's value goes to ``<field>_<name>``. A field of ``config`` itself shadows a nested
-    one with the same option (the selector's ``--entropy-coef`` over PPO's)."""
+    one with the same option."""
     own = {_flag(f, _field_default(f)) for f in fields(config) if "arg" in f.metadata}
     for f in fields(config):
         default = _field_default(f)
@@ -214,3 +214,19 @@ def config_from(config, args, **given):
             values[f.name] = parsed[f.name]
     return config(**values, **given)
 
+
+def check_fields(config) -> None:
+    """Check every :func:`arg` field of the dataclass ``config`` (and of the dataclasses it holds)
+    that has a value as the command line would: Python callers get the same one-line errors."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            check_fields(value)
+            continue
+        check = f.metadata.get("arg", {}).get("check")
+        if check is None or value is None or isinstance(value, bool):
+            continue
+        try:
+            check(str(value))
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"{f.name} {e}") from None

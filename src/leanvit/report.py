@@ -64,17 +64,17 @@ def _smooth(values: Sequence[float], window: int) -> np.ndarray:
 
 
 def training_curves(curve: Sequence[Mapping], path, budget: Optional[float] = None,
-                    title: Optional[str] = None) -> str:
+                    title: Optional[str] = None, cost: str = "alpha") -> str:
     """A policy training's per-batch curves (``metrics.json``'s ``curve`` of ``train-policy``):
     the mean reward per image (top), the kept fraction of the sampled actions and, when recorded,
-    the greedy policy's GMACs ratio with the budget as a line (middle), and alpha, the cost weight
-    (bottom). Thin lines are the batches, thick ones their running mean over 10 batches."""
+    the greedy policy's GMACs ratio with the budget as a line (middle), and the cost weight
+    (bottom), recorded under ``cost`` (RL4EViT's alpha, PRANCE's cost_weight). Thin lines are the batches, thick ones their running mean over 10 batches."""
     steps = [r["step"] for r in curve]
     fig = _new_figure(7.0, 7.5)
     axes = fig.subplots(3, 1, sharex=True)
     panels = [(axes[0], [("reward", "mean reward per image", "C0")]),
               (axes[1], [("keep", "kept fraction (sampled)", "C1"), ("gmacs_ratio", "GMACs / dense (greedy)", "C2")]),
-              (axes[2], [("alpha", "alpha", "C3")])]
+              (axes[2], [(cost, cost, "C3")])]
     for ax, series in panels:
         for key, label, color in series:
             ys = [r.get(key) for r in curve]
@@ -89,7 +89,7 @@ def training_curves(curve: Sequence[Mapping], path, budget: Optional[float] = No
         ax.legend(loc="best", fontsize=8)
     axes[0].set_ylabel("reward")
     axes[1].set_ylabel("fraction")
-    axes[2].set_ylabel("alpha")
+    axes[2].set_ylabel(cost)
     axes[2].set_xlabel("batch")
     if title:
         axes[0].set_title(title)

@@ -1,5 +1,5 @@
-"""PPO pieces shared by RL4EViT (one agent per token) and PRANCE (one agent per image): GAE, the
-clipped losses, MAPPO's value normalisation and initialisation, and the budget controller with the
+"""PPO pieces shared by RL4EViT (one agent per token) and PRANCE (one agent per image), under the
+trainer of :mod:`leanvit.ppo`: GAE, the clipped losses, MAPPO's value normalisation and initialisation, and the budget controller with the
 calibration both trainings use to land on a GMACs budget.
 
 Written out rather than taken from torchrl: torchrl's PPO losses expect TensorDict-wrapped
@@ -18,12 +18,13 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .options import arg, nonnegative, positive, positive_int, unit
+from .options import arg, check_fields, nonnegative, positive, positive_int, unit
 
 
 @dataclass
 class PPOConfig:
-    """Hyperparameters with the RL4EViT paper's defaults (MAPPO's where the paper defers to it)."""
+    """Hyperparameters with the RL4EViT paper's defaults (MAPPO's where the paper defers to it).
+    Checked like the command line's options when made in Python."""
 
     clip: float = arg(0.2, positive)  # epsilon of the clipped surrogate and of the clipped value loss
     gamma: float = arg(0.99, unit)  # discount over the decision steps
@@ -32,9 +33,12 @@ class PPOConfig:
     lr_actor: float = arg(5e-5, positive)
     lr_critic: float = arg(5e-5, positive)
     value_coef: float = 1.0
-    # MAPPO's and the RL4EViT authors' 0.01 is RL4EViT's default (train_policy.PolicyConfig)
-    entropy_coef: float = arg(0.0, nonnegative, "weight of the policy's entropy bonus in the actor's loss")
+    # MAPPO's, the RL4EViT authors' and the PRANCE authors' 0.01
+    entropy_coef: float = arg(0.01, nonnegative, "weight of the policy's entropy bonus in the actor's loss")
     max_grad_norm: float = 10.0
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 def gae(rewards: Tensor, values: Tensor, dones: Tensor, last_value: Optional[Tensor] = None,

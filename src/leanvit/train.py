@@ -14,7 +14,7 @@ import torch
 from .data import DATA_HELP
 from .options import arg, below_one, natural, nonnegative, one_of, path, positive, positive_int
 from .train_prance import MetaNetwork
-from .training import Run, Supervised, export_weights, fit, lr_at
+from .training import EVAL_SPLIT_HELP, HOLDOUT, Run, Supervised, export_weights, fit, lr_at
 
 
 @dataclass
@@ -51,7 +51,7 @@ class TrainConfig:
     workers: int = arg(1, natural, "data loading processes")
     save_every: int = arg(100, positive_int, "steps between resumable checkpoints")
     train_split: str = arg("train")
-    eval_split: str = arg("test")
+    eval_split: str = arg(HOLDOUT, help=EVAL_SPLIT_HELP)
     limit_train: Optional[int] = arg(None, positive_int)
     limit_eval: Optional[int] = arg(None, positive_int)
     # stop early (tests, smoke runs)
@@ -61,8 +61,7 @@ class TrainConfig:
     sandwich: int = arg(0, natural, "sub-networks per step besides the largest: the smallest, then random ones")
     sandwich_widths: str = arg("per-stage", one_of("per-stage", "uniform"), (
         "the random sub-networks' widths: 'per-stage' (default) draws the heads and the MLP width of every "
-        "stage independently, the mixes the selector picks; 'uniform': one draw shared by all stages "
-        "(before 2026-12-02)"))
+        "stage independently, the mixes the selector picks; 'uniform': one draw shared by all stages"))
     reorder: bool = arg(True)  # with sandwich, from a fresh start: heads and neurons by importance first
     device: Optional[str] = None  # --device (leanvit.device.select_device; None: cuda when available)
     amp: str = "off"  # --amp: off or bf16 autocast

@@ -5,7 +5,8 @@ and MLP neurons are first reordered by importance, then every step trains the la
 sub-network on the labels and the smallest plus random ones on the largest's predictions
 (weight sharing: all widths are first-k slices of the same weights).
 
-Selector (``leanvit train-selector``): PPO over the stage decisions of each image with the ViT
+Selector (``leanvit train-selector``, on the PPO trainer of :mod:`leanvit.ppo`, which holds the
+budget control and calibration described here): PPO over the stage decisions of each image with the ViT
 frozen, rewarded by Result-to-Go: after each decision the network is finished at full width from
 there, and the step's reward is that result, ``acc - cost_weight * (GMACs ratio + token_weight *
 kept ratio)``, with acc = 0 only when the dense network is right and the finished one wrong. The
@@ -30,14 +31,14 @@ actor's output before the sigmoid moves every action the same way (wider stages,
 bisection over that shift on the evaluation images brings the mean GMACs to the budget.
 
 PPO as the authors (and MAPPO) run it where it is known to matter: an entropy bonus of 0.01
-(``entropy_coef``), and optionally the critic on normalised returns (``value_norm``); K = 10 PPO
-epochs per batch, as the authors (K = 4 until 2026-12-04: 10 measured closer to dense in each of 3
-seeds, BENCHMARKS "PRANCE selector settings"). ``option_entropy`` adds
-option-count regularisation (:func:`choice_marginal_entropy`).
+(``ppo.entropy_coef``), and optionally the critic on normalised returns (``value_norm``); K = 10 PPO
+epochs per batch, as the authors (10 measured closer to dense than 4 in each of 3 seeds, BENCHMARKS
+"PRANCE selector settings"). ``option_entropy`` adds option-count regularisation
+(:func:`choice_marginal_entropy`).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -45,13 +46,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .evaluate import kl_per_image
-from .measure import count_macs
 from .methods.prance import SELECTOR_STATES
 from .options import arg, nonnegative, one_of, positive, positive_int
-from .rl import BudgetController, PPOConfig, ValueNorm, calibrate, clipped_policy_loss, clipped_value_loss, gae
+from .ppo import Policy, PolicyRun, PolicyTask, Rollout, train_ppo
+from .rl import PPOConfig
 from .runtime import adapt
-from .train_policy import PolicyRun, _average_grads, evaluate_policy, greedy_macs_ratio, meets_budget
-from .training import Run, Supervised, all_sum, batches_on, distill_loss, evaluate_top1, export_weights, fit
+from .training import Supervised, distill_loss, evaluate_top1
 
 
 # --- the meta-network ---------------------------------------------------------------------------
@@ -145,19 +145,13 @@ class SelectorConfig(PolicyRun):
     dual_lr: float = arg(0.02, nonnegative, "integral gain: cost-weight step per unit of GMACs-ratio excess over "
                          "the budget, per batch")
     dual_p: float = arg(0.1, nonnegative, "proportional gain on the same excess")
-    max_epochs: Optional[int] = arg(None, positive_int, "with --budget: while the budget is not met after --epochs, "
-                                    "train on an epoch at a time, up to this many (default: --epochs)")
     # with a budget still not met at the end: shift the actor's output to meet it
     calibrate: bool = arg(True, help="with --budget: do not shift the final selector's actions to meet a missed "
                           "budget")
     epochs: int = arg(1, positive_int)
-    # K = 10 PPO epochs by default (--ppo-epochs), the authors'
+    # K = 10 PPO epochs by default (--ppo-epochs), the authors'; their entropy bonus of 0.01 (PPOConfig's)
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(gamma=0.9, lam=0.9, epochs=10, lr_actor=1e-4,
                                                              lr_critic=5e-3))
-    # PPO's entropy bonus (the authors' and MAPPO's 0.01); overrides the ppo field's
-    entropy_coef: float = arg(0.01, nonnegative, "weight of the entropy bonus of the selector's action "
-                              "distribution in the actor's loss (the authors' and MAPPO's 0.01; 0: none, as "
-                              "before 2026-12-02)")
     value_norm: bool = arg(False, help="normalise the critic's targets by the running mean and standard "
                            "deviation of the returns seen so far (MAPPO's value normalisation)")
     option_entropy: float = arg(0.0, nonnegative, (
@@ -227,198 +221,82 @@ def choice_marginal_entropy(dist: torch.distributions.Normal, bins: Tuple[int, .
     return torch.stack(out).mean()
 
 
-def ppo_update(selector, ro: dict, rewards: Tensor, cfg: PPOConfig, opt_actor, opt_critic, world: int = 1,
-               value_norm: Optional[ValueNorm] = None, option_entropy: float = 0.0,
-               bins: Tuple[int, ...] = ()) -> dict:
-    """K PPO iterations on one batch of image trajectories (one agent per image). With
-    ``value_norm`` the critic predicts normalised returns (the statistics updated on this batch's
-    first); with ``option_entropy`` the actor's loss adds that times :func:`choice_marginal_entropy`
-    over the action dimensions' ``bins``."""
-    feats, actions = ro["features"], ro["actions"]
-    with torch.no_grad():
-        values_old = selector.value(feats)  # normalised when value_norm
-        raw = value_norm.denormalize(values_old) if value_norm is not None else values_old
+class SelectorAgents:
+    """PRANCE's selector as PPO reads it: one agent per image, its Gaussian actions over the stage
+    decisions; with ``option_entropy`` the actor's loss adds that times
+    :func:`choice_marginal_entropy` over the action dimensions' ``bins``."""
+
+    def __init__(self, selector, bins: Tuple[int, ...] = (), option_entropy: float = 0.0):
+        self.selector, self.bins, self.option_entropy = selector, bins, option_entropy
+
+    def actor_parameters(self):
+        return [*self.selector.actor.parameters(), self.selector.log_std]
+
+    def critic_parameters(self):
+        return list(self.selector.critic.parameters())
+
+    @staticmethod
+    def trajectories(ro: dict, rewards: Tensor) -> Rollout:
+        """The rollout of :func:`rollout_tensors`' ``ro`` rewarded by ``rewards`` (T, B): an image's
+        episode is its decisions."""
         dones = torch.zeros_like(rewards, dtype=torch.bool)
         dones[-1] = True
-        adv, returns = gae(rewards, raw, dones, gamma=cfg.gamma, lam=cfg.lam)
-        adv = (adv - adv.mean()) / adv.std().clamp_min(1e-6)
-        if value_norm is not None:
-            value_norm.update(returns)
-            returns = value_norm.normalize(returns)
-    actor_params = [*selector.actor.parameters(), selector.log_std]
-    spread = torch.zeros(())
-    for _ in range(cfg.epochs):
-        dist_new = selector.distribution(feats)
-        pol = clipped_policy_loss(dist_new.log_prob(actions).sum(-1), ro["logp"], adv, cfg.clip)
-        ent = dist_new.entropy().sum(-1).mean()
-        loss = pol - cfg.entropy_coef * ent
-        if option_entropy:
-            spread = choice_marginal_entropy(dist_new, bins)
-            loss = loss + option_entropy * spread
-        opt_actor.zero_grad(set_to_none=True)
-        loss.backward()
-        _average_grads(actor_params, world)
-        torch.nn.utils.clip_grad_norm_(actor_params, cfg.max_grad_norm)
-        opt_actor.step()
+        return Rollout(rewards, ro["logp"], dones, ro)
 
-        vloss = cfg.value_coef * clipped_value_loss(selector.value(feats), values_old, returns, cfg.clip)
-        opt_critic.zero_grad(set_to_none=True)
-        vloss.backward()
-        _average_grads(selector.critic, world)
-        torch.nn.utils.clip_grad_norm_(selector.critic.parameters(), cfg.max_grad_norm)
-        opt_critic.step()
-    return dict(policy_loss=pol.item(), value_loss=vloss.item(), entropy=ent.item(),
-                **(dict(option_entropy=spread.item()) if option_entropy else {}))
+    def policy(self, ro: Rollout) -> Policy:
+        dist = self.selector.distribution(ro.inputs["features"])
+        logp, entropy = dist.log_prob(ro.inputs["actions"]).sum(-1), dist.entropy().sum(-1).mean()
+        if not self.option_entropy:
+            return Policy(logp, entropy)
+        spread = choice_marginal_entropy(dist, self.bins)
+        return Policy(logp, entropy, self.option_entropy * spread, dict(option_entropy=spread))
+
+    def values(self, ro: Rollout) -> Tensor:
+        return self.selector.value(ro.inputs["features"])
+
+
+class SelectorTraining(PolicyTask):
+    """PRANCE's part of the PPO trainer: sampled rollouts rewarded by Result-to-Go, the cost weight
+    as the controlled one, the selector's output before the sigmoid as what calibration shifts."""
+
+    command, cost_name, default_cost = "train-selector", "cost_weight", (0.5, 0.0)
+    weights_key, weights_file = "selector", "selector.safetensors"
+
+    @classmethod
+    def method_options(cls, cfg: SelectorConfig) -> dict:
+        options = dict(cfg.options)
+        if cfg.state is not None and options.setdefault("state", cfg.state) != cfg.state:
+            raise ValueError(f"--state {cfg.state} and --opt state={options['state']} disagree; give one")
+        return options
+
+    def __init__(self, cfg: SelectorConfig, model, dense, world: int):
+        self.cfg, self.dense = cfg, dense
+        self.runner = adapt(model.eval(), "prance", **self.method_options(cfg))
+        method = self.runner.method
+        if method.fixed is not None:
+            raise ValueError("train-selector trains the selector; do not pass the 'subnet' option")
+        self.agents = SelectorAgents(method.selector, method.action_bins(), cfg.option_entropy)
+        self.dense_macs = method.dense_block_macs(self.runner)
+
+    def rollout(self, batch, cost_weight: float):
+        method, cfg = self.runner.method, self.cfg
+        method.sampling = True
+        with torch.no_grad():
+            dense_logits = self.dense(batch.images)
+            self.runner(batch.images)
+        ro = rollout_tensors(method.rollout, batch.images.shape[0], method.n_stages, self.dense_macs, batch.labels,
+                             dense_logits if cfg.reward == "kl" else None)
+        rewards = stage_rewards(ro["correct"], dense_logits.argmax(1) == batch.labels, ro["macs_ratio"], ro["kept"],
+                                cost_weight, cfg.token_weight, ro.get("fidelity"))
+        logged = dict(reward=float(rewards.sum(0).mean()), keep=float(ro["kept"][-1].mean()),
+                      acc=float(ro["correct"][-1].float().mean()), macs_ratio=float(ro["macs_ratio"][-1].mean()))
+        return self.agents.trajectories(ro, rewards), logged
+
+    def output_bias(self):
+        return self.runner.method.selector.actor[-1].bias, slice(None)  # every action: wider stages, more tokens
 
 
 def train_selector(cfg: SelectorConfig, log: Callable[[str], None] = print) -> dict:
     """Train (or resume) one selector; exports ``out/selector.safetensors``. With ``cfg.budget`` the
     cost weight is PI-controlled toward it (see the module doc)."""
-    if cfg.budget is not None and not 0 < cfg.budget <= 1:
-        raise ValueError(f"budget must be a fraction of the dense GMACs in (0, 1], got {cfg.budget}")
-    options = dict(cfg.options)
-    if cfg.state is not None:
-        if options.setdefault("state", cfg.state) != cfg.state:
-            raise ValueError(f"--state {cfg.state} and --opt state={options['state']} disagree; give one")
-    from .models import create_model  # at call time: tests replace models.create_model
-    run = Run(cfg, log)
-    model = create_model(cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained).to(run.device)
-    run.setup_data(model)
-    runner = adapt(model.eval(), "prance", **options)
-    dense = adapt(model, "none")
-    method, selector = runner.method, runner.method.selector
-    if method.fixed is not None:
-        raise ValueError("train-selector trains the selector; do not pass the 'subnet' option")
-    opt_actor = torch.optim.Adam([*selector.actor.parameters(), selector.log_std], lr=cfg.ppo.lr_actor)
-    opt_critic = torch.optim.Adam(selector.critic.parameters(), lr=cfg.ppo.lr_critic)
-    dense_macs = method.dense_block_macs(runner)
-    dense_gmacs = count_macs(dense, run.eval_set[0][0][None].to(run.device))
-    start = cfg.cost_weight if cfg.cost_weight is not None else (0.0 if cfg.budget else 0.5)
-    control = BudgetController(cfg.budget, cfg.dual_lr, cfg.dual_p, integral=start) if cfg.budget else None
-    cost_weight = start
-
-    ppo = replace(cfg.ppo, entropy_coef=cfg.entropy_coef)
-    value_norm = ValueNorm(total=all_sum).to(run.device) if cfg.value_norm else None
-
-    def restore(ckpt):
-        nonlocal cost_weight, control
-        if value_norm is not None and ckpt.get("value_norm"):
-            value_norm.load_state_dict(ckpt["value_norm"])
-        method.load_state_dict(ckpt["selector"])
-        opt_actor.load_state_dict(ckpt["opt_actor"])
-        opt_critic.load_state_dict(ckpt["opt_critic"])
-        cost_weight = ckpt["cost_weight"]
-        if control is not None:
-            control = BudgetController(**ckpt["control"])
-
-    def state() -> dict:
-        return dict(selector=method.state_dict(), opt_actor=opt_actor.state_dict(), opt_critic=opt_critic.state_dict(),
-                    cost_weight=cost_weight, control=asdict(control) if control is not None else None,
-                    value_norm=value_norm.state_dict() if value_norm is not None else None)
-
-    def step(batch, i) -> dict:
-        nonlocal cost_weight
-        method.sampling = True
-        with torch.no_grad():
-            dense_logits = dense(batch.images)
-            dense_correct = dense_logits.argmax(1) == batch.labels
-            runner(batch.images)
-        ro = rollout_tensors(method.rollout, batch.images.shape[0], method.n_stages, dense_macs, batch.labels,
-                             dense_logits if cfg.reward == "kl" else None)
-        rewards = stage_rewards(ro["correct"], dense_correct, ro["macs_ratio"], ro["kept"],
-                                cost_weight, cfg.token_weight, ro.get("fidelity"))
-        losses = ppo_update(selector, ro, rewards, ppo, opt_actor, opt_critic, run.world, value_norm=value_norm,
-                            option_entropy=cfg.option_entropy, bins=method.action_bins())
-        logged = dict(reward=float(rewards.sum(0).mean()), macs=float(ro["macs_ratio"][-1].mean()),
-                      kept=float(ro["kept"][-1].mean()), acc=float(ro["correct"][-1].float().mean()),
-                      **{k: f"{v:.3f}" for k, v in losses.items()})
-        if control is not None:
-            logged["greedy"] = greedy_macs_ratio(runner, batch.images, dense_gmacs)
-            cost_weight = control.update(logged["greedy"])
-            logged["w"] = f"{cost_weight:.4f}"
-        return logged
-
-    def evaluate(epoch, sums, n) -> dict:
-        ev = evaluate_policy(runner, run.eval_loader)
-        ev["gmacs_ratio"] = ev["gmacs"] / dense_gmacs
-        ev.update(evaluate_fidelity(runner, dense, run.eval_loader))
-        return dict(mean_return=sums["reward"] / n, rollout_macs_ratio=sums["macs"] / n,
-                    rollout_kept=sums["kept"] / n, rollout_acc=100 * sums["acc"] / n, cost_weight=cost_weight,
-                    **(dict(train_greedy_macs_ratio=sums["greedy"] / n) if cfg.budget else {}), **ev)
-
-    def extend() -> bool:
-        """The planned epochs are done but the budget is not met: one more epoch (up to max_epochs)."""
-        last = run.history[-1] if run.history else None
-        if not cfg.budget or cfg.max_steps or last is None or last["step"] != run.step or \
-                meets_budget(last["gmacs_ratio"], cfg) or "calibration_shift" in last or \
-                run.step // run.steps_per_epoch >= (cfg.max_epochs or cfg.epochs):
-            return False
-        run.stop_at = (run.step // run.steps_per_epoch + 1) * run.steps_per_epoch
-        run.log(f"budget {cfg.budget} not met yet (GMACs ratio {last['gmacs_ratio']:.3f}): one more epoch")
-        return True
-
-    fit(run, "train-selector", step, evaluate, state, restore, evaluate_at_stop=True, extend=extend)
-    method.sampling = False
-    history = run.history
-    if cfg.calibrate and cfg.budget and history and not meets_budget(history[-1]["gmacs_ratio"], cfg):
-        bias = selector.actor[-1].bias
-        base = bias.detach().clone()
-
-        def ratio_at(shift: float) -> float:
-            with torch.no_grad():
-                bias.copy_(base + shift)
-            return evaluate_policy(runner, run.eval_loader)["gmacs"] / dense_gmacs
-        shift, _ = calibrate(ratio_at, history[-1]["gmacs_ratio"], cfg.budget, cfg.budget_tolerance)
-        with torch.no_grad():
-            bias.copy_(base + shift)
-        ev = evaluate_policy(runner, run.eval_loader)
-        ev.update(evaluate_fidelity(runner, dense, run.eval_loader))
-        run.log(f"calibrated the greedy selector for budget {cfg.budget}: actor output shifted by {shift:+.3f}")
-        run.record(history[-1]["epoch"], dict(calibration_shift=shift, cost_weight=cost_weight, **ev,
-                                              gmacs_ratio=ev["gmacs"] / dense_gmacs))
-        run.save(**state())
-    metrics = dict(steps=run.step, epochs=history[-1]["epoch"], history=history, world_size=run.world,
-                   config=asdict(cfg), **run.about(),
-                   **{k: history[-1][k] for k in ("top1", "gmacs", "gmacs_ratio", "cost_weight")})
-    if cfg.budget:
-        metrics["budget_met"] = meets_budget(metrics["gmacs_ratio"], cfg)
-    return run.finish(metrics, replicas=method,  # the selector replicas must be identical
-                      export=lambda out: export_weights(method, out / "selector.safetensors",
-                                                        metadata=method.options_metadata()))
-
-
-def evaluate_fidelity(runner, dense, loader, group: int = 32) -> dict:
-    """The greedy selector against the dense model on ``loader`` (summed over processes):
-    ``agreement`` (% same top-1), ``kl_to_dense`` (mean KL(dense || selector), nats), and
-    ``configs_per_32``: the mean number of distinct configurations (per image: the heads, MLP
-    width and token count every block ran with) in consecutive groups of ``group`` images of
-    each batch (the last, smaller group of a batch included)."""
-    runner.eval()
-    runner.masked, runner.method.sampling = False, False
-    agree = kl = total = configs = groups = 0.0
-    with torch.inference_mode():
-        for batch in batches_on(loader, runner):
-            with runner.tracing() as trace:
-                logits = runner(batch.images)
-            ref = dense(batch.images)
-            agree += float((logits.argmax(1) == ref.argmax(1)).sum())
-            kl += float(kl_per_image(ref, logits).sum())
-            total += batch.images.shape[0]
-            keys = image_configurations(trace, batch.images.shape[0])
-            for lo in range(0, len(keys), group):
-                configs += len(set(keys[lo:lo + group]))
-                groups += 1
-    agree, kl, total, configs, groups = all_sum([agree, kl, total, configs, groups])
-    return dict(agreement=100 * agree / max(total, 1), kl_to_dense=kl / max(total, 1),
-                **{f"configs_per_{group}": configs / max(groups, 1)})
-
-
-def image_configurations(trace: List[dict], batch: int) -> List[tuple]:
-    """Per image, what every traced block ran with: (heads, MLP width, tokens) per block."""
-    def column(value):
-        if value is None or isinstance(value, (int, float)):
-            return [value] * batch
-        return [int(v) for v in value.tolist()]
-    per_block = [list(zip(column(r["heads"]), column(r["hidden"]), column(r["mlp_tokens"])))
-                 for r in trace if r.get("layer") is not None]  # not the decision networks' MACs
-    return [tuple(block[i] for block in per_block) for i in range(batch)]
+    return train_ppo(cfg, SelectorTraining, log)

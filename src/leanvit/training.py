@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from .data import balanced_subset, collate, eval_transform, load_dataset, make_loader
-from .device import DeviceError, all_max, all_sum, autocast, check_amp, init_distributed, module_device, pin_memory, \
+from .device import DeviceError, all_max, all_sum, autocast, check_amp, init_distributed, pin_memory, \
     select_device
 from .provenance import write_json
 from .runtime import adapt
@@ -142,6 +142,11 @@ def load_checkpoint(path: Path) -> dict:
 
 HOLDOUT = "holdout"  # eval_split: a class-balanced slice of the training split, never trained on
 HOLDOUT_IMAGES = 1000  # its size when limit_eval is not given
+# every training's eval_split: what it is evaluated on by default is never the test split
+EVAL_SPLIT_HELP = ("where the training is evaluated (and a policy's budget checked and calibrated): 'holdout' "
+                   "(default), --limit-eval images (default 1000) of the training split, class-balanced and never "
+                   "trained on; or a split name: 'test' evaluates on test images (recorded in metrics.json; do not "
+                   "select or tune on it)")
 
 
 def holdout_split(cfg, num_classes: int, train_tf, eval_tf):
@@ -357,24 +362,21 @@ def fit(run: Run, desc: str, step: Callable, evaluate: Callable[[int, dict, int]
 
 
 # --- evaluation, export ------------------------------------------------------------------------------
-def batches_on(loader, module):
-    """The batches of ``loader`` that hold images, on ``module``'s device."""
-    device = module_device(module)
-    for batch in loader:
-        if len(batch):
-            yield batch.to(device, non_blocking=True)
+def evaluate_top1(runner, loader) -> float:
+    """Top-1 (%) of ``runner`` on ``loader`` (every process's images); leaves it in training mode."""
+    from .evaluate import evaluate
+    top1 = evaluate({"runner": runner}, loader, desc=None, reference=None, warmup=False)["runner"].top1
+    runner.train()
+    return top1
 
 
-def evaluate_top1(model, loader) -> float:
-    model.eval()
-    correct = total = 0
-    with torch.inference_mode():
-        for batch in batches_on(loader, model):
-            correct += int((model(batch.images).argmax(1) == batch.labels).sum())
-            total += batch.images.shape[0]
-    correct, total = all_sum([correct, total])
-    model.train()
-    return 100.0 * correct / max(total, 1)
+def average_gradients(parameters, world: int) -> None:
+    """Average the gradients of ``parameters`` over the ``world`` processes (alone: nothing to do)."""
+    if world > 1:
+        for p in parameters:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
 
 
 def distill_loss(logits, teacher, images):

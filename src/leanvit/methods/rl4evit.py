@@ -2,14 +2,15 @@
 
 Pruning layers sit before blocks 3, 6 and 9 (``placement="before"``, the paper's "following
 DynamicViT" and the authors' code: the decision reads the output of block 2 and block 3 runs on the
-kept tokens); ``placement="after"`` prunes after them, as leanvit did before 2026-12-02 (the shipped
-policy was trained so). Every patch token is an agent; one shared actor reads the token's feature
-and outputs keep/prune logits; one shared critic reads [token ; CLS]. Both are MLPs with tanh
-(MAPPO's; ``activation="relu"`` for policies trained before 2026-12-02) after a LayerNorm of their
-input (MAPPO's feature normalisation; ``input_norm=false`` for policies trained before 2026-12-03), hidden widths
+kept tokens); ``placement="after"`` prunes after them (the decision reads the block's output and
+the next block runs on the kept tokens). Every patch token is an agent; one shared actor reads the
+token's feature and outputs keep/prune logits; one shared critic reads [token ; CLS]. Both are MLPs
+with tanh (MAPPO's; or ``activation="relu"``) after a LayerNorm of their input (MAPPO's feature
+normalisation; ``input_norm=false``: none), hidden widths
 ``[4C, 256, 64]`` by default (the authors' for DeiT-S) or ``hidden=[64]`` for a cheap actor.
 The options a policy was trained with are stored in its weights file's metadata and are its
-defaults when it is loaded; a weights file without them is one of the old policies (after, relu).
+defaults when it is loaded; a weights file without them is read as ``LEGACY`` (after, relu, no
+input norm): the policies written before the options were stored with the weights.
 Inference is greedy and removes the pruned tokens for real: per-image counts, a ragged batch that
 the runtime runs packed (no padding in the token-wise work). Training samples actions and runs masked (``LeanViT.masked``) so the batch
 keeps its shape and every token keeps its position, which lines agents up across layers for GAE.
@@ -57,9 +58,9 @@ def agent_rewards(kept: Tensor, alive: Tensor, correct: Tensor, alpha: float, be
     exp(-KL to it)). ``R = alpha * r1 + beta * r2`` with r1 = -1 if kept else 0 and r2 = γ / n_l,
     n_l the tokens kept at layer l. r2 goes to the agents that kept their token (``r2_to="kept"``:
     the paper "amortizes the accuracy gain to each preserved token", and the authors' code pays it
-    to the live agents only), or to every agent that acted (``"alive"``: leanvit's reading before
-    2026-12-03, under which keeping and pruning earn the same r2, so nothing but later layers'
-    rewards pays for keeping and the last pruning layer keeps almost nothing). Agents that did not
+    to the live agents only), or to every agent that acted (``"alive"``, under which keeping and
+    pruning earn the same r2, so nothing but later layers' rewards pays for keeping and the last
+    pruning layer keeps almost nothing). Agents that did not
     act get 0.
     """
     if r2_to not in R2_TO:
@@ -116,7 +117,7 @@ class RL4EViT(Reduction, nn.Module):
             return {}  # missing or unreadable: load_weights says so
         if "placement" not in meta:
             return None
-        # policies trained 2026-12-02/03 store no input_norm: they had none
+        # the first policies that stored their options had no input norm and do not say so
         return {"input_norm": False, **{k: json.loads(meta[k]) for k in OPTIONS if k in meta}}
 
     def bind(self, info):
@@ -191,6 +192,10 @@ class RL4EViT(Reduction, nn.Module):
         if bool(empty.any()):
             margin = (logits[..., 1] - logits[..., 0]).masked_fill(~alive, float("-inf"))
             keep[empty, margin[empty].argmax(dim=1)] = True
+            if self.sampling:  # that agent kept its token: PPO learns from the action that ran
+                step = self.rollout[-1]
+                step["action"] = torch.where(keep, torch.ones_like(action), action)
+                step["logp"] = dist.log_prob(step["action"])
         if self.sampling:
             self.rollout[-1]["kept"] = keep  # what happened, including that fallback
         return keep_mask(state, keep)
