@@ -10,7 +10,7 @@ import leanvit
 from leanvit.cli import main
 from leanvit.data import EMBEDDED_CIFAR10, eval_transform, load_dataset, make_loader
 from leanvit.evaluate import evaluate, kl_per_image, paired_delta
-from leanvit.report import format_table
+from leanvit.report import format_sweep_table
 
 
 def test_paired_delta_by_hand():
@@ -130,7 +130,7 @@ def test_table_marks_significant_differences():
                  kl_to_dense=0.02, delta_top1_ci95=[-3.0, -1.0], speedup=2.0),
             dict(method="y", label="b", top1=79.8, gmacs=0.5, images_per_second=20.0, agreement=99.0,
                  kl_to_dense=0.001, delta_top1_ci95=[-0.5, 0.1], speedup=1.9)]
-    table = format_table(rows, dense)
+    table = format_sweep_table(rows, dense)
     assert "-2.00*" in table and "-0.20 " in table and "90.00" in table and "0.0200" in table and "1.90x" in table
     assert "paired 95% interval" in table
 

@@ -311,7 +311,7 @@ def test_supernet_training_reports_subnetworks_before_and_after(tmp_path):
 
 
 def test_token_maps_and_bench_handle_per_image_paths(tmp_path):
-    from leanvit.bench import benchmark, format_table
+    from leanvit.bench import benchmark, format_speed_table
     from leanvit.report import record_token_states, token_maps
     m = small_vit(sharp=3.0)
     f = spread(leanvit.adapt(m, "prance", strategy="prune-merge"))
@@ -325,9 +325,9 @@ def test_token_maps_and_bench_handle_per_image_paths(tmp_path):
     token_maps({"prance": f}, x, tmp_path / "maps.png", layers=(3, 6, 9))
     assert (tmp_path / "maps.png").stat().st_size > 0
     res = benchmark(m, [("prance", "prance", dict(strategy="prune-merge"))], x, repeats=1, progress=False)
-    assert "floor_speedup" in res["methods"]["prance"] and "prance" in format_table(res)
+    assert "floor_speedup" in res["methods"]["prance"] and "prance" in format_speed_table(res)
     one = benchmark(m, [("prance", "prance", dict(strategy="prune"))], x, repeats=1, progress=False, one_at_a_time=True)
-    assert one["settings"]["batch_size"] == 1 and one["settings"]["images"] == 3 and "batch=1 images=3" in format_table(one)
+    assert one["settings"]["batch_size"] == 1 and one["settings"]["images"] == 3 and "batch=1 images=3" in format_speed_table(one)
 
 
 @pytest.mark.parametrize("strategy", ["prune", "merge"])

@@ -10,7 +10,7 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
 import leanvit
-from leanvit.report import format_table, pareto_plot, record_token_states, token_maps
+from leanvit.report import format_sweep_table, pareto_plot, record_token_states, token_maps
 
 from conftest import images, seed_all, sharpen
 
@@ -197,7 +197,7 @@ def test_format_table_delta_and_speedup():
     dense = dict(method="deit_s", label="dense", top1=79.8, gmacs=4.6, images_per_second=100.0)
     rows = [dict(method="ppt", label="r=50", top1=78.3, gmacs=2.9, images_per_second=185.0),
             dict(method="tome", label="r=13", top1=80.1, gmacs=3.0, images_per_second=150.5)]
-    table = format_table(rows, dense)
+    table = format_sweep_table(rows, dense)
     assert isinstance(table, str)
     lines = table.strip().splitlines()
     assert "method" in lines[0] and "speedup" in lines[0]

@@ -183,7 +183,10 @@ def benchmark(model: torch.nn.Module, methods: Sequence[Tuple[str, str, dict]], 
     return out
 
 
-def format_table(result: dict) -> str:
+def format_speed_table(result: dict) -> str:
+    """A plain-text table of :func:`benchmark`'s ``result``: the settings, then per runner its
+    GMACs, images/s, speedup over dense, GMACs ratio, efficiency and, where timed, its random
+    floor's speedup and the decision overhead."""
     s = result["settings"]
     lines = [f"threads={s['threads']} batch={s['batch_size']} images={s.get('images', s['batch_size'])} "
              f"input={'x'.join(map(str, s['input_size']))} "

@@ -44,7 +44,7 @@ def cmd_eval(args) -> int:
     from .device import init_distributed, module_device, pin_memory
     from .evaluate import evaluate
     from .provenance import method_weights, provenance
-    from .report import format_table
+    from .report import format_sweep_table
     from .runtime import adapt
     options = parse_options(args.opt)
     model = _load(args)
@@ -66,7 +66,7 @@ def cmd_eval(args) -> int:
     print(f"model {args.model}  data {dataset.root} ({args.split}, {dense.n_images} images, "
           f"{dense.skipped} unreadable skipped{folders})  threads {torch.get_num_threads()}  batch {args.batch_size}")
     rows = [dict(r.to_dict(), label=" ".join(args.opt)) for name, r in results.items() if name != "dense"]
-    print(format_table(rows, dense), end="")
+    print(format_sweep_table(rows, dense), end="")
     for r in results.values():
         if "prune_fraction_per_layer" in r.extra:
             mix = ", ".join(f"L{l}: {100 * f:.0f}% prune" for l, f in r.extra["prune_fraction_per_layer"].items())
@@ -93,7 +93,7 @@ def _on_model(text: str):
 
 
 def cmd_bench(args) -> int:
-    from .bench import benchmark, format_table
+    from .bench import benchmark, format_speed_table
     from .data import resolve_data
     from .provenance import provenance
     from .runtime import adapt
@@ -113,7 +113,7 @@ def cmd_bench(args) -> int:
     result["settings"].update(model=args.model, data=args.data or "gaussian noise")
     result["provenance"] = provenance(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
                                       data=resolve_data(args.data) if args.data else None, split=args.split)
-    print(format_table(result))
+    print(format_speed_table(result))
     if args.profile_ops:
         from .bench import format_profile, profile_operators
         runners = {"dense": adapt(model, "none"), **{label: adapt(model, name, **opts) for label, name, opts in methods}}

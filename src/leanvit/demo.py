@@ -52,7 +52,7 @@ def run_comparison(model, model_name: str, dataset, specs, out_dir: str, batch_s
     from .device import init_distributed, module_device, pin_memory
     from .evaluate import adapt_spec, sweep
     from .provenance import write_json
-    from .report import format_floor_table, format_table, pareto_plot, token_maps
+    from .report import format_floor_table, format_sweep_table, pareto_plot, token_maps
     device = module_device(model)
     rank, world = init_distributed(device)
     out = Path(out_dir)
@@ -84,7 +84,7 @@ def run_comparison(model, model_name: str, dataset, specs, out_dir: str, batch_s
     depth = len(model.blocks)
     token_maps(runners, images, out / "token_maps.png", layers=(depth // 4, depth // 2, 3 * depth // 4),
                image_mean=cfg.get("mean"), image_std=cfg.get("std"))
-    table = format_table(result["rows"], result["dense"])
+    table = format_sweep_table(result["rows"], result["dense"])
     for kind, wanted in (("random", random_floor or shuffled_floor), ("shuffled", shuffled_floor)):
         if wanted:
             table += "\n" + format_floor_table(result["rows"], kind)

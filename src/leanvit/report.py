@@ -1,10 +1,10 @@
 """Figures and tables of results: accuracy/GMACs Pareto plots, token maps, plain-text tables.
 
-    from leanvit.report import pareto_plot, token_maps, format_table
+    from leanvit.report import pareto_plot, token_maps, format_sweep_table
     pareto_plot(results, "runs/pareto.png", dense={"gmacs": 4.6, "top1": 79.8})
     token_maps({"tome": tome, "ppt": ppt}, images, "runs/maps.png",
                image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225))
-    print(format_table(rows, dense))
+    print(format_sweep_table(rows, dense))
     training_curves(metrics["curve"], "runs/rl/curves.png", budget=0.5)  # a policy training's batches
 
 Figures are drawn on matplotlib's Agg canvas directly (no pyplot, no display, the global
@@ -417,7 +417,7 @@ def token_maps(runners: Mapping[str, LeanViT], images: Tensor, path, layers: Opt
 
 
 # --------------------------------------------------------------------------- table
-def format_table(rows: Sequence[Mapping], dense: Mapping) -> str:
+def format_sweep_table(rows: Sequence[Mapping], dense: Mapping) -> str:
     """A plain-text table: method, budget, top-1 %, change vs dense (points; ``*`` where its paired
     95% interval excludes 0), agreement with dense %, KL to dense, GMACs, speedup.
 
