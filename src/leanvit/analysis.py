@@ -40,6 +40,41 @@ def curve_key(row: Mapping) -> str:
     return row["method"] + "".join(f" {k}={v}" for k, v in sorted(opts.items()))
 
 
+def load_sweep_results(path) -> dict:
+    """A ``leanvit sweep`` results.json, checked before it is compared: every problem (not text, not
+    JSON, no rows, a row without method, options or finite gmacs and top1, dense GMACs that are
+    not a positive number) is a ValueError naming the file and the field."""
+    import json
+    import math
+    from pathlib import Path
+
+    def number(value, positive=False) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+            and (value > 0 if positive else value >= 0)
+    what = "a `leanvit sweep` results.json"
+    try:
+        result = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not text, so not {what}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON ({e}), so not {what}") from None
+    if not isinstance(result, dict) or not isinstance(result.get("rows"), list) or not result["rows"]:
+        raise ValueError(f"{path}: no rows (a list of measured settings); is it {what}?")
+    dense = result.get("dense")
+    if not isinstance(dense, dict) or not number(dense.get("gmacs"), positive=True):
+        raise ValueError(f"{path}: dense.gmacs must be a positive number, got "
+                         f"{dense.get('gmacs') if isinstance(dense, dict) else dense!r}")
+    for i, row in enumerate(result["rows"]):
+        problem = "is not an object" if not isinstance(row, dict) else \
+            "has no method name" if not isinstance(row.get("method"), str) else \
+            "has no options (an object)" if not isinstance(row.get("options"), dict) else \
+            next((f"{k} must be a finite number >= 0, got {row.get(k)!r}" for k in ("gmacs", "top1")
+                  if not number(row.get(k))), None)
+        if problem:
+            raise ValueError(f"{path}: rows[{i}] {problem}")
+    return result
+
+
 def interpolate(points: Iterable[Tuple[float, float]], x: float) -> Optional[float]:
     """y at ``x`` on the piecewise-linear curve through ``points`` (x, y); None outside it."""
     points = sorted(points)

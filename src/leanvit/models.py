@@ -7,6 +7,7 @@ import difflib
 import json
 import os
 import socket
+import zlib
 from pathlib import Path
 from typing import List, Optional
 
@@ -39,9 +40,9 @@ def load_model(name: str, checkpoint: Optional[str] = None) -> nn.Module:
     spec = json.loads(spec_path.read_text())
     model = _timm_create(spec["timm_model"], **spec.get("kwargs", {}))
     path = checkpoint or str(ZOO_DIR / f"{name}.safetensors")
-    load_fitting(model, {k: v.float() for k, v in read_state_dict(path).items()}, path, name)
+    load_fitting(model, read_state_dict(path), path, name)  # fp16 weights into fp32 parameters: exact
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["pretrained_cfg"].items()}  # JSON lists
-    model.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}) or {}, **cfg)
+    model.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}) or {}, **cfg, leanvit_model=name)
     return model.eval()
 
 
@@ -88,7 +89,69 @@ def load_fitting(model: nn.Module, sd: dict, path: str, name: str) -> None:
     if problems:
         raise ModelError(f"checkpoint {path} does not fit {name}: {'; '.join(problems)}; pass weights "
                          f"saved from {name} (leanvit train writes OUT/final.safetensors)")
+    check_weights(sd, own, f"checkpoint {path}")
     model.load_state_dict(sd)
+
+
+def check_weights(sd: dict, own: dict, what: str) -> None:
+    """Weights where the module has floating-point ones must be floating point and finite: an int8
+    or bool tensor would be cast silently and NaN weights give NaN logits. ``what`` names the file."""
+    for key, value in sd.items():
+        mine = own.get(key)
+        if mine is None or not mine.is_floating_point():
+            continue
+        if not value.is_floating_point():
+            raise ModelError(f"{what}: tensor {key} is {str(value.dtype).removeprefix('torch.')}, not floating "
+                             "point; pass the weights as they were trained (float32, float16 or bfloat16)")
+        if not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ModelError(f"{what}: tensor {key} has {bad} NaN or infinite value(s); these weights are broken")
+
+
+# two sketches are of the same weights when every tensor's numbers agree within this fraction of its
+# norm: a cast to float16 or bfloat16 moves them by under 0.4%, another training by far more
+SKETCH_TOLERANCE = 0.02
+
+
+def weights_sketch(model: nn.Module) -> dict:
+    """What identifies a model's weights up to rounding: for every floating-point tensor (by name)
+    its shape, its L2 norm and its projections on two fixed random +-1 vectors. Unlike a hash of the
+    bytes it survives casts (fp32, fp16, bf16) of the same weights; other weights change it."""
+    sketch = {}
+    for key, value in sorted(model.state_dict().items()):
+        if not value.is_floating_point():
+            continue
+        w = value.detach().to("cpu", torch.float32).flatten()
+        width = min(w.numel(), 4096)  # the vectors repeat every 4096 numbers: the tensor folded, then projected
+        folded = torch.nn.functional.pad(w, (0, -w.numel() % max(width, 1))).reshape(-1, max(width, 1)).sum(0)
+        signs = torch.randint(0, 2, (2, folded.numel()), generator=torch.Generator().manual_seed(
+            zlib.crc32(key.encode())), dtype=torch.float32) * 2 - 1
+        numbers = [float(torch.linalg.vector_norm(w))] + (signs @ folded).tolist()
+        sketch[key] = [list(value.shape)] + [float(f"{x:.6g}") for x in numbers]
+    return sketch
+
+
+def sketch_difference(trained: dict, current: dict) -> Optional[str]:
+    """None when two :func:`weights_sketch` are of the same weights, else what differs."""
+    if not isinstance(trained, dict) or sorted(trained) != sorted(current):
+        return "other tensors"
+    for key, mine in current.items():
+        theirs = trained[key]
+        if not isinstance(theirs, list) or len(theirs) != len(mine) or theirs[0] != mine[0]:
+            return f"tensor {key} of another shape"
+        scale = max(abs(mine[1]), 1e-12)
+        try:
+            if any(abs(float(a) - b) > SKETCH_TOLERANCE * scale for a, b in zip(theirs[1:], mine[1:])):
+                return f"other values in tensor {key}"
+        except (TypeError, ValueError):
+            return f"an unreadable record of tensor {key}"
+    return None
+
+
+def model_name(model: nn.Module) -> str:
+    """A model's name for messages: the reference model's, else timm's architecture."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("leanvit_model") or cfg.get("architecture") or type(model).__name__
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

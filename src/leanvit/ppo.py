@@ -29,6 +29,7 @@ from torch import Tensor
 from .data import DATA_HELP
 from .evaluate import evaluate
 from .measure import count_macs, macs_per_image
+from .methods.base import file_metadata
 from .options import arg, check_fields, natural, path, positive_int
 from .rl import BudgetController, PPOConfig, ValueNorm, calibrate, clipped_policy_loss, clipped_value_loss, gae
 from .runtime import adapt
@@ -205,7 +206,7 @@ class PolicyTask:
 
     def export(self, out) -> None:
         method = self.runner.method
-        export_weights(method, out / self.weights_file, metadata=method.options_metadata())
+        export_weights(method, out / self.weights_file, metadata=file_metadata(method))
 
 
 def greedy_macs_ratio(runner, images, dense_gmacs: float) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -86,6 +87,26 @@ def write_json(path, payload: dict) -> None:
     """A result JSON (its folder made if missing), written atomically: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    bad = _non_finite(payload)
+    if bad:  # bare NaN is not JSON: no reader of the file would accept it
+        raise ValueError(f"not writing {path}: the result's {bad} is not a finite number (NaN or infinite "
+                         "logits: check the weights and the images)")
+    text = json.dumps(payload, indent=2, default=str, allow_nan=False)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+
+
+def _non_finite(value, where: str = "") -> Optional[str]:
+    """The key path of the first NaN or infinite number in a JSON-ready value, else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where or "value"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from .data import DATA_HELP
+from .methods.base import file_metadata
 from .options import arg, below_one, natural, nonnegative, one_of, path, positive, positive_int
 from .train_prance import MetaNetwork
 from .training import EVAL_SPLIT_HELP, HOLDOUT, Run, Supervised, export_weights, fit, lr_at
@@ -122,6 +123,6 @@ def train(cfg: TrainConfig, log=print) -> dict:
     def export(out):
         export_weights(model, out / "final.safetensors")
         if isinstance(runner.method, torch.nn.Module) and len(runner.method.state_dict()):
-            export_weights(runner.method, out / "method.safetensors")  # load with --opt weights=PATH
+            export_weights(runner.method, out / "method.safetensors", metadata=file_metadata(runner.method))
 
     return run.finish(metrics, replicas=model, export=export)  # the replicas must hold identical weights

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from .data import balanced_subset, collate, eval_transform, load_dataset, make_loader
-from .device import DeviceError, all_max, all_sum, autocast, check_amp, init_distributed, pin_memory, \
+from .device import DeviceError, all_gather, all_max, all_sum, autocast, check_amp, init_distributed, pin_memory, \
     select_device
 from .provenance import write_json
 from .runtime import adapt
@@ -96,9 +96,23 @@ def _plain(value):
 
 
 def atomic_save(obj, path: Path) -> None:
+    _write_atomically(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` into ``path.tmp``, then rename it over ``path``: the old file stays whole until the
+    new one is. A failed write (a full disk: torch reports it as a RuntimeError) removes the
+    temporary file and is one OSError naming the file."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:  # also an interrupt: no temporary file is left behind
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) or not isinstance(e, Exception):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise OSError(f"could not write {path} ({type(e).__name__}: {first}); {path.name} is as it was") from e
 
 
 def _rng_state() -> dict:
@@ -202,6 +216,7 @@ class Run:
             torch.set_num_threads(max(1, (os.cpu_count() or 2) // self.world))
         self.state_path = self.out / "last.pt"
         self.t0 = time.time()
+        self.unreadable = {"train": set(), "eval": set()}  # images the loaders skipped, by path
 
     def setup_data(self, model) -> None:
         cfg = self.cfg
@@ -223,8 +238,9 @@ class Run:
             raise ValueError(f"{len(self.train_set)} training images are fewer than one batch of {cfg.batch_size}")
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.stop_at = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
-        self.eval_loader = make_loader(_shard(self.eval_set, self.rank, self.world), batch_size=250, num_workers=0,
-                                       pin_memory=pin_memory(self.device))
+        self.eval_loader = _Noting(make_loader(_shard(self.eval_set, self.rank, self.world), batch_size=250,
+                                               num_workers=0, pin_memory=pin_memory(self.device)),
+                                   self.unreadable["eval"])
         self._augmented = SeededAugment(self.train_set, cfg.seed)
 
     def about(self) -> dict:
@@ -234,7 +250,7 @@ class Run:
         cfg = self.cfg
         where = (f"{len(self.eval_set)} held-out images of the {cfg.train_split} split (never trained on)"
                  if cfg.eval_split == HOLDOUT else f"the {cfg.eval_split} split ({len(self.eval_set)} images)")
-        return dict(evaluated_on=where, provenance=provenance(
+        return dict(evaluated_on=where, skipped_folders=self.train_set.skipped_folders, provenance=provenance(
             model=cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained, data=resolve_data(cfg.data),
             split=cfg.train_split, limit=cfg.limit_train, seed=cfg.seed))
 
@@ -273,12 +289,15 @@ class Run:
         _set_rng_state(ckpt["rng"])
         self.t0 = time.time() - ckpt.get("elapsed_s", 0.0)  # wall time counts across resumes
         self.step, self.history, self.saved_at = ckpt["step"], ckpt["history"], ckpt["step"]
+        for k, paths in ckpt.get("unreadable", {}).items():
+            self.unreadable.setdefault(k, set()).update(paths)
         return ckpt
 
     def save(self, **state) -> None:
         """The checkpoint: ``state`` (weights, optimizers, ...) with the step and history."""
         if self.is_main:
             atomic_save(dict(state, step=self.step, history=self.history, config=_plain(self.config),
+                             unreadable={k: sorted(v) for k, v in self.unreadable.items()},
                              rng=_rng_state(), elapsed_s=time.time() - self.t0), self.state_path)
         self.saved_at = self.step
 
@@ -297,6 +316,9 @@ class Run:
         that no process returns before they exist. Returns ``metrics``."""
         if self.world > 1:
             metrics["replica_max_abs_diff"] = _replica_diff(replicas)
+        unreadable = {k: sorted(set().union(*all_gather(sorted(v)))) for k, v in self.unreadable.items()}
+        metrics["skipped_images"] = dict({k: len(v) for k, v in unreadable.items()},
+                                         paths=sorted(set().union(*unreadable.values()))[:20])
         if self.is_main:
             export(self.out)
             write_json(self.out / "metrics.json", metrics)
@@ -340,6 +362,7 @@ def fit(run: Run, desc: str, step: Callable, evaluate: Callable[[int, dict, int]
             epoch = run.step // run.steps_per_epoch
             sums, n = {}, 0
             for batch in run.epoch_loader(run.step):
+                run.unreadable["train"].update(batch.skipped)
                 logged = step(batch.to(run.device, non_blocking=True), run.step)
                 run.step += 1
                 n += 1
@@ -368,6 +391,21 @@ def evaluate_top1(runner, loader) -> float:
     top1 = evaluate({"runner": runner}, loader, desc=None, reference=None, warmup=False)["runner"].top1
     runner.train()
     return top1
+
+
+class _Noting:
+    """A loader whose batches add the paths of the images they skipped (unreadable) to ``seen``."""
+
+    def __init__(self, loader, seen: set):
+        self.loader, self.seen = loader, seen
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.seen.update(batch.skipped)
+            yield batch
+
+    def __len__(self):
+        return len(self.loader)
 
 
 def average_gradients(parameters, world: int) -> None:
@@ -446,6 +484,4 @@ def export_weights(model, path: Path, half: bool = False, metadata: Optional[dic
     from safetensors.torch import save_file
     sd = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
           for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    _write_atomically(path, lambda tmp: save_file(sd, str(tmp), metadata=metadata))

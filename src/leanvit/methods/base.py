@@ -11,7 +11,9 @@ import contextlib
 import copy
 import inspect
 import math
-from dataclasses import dataclass
+import threading
+import weakref
+from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Type
 
 import torch
@@ -36,6 +38,8 @@ class ModelInfo:
     has_cls: bool = True  # a CLS token at index 0
     mlp_hidden: int = 0  # MLP width of the first block
     channel_elastic: bool = True  # every block's heads and MLP neurons can be sliced (elastic.sliceable)
+    # the model itself, for what its weights say (a learned method's file records the model it was trained for)
+    model: Optional[object] = field(default=None, compare=False, repr=False)
 
 
 class lazy:
@@ -259,10 +263,12 @@ def build_method(name: str, **options) -> Reduction:
 
 # --- option checks shared by methods ---------------------------------------------------------
 def check_layers(name: str, layers: Iterable[int], depth: int) -> Tuple[int, ...]:
-    try:
-        layers = tuple(sorted({int(l) for l in layers}))
-    except (TypeError, ValueError):
-        raise OptionError(f"{name}: layers must be a list of block indices, got {layers!r}") from None
+    if isinstance(layers, (int, float)) and not isinstance(layers, bool):
+        layers = (layers,)  # layers=3: one block
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable) or \
+            not all(_integral(l) for l in layers):
+        raise OptionError(f"{name}: layers must be a list of block indices (integers), got {layers!r}")
+    layers = tuple(sorted({int(l) for l in layers}))
     bad = [l for l in layers if not 0 <= l < depth]
     if bad:
         raise OptionError(f"{name}: layers {bad} out of range for a model with {depth} blocks (0..{depth - 1})")
@@ -288,23 +294,114 @@ def check_number(name: str, option: str, value, low: float) -> float:
 def load_weights(method, path: str, what: str) -> None:
     """Load a learned method's own parameters (actor, predictors, ...) from a safetensors file,
     or, given the name of a shipped reference model, the weights shipped for it
-    (``zoo/<model>.<method>.safetensors``)."""
+    (``zoo/<model>.<method>.safetensors``). The weights must be floating point and finite, and
+    a file that records the model it was trained for (:func:`file_metadata`) loads only on a
+    model with the same weights (up to casts): on another one its decisions would be wrong."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
+    from ..models import ModelError, check_weights
     from ..zoo import list_method_weights, method_weights_path
     path = method_weights_path(path, method.name)
+    shipped = ", ".join(list_method_weights(method.name)) or "none"
     try:
-        method.load_state_dict(load_file(path))
+        weights = load_file(path)
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        check_weights(weights, method.state_dict(), f"{method.name}: {what} {path}")
+        check_trained_for(method, path, what, meta)
+        method.load_state_dict(weights)
+    except (OptionError, ModelError) as e:
+        raise OptionError(str(e)) from None
     except Exception as e:  # missing, not safetensors (SafetensorError), or another model's weights
-        shipped = ", ".join(list_method_weights(method.name)) or "none"
         raise OptionError(f"{method.name}: cannot load {what} {path}: {e} "
                           f"(reference models with shipped {method.name} weights: {shipped})") from None
 
 
-def check_int(name: str, option: str, value, low: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or int(value) != value or value < low:
-        raise OptionError(f"{name}: {option} must be an integer >= {low}, got {value!r}")
+# what a learned method's file records about the model it was trained for (safetensors metadata)
+TRAINED_FOR, TRAINED_FOR_WEIGHTS = "trained_for", "trained_for_weights"
+
+
+def file_metadata(method) -> Dict[str, str]:
+    """The metadata a learned method's weights file is written with: the options it was trained
+    with (``options_metadata()``, where it has one) and the model it was trained for, that is the
+    model it is bound to: its name and a sketch of its weights (:func:`leanvit.models.weights_sketch`)."""
+    import json
+    from ..models import model_name
+    meta = dict(method.options_metadata()) if hasattr(method, "options_metadata") else {"method": method.name}
+    model = getattr(getattr(method, "info", None), "model", None)
+    if model is not None:
+        meta[TRAINED_FOR] = model_name(model)
+        meta[TRAINED_FOR_WEIGHTS] = json.dumps(_sketch(model), separators=(",", ":"))
+    return meta
+
+
+_SKETCHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _sketch(model) -> dict:
+    """The model's weights sketch, computed again only when a tensor changed (data pointer, version)."""
+    from ..models import weights_sketch
+    key = tuple((t.data_ptr(), t._version, t.dtype) for t in model.state_dict().values())
+    cached = _SKETCHES.get(model)
+    if cached is None or cached[0] != key:
+        cached = _SKETCHES[model] = (key, weights_sketch(model))
+    return cached[1]
+
+
+def check_trained_for(method, path: str, what: str, meta: Dict[str, str]) -> None:
+    """Refuse a method's weights trained for another model than the one it is bound to, naming both.
+    A file that records no model (written before files recorded one) cannot be checked: it loads."""
+    import json
+    from ..models import model_name, sketch_difference
+    model = getattr(getattr(method, "info", None), "model", None)
+    if model is None or TRAINED_FOR_WEIGHTS not in meta:
+        return
+    try:
+        trained = json.loads(meta[TRAINED_FOR_WEIGHTS])
+    except json.JSONDecodeError as e:
+        raise OptionError(f"{method.name}: {what} {path}: its metadata {TRAINED_FOR_WEIGHTS} is not JSON ({e})") from None
+    difference = sketch_difference(trained, _sketch(model))
+    if difference:
+        trained_for = meta.get(TRAINED_FOR, "another model")
+        raise OptionError(f"{method.name}: {what} {path} were trained for {trained_for}, not for this model "
+                          f"{model_name(model)} (its weights have {difference}); run them on {trained_for}, or "
+                          "pass weights trained for this model")
+
+
+def _integral(value) -> bool:
+    """An integer, or a float that is one (3.0): not a bool, 3.7, inf or nan."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) \
+        and int(value) == value
+
+
+def check_int(name: str, option: str, value, low: int = 0, high: Optional[int] = None) -> int:
+    if not _integral(value) or value < low or (high is not None and value > high):
+        bound = f"in {low}..{high}" if high is not None else f">= {low}"
+        raise OptionError(f"{name}: {option} must be an integer {bound}, got {value!r}")
     return int(value)
+
+
+# --- host randomness of forwards in several threads ------------------------------------------------
+_SEED_LOCK = threading.Lock()
+_FORWARDS = threading.local()  # per thread: {method: the generator of its forward running in this thread}
+
+
+def start_forward_draws(method, generator: torch.Generator) -> None:
+    """At the start of a forward (``begin``): draw the forward's own seed from ``generator`` and
+    give this thread a generator seeded with it, which :func:`forward_generator` returns. Forwards
+    in several threads on one model then draw whole, reproducible sequences (one seed each), not
+    numbers taken in turns from one shared generator."""
+    with _SEED_LOCK:
+        seed = int(torch.randint(1 << 62, (1,), generator=generator))
+    if getattr(_FORWARDS, "generators", None) is None:
+        _FORWARDS.generators = weakref.WeakKeyDictionary()
+    _FORWARDS.generators[method] = torch.Generator().manual_seed(seed)
+
+
+def forward_generator(method, fallback: torch.Generator) -> torch.Generator:
+    """The generator of ``method``'s forward in this thread (``fallback`` outside a forward)."""
+    generators = getattr(_FORWARDS, "generators", None)
+    return generators.get(method, fallback) if generators is not None else fallback
 
 
 # --- forwards that leave no trace on a method ------------------------------------------------

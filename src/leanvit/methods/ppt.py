@@ -1,7 +1,12 @@
+import threading
+
 import torch
 
 from ..tokens import choose, keep_top, max_merge, merge_tokens
 from .base import Reduction, check_int, check_layers, check_number, register
+
+# one lock for every PPT's tally: held only for the few operations of an update
+_TALLY_LOCK = threading.Lock()
 
 
 @register
@@ -60,10 +65,14 @@ class PPT(Reduction):
     def _count(self, layer, prune):
         """Add the layer's (pruned, seen) images to the tally, on the device and out of place
         (a warm-up under ``leaves_no_trace`` gets the old tally back)."""
-        tally = self.tally.to(prune.device)
         row = torch.stack([prune.sum(), torch.ones_like(prune, dtype=torch.long).sum()])
         at = torch.full((1,), self.layers.index(layer), dtype=torch.long, device=prune.device)
-        self.tally = tally.index_add(0, at, row[None].to(tally.dtype))
+        if torch.compiler.is_compiling():  # a compiled graph cannot hold a lock
+            self.tally = self.tally.to(prune.device).index_add(0, at, row[None].to(self.tally.dtype))
+            return
+        with _TALLY_LOCK:  # forwards in several threads on one model: each adds to the latest tally
+            tally = self.tally.to(prune.device)
+            self.tally = tally.index_add(0, at, row[None].to(tally.dtype))
 
     def _counts(self):
         """{layer: (pruned, seen)} of the layers that saw images: the one host read of the tally."""

@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..tokens import TokenState, keep_first, merge_into_first, sort_by_score
-from .base import OptionError, Reduction, check_int, load_weights, register
+from .base import OptionError, Reduction, check_int, forward_generator, load_weights, register, start_forward_draws
 from .rl4evit import mlp
 
 HEAD_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -93,7 +93,7 @@ class Prance(Reduction, nn.Module):
         # random=true: per image and stage, every choice uniform over its options (seeded), no
         # selector network: PRANCE's own random floor, on any channel-elastic ViT
         self.random = random
-        self.generator = torch.Generator().manual_seed(check_int("prance", "seed", seed))
+        self.generator = torch.Generator().manual_seed(check_int("prance", "seed", seed, high=2**63 - 1))
         # strategy and channels default to what the selector weights were trained with (else
         # prune, with channels): adapt(model, "prance", weights=NAME) needs nothing else
         self.strategy_option, self.channels_option, self.state_option = strategy, channels, state
@@ -206,6 +206,8 @@ class Prance(Reduction, nn.Module):
 
     def begin(self, batch: int) -> None:
         self.rollout = []
+        if self.random:
+            start_forward_draws(self, self.generator)
 
     # --- decisions -------------------------------------------------------------------------
     def features(self, state: TokenState, k: int) -> Tensor:
@@ -268,7 +270,8 @@ class Prance(Reduction, nn.Module):
                         keep=torch.full((b,), f.keep, dtype=torch.float64, device=dev),
                         merge=torch.full((b,), f.merge, dtype=torch.float64, device=dev)), None
         if self.random:
-            actions = torch.rand(state.batch, self.action_dim, generator=self.generator, dtype=torch.float64)
+            actions = torch.rand(state.batch, self.action_dim, generator=forward_generator(self, self.generator),
+                                 dtype=torch.float64)
             return self.to_choices(actions.to(state.x.device)), None
         feats = self.features(state, k)
         dist = self.selector.distribution(feats)

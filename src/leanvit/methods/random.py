@@ -1,7 +1,8 @@
 import torch
 
 from ..tokens import ceil_keep, keep_mask, keep_top
-from .base import OptionError, Reduction, check_int, check_layers, check_rate, register
+from .base import (OptionError, Reduction, check_int, check_layers, check_rate, forward_generator, register,
+                   start_forward_draws)
 
 
 @register
@@ -14,8 +15,9 @@ class RandomDrop(Reduction):
     tokens kept: the cheapest possible execution of any method with these counts.
     ``fixed=True``: static, for compile and export: exact counts (``keep_rate`` or ``schedule``),
     the patches kept ranked by a table of noise drawn once from ``seed`` (per decision layer, kept
-    on the tokens' device), the same for every image and forward. Otherwise fresh noise from a
-    host generator every forward.
+    on the tokens' device), the same for every image and forward. Otherwise fresh noise on the host
+    every forward, from a generator of its own seeded from ``seed``'s stream (forwards in several
+    threads on one model each draw a whole sequence).
     """
 
     name = "random"
@@ -28,7 +30,7 @@ class RandomDrop(Reduction):
             raise OptionError("random: fixed=true keeps exact counts; it cannot be combined with independent=true")
         independent = not fixed if independent is None else independent
         self.layers, self.independent, self.schedule, self.fixed = layers, bool(independent), schedule, fixed
-        self.seed = check_int("random", "seed", seed)
+        self.seed = check_int("random", "seed", seed, high=2**63 - 1)
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def bind(self, info):
@@ -49,6 +51,10 @@ class RandomDrop(Reduction):
     def decision_layers(self):
         return self.layers
 
+    def begin(self, batch: int) -> None:
+        if not self.fixed:
+            start_forward_draws(self, self.generator)
+
     def why_not_static(self):
         if self.fixed:
             return None
@@ -67,7 +73,8 @@ class RandomDrop(Reduction):
         if self.fixed:
             noise = self._fixed_noise(layer, state.x.shape[1] - p, state.x.device).expand(state.batch, -1)
         else:
-            noise = torch.rand(state.batch, state.x.shape[1] - p, generator=self.generator).to(state.x.device)
+            noise = torch.rand(state.batch, state.x.shape[1] - p, generator=forward_generator(self, self.generator))
+            noise = noise.to(state.x.device)
         if self.schedule is not None:
             k = self.schedule[layer] - p
             return state if k >= n else keep_top(state, noise, k)

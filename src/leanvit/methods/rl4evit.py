@@ -34,6 +34,25 @@ LEGACY = dict(placement="after", activation="relu", input_norm=False)  # a weigh
 OPTIONS = ("layers", "hidden", "agents", "placement", "activation", "input_norm")  # stored with the weights
 
 
+# sizes of a policy network, checked before anything is allocated (options come from users and files)
+MAX_WIDTH = 1 << 16
+MAX_PARAMETERS = 1 << 27
+
+
+def mlp_parameters(sizes: Sequence[int]) -> int:
+    """The parameters of ``mlp(sizes)``'s linear layers."""
+    return sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+
+
+def _metadata_value(meta: Dict[str, str], key: str, weights: str):
+    """One option stored (as JSON) in a policy file's metadata; bad JSON names the file and the key."""
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError as e:
+        raise OptionError(f"rl4evit: the policy {weights} stores {key}={meta[key][:60]!r} in its metadata, "
+                          f"which is not JSON ({e}); the file is damaged: train it again") from None
+
+
 def mlp(sizes: Sequence[int], activation: str = "relu", input_norm: bool = False) -> nn.Sequential:
     """Linear layers with ``activation`` between them (ReLU by default: PRANCE's selector uses it too);
     ``input_norm``: a LayerNorm of the input first (MAPPO's feature normalisation)."""
@@ -96,8 +115,10 @@ class RL4EViT(Reduction, nn.Module):
         if o["agents"] not in (None, "multi", "single"):
             raise OptionError(f"rl4evit: agents must be 'multi' (one per token) or 'single' (one per layer), got {o['agents']!r}")
         hidden = o["hidden"]
-        if hidden is not None and (not isinstance(hidden, (list, tuple)) or not all(isinstance(h, int) and h > 0 for h in hidden)):
-            raise OptionError(f"rl4evit: hidden must be a list of layer widths, got {hidden!r}")
+        if hidden is not None and (not isinstance(hidden, (list, tuple)) or not hidden or not all(
+                isinstance(h, int) and not isinstance(h, bool) and 0 < h <= MAX_WIDTH for h in hidden)):
+            raise OptionError(f"rl4evit: hidden must be a list of layer widths (integers in 1..{MAX_WIDTH}), "
+                              f"got {hidden!r}")
         if o["placement"] not in (None, *PLACEMENTS):
             raise OptionError(f"rl4evit: placement must be 'before' (the paper's) or 'after' the pruning blocks, "
                               f"got {o['placement']!r}")
@@ -118,7 +139,7 @@ class RL4EViT(Reduction, nn.Module):
         if "placement" not in meta:
             return None
         # the first policies that stored their options had no input norm and do not say so
-        return {"input_norm": False, **{k: json.loads(meta[k]) for k in OPTIONS if k in meta}}
+        return {"input_norm": False, **{k: _metadata_value(meta, k, self.weights) for k in OPTIONS if k in meta}}
 
     def bind(self, info):
         super().bind(info)
@@ -132,6 +153,10 @@ class RL4EViT(Reduction, nn.Module):
         opts["layers"] = check_layers("rl4evit", opts["layers"], info.depth)
         c = info.embed_dim
         opts["hidden"] = list(opts["hidden"]) if opts["hidden"] else [4 * c, 256, 64]  # DeiT-S: 384-1536-256-64-2
+        size = mlp_parameters([2 * c, *opts["hidden"], 1])  # the critic, the larger network: checked before it exists
+        if size > MAX_PARAMETERS:
+            raise OptionError(f"rl4evit: hidden={_plain(opts['hidden'])} makes a critic of {size:,} parameters, over "
+                              f"the {MAX_PARAMETERS:,} leanvit builds; pass smaller widths")
         diff = [k for k, v in trained.items() if k in opts and _plain(v) != _plain(opts[k])]
         if diff:
             raise OptionError(f"rl4evit: the policy {self.weights} was trained with "
