@@ -96,6 +96,8 @@ def write_json(path, payload: dict) -> None:
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(f"could not write {path}: {e.strerror or e}") from e
     finally:
         tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
 

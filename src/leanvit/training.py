@@ -112,7 +112,7 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         if isinstance(e, OSError) or not isinstance(e, Exception):
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise OSError(f"could not write {path} ({type(e).__name__}: {first}); {path.name} is as it was") from e
+        raise OSError(f"could not write {path} ({type(e).__name__}: {first}); {path.name} is unchanged") from e
 
 
 def _rng_state() -> dict:
