@@ -21,7 +21,7 @@ LAYERS: List[List[str]] = [
     ["measure"],  # MACs of what a runner ran
     ["evaluate", "bench", "report", "analysis", "export"],
     ["demo", "training", "ppo", "train_policy", "train_prance", "train"],
-    ["commands", "cli", "__main__"],  # what the commands do; their parser
+    ["outputs", "commands", "cli", "__main__"],  # what they may write; what the commands do; their parser
     ["__init__"],  # the package face: nothing below imports it
 ]
 MAX_UPWARD = 0

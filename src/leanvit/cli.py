@@ -16,6 +16,7 @@ from .commands import (  # noqa: F401 (the parser looks the commands up here: a 
     check_outputs, cmd_bench, cmd_compare, cmd_demo, cmd_eval, cmd_export, cmd_match, cmd_methods, cmd_models,
     cmd_sweep, cmd_train, cmd_train_policy, cmd_train_selector, out_lock)
 from .data import DATA_HELP
+from .outputs import check_no_overwrite
 from .options import add_config_args, config_from, parse_options, parse_spec  # noqa: F401 (leanvit.cli's API)
 # the checks of option values (the trainings' configurations name theirs); the tests find them as cli.<check>
 from .options import below_one, fraction, natural, nonnegative, path, positive, positive_int, unit  # noqa: F401
@@ -280,7 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name, **kw):
-        return sub.add_parser(name, parents=[common], **kw)
+        p = sub.add_parser(name, parents=[common], **kw)
+        p.add_argument("--force", action="store_true", help="replace an existing output file that is not a "
+                       "leanvit result (never a file the command reads)")
+        return p
 
     for add in (_eval_and_bench, _trainings, _export_and_lists, _sweep_and_compare, _match, _demo):
         add(command)
@@ -299,6 +303,7 @@ def main(argv=None) -> int:
         return 0 if e.code is None else e.code if isinstance(e.code, int) else 2
     try:
         check_outputs(args)
+        check_no_overwrite(args)
         with out_lock(Path(args.out)) if getattr(args, "out", None) else contextlib.nullcontext():
             return args.func(args)
     except (ValueError, OSError, SafetensorError, UnsupportedModelError) as e:

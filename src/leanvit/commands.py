@@ -63,6 +63,7 @@ def cmd_eval(args) -> int:
         return 0
     dense = results["dense"]
     folders = f", {len(dataset.skipped_folders)} folders skipped" if dataset.skipped_folders else ""
+    folders += f", {len(dataset.skipped_files)} non-image entries skipped" if dataset.skipped_files else ""
     print(f"model {args.model}  data {dataset.root} ({args.split}, {dense.n_images} images, "
           f"{dense.skipped} unreadable skipped{folders})  threads {torch.get_num_threads()}  batch {args.batch_size}")
     rows = [dict(r.to_dict(), label=" ".join(args.opt)) for name, r in results.items() if name != "dense"]
@@ -76,6 +77,7 @@ def cmd_eval(args) -> int:
         payload = dict(main_result.to_dict(), model=args.model, data=str(dataset.root), split=args.split,
                        options=options, batch_size=args.batch_size, threads=torch.get_num_threads(),
                        processes=world, device=str(device), amp=args.amp, skipped_folders=dataset.skipped_folders,
+                       skipped_files=dataset.skipped_files,
                        dense=dense.to_dict(), method_weights=method_weights(args.method, options),
                        provenance=provenance(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
                                              data=resolve_data(args.data), split=args.split, limit=args.limit))
@@ -257,16 +259,8 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    import json
-    from .analysis import at_gmacs, format_at_gmacs
-    results = []
-    for path in args.results:
-        try:
-            results.append(json.loads(Path(path).read_text()))
-        except json.JSONDecodeError as e:
-            raise CliError(f"{path} is not a sweep result (JSON): {e}") from None
-        if not isinstance(results[-1], dict) or "rows" not in results[-1] or "dense" not in results[-1]:
-            raise CliError(f"{path} is not a `leanvit sweep` results.json (no rows/dense)")
+    from .analysis import at_gmacs, format_at_gmacs, load_sweep_results
+    results = [load_sweep_results(path) for path in args.results]
     dense = results[0]["dense"]
     gmacs = args.gmacs or [f * dense["gmacs"] for f in args.of_dense]
     print(format_at_gmacs(at_gmacs(results, gmacs, metric=args.metric), gmacs, dense, metric=args.metric))

@@ -68,9 +68,9 @@ class LeanViT(nn.Module):
             num_heads=model.blocks[0].attn.num_heads if len(model.blocks) else 0,
             embed_dim=model.embed_dim, has_cls=model.cls_token is not None,
             mlp_hidden=mlp_hidden(model.blocks[0].mlp) if len(model.blocks) else 0,
-            channel_elastic=all(elastic.sliceable(blk) for blk in model.blocks)))
-        if isinstance(method, nn.Module):  # a learned method's networks (built by bind) live where the model does
-            method.to(module_device(model))
+            channel_elastic=all(elastic.sliceable(blk) for blk in model.blocks), model=model))
+        if isinstance(method, nn.Module):  # a learned method's networks (built by bind) live where the model
+            method.to(module_device(model), _floating_dtype(model))  # does, in its precision
         for i, blk in enumerate(model.blocks):
             widths = method.block_widths(i)
             if widths:
@@ -404,6 +404,11 @@ class LeanViT(nn.Module):
 
 
 # --- the entry point --------------------------------------------------------------------------
+def _floating_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype of the model's floating-point weights (None: it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
 def adapt(model, method="none", **options) -> LeanViT:
     """Wrap a timm VisionTransformer so that it runs with token-reduction ``method``.
 
@@ -411,6 +416,12 @@ def adapt(model, method="none", **options) -> LeanViT:
     The original model is shared, not modified, and stays usable on its own.
     """
     if isinstance(model, LeanViT):
+        # its dense model is the one composition that means something: methods do not stack (a
+        # second would replace the first, which would be dropped without a word)
+        chosen = method if isinstance(method, str) else getattr(method, "name", type(method).__name__)
+        if chosen != "none" and model.method.name != "none":
+            raise OptionError(f"adapt: the model is already adapted with {model.method.name} ({model.method!r}); "
+                              f"methods do not compose: adapt its .model (the timm model) with {chosen} instead")
         model = model.model
     if isinstance(method, Reduction):
         if options:

@@ -349,37 +349,36 @@ def fit(run: Run, desc: str, step: Callable, evaluate: Callable[[int, dict, int]
             run.log(f"resumed from {run.state_path} at step {run.step}/{run.total_steps}")
         if first is not None and run.step == 0 and not run.history:
             run.record(0, first())
-        bar = run.progress(desc)
+        with run.progress(desc) as bar:  # closed on an error too: the error is the last line printed
 
-        def more() -> bool:
-            if extend is None or not extend():
-                return False
-            bar.total, bar.n = run.stop_at, run.step
-            bar.refresh()
-            return True
+            def more() -> bool:
+                if extend is None or not extend():
+                    return False
+                bar.total, bar.n = run.stop_at, run.step
+                bar.refresh()
+                return True
 
-        while run.step < run.stop_at or more():
-            epoch = run.step // run.steps_per_epoch
-            sums, n = {}, 0
-            for batch in run.epoch_loader(run.step):
-                run.unreadable["train"].update(batch.skipped)
-                logged = step(batch.to(run.device, non_blocking=True), run.step)
-                run.step += 1
-                n += 1
-                for k, v in logged.items():
-                    if not isinstance(v, str):
-                        sums[k] = sums.get(k, 0.0) + v
-                bar.update()
-                bar.set_postfix(epoch=epoch, **{k: v if isinstance(v, str) else f"{sums[k] / n:.3f}"
-                                                for k, v in logged.items()})
-                if run.should_save(run.step):
+            while run.step < run.stop_at or more():
+                epoch = run.step // run.steps_per_epoch
+                sums, n = {}, 0
+                for batch in run.epoch_loader(run.step):
+                    run.unreadable["train"].update(batch.skipped)
+                    logged = step(batch.to(run.device, non_blocking=True), run.step)
+                    run.step += 1
+                    n += 1
+                    for k, v in logged.items():
+                        if not isinstance(v, str):
+                            sums[k] = sums.get(k, 0.0) + v
+                    bar.update()
+                    bar.set_postfix(epoch=epoch, **{k: v if isinstance(v, str) else f"{sums[k] / n:.3f}"
+                                                    for k, v in logged.items()})
+                    if run.should_save(run.step):
+                        run.save(**state())
+                    if run.step >= run.stop_at:
+                        break
+                if run.epoch_done(run.step) or (evaluate_at_stop and run.step >= run.stop_at):
+                    run.record(epoch + 1, evaluate(epoch, sums, max(n, 1)))
                     run.save(**state())
-                if run.step >= run.stop_at:
-                    break
-            if run.epoch_done(run.step) or (evaluate_at_stop and run.step >= run.stop_at):
-                run.record(epoch + 1, evaluate(epoch, sums, max(n, 1)))
-                run.save(**state())
-        bar.close()
         if run.saved_at != run.step:
             run.save(**state())
 

@@ -13,7 +13,9 @@ the full CIFAR-10 in ``~/.cache/leanvit/``, downloaded through torchvision on fi
 
 Images that cannot be decoded never raise: the dataset returns ``(None, path)`` and
 the loader's collate function drops them and lists them in ``Batch.skipped``, so an
-evaluation can report exactly what it did not score.
+evaluation can report exactly what it did not score. Entries that are not regular image files of
+their class (FIFOs, sockets, devices, links into another class or out of the data folder) are
+never opened: ``LabeledImages.skipped_files`` lists them.
 """
 
 from .cifar import (CIFAR10_CLASSES, DOWNLOAD_NAME, EMBEDDED_CIFAR10, SAMPLE_NAME, cache_dir, describe_search,

@@ -80,7 +80,7 @@ def _unpickle(f: Path) -> dict:
 def load_cifar_batches(d: Path, split: str, num_classes, limit, seed, transform) -> LabeledImages:
     """torchvision's CIFAR-10 python format: 'train' -> data_batch_1..5, 'test'/'val' -> test_batch."""
     if split == "train":
-        files = sorted(d.glob("data_batch_[0-9]*"))
+        files = sorted(f for f in d.glob("data_batch_[0-9]*") if f.is_file())  # a FIFO would block
     elif split in SPLIT_ALIASES:
         files = [d / "test_batch"] if (d / "test_batch").is_file() else []
     else:
@@ -110,8 +110,9 @@ def load_cifar_batches(d: Path, split: str, num_classes, limit, seed, transform)
             classes = [c.decode() if isinstance(c, bytes) else str(c) for c in names]
         except Exception:
             log.warning("could not read class names from %s; using the CIFAR-10 names", meta)
-    if labels and max(labels) >= len(classes):
-        raise DataError(f"{d}: label {max(labels)} out of range for {len(classes)} classes")
+    bad = next((x for x in labels if not 0 <= x < len(classes)), None)
+    if bad is not None:
+        raise DataError(f"{d}: label {bad} out of range for {len(classes)} classes (0..{len(classes) - 1})")
     label_of = label_map(classes, num_classes, str(d))
     sel = balanced_subset(labels, limit, seed)
     array = np.concatenate(arrays)[sel]

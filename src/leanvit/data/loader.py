@@ -17,16 +17,17 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .cifar import CIFAR10_CLASSES
-from .readers import DataError
+from .readers import DataError, as_seen
 
 # --------------------------------------------------------------------------- transforms
 
 
 class _ToRGB:
-    """Convert any PIL mode (L, P, RGBA, CMYK...) to RGB; a class so it pickles for workers."""
+    """Convert any PIL mode (L, P, RGBA, CMYK, 16-bit...) to RGB as a person sees it (``as_seen``);
+    a class so it pickles for workers."""
 
     def __call__(self, img: Image.Image) -> Image.Image:
-        return img if img.mode == "RGB" else img.convert("RGB")
+        return as_seen(img)
 
     def __repr__(self) -> str:
         return "ToRGB()"

@@ -22,6 +22,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .entries import Walk, image_members, walk_images
+
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -70,7 +72,31 @@ def _decode(src: Union[str, bytes]) -> Image.Image:
     """Open and fully decode an image (so truncated files fail here, not in the transform)."""
     with Image.open(src if isinstance(src, str) else io.BytesIO(src)) as img:
         img.load()
-        return img.convert("RGB")
+        return as_seen(img)
+
+
+def as_seen(img: Image.Image) -> Image.Image:
+    """The RGB picture a person sees in ``img``, whatever its mode: upright (EXIF orientation),
+    16- and 32-bit gray scaled to 8 bits (not clipped to white), palette colours, CMYK as colours,
+    and transparency composited on a white background (as a viewer or a page shows it)."""
+    from PIL import ImageOps
+    img = ImageOps.exif_transpose(img)
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode == "F" and a.size and np.nanmax(a) <= 1.0:
+            a = a * 255.0  # a float image in [0, 1]
+        elif img.mode != "F":
+            a = a / 257.0  # 16-bit range (what PNG and TIFF hold; 32-bit "I" images are 16-bit ones)
+        img = Image.fromarray(np.nan_to_num(a).clip(0, 255).round().astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 class LabeledImages(Dataset):
@@ -94,6 +120,7 @@ class LabeledImages(Dataset):
         array: Optional[np.ndarray] = None,
         split: Optional[str] = None,
         skipped_folders: Optional[list[str]] = None,
+        skipped_files: Optional[list[str]] = None,
     ):
         n = len(paths)
         if len(targets) != n or (blobs is not None and len(blobs) != n) or (array is not None and len(array) != n):
@@ -105,6 +132,8 @@ class LabeledImages(Dataset):
         self.split = split
         # folders a directory walk could not read (or that lead back to one already read)
         self.skipped_folders = list(skipped_folders or [])
+        # entries that are not regular image files of their class (FIFOs, devices, links out of it), not opened
+        self.skipped_files = list(skipped_files or [])
         self.transform = transform
         self._blobs = blobs
         self._array = array
@@ -138,6 +167,7 @@ class LabeledImages(Dataset):
         return LabeledImages(
             [self.paths[i] for i in ix], [self.targets[i] for i in ix], self.classes, self.root,
             transform=transform, split=self.split, skipped_folders=self.skipped_folders,
+            skipped_files=self.skipped_files,
             blobs=None if self._blobs is None else [self._blobs[i] for i in ix],
             array=None if self._array is None else self._array[ix])
 
@@ -265,7 +295,7 @@ def _check_complete(tf: tarfile.TarFile) -> None:
 def _read_tar(path: Path, split: str, num_classes, limit, seed, transform) -> LabeledImages:
     where = str(path)
     with tarfile.open(path, "r:*") as tf:
-        members = [m for m in tf.getmembers() if m.isfile() and is_image_name(m.name)]
+        members, skipped = image_members(tf, where, is_image_name)
         _check_complete(tf)
         parts = [_member_parts(m.name) for m in members]
         # Drop a single wrapper directory (e.g. "imagenette2/val/<class>/<img>").
@@ -292,13 +322,16 @@ def _read_tar(path: Path, split: str, num_classes, limit, seed, transform) -> La
         # Read in archive order: a gzip stream can only seek forward cheaply.
         blobs: dict[int, bytes] = {}
         for i in sorted(sel, key=lambda i: keep[i][0].offset_data):
-            f = tf.extractfile(keep[i][0])
+            try:
+                f = tf.extractfile(keep[i][0])  # a hard link reads the member it names
+            except KeyError:  # a hard link to a member the archive does not hold: unreadable
+                f = None
             blobs[i] = f.read() if f is not None else b""
     return LabeledImages(
         paths=[f"{where}:{keep[i][0].name}" for i in sel],
         targets=[labels[class_idx[i]] for i in sel],
         classes=classes, root=root, transform=transform,
-        blobs=[blobs[i] for i in sel], split=chosen or split,
+        blobs=[blobs[i] for i in sel], split=chosen or split, skipped_files=skipped,
     )
 
 
@@ -311,28 +344,6 @@ def _subdirs(d: Path) -> list[str]:
         raise DataError(f"cannot read the folder {d} ({err}); check its permissions") from err
 
 
-def _walk_images(top: Path, skipped: list[str], seen: set[str]) -> list[str]:
-    """Image files under ``top``, following links to folders, but never into a folder already read
-    (``seen``, shared by all classes) or into an ancestor of ``top`` (a loop); those, and
-    unreadable folders, go to ``skipped``."""
-    found: list[str] = []
-    top_real = os.path.realpath(top)
-
-    def unreadable(err: OSError) -> None:
-        skipped.append(f"{err.filename} (unreadable: {err.strerror})")
-
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=True, onerror=unreadable):
-        real = os.path.realpath(dirpath)
-        if real in seen or (real != top_real and os.path.commonpath([real, top_real]) == real):
-            skipped.append(f"{dirpath} (leads to {real}, already read or an ancestor: a loop)")
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
-        found += [os.path.join(dirpath, fn) for fn in sorted(filenames) if is_image_name(fn)]
-    return found
-
-
 def load_folder(root: Path, split: str, num_classes, limit, seed, transform) -> LabeledImages:
     """ImageFolder layout, either at ``root`` or under ``root/<split>``."""
     top = _subdirs(root)
@@ -343,12 +354,15 @@ def load_folder(root: Path, split: str, num_classes, limit, seed, transform) -> 
         base = root / chosen
         top = _subdirs(base)
     items: list[tuple[str, int]] = []
-    skipped: list[str] = []
-    seen = {os.path.realpath(base)}  # a link back to the data folder would read every class again
+    walk = Walk.of(base, top)
     for ci, cls in enumerate(top):
-        items += [(path, ci) for path in _walk_images(base / cls, skipped, seen)]
+        items += [(path, ci) for path in walk_images(base / cls, walk, is_image_name)]
+    skipped = walk.folders
     if skipped:
         log.warning("%s: skipped %d folder(s) (first: %s)", base, len(skipped), skipped[0])
+    if walk.files:
+        log.warning("%s: skipped %d file(s) that are not regular image files of their class (first: %s)",
+                    base, len(walk.files), walk.files[0])
     if not items:
         loose = [n for n in os.listdir(base) if is_image_name(n)]
         archives = [n for n in os.listdir(base) if n.lower().endswith(ARCHIVE_SUFFIXES)]
@@ -365,6 +379,7 @@ def load_folder(root: Path, split: str, num_classes, limit, seed, transform) -> 
     return LabeledImages(
         paths=[items[i][0] for i in sel], targets=[labels[class_idx[i]] for i in sel],
         classes=classes, root=str(base), transform=transform, split=chosen or split, skipped_folders=skipped,
+        skipped_files=walk.files,
     )
 
 
