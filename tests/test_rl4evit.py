@@ -263,6 +263,8 @@ def test_budget_is_met_with_the_actor_counted(tmp_path, agents, reward):
     assert all(0 < c["gmacs_ratio"] < 1.5 and 0 <= c["keep"] <= 1 for c in curve)
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "metrics.json").read_text())["curve"] == curve
+    torch.manual_seed(cfg.seed)  # the random-weight model the training ran on (it seeds before building it):
+    # the file records that model and loads on no other
     f = leanvit.adapt(leanvit.create_model("vit12_convstem_w96_cifar"), "rl4evit", weights=str(tmp_path / "policy.safetensors"))
     assert (f.method.agents, f.method.hidden, f.method.placement) == (agents, [32], "before")
     again = train_policy(cfg, log=lambda s: None)
