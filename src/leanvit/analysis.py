@@ -59,7 +59,7 @@ def load_sweep_results(path) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not JSON ({e}), so not {what}") from None
     if not isinstance(result, dict) or not isinstance(result.get("rows"), list) or not result["rows"]:
-        raise ValueError(f"{path}: no rows (a list of measured settings); is it {what}?")
+        raise ValueError(f"{path}: no rows (a list of measured settings): not {what}")
     dense = result.get("dense")
     if not isinstance(dense, dict) or not number(dense.get("gmacs"), positive=True):
         raise ValueError(f"{path}: dense.gmacs must be a positive number, got "
