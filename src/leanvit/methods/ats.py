@@ -33,8 +33,9 @@ class ATS(Reduction):
 
     def reduce(self, layer, state, attn):
         n = state.counts() - state.n_prefix  # (B,) each image's own patches
-        if int(n.max()) <= 1:  # one patch left in every image: it stays, so skip the sampling's ops
-            return state       # (a host sync, as keep_mask's batch width below is one anyway)
+        most = int(n.max())  # the one host sync of the sampling (keep_mask has its own)
+        if most <= 1:  # one patch left in every image: it stays, so skip the sampling's ops
+            return state
         if isinstance(self.tokens, float):
             k = (self.tokens * n).round().long()
         else:
@@ -45,7 +46,9 @@ class ATS(Reduction):
             scores = scores * state.valid[:, state.n_prefix:]
         cdf = scores.cumsum(dim=1)
         cdf = cdf / cdf[:, -1:]
-        j = torch.arange(int(k.max()), device=cdf.device)
+        # k <= n: a grid of the most patches holds every image's k points; the surplus ones repeat
+        # the first point, which is picked anyway (no second sync for k.max())
+        j = torch.arange(most, device=cdf.device)
         points = (j.to(cdf.dtype) + 0.5) / k[:, None]
         points = torch.where(j < k[:, None], points, points[:, :1])  # surplus points repeat the first
         picked = torch.searchsorted(cdf.contiguous(), points.contiguous(), right=True)

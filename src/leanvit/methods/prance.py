@@ -64,8 +64,12 @@ class Selector(nn.Module):
         self.critic = mlp([in_dim, hidden, hidden, 1])
         self.log_std = nn.Parameter(torch.full((action_dim,), math.log(0.2)))
 
+    def mean(self, features: Tensor) -> Tensor:
+        """The actions' means: what inference picks (no distribution object to build)."""
+        return torch.sigmoid(self.actor(self.norm(features)))
+
     def distribution(self, features: Tensor) -> torch.distributions.Normal:
-        mean = torch.sigmoid(self.actor(self.norm(features)))
+        mean = self.mean(features)
         # no argument validation: one NaN image must not fail its batch (it runs at full width)
         return torch.distributions.Normal(mean, self.log_std.exp().expand_as(mean), validate_args=False)
 
@@ -108,6 +112,7 @@ class Prance(Reduction, nn.Module):
         # the network is finished at full width from there (Result-to-Go)
         self.sampling = False
         self.rollout: List[dict] = []
+        self.option_tensors: Dict[tuple, Tensor] = {}  # to_choices' options, per dtype and device
 
     def _resolve_options(self) -> None:
         trained = self._trained_options() if self.weights else {}
@@ -251,7 +256,7 @@ class Prance(Reduction, nn.Module):
         def pick(options, dtype):
             a = next(cols).nan_to_num(nan=1.0)  # an image with NaN features: the full choice
             idx = (a.clamp(0, 1) * len(options)).long().clamp(max=len(options) - 1)
-            return torch.tensor(options, dtype=dtype, device=dev)[idx]
+            return self._options_tensor(options, dtype, dev)[idx]
 
         def fixed(value, dtype):
             return torch.full((actions.shape[0],), value, dtype=dtype, device=dev)
@@ -260,6 +265,15 @@ class Prance(Reduction, nn.Module):
                     hidden=pick(self.mlp_options, long) if self.channels else fixed(self.full.hidden, long),
                     keep=pick(KEEP_RATIOS, f64) if self.strategy != "none" else fixed(1.0, f64),
                     merge=pick(KEEP_RATIOS, f64) if self.strategy == "prune-merge" else fixed(1.0, f64))
+
+    def _options_tensor(self, options: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """``options`` as a tensor, made once (a new tensor per pick cost a few operator calls each)."""
+        key = (options, dtype, device)
+        t = self.option_tensors.get(key)
+        if t is None:
+            with torch.inference_mode(False):  # usable in training forwards too
+                t = self.option_tensors[key] = torch.tensor(options, dtype=dtype, device=device)
+        return t
 
     def decide(self, state: TokenState, k: int) -> Tuple[Dict[str, Tensor], Optional[dict]]:
         """Per-image choices for stage ``k`` (and, when sampling, what the rollout records)."""
@@ -274,9 +288,9 @@ class Prance(Reduction, nn.Module):
                                  dtype=torch.float64)
             return self.to_choices(actions.to(state.x.device)), None
         feats = self.features(state, k)
+        if not self.sampling:  # greedy: the means
+            return self.to_choices(self.selector.mean(feats)), None
         dist = self.selector.distribution(feats)
-        if not self.sampling:
-            return self.to_choices(dist.mean), None
         actions = dist.sample()
         return self.to_choices(actions), dict(features=feats, actions=actions, logp=dist.log_prob(actions).sum(dim=-1))
 
