@@ -116,9 +116,17 @@ def _child_runners(model, spec: dict, images):
 
 
 def _child_gmacs(runners: dict, images) -> dict:
-    """GMACs per image of every leanvit runner: the two sides must have run the same work."""
+    """GMACs per image of every leanvit runner (the two sides must have run the same work); None
+    where this side cannot count them."""
     import leanvit
-    return {label: leanvit.count_macs(r, images) for label, r in runners.items() if isinstance(r, leanvit.LeanViT)}
+    out = {}
+    for label, r in runners.items():
+        if isinstance(r, leanvit.LeanViT):
+            try:
+                out[label] = leanvit.count_macs(r, images)
+            except Exception:  # noqa: BLE001  (an old base's counter: the timing still stands)
+                out[label] = None
+    return out
 
 
 def child_main(spec: dict) -> dict:
@@ -156,10 +164,19 @@ def git(*args: str) -> str:
 
 
 def default_base() -> str:
-    """main; on main itself, HEAD if src/ has uncommitted changes, else HEAD~1."""
-    if git("rev-parse", "HEAD") != git("rev-parse", "main"):
+    """main; on main itself (or without a main branch), HEAD if src/ has uncommitted changes, else HEAD~1."""
+    main = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", "-q", "main^{commit}"],
+                          capture_output=True, text=True).stdout.strip()
+    if main and main != git("rev-parse", "HEAD"):
         return "main"
     return "HEAD" if git("status", "--porcelain", "--", "src") else "HEAD~1"
+
+
+def resolve(commit: str) -> str:
+    try:
+        return git("rev-parse", "--verify", f"{commit}^{{commit}}")
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        raise SystemExit(f"guard: --base {commit}: not a commit of the repository at {REPO}") from None
 
 
 def materialise(commit: str, dest: Path) -> Path:
@@ -170,7 +187,10 @@ def materialise(commit: str, dest: Path) -> Path:
         f.write(tar)
         f.seek(0)
         with tarfile.open(fileobj=f) as archive:
-            archive.extractall(dest, filter="data") if hasattr(tarfile, "data_filter") else archive.extractall(dest)
+            if hasattr(tarfile, "data_filter"):  # Pythons with extraction filters: no path tricks
+                archive.extractall(dest, filter="data")
+            else:
+                archive.extractall(dest)
     return dest / "src"
 
 
@@ -312,7 +332,9 @@ def pick_cases(names: Optional[List[str]]) -> Dict[str, List[str]]:
             raise SystemExit(f"guard: --cases: no case {name!r} (see --list)")
         for c in hits:
             g, label = CASES[c]
-            chosen.setdefault(g, []).append(label) if label not in chosen.get(g, []) else None
+            labels = chosen.setdefault(g, [])
+            if label not in labels:
+                labels.append(label)
     return chosen
 
 
@@ -350,7 +372,8 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/guard/<date>_<base>_<head>.json)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if min(args.rounds, args.repeats, args.threads, args.forwards or 1) < 1 or args.warmup < 0 or not 0 <= args.tolerance < 1:
+    if min(args.rounds, args.repeats, args.threads, args.forwards or 1) < 1 or args.warmup < 0 \
+            or not 0 <= args.tolerance < 1:
         p.error("--rounds, --repeats, --forwards and --threads must be >= 1, --warmup >= 0, --tolerance in [0, 1)")
     return args
 
@@ -361,9 +384,36 @@ def list_cases() -> str:
         group, r = GROUPS[g], GROUPS[g].runners[label]
         what = ("timm's own forward" if r.method is None and not r.floor_of else
                 f"random floor of {r.floor_of}" if r.floor_of else
-                " ".join([r.method, *(f"{k}={v}" for k, v in r.options.items()), *(["shipped weights"] if r.shipped else [])]))
+                " ".join([r.method, *(f"{k}={v}" for k, v in r.options.items()),
+                          *(["shipped weights"] if r.shipped else [])]))
         lines.append(f"{name:<26} {group.model}, batch {group.batch}: {what}")
     return "\n".join(lines)
+
+
+SETTINGS = ("rounds", "repeats", "warmup", "forwards", "threads", "tolerance", "seed")
+
+
+def new_record(args, argv, base: str, chosen: Dict[str, List[str]]) -> dict:
+    """The result file's header: command, date, machine, both commits, settings, groups."""
+    base_sha, head_sha = resolve(base), resolve("HEAD")
+    return dict(command=" ".join(["benchmarks/guard.py", *(argv if argv is not None else sys.argv[1:])]),
+                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), machine=machine_info(),
+                base=dict(ref=base, commit=base_sha),
+                work=dict(commit=head_sha, src_modified=bool(git("status", "--porcelain", "--", "src"))),
+                settings={k: getattr(args, k) for k in SETTINGS},
+                groups={g: dict(model=GROUPS[g].model, batch=GROUPS[g].batch,
+                                forwards=args.forwards or GROUPS[g].forwards) for g in chosen},
+                rounds=[])
+
+
+def finish(record: dict, chosen: Dict[str, List[str]], tolerance: float) -> List[dict]:
+    """The summary rows, added to the record with the torch version and the load at the end."""
+    rows = [summarise(record["rounds"], g, label, GROUPS[g].runners[label].reference, tolerance)
+            for g, labels in chosen.items() for label in labels]
+    children = [out for r in record["rounds"] for sides in r["groups"].values() for out in sides.values()]
+    record.update(summary=rows, torch=next((c["torch"] for c in children if "torch" in c), None))
+    record["machine"]["load_average_at_end"] = list(os.getloadavg())
+    return rows
 
 
 def main(argv=None) -> int:
@@ -376,30 +426,23 @@ def main(argv=None) -> int:
         return 0
     chosen = pick_cases(args.cases)
     base = args.base or default_base()
-    base_sha, head_sha = git("rev-parse", "--verify", f"{base}^{{commit}}"), git("rev-parse", "HEAD")
-    dirty = bool(git("status", "--porcelain", "--", "src"))
+    record = new_record(args, argv, base, chosen)
+    base_sha, head_sha, dirty = record["base"]["commit"], record["work"]["commit"], record["work"]["src_modified"]
     out = args.out or RESULTS / (f"{time.strftime('%Y-%m-%d_%H%M%S', time.gmtime())}_{base_sha[:8]}_vs_"
                                  f"{head_sha[:8]}{'-dirty' if dirty else ''}.json")
-    record = dict(command=" ".join(["benchmarks/guard.py", *(argv if argv is not None else sys.argv[1:])]),
-                  date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), machine=machine_info(),
-                  base=dict(ref=base, commit=base_sha), work=dict(commit=head_sha, src_modified=dirty),
-                  settings={k: getattr(args, k) for k in ("rounds", "repeats", "warmup", "forwards", "threads", "tolerance",
-                                                           "seed")},
-                  groups={g: dict(model=GROUPS[g].model, batch=GROUPS[g].batch, forwards=args.forwards or GROUPS[g].forwards)
-                          for g in chosen}, rounds=[])
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds the with: the base copy is removed
-    with tempfile.TemporaryDirectory(prefix="leanvit-guard-") as tmp:
-        run_rounds(args, materialise(base_sha, Path(tmp)), chosen, record, out)
-    rows = [summarise(record["rounds"], g, label, GROUPS[g].runners[label].reference, args.tolerance)
-            for g, labels in chosen.items() for label in labels]
-    first = record["rounds"][0]["groups"]
-    record.update(summary=rows, torch=next((s.get("torch") for g in first.values() for s in g.values()
-                                            if "torch" in s), None))
-    record["machine"]["load_average_at_end"] = list(os.getloadavg())
+    try:
+        with tempfile.TemporaryDirectory(prefix="leanvit-guard-") as tmp:
+            run_rounds(args, materialise(base_sha, Path(tmp)), chosen, record, out)
+    except KeyboardInterrupt:
+        print(f"guard: interrupted; {len(record['rounds'])} finished round(s) in {out}", file=sys.stderr)
+        return 130
+    rows = finish(record, chosen, args.tolerance)
     write_atomic(out, record)
     print(f"base {base} ({base_sha[:10]}) vs working tree ({head_sha[:10]}{', src modified' if dirty else ''}); "
           f"{args.threads} threads, {args.rounds} rounds x {args.repeats} repeats; load average "
-          f"{record['machine']['load_average_at_start'][0]:.2f} at start")
+          f"{record['machine']['load_average_at_start'][0]:.2f} at start, "
+          f"{record['machine']['load_average_at_end'][0]:.2f} at the end")
     print(format_rows(rows, {f"{g}/{k}": GROUPS[g].batch for g, ks in chosen.items() for k in ks}))
     print(f"raw rounds: {out}")
     return 1 if any(r["verdict"] in ("slower", "slower?", "error") for r in rows) else 0

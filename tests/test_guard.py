@@ -99,8 +99,8 @@ def test_materialise_extracts_the_commit(tmp_path):
 @needs_git
 def test_tiny_run_end_to_end(tmp_path, capsys):
     out = tmp_path / "guard.json"
-    status = guard.main(["--base", "HEAD", "--cases", "ref/b1/none", "--rounds", "1", "--repeats", "1",
-                         "--warmup", "0", "--forwards", "1", "--threads", "1", "--tolerance", "0.99", "--out", str(out)])
+    status = guard.main(["--base", "HEAD", "--cases", "ref/b1/none", "--rounds", "1", "--repeats", "1", "--warmup",
+                         "0", "--forwards", "1", "--threads", "1", "--tolerance", "0.99", "--out", str(out)])
     record = json.loads(out.read_text())
     sides = record["rounds"][0]["groups"]["ref/b1"]
     assert set(sides) == {"base", "work"} and record["rounds"][0]["order"] == ["base", "work"]
