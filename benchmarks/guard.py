@@ -7,7 +7,10 @@
 The base commit's ``src/`` is extracted (``git archive``) into a temporary directory, removed at exit
 (also on Ctrl-C or SIGTERM). Every round runs, for each model and batch size, one child process per
 side, each importing leanvit from its own ``src/`` (base first in even rounds, the working tree first in
-odd ones): the same runners on the same seeded random images, with the same threads. A child builds
+odd ones): the same runners on the same images, with the same threads: seeded random images for
+DeiT-S; for the reference models, CIFAR-10 images from the sample shipped with leanvit, written once
+by the working tree to a file both sides read (on noise the shipped RL4EViT policy keeps every token,
+and there would be nothing to measure). A child builds
 the model with fixed random weights (DeiT-S) or loads a shipped reference model, warms up, times
 ``--repeats`` timings of ``forwards`` forwards each (its runners in a shuffled order each repeat) and
 prints one JSON line with the median seconds per forward of every runner.
@@ -63,6 +66,7 @@ class Group:
     batch: int
     forwards: int  # per timing: enough that a timing is not a few milliseconds
     runners: Dict[str, Runner]
+    real_images: bool = False  # CIFAR-10 images of the shipped sample, else seeded random ones
 
 
 TIMM, NONE = Runner(), Runner("none", reference="timm")
@@ -72,15 +76,15 @@ GROUPS: Dict[str, Group] = {
         timm=TIMM, none=NONE, tome=Runner("tome", dict(r=13), reference="none"),
         evit=Runner("evit", dict(keep_rate=0.7), reference="none"), ppt=Runner("ppt", dict(r=50), reference="none"),
         ats=Runner("ats", dict(tokens=0.5), reference="none"))),
-    "ref/b1": Group(REFERENCE, 1, 32, dict(timm=TIMM, none=NONE)),
+    "ref/b1": Group(REFERENCE, 1, 32, dict(timm=TIMM, none=NONE), real_images=True),
     "ref/b32": Group(REFERENCE, 32, 4, dict(
         timm=TIMM, none=NONE,
         rl4evit=Runner("rl4evit", shipped=REFERENCE, reference="rl4evit-floor"),
         **{"rl4evit-floor": Runner(floor_of="rl4evit")},
-        ats=Runner("ats", reference="ats-floor"), **{"ats-floor": Runner(floor_of="ats")})),
+        ats=Runner("ats", reference="ats-floor"), **{"ats-floor": Runner(floor_of="ats")}), real_images=True),
     "prance/b32": Group(PRANCE_MODEL, 32, 4, dict(
         none=Runner("none"), prance=Runner("prance", shipped=PRANCE_MODEL, reference="prance-floor"),
-        **{"prance-floor": Runner(floor_of="prance")})),
+        **{"prance-floor": Runner(floor_of="prance")}), real_images=True),
 }
 CASES = {f"{g}/{label}": (g, label) for g, group in GROUPS.items() for label in group.runners}
 
@@ -137,7 +141,11 @@ def child_main(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     model = _child_model(spec["model"])
     size = tuple(model.pretrained_cfg["input_size"])
-    images = torch.randn(spec["batch"], *size, generator=torch.Generator().manual_seed(spec["seed"]))
+    if spec["images"]:
+        from safetensors.torch import load_file
+        images = load_file(spec["images"])["images"]
+    else:
+        images = torch.randn(spec["batch"], *size, generator=torch.Generator().manual_seed(spec["seed"]))
     with torch.inference_mode():
         runners, errors = _child_runners(model, spec, images)
         gmacs = _child_gmacs({k: v for k, v in runners.items() if not spec["runners"][k]["floor_of"]}, images)
@@ -153,8 +161,22 @@ def child_main(spec: dict) -> dict:
                 if i >= spec["warmup"]:
                     seconds[label].append((time.perf_counter() - t0) / spec["forwards"])
     return dict(leanvit=leanvit.__file__, torch=torch.__version__, threads=torch.get_num_threads(),
-                input_size=list(size), seconds=seconds, gmacs=gmacs, errors=errors,
+                input_size=list(size), images_checksum=float(images.double().abs().sum()), seconds=seconds,
+                gmacs=gmacs, errors=errors,
                 median={k: statistics.median(v) for k, v in seconds.items()})
+
+
+def write_images(spec: dict) -> dict:
+    """(Working tree only) ``batch`` CIFAR-10 images of leanvit's shipped sample, evenly spaced over
+    it (its classes are in order), preprocessed for ``model``, to the safetensors file ``out``."""
+    import torch
+    import leanvit
+    from safetensors.torch import save_file
+    from leanvit.data import EMBEDDED_CIFAR10, eval_transform, load_dataset
+    ds = load_dataset(EMBEDDED_CIFAR10, split="test", transform=eval_transform(leanvit.load_model(spec["model"])))
+    step = len(ds) // spec["batch"]
+    save_file({"images": torch.stack([ds[i * step][0] for i in range(spec["batch"])]).contiguous()}, spec["out"])
+    return dict(images=f"{EMBEDDED_CIFAR10.name}: images 0, {step}, ..., {(spec['batch'] - 1) * step}")
 
 
 # ---------------------------------------------------------------- parent: sides, rounds, statistics
@@ -194,7 +216,7 @@ def materialise(commit: str, dest: Path) -> Path:
     return dest / "src"
 
 
-def child_spec(group: Group, labels: List[str], args) -> dict:
+def child_spec(group: Group, labels: List[str], args, images: Optional[Path]) -> dict:
     runners = {}
     for label in labels:
         r = group.runners[label]
@@ -203,22 +225,22 @@ def child_spec(group: Group, labels: List[str], args) -> dict:
             options["weights"] = str(ZOO / f"{r.shipped}.{r.method}.safetensors")
         runners[label] = dict(method=r.method, options=options, floor_of=r.floor_of)
     return dict(model=group.model, batch=group.batch, forwards=args.forwards or group.forwards, runners=runners,
-                threads=args.threads,
+                threads=args.threads, images=str(images) if images else None,
                 repeats=args.repeats, warmup=args.warmup, seed=args.seed)
 
 
-def run_child(src: Path, spec: dict) -> dict:
+def run_child(src: Path, spec: dict, mode: str = "--child") -> dict:
     """One child process importing leanvit from ``src``: its JSON result, or ``{"failed": reason}``."""
-    env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS=str(spec["threads"]),
-               MKL_NUM_THREADS=str(spec["threads"]))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+    threads = str(spec.get("threads", 1))
+    env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), mode, json.dumps(spec)],
                           env=env, capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return dict(failed=f"exit {proc.returncode}: {tail[:300]}")
     out = json.loads(lines[-1])
-    if not Path(out["leanvit"]).resolve().is_relative_to(src.resolve()):
+    if "leanvit" in out and not Path(out["leanvit"]).resolve().is_relative_to(src.resolve()):
         raise RuntimeError(f"child imported leanvit from {out['leanvit']}, not from {src}: check PYTHONPATH")
     return out
 
@@ -338,11 +360,27 @@ def pick_cases(names: Optional[List[str]]) -> Dict[str, List[str]]:
     return chosen
 
 
+def group_images(chosen: Dict[str, List[str]], tmp: Path, record: dict) -> Dict[str, Optional[Path]]:
+    """Per group, the file of its real images (written by the working tree), or None (random ones)."""
+    files = {}
+    for g in chosen:
+        group = GROUPS[g]
+        files[g] = tmp / f"images-{group.model}-{group.batch}.safetensors" if group.real_images else None
+        if files[g] and not files[g].is_file():
+            made = run_child(WORK_SRC, dict(model=group.model, batch=group.batch, out=str(files[g])), "--images")
+            if "failed" in made:
+                raise SystemExit(f"guard: cannot make the images of {g}: {made['failed']}")
+            record["groups"][g].update(made)
+    return files
+
+
 def run_rounds(args, base_src: Path, chosen: Dict[str, List[str]], record: dict, out: Path) -> None:
     """``args.rounds`` rounds; each group's two children in alternating order; saved after every round."""
     from tqdm import tqdm
     sides = [("base", base_src), ("work", WORK_SRC)]
-    specs = {g: child_spec(GROUPS[g], needed_labels(GROUPS[g], labels), args) for g, labels in chosen.items()}
+    images = group_images(chosen, base_src.parent, record)
+    specs = {g: child_spec(GROUPS[g], needed_labels(GROUPS[g], labels), args, images[g])
+             for g, labels in chosen.items()}
     with tqdm(total=args.rounds * len(specs) * 2, desc="guard", unit="process") as bar:
         for i in range(args.rounds):
             order = sides if i % 2 == 0 else sides[::-1]
@@ -368,9 +406,10 @@ def parse_args(argv=None):
     p.add_argument("--forwards", type=int, help="forwards per timing (default: the case's, 1 to 32)")
     p.add_argument("--threads", type=int, default=2, help="torch and OpenMP threads (default 2)")
     p.add_argument("--tolerance", type=float, default=0.03, help="ratio beyond 1 +- this is a change (default 0.03)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random images")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random images (DeiT-S)")
     p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/guard/<date>_<base>_<head>.json)")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--images", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if min(args.rounds, args.repeats, args.threads, args.forwards or 1) < 1 or args.warmup < 0 \
             or not 0 <= args.tolerance < 1:
@@ -418,8 +457,8 @@ def finish(record: dict, chosen: Dict[str, List[str]], tolerance: float) -> List
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.child:
-        print(json.dumps(child_main(json.loads(args.child))))
+    if args.child or args.images:
+        print(json.dumps(child_main(json.loads(args.child)) if args.child else write_images(json.loads(args.images))))
         return 0
     if args.list:
         print(list_cases())

@@ -109,6 +109,8 @@ def test_tiny_run_end_to_end(tmp_path, capsys):
     assert not Path(sides["base"]["leanvit"]).exists()
     assert set(sides["work"]["median"]) == {"none", "timm"}  # none's reference comes along
     assert sides["base"]["gmacs"]["none"] == pytest.approx(sides["work"]["gmacs"]["none"])
+    assert sides["base"]["images_checksum"] == sides["work"]["images_checksum"] > 0  # the same real images
+    assert "cifar10" in record["groups"]["ref/b1"]["images"]
     assert record["base"]["commit"] == record["work"]["commit"] and record["machine"]["cpu"]
     (row,) = record["summary"]
     assert row["case"] == "ref/b1/none" and row["verdict"] == "same" and row["vs_ref"] > 0
