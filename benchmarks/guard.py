@@ -10,10 +10,10 @@ side, each importing leanvit from its own ``src/`` (base first in even rounds, t
 odd ones): the same runners on the same images, with the same threads: seeded random images for
 DeiT-S; for the reference models, CIFAR-10 images from the sample shipped with leanvit, written once
 by the working tree to a file both sides read (on noise the shipped RL4EViT policy keeps every token,
-and there would be nothing to measure). A child builds
-the model with fixed random weights (DeiT-S) or loads a shipped reference model, warms up, times
-``--repeats`` timings of ``forwards`` forwards each (its runners in a shuffled order each repeat) and
-prints one JSON line with the median seconds per forward of every runner.
+and there would be nothing to measure). A child builds the model with fixed random weights (DeiT-S)
+or loads a shipped reference model, warms up, times ``--repeats`` timings of ``forwards`` forwards
+each (its runners in a shuffled order each repeat) and prints one JSON line with the median seconds
+per forward of every runner.
 
 Per case the table gives the medians over rounds of both sides, the median of the per-round ratios
 base / working tree (above 1: the working tree is faster), their range and interquartile range, and a
@@ -107,6 +107,8 @@ def _child_runners(model, spec: dict, images):
     runners, errors = {}, {}
     for label, r in spec["runners"].items():
         try:
+            if r["floor_of"] and r["floor_of"] not in runners:
+                raise RuntimeError(f"no floor: {r['floor_of']} is unavailable here")
             if r["floor_of"]:
                 from leanvit.bench import floor_of  # absent in old trees: the case is unavailable there
                 runners[label] = floor_of(runners[r["floor_of"]], images)
