@@ -5,7 +5,7 @@ same per-image token counts and widths, random tokens: ``leanvit.bench.floor_of`
 - ATen operator calls, in total and per kind: host syncs (``_local_scalar_dense``: ``.item()``,
   ``int()``/``bool()`` of a tensor; ``nonzero``; ``equal``; copies to the host), sorts (sort,
   argsort, topk), gathers and scatters (gather, index, index_select, index_copy, scatter), and
-- packed-layout rebuilds (``runtime._Layout`` constructions, each one host sync and a few copies),
+- packed-layout rebuilds (``packing.Layout`` constructions, each one host sync and a few copies),
 
 with the lines of leanvit that called the syncs, sorts and gathers. ``method - floor`` is the
 decision's own bookkeeping.
@@ -28,7 +28,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import leanvit
-from leanvit import runtime
+from leanvit import packing
 from leanvit.bench import floor_of
 from leanvit.data import EMBEDDED_CIFAR10, eval_transform, load_dataset
 from leanvit.zoo import ZOO_DIR
@@ -77,18 +77,18 @@ class CountOperators(TorchDispatchMode):
 def count_forward(runner, images) -> dict:
     """One forward's operator counts by kind, its layout rebuilds, and the calling lines."""
     layouts = [0]
-    init = runtime._Layout.__init__
+    init = packing.Layout.__init__
 
     def counted(self, state):
         layouts[0] += 1
         init(self, state)
     mode = CountOperators()
-    runtime._Layout.__init__ = counted
+    packing.Layout.__init__ = counted
     try:
         with torch.inference_mode(), mode:
             runner(images)
     finally:
-        runtime._Layout.__init__ = init
+        packing.Layout.__init__ = init
     by_kind = collections.Counter()
     for (op, _), n in mode.calls.items():
         by_kind[kind_of(op)] += n
