@@ -174,7 +174,7 @@ def holdout_split(cfg, num_classes: int, train_tf, eval_tf):
                          "for evaluation (--limit-eval) and train on the rest")
     held = set(balanced_subset(both.targets, held_n, cfg.seed + 1))
     rest = [i for i in range(len(both)) if i not in held]
-    return both.subset(rest, train_tf), both.subset(sorted(held), eval_tf)
+    return both.subset(rest, train_tf), both.subset(sorted(held), eval_tf).for_evaluation()
 
 
 # --- what every training loop shares -----------------------------------------------------------------

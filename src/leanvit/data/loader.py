@@ -114,18 +114,19 @@ class Batch:
     images: torch.Tensor
     labels: torch.Tensor
     skipped: list[str] = field(default_factory=list)
+    boxes: Optional[torch.Tensor] = None  # (B, 4) object boxes as fractions of the image, where known
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         return Batch(self.images.to(device, non_blocking=non_blocking),
-                     self.labels.to(device, non_blocking=non_blocking), self.skipped)
+                     self.labels.to(device, non_blocking=non_blocking), self.skipped, self.boxes)
 
     def pin_memory(self) -> "Batch":
         """What a DataLoader with ``pin_memory=True`` calls: page-locked copies for asynchronous
         host-to-GPU transfer."""
-        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.skipped)
+        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.skipped, self.boxes)
 
 
 def _as_tensor(img) -> torch.Tensor:
@@ -138,11 +139,13 @@ def _as_tensor(img) -> torch.Tensor:
 
 def collate(items: list) -> Batch:
     """Stack good ``(image, label)`` items; ``(None, path)`` items go to ``Batch.skipped``.
+    ``(image, label, box)`` items (cluttered sets) also stack their boxes into ``Batch.boxes``.
 
     A module-level function so DataLoader workers can pickle it.
     """
-    good = [(x, y) for x, y in items if x is not None]
-    skipped = [y for x, y in items if x is None]
+    boxes = [it[2] for it in items if it[0] is not None and len(it) > 2]
+    good = [(it[0], it[1]) for it in items if it[0] is not None]
+    skipped = [it[1] for it in items if it[0] is None]
     labels = torch.tensor([y for _, y in good], dtype=torch.long)
     if not good:
         return Batch(torch.empty((0, 3, 0, 0)), labels, skipped)
@@ -153,7 +156,7 @@ def collate(items: list) -> Batch:
         sizes = sorted({tuple(t.shape) for t in imgs})
         raise DataError(f"images in a batch differ in shape {sizes[:4]}; give load_dataset a "
                         f"transform (e.g. eval_transform(model)) that resizes them") from err
-    return Batch(images, labels, skipped)
+    return Batch(images, labels, skipped, torch.stack(boxes) if boxes and len(boxes) == len(good) else None)
 
 
 def make_loader(

@@ -171,6 +171,11 @@ class LabeledImages(Dataset):
             blobs=None if self._blobs is None else [self._blobs[i] for i in ix],
             array=None if self._array is None else self._array[ix])
 
+    def for_evaluation(self) -> "LabeledImages":
+        """These images as an evaluation reads them: the same on every pass (for sets that
+        compose their images, such as cluttered CIFAR-10's training split)."""
+        return self
+
     def __repr__(self) -> str:
         return (f"LabeledImages({len(self)} images, {len(self.classes)} classes, "
                 f"split={self.split!r}, root={self.root!r})")

@@ -9,12 +9,15 @@ from typing import Callable, Optional
 
 from .cifar import (DOWNLOAD_NAME, EMBEDDED_CIFAR10, SAMPLE_NAME, cifar_batches_dir, describe_search,
                     download_cifar10, find_default_cifar10, load_cifar_batches)
+from .cluttered import cluttered_from, cluttered_source, is_cluttered_spec
 from .readers import (ACCEPTED_LAYOUTS, ARCHIVE_ERRORS, ARCHIVE_SUFFIXES, DataError, LabeledImages, PathLike,
-                      check_classes, load_folder, load_tar)
+                      balanced_subset, check_classes, load_folder, load_tar)
 
 DATA_HELP = ("an ImageFolder dir, a tar of [<split>/]<class>/<img>, a cifar-10-batches-py dir, or a name: "
              "cifar10 (the full CIFAR-10, downloaded into ~/.cache/leanvit) or cifar10-sample (2,000 CIFAR-10 "
-             "test images shipped with leanvit); default for training/sweep: CIFAR-10 from the standard locations")
+             "test images shipped with leanvit), or cluttered-cifar10 / cluttered-cifar10-sample / cluttered:<one of these> "
+             "(its objects pasted at random scales and places on a 64x64 textured canvas, with their boxes); "
+             "default for training/sweep: CIFAR-10 from the standard locations")
 
 
 def load_dataset(
@@ -30,14 +33,20 @@ def load_dataset(
     """Load a labelled image set from a folder, a tar archive or a torchvision CIFAR-10 dir.
 
     ``path=None`` uses :func:`find_default_cifar10`; the names ``cifar10-sample`` and ``cifar10``
-    are resolved by :func:`resolve_data`. Labels are sorted class-folder
+    are resolved by :func:`resolve_data`; ``cluttered-cifar10``, ``cluttered-cifar10-sample`` and
+    ``cluttered:<spec>`` compose cluttered images from that CIFAR-10 (:mod:`leanvit.data.cluttered`). Labels are sorted class-folder
     indices; if ``num_classes`` differs from the number of classes, ImageNet wnid
     folders are mapped to ImageNet-1k indices for a 1000-class model, anything else
     raises :class:`DataError`. ``limit`` keeps a seeded, class-balanced subset.
     For split ``'val'`` a ``test`` folder is accepted (and vice versa). ``classes``: the labels
     the model knows (:func:`model_label_names`); other class names are a :class:`DataError`.
     """
-    ds = _load_any(resolve_data(path), split, num_classes, limit, seed, transform)
+    if is_cluttered_spec(path):
+        source = _load_any(resolve_data(cluttered_source(path)), split, num_classes, None, seed, None)
+        ds = cluttered_from(source, split, transform=transform)
+        ds = ds if limit is None else ds.subset(balanced_subset(ds.targets, limit, seed), transform)
+    else:
+        ds = _load_any(resolve_data(path), split, num_classes, limit, seed, transform)
     check_classes(ds.classes, classes, ds.root)
     return ds
 
@@ -67,6 +76,8 @@ def _load_any(p: Path, split, num_classes, limit, seed, transform) -> LabeledIma
 def resolve_data(path: Optional[PathLike]) -> Path:
     """The path that ``path`` names: itself if it exists; ``None`` -> :func:`find_default_cifar10`;
     ``cifar10-sample`` -> the embedded sample; ``cifar10`` -> the full set, downloaded if missing."""
+    if is_cluttered_spec(path):
+        return resolve_data(cluttered_source(path))
     if path is None:
         found = find_default_cifar10()
         if found is None:
