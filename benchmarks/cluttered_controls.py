@@ -30,8 +30,7 @@ from leanvit.data import eval_transform, make_loader
 from leanvit.evaluate import evaluate
 from leanvit.methods.base import Reduction
 from leanvit.models import create_model
-from leanvit.objects import background_kept, object_recall, patch_object_weights
-from leanvit.report import record_token_states
+from leanvit.objects import object_report, patch_object_weights
 from leanvit.training import holdout_split
 
 
@@ -56,31 +55,21 @@ def held_out(model, data: str, n: int):
     return holdout_split(cfg, model.num_classes, None, eval_transform(model))[1]
 
 
-def object_stats(runners: dict, loader) -> dict:
-    """Mean object recall and background kept at each decision, and the CLS attention's share on
-    the object before each decision layer (with the object's area share beside it)."""
-    sums, n = {}, 0
-    probe = adapt(next(iter(runners.values())).model, AttentionProbe())
-    attention, area = {}, []
+def cls_attention_on_object(model, loader) -> dict:
+    """Per decision layer, the share of the CLS token's attention that falls on the object's area
+    (the object's share of the image's area beside it: what attention blind to the object gives)."""
+    probe = adapt(model, AttentionProbe())
+    shares, area = {}, []
     for batch in loader:
-        grid = int(round(batch.images.shape[-1] / 8))
-        weights = patch_object_weights(batch.boxes, grid)
+        weights = patch_object_weights(batch.boxes, int(round(model.patch_embed.num_patches ** 0.5)))
         area.append(weights.mean(1))
-        n += len(batch)
-        for name, runner in runners.items():
-            for s in record_token_states(runner, batch.images):
-                row = sums.setdefault(name, {}).setdefault(str(s.layer), [0.0, 0.0])
-                row[0] += float(object_recall(s.source, s.valid, s.n_prefix, weights).sum())
-                row[1] += float(background_kept(s.source, s.valid, s.n_prefix, weights).sum())
         probe.method.seen = {}
         with torch.inference_mode():
             probe(batch.images)
         for layer, (attn,) in probe.method.seen.items():
-            attention.setdefault(str(layer), []).append((attn * weights).sum(1) / attn.sum(1))
-    out = {name: {layer: dict(object_recall=r / n, background_kept=b / n) for layer, (r, b) in rows.items()}
-           for name, rows in sums.items()}
-    return dict(per_method=out, object_area_share=float(torch.cat(area).mean()),
-                cls_attention_on_object={k: float(torch.cat(v).mean()) for k, v in attention.items()})
+            shares.setdefault(str(layer), []).append((attn * weights).sum(1) / attn.sum(1))
+    return dict(object_area_share=float(torch.cat(area).mean()),
+                cls_attention_on_object={k: float(torch.cat(v).mean()) for k, v in shares.items()})
 
 
 def check(model_name: str, checkpoint: str, data: str, n: int, keeps) -> dict:
@@ -95,8 +84,9 @@ def check(model_name: str, checkpoint: str, data: str, n: int, keeps) -> dict:
     results = evaluate(runners, loader, desc=Path(checkpoint).stem, controls=controls)
     table = {k: {f: v for f, v in r.to_dict().items() if f not in ("skipped_paths", "extra")}
              for k, r in results.items()}
-    objects = object_stats({k: r for k, r in runners.items() if k != "dense"}, loader)
-    return dict(checkpoint=checkpoint, held_out_images=n, results=table, **objects)
+    objects = object_report(runners, loader)
+    return dict(checkpoint=checkpoint, held_out_images=n, results=table, objects=objects,
+                **cls_attention_on_object(model, loader))
 
 
 def main(argv=None) -> None:
@@ -131,7 +121,9 @@ def summary(r: dict) -> str:
         floor = v.get("vs_random_floor") or {}
         extra = (f"  vs floor {floor['kl_to_dense']:+.4f} {[round(x, 4) for x in floor['kl_to_dense_ci95']]}"
                  if floor else "")
-        lines.append(f"  {name:18s} KL {v['kl_to_dense']:.4f}  GMACs {v['gmacs']:.4f}{extra}")
+        obj = r["objects"].get(name, {})
+        recall = {k: round(x, 2) for k, x in obj.get("object_recall", {}).items()}
+        lines.append(f"  {name:22s} KL {v['kl_to_dense']:.4f}  GMACs {v['gmacs']:.4f}{extra}  recall {recall}")
     return "\n".join(lines)
 
 

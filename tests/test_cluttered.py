@@ -145,3 +145,21 @@ def test_the_cluttered_model_costs_what_the_reference_model_costs(model):
     cluttered = count_macs(adapt(model, "none"), torch.zeros(1, 3, 64, 64))
     plain = count_macs(adapt(reference, "none"), torch.zeros(1, 3, 32, 32))
     assert model.patch_embed.num_patches == 64 and cluttered <= 1.05 * plain
+
+
+def test_the_object_report_reads_every_method_against_its_oracle(sample, model):
+    from leanvit.data import eval_transform
+    from leanvit.objects import object_report
+    loader = make_loader(sample.subset(range(24), eval_transform(model)), batch_size=12, num_workers=0)
+    runners = {"dense": adapt(model, "none"), "random": adapt(model, "random", keep_rate=0.5),
+               "evit": adapt(model, "evit", keep_rate=0.5, fuse=False)}
+    report = object_report(runners, loader)
+    assert set(report) == {"random", "evit"}
+    rnd = report["random"]
+    assert set(rnd["object_recall"]) == {"3", "6", "9"} and rnd["adaptivity_tokens"] is not None
+    assert report["evit"]["adaptivity_tokens"] is None  # the same tokens for every image
+    assert rnd["oracle_floor_kl"] >= 0 and len(rnd["vs_oracle_floor"]["kl_to_dense_ci95"]) == 2
+    plain = make_loader(load_dataset("cifar10-sample", split="test", limit=4, transform=eval_transform(model)),
+                        batch_size=4, num_workers=0)
+    with pytest.raises(ValueError, match="boxes"):
+        object_report(runners, plain)

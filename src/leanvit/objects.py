@@ -14,20 +14,21 @@ exact areas, not a threshold.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .bench import Floor
+from .evaluate import kl_per_image, paired_interval
 from .measure import macs_per_image
 from .report import record_token_states
 from .runtime import LeanViT
 from .tokens import keep_first, sort_by_score
 
 __all__ = ["patch_object_weights", "object_recall", "background_kept", "spearman", "OracleFloor",
-           "oracle_floor_of", "object_measures"]
+           "oracle_floor_of", "object_measures", "object_report"]
 
 
 def patch_object_weights(boxes: Tensor, grid: int) -> Tensor:
@@ -118,15 +119,65 @@ def object_measures(runner: LeanViT, images: Tensor, boxes: Tensor) -> Dict[str,
     """Per image, for one batch: object recall and background kept at each decision layer, the
     tokens and MACs the image got, and its object's area (the adaptivity correlation is taken over
     all images: :func:`spearman` of ``tokens`` or ``macs`` against ``area``)."""
-    grid = int(round(runner.model.patch_embed.num_patches ** 0.5))
-    weights = patch_object_weights(boxes, grid)
+    weights = patch_object_weights(boxes, _grid(runner))
     states = record_token_states(runner, images)
     with torch.inference_mode(), runner.tracing() as trace:
         runner(images)
     blocks = [rec for rec in trace if rec.get("layer") is not None]
-    tokens = torch.stack([rec["mlp_tokens"].float().cpu() for rec in blocks]).mean(0) if blocks else None
+    tokens = torch.stack([rec["mlp_tokens"].float().cpu() for rec in blocks]).mean(0)
     return dict(
         layers=[s.layer for s in states],
         recall=[object_recall(s.source, s.valid, s.n_prefix, weights) for s in states],
         background=[background_kept(s.source, s.valid, s.n_prefix, weights) for s in states],
         tokens=tokens, macs=macs_per_image(runner, trace, images), area=weights.sum(1) / weights.shape[1])
+
+
+def _oracle_kl(runner: LeanViT, images: Tensor, weights: Tensor, dense_logits: Tensor) -> Tuple[Tensor, Tensor]:
+    """(method's KL to dense, its oracle floor's KL to dense) per image, on one batch."""
+    with torch.inference_mode(), runner.tracing() as trace:
+        logits = runner(images)
+    with torch.inference_mode():
+        oracle = oracle_floor_of(runner, trace, weights)(images)
+    return kl_per_image(dense_logits, logits), kl_per_image(dense_logits, oracle)
+
+
+def object_report(runners: Dict[str, LeanViT], loader: Iterable, reference: str = "dense") -> Dict[str, dict]:
+    """For every runner but ``reference``, over the images of ``loader`` (batches with boxes):
+    mean object recall and background kept at each decision layer; the adaptivity (Spearman of
+    the tokens and of the MACs an image gets against its object's area); and its oracle floor: KL
+    to the reference of the object kept first at the method's own per-image counts, with the
+    paired difference method - oracle (positive: the oracle is closer to dense)."""
+    parts: Dict[str, Dict[str, list]] = {name: {} for name in runners if name != reference}
+    for batch in loader:
+        if batch.boxes is None:
+            raise ValueError("object measures need the objects' boxes: use a cluttered data set "
+                             "(--data cluttered-cifar10 or cluttered-cifar10-sample)")
+        with torch.inference_mode():
+            dense = runners[reference](batch.images)
+        for name, acc in parts.items():
+            got = object_measures(runners[name], batch.images, batch.boxes)
+            kl, oracle = _oracle_kl(runners[name], batch.images,
+                                    patch_object_weights(batch.boxes, _grid(runners[name])), dense)
+            for key, value in (("tokens", got["tokens"]), ("macs", got["macs"]), ("area", got["area"]),
+                               ("kl", kl), ("oracle", oracle)):
+                acc.setdefault(key, []).append(value.double().cpu())
+            for layer, recall, background in zip(got["layers"], got["recall"], got["background"]):
+                acc.setdefault(f"recall {layer}", []).append(recall)
+                acc.setdefault(f"background {layer}", []).append(background)
+    return {name: _summarise(acc) for name, acc in parts.items()}
+
+
+def _grid(runner: LeanViT) -> int:
+    return int(round(runner.model.patch_embed.num_patches ** 0.5))
+
+
+def _summarise(acc: Dict[str, list]) -> dict:
+    cat = {k: torch.cat(v) for k, v in acc.items()}
+    layers = sorted({int(k.split()[1]) for k in cat if k.startswith("recall ")})
+    delta, ci = paired_interval(cat["kl"] - cat["oracle"])
+    return dict(
+        object_recall={str(l): float(cat[f"recall {l}"].mean()) for l in layers},
+        background_kept={str(l): float(cat[f"background {l}"].mean()) for l in layers},
+        adaptivity_tokens=spearman(cat["tokens"], cat["area"]),
+        adaptivity_gmacs=spearman(cat["macs"], cat["area"]),
+        oracle_floor_kl=float(cat["oracle"].mean()), vs_oracle_floor=dict(kl_to_dense=delta, kl_to_dense_ci95=ci))
