@@ -7,7 +7,7 @@ from PIL import Image
 
 import leanvit  # noqa: F401  (registers the reference architectures)
 from leanvit import adapt
-from leanvit.cluttered import ClutterRecipe
+from leanvit.data.cluttered import ClutterRecipe
 from leanvit.data import DataError, load_dataset, make_loader
 from leanvit.measure import count_macs
 from leanvit.objects import (background_kept, object_measures, object_recall, oracle_floor_of,
