@@ -163,3 +163,20 @@ def test_the_object_report_reads_every_method_against_its_oracle(sample, model):
                         batch_size=4, num_workers=0)
     with pytest.raises(ValueError, match="boxes"):
         object_report(runners, plain)
+
+
+def test_eval_and_sweep_report_the_objects(tmp_path, capsys):
+    import json
+    from leanvit.cli import main
+    common = ["--model", "vit12_convstem_w128_cluttered", "--data", SAMPLE, "--split", "test", "--limit", "20",
+              "--batch-size", "10", "--workers", "0"]
+    assert main(["eval", *common, "--method", "random", "--opt", "keep_rate=0.5",
+                 "--json", str(tmp_path / "eval.json")]) == 0
+    objects = json.loads((tmp_path / "eval.json").read_text())["objects"]
+    assert set(objects["object_recall"]) == {"3", "6", "9"} and "vs_oracle_floor" in objects
+    assert "recall first>last" in capsys.readouterr().out
+    assert main(["sweep", *common, "--out", str(tmp_path / "sweep"), "--methods", "evit:keep_rate=0.5:fuse=false",
+                 "tome:r=4"]) == 0
+    rows = json.loads((tmp_path / "sweep" / "results.json").read_text())["rows"]
+    assert all("object_recall" in r["objects"] for r in rows)
+    assert "which tokens each method keeps" in (tmp_path / "sweep" / "table.txt").read_text()

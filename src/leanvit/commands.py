@@ -59,6 +59,10 @@ def cmd_eval(args) -> int:
     if args.method != "none":
         runners[args.method] = method
     results = evaluate(runners, loader, desc=f"eval {args.model}", amp=args.amp)
+    objects = None  # every process measures its shard
+    if getattr(dataset, "has_boxes", False) and args.method != "none":
+        from .objects import object_report
+        objects = object_report(runners, loader)[args.method]
     if rank != 0:
         return 0
     dense = results["dense"]
@@ -72,13 +76,16 @@ def cmd_eval(args) -> int:
         if "prune_fraction_per_layer" in r.extra:
             mix = ", ".join(f"L{l}: {100 * f:.0f}% prune" for l, f in r.extra["prune_fraction_per_layer"].items())
             print(f"{r.method} policy mix: {mix}")
+    if objects is not None:
+        from .objects import format_object_table
+        print(format_object_table([dict(rows[0], objects=objects)]))
     main_result = results[args.method if args.method != "none" else "dense"]
     if args.json:
         payload = dict(main_result.to_dict(), model=args.model, data=str(dataset.root), split=args.split,
                        options=options, batch_size=args.batch_size, threads=torch.get_num_threads(),
                        processes=world, device=str(device), amp=args.amp, skipped_folders=dataset.skipped_folders,
                        skipped_files=dataset.skipped_files,
-                       dense=dense.to_dict(), method_weights=method_weights(args.method, options),
+                       dense=dense.to_dict(), method_weights=method_weights(args.method, options), objects=objects,
                        provenance=provenance(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
                                              data=resolve_data(args.data), split=args.split, limit=args.limit))
         _write_json(args.json, payload)

@@ -61,6 +61,9 @@ def run_comparison(model, model_name: str, dataset, specs, out_dir: str, batch_s
                          shard=(rank, world))
     result = sweep(model, loader, specs, desc=f"{model_name}: {len(specs) + 1} configurations", amp=amp,
                    random_floor=random_floor, shuffled_floor=shuffled_floor)
+    if getattr(dataset, "has_boxes", False):
+        from .objects import attach_object_measures
+        attach_object_measures(result, model, loader, specs)
     result.update(model=model_name, data=str(dataset.root), split=getattr(dataset, "split", None),
                   n_images=result["dense"]["n_images"], threads=torch.get_num_threads(), batch_size=batch_size,
                   processes=world, device=str(device), amp=amp, date=time.strftime("%Y-%m-%d"),
@@ -88,5 +91,8 @@ def run_comparison(model, model_name: str, dataset, specs, out_dir: str, batch_s
     for kind, wanted in (("random", random_floor or shuffled_floor), ("shuffled", shuffled_floor)):
         if wanted:
             table += "\n" + format_floor_table(result["rows"], kind)
+    if getattr(dataset, "has_boxes", False):
+        from .objects import format_object_table
+        table += "\n\nwhich tokens each method keeps (object boxes):\n" + format_object_table(result["rows"])
     (out / "table.txt").write_text(table + "\n")
     return dict(result, table=table)

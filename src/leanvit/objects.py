@@ -21,14 +21,15 @@ import torch
 from torch import Tensor
 
 from .bench import Floor
-from .evaluate import kl_per_image, paired_interval
+from .device import all_gather
+from .evaluate import adapt_spec, kl_per_image, paired_interval
 from .measure import macs_per_image
 from .report import record_token_states
-from .runtime import LeanViT
+from .runtime import LeanViT, adapt
 from .tokens import keep_first, sort_by_score
 
 __all__ = ["patch_object_weights", "object_recall", "background_kept", "spearman", "OracleFloor",
-           "oracle_floor_of", "object_measures", "object_report"]
+           "oracle_floor_of", "object_measures", "object_report", "attach_object_measures", "format_object_table"]
 
 
 def patch_object_weights(boxes: Tensor, grid: int) -> Tensor:
@@ -164,6 +165,9 @@ def object_report(runners: Dict[str, LeanViT], loader: Iterable, reference: str 
             for layer, recall, background in zip(got["layers"], got["recall"], got["background"]):
                 acc.setdefault(f"recall {layer}", []).append(recall)
                 acc.setdefault(f"background {layer}", []).append(background)
+    # under torchrun every process measured its shard: every image, in rank order
+    parts = {name: {k: [t for part in all_gather(v) for t in part] for k, v in acc.items()}
+             for name, acc in parts.items()}
     return {name: _summarise(acc) for name, acc in parts.items()}
 
 
@@ -181,3 +185,38 @@ def _summarise(acc: Dict[str, list]) -> dict:
         adaptivity_tokens=spearman(cat["tokens"], cat["area"]),
         adaptivity_gmacs=spearman(cat["macs"], cat["area"]),
         oracle_floor_kl=float(cat["oracle"].mean()), vs_oracle_floor=dict(kl_to_dense=delta, kl_to_dense_ci95=ci))
+
+
+def attach_object_measures(result: dict, model, loader, specs) -> None:
+    """Add each row of a sweep ``result`` its ``objects`` (:func:`object_report`), measured on
+    ``loader`` (a second pass over the images, which must carry boxes)."""
+    runners, models = {"dense": adapt(model, "none")}, {}
+    for spec in specs:
+        runners[f"{spec.method} {spec.label}"] = adapt_spec(model, spec, models)
+    report = object_report(runners, loader)
+    for spec, row in zip(specs, result["rows"]):
+        row["objects"] = report[f"{spec.method} {spec.label}"]
+
+
+def format_object_table(rows) -> str:
+    """Object recall at the first and last decision, background kept at the last, adaptivity
+    (Spearman of tokens and of GMACs against the object's area; - where every image gets the same),
+    and the KL to dense of the method and of its oracle floor, with the paired difference."""
+    def num(v, digits=2):
+        return "-" if v is None else f"{v:+.{digits}f}" if digits == 2 else f"{v:.{digits}f}"
+
+    lines = [f"{'method':<14}{'budget':<26}{'recall first>last':>18}{'bg kept':>8}{'adapt tok':>10}"
+             f"{'adapt GMACs':>12}{'KL':>8}{'oracle KL':>10}  KL - oracle [95%]"]
+    for r in rows:
+        o = r.get("objects")
+        if not o:
+            continue
+        layers = list(o["object_recall"])
+        recall = (f"{o['object_recall'][layers[0]]:.2f}>{o['object_recall'][layers[-1]]:.2f}" if layers else "-")
+        bg = f"{o['background_kept'][layers[-1]]:.2f}" if layers else "-"
+        vs = o["vs_oracle_floor"]
+        lines.append(f"{r['method']:<14}{str(r.get('label', ''))[:25]:<26}{recall:>18}{bg:>8}"
+                     f"{num(o['adaptivity_tokens']):>10}{num(o['adaptivity_gmacs']):>12}{r.get('kl_to_dense', 0):>8.4f}"
+                     f"{o['oracle_floor_kl']:>10.4f}  {vs['kl_to_dense']:+.4f} "
+                     f"[{vs['kl_to_dense_ci95'][0]:+.4f}, {vs['kl_to_dense_ci95'][1]:+.4f}]")
+    return "\n".join(lines)

@@ -93,6 +93,8 @@ class ClutteredImages(LabeledImages):
     drawn from all of it); ``ids``: which source images this set's items are (a subset keeps them).
     """
 
+    has_boxes = True
+
     def __init__(self, pixels: np.ndarray, targets: Sequence[int], classes: list, root: str, split: str,
                  *, train: bool, recipe: ClutterRecipe = ClutterRecipe(), ids: Optional[Sequence[int]] = None,
                  transform: Optional[Callable] = None, seed: int = 0):

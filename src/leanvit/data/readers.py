@@ -171,6 +171,8 @@ class LabeledImages(Dataset):
             blobs=None if self._blobs is None else [self._blobs[i] for i in ix],
             array=None if self._array is None else self._array[ix])
 
+    has_boxes = False  # items are (image, label); cluttered sets add each object's box
+
     def for_evaluation(self) -> "LabeledImages":
         """These images as an evaluation reads them: the same on every pass (for sets that
         compose their images, such as cluttered CIFAR-10's training split)."""
