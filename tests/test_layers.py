@@ -14,10 +14,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "src" / "leanvit"
 # Bottom to top. A module may import from its own layer or those below it; "methods" stands for
 # the package and every module in it.
 LAYERS: List[List[str]] = [
-    ["tokens", "flops", "elastic", "rl", "data", "archs", "zoo", "options", "device", "support"],  # no leanvit imports above
+    ["tokens", "flops", "elastic", "rl", "data", "archs", "zoo", "options", "device", "support", "convert"],  # no leanvit imports above
     ["models", "provenance"],  # model loading; what a result was computed from
     ["methods"],  # the reduction methods
-    ["packing", "runtime"],  # packed execution; the block runner and adapt
+    ["packing", "runtime", "adapters"],  # packed execution; the block runner and adapt; transformers / open_clip models through it
     ["measure"],  # MACs of what a runner ran
     ["evaluate", "bench", "report", "analysis", "export", "objects"],
     ["demo", "training", "ppo", "train_policy", "train_prance", "train"],

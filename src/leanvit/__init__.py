@@ -9,7 +9,8 @@
 from . import archs  # noqa: F401  (registers the reference architectures with timm)
 from .measure import count_macs
 from .methods import OptionError, Reduction, build_method, list_methods, register
-from .runtime import LeanViT, TokenOutput, UnsupportedModelError, adapt
+from .adapters import adapt
+from .runtime import LeanViT, TokenOutput, UnsupportedModelError
 from .tokens import TokenState
 from .models import create_model, list_models, load_model
 

@@ -9,7 +9,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from .flops import block_macs, embed_macs, head_macs
-from .runtime import LeanViT, adapt
+from .adapters import adapt
+from .runtime import LeanViT
 
 
 def macs_per_image(runner: LeanViT, trace: List[dict], images: Tensor, padded: bool = False) -> Tensor:
