@@ -165,6 +165,7 @@ def _convert_hf(model: nn.Module, name: str, family: str, image_size) -> Convers
         sd.update(_prefixed("norm_pre.", core.pre_layrnorm.state_dict()))
     sd.update(_prefixed("norm.", _find(core, "layernorm", "post_layernorm").state_dict()))
     conv = _hf_heads(model, name, family, core, timm_model, sd)
+    timm_model.num_classes = _outputs_of(timm_model.head)
     _load(timm_model, sd, name)
     conv.model = timm_model.to(device=patch.weight.device, dtype=patch.weight.dtype).eval()
     conv.config = config
@@ -259,6 +260,12 @@ def _hf_heads(model, name: str, family: str, core, timm_model, sd: dict) -> Conv
     return Conversion(timm_model, name, base, "pooler_output" if has_pool else None, normed=family != "clip")
 
 
+def _outputs_of(head: nn.Module) -> int:
+    """timm's ``num_classes`` for a copied head: a classifier's (or projection's) outputs; 0 for a
+    pooler (it is no classifier) or none."""
+    return head.out_features if isinstance(head, nn.Linear) else 0
+
+
 def _mha_pool_state(head: nn.Module) -> dict:
     """SigLIP's attention-pooling head (torch MultiheadAttention + MLP) as timm's AttentionPoolLatent."""
     attn, D = head.attention, head.probe.shape[-1]
@@ -337,7 +344,7 @@ def _open_clip_timm(tower, size, encode: bool, name: str) -> Conversion:
               num_classes=0, global_pool="avg" if avg else "token", embed_dim=D, depth=len(tower.transformer.resblocks),
               num_heads=blk0.attn.num_heads, mlp_ratio=(blk0.mlp.c_fc.out_features + 0.5) / D,
               qkv_bias=blk0.attn.in_proj_bias is not None, class_token=True, pre_norm=True,
-              final_norm=not after_pool, fc_norm=after_pool,
+              final_norm=True, fc_norm=after_pool,  # timm: fc_norm replaces the final norm
               init_values=1.0 if not isinstance(blk0.ls_1, nn.Identity) else None, act_layer=act_layer,
               norm_layer=partial(nn.LayerNorm, eps=blk0.ln_1.eps), weight_init="skip")
     timm_model = VisionTransformer(**kw)
@@ -361,6 +368,7 @@ def _open_clip_timm(tower, size, encode: bool, name: str) -> Conversion:
     if tower.proj is not None:
         timm_model.head = nn.Linear(D, tower.proj.shape[1], bias=False)
         timm_model.head.weight.data.copy_(tower.proj.detach().t())
+        timm_model.num_classes = tower.proj.shape[1]
     _load(timm_model, {k: v for k, v in sd.items() if v is not None}, f"open_clip {name}")
     w = tower.conv1.weight
     timm_model = timm_model.to(device=w.device, dtype=w.dtype).eval()

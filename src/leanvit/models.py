@@ -161,6 +161,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     socket.setdefaulttimeout(timeout)
     try:
         socket.getaddrinfo(HUB_HOST, 443)
+        # a name that resolves is not a connection (proxies, firewalls): a download could hang
+        socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
         return True
     except OSError:
         return False
@@ -170,13 +172,20 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def create_model(name: str, *, checkpoint: Optional[str] = None, pretrained: bool = False,
                  num_classes: Optional[int] = None, **kwargs) -> nn.Module:
-    """A model in eval mode: a leanvit reference model or a timm model, with its weights.
+    """A model in eval mode: a leanvit reference model or a timm model, with its weights; or
+    ``hf:<directory or hub name>`` / ``open_clip:<architecture>`` (with ``checkpoint``): that
+    model converted to the equivalent timm VisionTransformer (:mod:`leanvit.convert`).
 
     ``checkpoint``: a local safetensors / torch file (its head decides ``num_classes`` unless
     given). ``pretrained``: timm's pretrained weights (needs the network or a filled HF cache).
     """
     if checkpoint and pretrained:
         raise ModelError("pass either --checkpoint or --pretrained, not both")
+    if name.startswith(("hf:", "open_clip:")):
+        if num_classes is not None or kwargs:
+            raise ModelError(f"{name}: the model's own configuration decides its classes and layout; "
+                             "--num-classes (and timm options) do not apply")
+        return _create_hf(name[3:]) if name.startswith("hf:") else _create_open_clip(name[10:], checkpoint)
     if name in list_models():
         if pretrained:
             raise ModelError(f"{name} is a leanvit reference model: it loads its shipped weights, "
@@ -216,3 +225,120 @@ def _timm_create(name, num_classes=None, **kwargs):
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     return timm.create_model(name, **kwargs)
+
+
+# --- transformers and open_clip models, as the equivalent timm VisionTransformer ---------------------
+# a checkpoint's architecture -> the vision model leanvit loads from it (a full CLIP / SigLIP
+# checkpoint holds the vision tower; its config carries the vision config)
+HF_LOAD_AS = {"CLIPModel": "CLIPVisionModelWithProjection", "SiglipModel": "SiglipVisionModel"}
+HF_MODEL_TYPES = {"vit": "ViTModel", "deit": "DeiTModel", "clip_vision_model": "CLIPVisionModel",
+                  "clip": "CLIPVisionModelWithProjection", "siglip_vision_model": "SiglipVisionModel",
+                  "siglip": "SiglipVisionModel", "dinov2": "Dinov2Model",
+                  "dinov2_with_registers": "Dinov2WithRegistersModel"}
+
+
+def _require(package: str, name: str):
+    import importlib
+    from .convert import INSTALL_HINT
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise ModelError(f"{name} needs {package}: {INSTALL_HINT}") from None
+
+
+def _create_hf(ref: str) -> nn.Module:
+    """``hf:<ref>``: a local directory (save_pretrained) or a hub name (its cached copy, or a
+    download when the hub is reachable), safetensors weights only, no remote code."""
+    transformers = _require("transformers", f"hf:{ref}")
+    from .convert import HF_CLASSES, ConversionError, convert
+    local = Path(ref).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelError(f"hf:{ref}: the directory has no config.json (save it with model.save_pretrained)")
+        source, online = str(local), False
+    elif ref.startswith((".", "/", "~")) or ref.count("/") > 1:  # a path, not a hub name (org/name)
+        raise ModelError(f"hf:{ref}: no such directory")
+    else:
+        source, online = ref, _hub_reachable()
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, local_files_only=not online)
+    except (OSError, ValueError) as e:
+        if not online and not local.is_dir():
+            raise ModelError(f"hf:{ref}: no local copy in the Hugging Face cache and the hub is not reachable "
+                             "(offline); download it where there is a network and pass hf:<directory>") from None
+        raise ModelError(f"hf:{ref}: cannot read its config ({str(e).splitlines()[0][:200]})") from None
+    arch = next(iter(getattr(config, "architectures", None) or []), None)
+    cls_name = HF_LOAD_AS.get(arch, arch) if arch in HF_CLASSES or arch in HF_LOAD_AS else \
+        HF_MODEL_TYPES.get(config.model_type)
+    if cls_name is None:
+        raise ModelError(f"hf:{ref} is a {arch or config.model_type} model; leanvit converts "
+                         f"{', '.join(HF_CLASSES)}")
+    try:
+        model = getattr(transformers, cls_name).from_pretrained(
+            source, local_files_only=not online, use_safetensors=True, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"hf:{ref}: cannot load {cls_name} ({str(e).splitlines()[0][:200]}); leanvit loads "
+                         "safetensors weights only (no pickled .bin files)") from None
+    processor = _hf_processor(source, online)
+    try:  # at the processor's crop size (DINOv2's position embeddings interpolated to it, as it does)
+        timm_model = convert(model.eval(), processor["input_size"][1:] if "input_size" in processor else None).model
+    except ConversionError as e:
+        raise ModelError(f"hf:{ref}: {e}") from None
+    timm_model.pretrained_cfg = dict(processor, input_size=(3, *timm_model.patch_embed.img_size))
+    return timm_model.eval()
+
+
+def _hf_processor(source: str, online: bool) -> dict:
+    """timm's preprocessing fields from the checkpoint's preprocessor_config.json (JSON only):
+    size, crop, mean, std, resampling. Empty without the file."""
+    path = Path(source) / "preprocessor_config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import hf_hub_download
+            path = Path(hf_hub_download(source, "preprocessor_config.json", local_files_only=not online))
+        except Exception:  # no processor file: timm's defaults, as for any model without one
+            return {}
+    p = json.loads(path.read_text())
+
+    def side(v):
+        return v if isinstance(v, int) else v.get("shortest_edge") or (v.get("height"), v.get("width"))
+
+    size = side(p.get("size", 224))
+    crop = side(p.get("crop_size", size)) if p.get("do_center_crop") else size
+    crop_hw = crop if isinstance(crop, tuple) else (crop, crop)
+    cfg = {"input_size": (3, *crop_hw), "interpolation": {0: "nearest", 2: "bilinear"}.get(p.get("resample"), "bicubic")}
+    if isinstance(size, int) and p.get("do_center_crop"):
+        cfg["crop_pct"] = crop_hw[0] / size
+    else:  # resized to the exact height and width
+        cfg.update(crop_pct=1.0, crop_mode="squash")
+    for k in ("mean", "std"):
+        if p.get(f"image_{k}") is not None:
+            cfg[k] = tuple(p[f"image_{k}"])
+    return cfg
+
+
+def _create_open_clip(arch: str, checkpoint: Optional[str]) -> nn.Module:
+    """``open_clip:<arch>``: open_clip's architecture, its image tower's weights from
+    ``checkpoint`` (a full CLIP state dict or the tower's), as the equivalent timm model."""
+    open_clip = _require("open_clip", f"open_clip:{arch}")
+    from .convert import ConversionError, convert
+    if arch not in open_clip.list_models():
+        close = difflib.get_close_matches(arch, open_clip.list_models(), n=3, cutoff=0.6)
+        raise ModelError(f"unknown open_clip architecture {arch!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    model = open_clip.create_model(arch, pretrained=None)
+    if checkpoint:
+        sd = read_state_dict(checkpoint)
+        if any(k.startswith("visual.") for k in sd):
+            sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+        load_fitting(model.visual, sd, checkpoint, f"open_clip {arch}'s image tower")
+    try:
+        timm_model = convert(model.eval()).model
+    except ConversionError as e:
+        raise ModelError(f"open_clip:{arch}: {e}") from None
+    pre = getattr(model.visual, "preprocess_cfg", {}) or {}
+    timm_model.pretrained_cfg = {
+        "input_size": (3, *timm_model.patch_embed.img_size), "crop_pct": 1.0,
+        "interpolation": pre.get("interpolation", "bicubic"),
+        "mean": tuple(pre.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        "std": tuple(pre.get("std", open_clip.OPENAI_DATASET_STD))}
+    return timm_model.eval()
