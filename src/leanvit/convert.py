@@ -143,9 +143,9 @@ def _convert_hf(model: nn.Module, name: str, family: str, image_size) -> Convers
     n_reg = 0 if registers is None else registers.shape[1]
     pos = _hf_positions(emb, (cls is not None) + (dist is not None), grid, size, D)
     mlp0 = _find(layers[0], "mlp.fc1", "intermediate.dense")
-    act = _find(layers[0], "mlp.activation_fn", "intermediate.intermediate_act_fn")
+    act = _find(layers[0], "mlp.activation_fn", "mlp.activation", "intermediate.intermediate_act_fn", required=False)
     teacher = name == "DeiTForImageClassificationWithTeacher"
-    pooling = "map" if family == "siglip" and getattr(model, "head", None) is not None else \
+    pooling = "map" if family == "siglip" and getattr(core, "head", None) is not None else \
         "token" if cls is not None else "avg"
     kw = dict(img_size=size, patch_size=tuple(patch.stride), in_chans=patch.in_channels, num_classes=0,
               global_pool=pooling, embed_dim=D, depth=len(layers), num_heads=heads,
@@ -186,6 +186,14 @@ def _hf_positions(emb: nn.Module, n_pos_prefix: int, grid, size, D: int) -> torc
     ``interpolate_pos_encoding`` (DINOv2 always calls it; the others when asked to), which returns
     the stored table unchanged at the size the model was built for."""
     dummy = torch.zeros(1, n_pos_prefix + grid[0] * grid[1], D)
+    table = getattr(emb, "position_embeddings", None)
+    if table is None:
+        table = emb.position_embedding.weight[None]
+    if not hasattr(emb, "interpolate_pos_encoding"):  # older transformers: one size only
+        if table.shape[1] != dummy.shape[1]:
+            raise ConversionError(f"{type(emb).__name__} has no interpolate_pos_encoding (an older transformers): "
+                                  f"image_size {size} cannot be reproduced, only the configured size")
+        return table.detach().float()
     with torch.no_grad():
         pos = emb.interpolate_pos_encoding(dummy, size[0], size[1])
     if pos.shape[1] != dummy.shape[1]:
@@ -242,7 +250,7 @@ def _hf_heads(model, name: str, family: str, core, timm_model, sd: dict) -> Conv
     ns = __import__(type(model).__module__, fromlist=["_"])  # the output classes the model's module uses
     base = getattr(ns, "BaseModelOutputWithPooling", None)
     if family == "siglip" and timm_model.attn_pool is not None:
-        sd.update(_mha_pool_state(model.head))
+        sd.update(_mha_pool_state(core.head))
     if name.endswith("ForImageClassification"):
         timm_model.head = _copy_linear(model.classifier)
         return Conversion(timm_model, name, ns.ImageClassifierOutput, "logits")
