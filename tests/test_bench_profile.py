@@ -25,3 +25,15 @@ def test_profile_counts_the_operators_a_forward_runs():
     assert len(profile_operators({"dense": runners["dense"]}, x, repeats=1, top=3)["dense"]["operators"]) == 3
     text = format_profile(prof)
     assert "dense:" in text and "operator calls" in text
+
+
+def test_frames_are_attributed_by_module_name_not_by_path():
+    """A virtualenv whose path holds "leanvit" must not make torch's own frames look like leanvit's."""
+    from leanvit.bench import calling_line
+    source = "def inner():\n    return calling_line()\n"
+    torch_like = {"__name__": "torch._fake_frames", "calling_line": calling_line}
+    exec(compile(source, "/venvs/leanvit-env/lib/python3.11/site-packages/torch/_fake_frames.py", "exec"), torch_like)
+    assert "_fake_frames" not in torch_like["inner"]()
+    timm_like = {"__name__": "timm.layers._fake_frames", "calling_line": calling_line}
+    exec(compile(source, "/opt/site/elsewhere/_fake_frames.py", "exec"), timm_like)
+    assert timm_like["inner"]().startswith("_fake_frames.py:2")

@@ -9,11 +9,13 @@ the decision itself.
 from __future__ import annotations
 
 import collections
+import linecache
+import os
 import platform
 import random
 import statistics
 import time
-import traceback
+import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -205,6 +207,20 @@ def format_speed_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def calling_line() -> str:
+    """``file:line code`` of the innermost caller in a leanvit or timm module, this one excepted.
+    Modules are told by their ``__name__``, not their path: a virtualenv's path may contain either
+    word, and then every frame of torch would look like one of ours."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.split(".")[0] in ("leanvit", "timm") and module != __name__:
+            path, line = frame.f_code.co_filename, frame.f_lineno
+            return f"{os.path.basename(path)}:{line} {linecache.getline(path, line).strip()}"
+        frame = frame.f_back
+    return "?"
+
+
 class _TimedOperators(TorchDispatchMode):
     """Count and time every ATen operator, keyed by the line of leanvit or timm that called it."""
 
@@ -216,10 +232,7 @@ class _TimedOperators(TorchDispatchMode):
         t0 = time.perf_counter()
         out = func(*args, **(kwargs or {}))
         dt = time.perf_counter() - t0
-        frames = [f for f in traceback.extract_stack()
-                  if ("leanvit" in f.filename or "timm" in f.filename) and f.filename != __file__]
-        where = f"{frames[-1].filename.split('/')[-1]}:{frames[-1].lineno} {frames[-1].line}" if frames else "?"
-        rec = self.stats[(str(func).replace("aten.", "").replace(".default", ""), where)]
+        rec = self.stats[(str(func).replace("aten.", "").replace(".default", ""), calling_line())]
         rec[0] += 1
         rec[1] += dt
         return out
