@@ -27,7 +27,8 @@ DEBUG_HELP = "show the Python traceback of an error (for reporting a bug)"
 
 # --- the options several commands share --------------------------------------------------------
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a timm model name, a leanvit reference model, hf:<local dir or hub name> (transformers) or open_clip:<arch> (with --checkpoint)")
+    p.add_argument("--model", required=True, help="a timm model name, a leanvit reference model, "
+                   "hf:<local dir or hub name> (transformers) or open_clip:<arch> (with --checkpoint)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", type=path, help="local weights (.safetensors or torch file)")
     src.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs network)")
