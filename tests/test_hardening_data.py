@@ -184,7 +184,8 @@ def test_train_counts_skipped_images_in_its_metrics(tmp_path, capsys):
     (root / "test" / "c1" / "broken.png").write_bytes(b"\x89PNG nor this")
     out = tmp_path / "run"
     assert main(["train", "--model", "vit12_convstem_w96_cifar", "--data", str(root), "--out", str(out),
-                 "--batch-size", "7", "--epochs", "1", "--workers", "0"]) == 0, capsys.readouterr().err
+                 "--batch-size", "7", "--epochs", "1", "--workers", "0", "--eval-split", "test"]) == 0, \
+        capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["skipped_images"]["train"] == 1 and metrics["skipped_images"]["eval"] == 1
     assert sorted(metrics["skipped_images"]["paths"]) == sorted([str(root / "train" / "c0" / "broken.png"),

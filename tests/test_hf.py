@@ -148,11 +148,21 @@ def methods_for(name):
     return METHODS if name in ALL_METHODS else METHODS[:1]
 
 
-@pytest.mark.parametrize("method_index", range(len(METHODS)), ids=[m for m, _ in METHODS])
-def test_methods_run_with_the_users_outputs(family, method_index):
-    name, model = family
-    if method_index >= len(methods_for(name)):
-        pytest.skip(f"{name}: its family runs every method on {set(ALL_METHODS)}")
+_built = {}
+
+
+def built(name):
+    """The family's model with its random weights, built once per name."""
+    if name not in _built:
+        seed_all(0)
+        _built[name] = randomized(FAMILIES[name]())
+    return _built[name]
+
+
+@pytest.mark.parametrize("name,method_index", [(n, i) for n in FAMILIES for i in range(len(methods_for(n)))],
+                         ids=[f"{n}-{METHODS[i][0]}" for n in FAMILIES for i in range(len(methods_for(n)))])
+def test_methods_run_with_the_users_outputs(name, method_index):
+    model = built(name)
     method, opts = METHODS[method_index]
     x = pixels(3)
     f = leanvit.adapt(model, method, **opts)

@@ -216,6 +216,7 @@ def test_short_policy_training_raises_the_reward(tmp_path):
     assert h[-1]["gmacs"] < h[0]["gmacs"] or h[-1]["gmacs"] < 0.9 * leanvit.count_macs(
         leanvit.create_model("vit12_convstem_w96_cifar"), torch.zeros(1, 3, 32, 32))
     assert (tmp_path / "policy.safetensors").is_file()
+    torch.manual_seed(cfg.seed)  # the random-weight model the training ran on: a policy loads only on it
     f = leanvit.adapt(leanvit.create_model("vit12_convstem_w96_cifar"), "rl4evit", hidden=[64, 32],
                       weights=str(tmp_path / "policy.safetensors"))
     assert f.method.actor[1].weight.shape == (64, 96)  # after the input LayerNorm
