@@ -11,9 +11,9 @@ import torch
 from torch import Tensor
 
 from .convert import Conversion, ConversionError, convert, is_foreign
-from .methods import OptionError, build_method
+from .methods import OptionError
 from .methods.base import Reduction
-from .runtime import LeanViT, UnsupportedModelError
+from .runtime import LeanViT, UnsupportedModelError, method_from
 from .runtime import adapt as adapt_timm
 from .tokens import TokenState
 
@@ -138,11 +138,4 @@ def adapt(model, method="none", **options) -> LeanViT:
 
 
 def _drop_in(conversion: Conversion, method, options: dict, last_hidden_state: str) -> DropInLeanViT:
-    if isinstance(method, Reduction):
-        if options:
-            raise OptionError("pass options to the method's constructor, not to adapt()")
-    elif isinstance(method, str):
-        method = build_method(method, **options)
-    else:
-        raise OptionError(f"method must be a name or a Reduction, got {type(method).__name__}")
-    return DropInLeanViT(conversion, method, last_hidden_state)
+    return DropInLeanViT(conversion, method_from(method, options), last_hidden_state)

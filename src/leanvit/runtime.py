@@ -423,11 +423,16 @@ def adapt(model, method="none", **options) -> LeanViT:
             raise OptionError(f"adapt: the model is already adapted with {model.method.name} ({model.method!r}); "
                               f"methods do not compose: adapt its .model (the timm model) with {chosen} instead")
         model = model.model
+    return LeanViT(model, method_from(method, options))
+
+
+def method_from(method, options: dict) -> Reduction:
+    """The method ``adapt`` was given: a registered name built with ``options``, or a
+    :class:`Reduction` instance as it is (its options went to its constructor)."""
     if isinstance(method, Reduction):
         if options:
             raise OptionError("pass options to the method's constructor, not to adapt()")
-    elif isinstance(method, str):
-        method = build_method(method, **options)
-    else:
-        raise OptionError(f"method must be a name or a Reduction, got {type(method).__name__}")
-    return LeanViT(model, method)
+        return method
+    if isinstance(method, str):
+        return build_method(method, **options)
+    raise OptionError(f"method must be a name or a Reduction, got {type(method).__name__}")
