@@ -20,6 +20,7 @@ reads them (:class:`Agents`). Everything else is here, the same for both:
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, NamedTuple, Optional, Protocol, Tuple
 
@@ -151,7 +152,7 @@ def _descend(optimizer, loss: Tensor, parameters: List[Tensor], world: int, max_
 
 
 # --- what a method supplies ----------------------------------------------------------------------
-class PolicyTask:
+class PolicyTask(ABC):
     """A method's part of a PPO training: the runner, the rollout and its rewards, the agents.
 
     Subclasses set the class attributes, build ``self.runner`` and ``self.agents`` in
@@ -171,22 +172,23 @@ class PolicyTask:
         """The method's options (checked before anything is loaded)."""
         return dict(cfg.options)
 
+    @abstractmethod
     def rollout(self, batch, cost_weight: float) -> Tuple[Rollout, dict]:
         """Sample the policy on ``batch``, reward it; returns the rollout and what to log: the mean
         ``reward`` per image, the ``keep`` fraction, the rollout's top-1 ``acc``, other numbers."""
-        raise NotImplementedError
 
+    @abstractmethod
     def output_bias(self) -> Tuple[Tensor, object]:
         """The actor's output bias and the index of it that the calibration shifts: every action
         takes more compute as it grows."""
-        raise NotImplementedError
 
     def trains_agents(self, epoch: int) -> bool:
         return True
 
     def other_step(self, batch) -> dict:
-        """A step of an epoch that does not train the agents."""
-        raise NotImplementedError
+        """A step of an epoch that does not train the agents (only a task whose ``trains_agents``
+        says no to some epoch has them)."""
+        raise TypeError(f"{type(self).__name__} trains its agents in every epoch: it has no other step")
 
     def greedy(self) -> None:
         """The runner as it is deployed: greedy decisions, tokens removed."""
