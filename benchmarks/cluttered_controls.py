@@ -1,6 +1,6 @@
 """The positive controls on a cluttered-CIFAR-10 model, measured on held-out TRAINING images.
 
-For each checkpoint (e.g. the per-epoch snapshots of `train_cluttered.sh`): dense top-1; EViT
+For each checkpoint (e.g. the per-epoch snapshots of `train_reference.sh cluttered`): dense top-1; EViT
 (fused, and without fusion) and random tokens at each keep rate, with KL to dense, each EViT
 against its random floor at its own per-image counts (paired 95% intervals); object recall and
 background kept at every decision; where the CLS token's attention falls (share on the object's

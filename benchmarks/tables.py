@@ -516,7 +516,7 @@ EQUAL_GMACS = (0.089, 0.095, 0.105, 0.115, 0.125, 0.14, 0.155)
 
 
 def reference():
-    """benchmarks/sweep_reference.sh and sweep_reference_aggressive.sh: every parameter-free method
+    """benchmarks/sweep_reference.sh (default and aggressive): every parameter-free method
     on the reference model with fidelity to dense, then top-1 and KL at equal GMACs."""
     from leanvit.analysis import at_gmacs
     sweeps = [load(RES / name / "results.json") for name in REFERENCE_SWEEPS]

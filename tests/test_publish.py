@@ -106,8 +106,9 @@ def test_rl4evit_policy_replaces_the_previous_only_if_better_on_held_out(tmp_pat
     assert out["better_than_previous"] == [str(small)] and out["chosen"] == str(small)
     assert shipped.read_bytes() == (small / "policy.safetensors").read_bytes()
     card = (zoo / "cifar10_vit12_w128.rl4evit.md").read_text()
-    assert ('closest to the dense model there (lowest mean KL) among those better than the policy shipped before, '
-            '"before" (no further from dense at no more GMACs: 1 of the 2 runs):') in card
+    assert ('closest to the dense model there (lowest mean KL) among those better than the policy shipped before '
+            '(no further from dense at no more GMACs: 1 of the 2 runs):') in card
+    assert "| the policy shipped before |" in card and "| before |" not in card
     with pytest.raises(ValueError, match=r"no candidate is better than before on the held-out images .* nothing shipped"):
         publish_rl4evit([str(prunes), str(big)], zoo=zoo, holdout_images=100, previous=before(small),
                         record=str(record))

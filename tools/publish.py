@@ -35,7 +35,7 @@ def markdown_table(header: Sequence[str], align: str, rows: Sequence[Sequence]) 
 
 def model_card(name: str, about: str, usage: str, measured: str, trained: str) -> str:
     """Every model card's layout: what the file is, how to load it, what it measured (on the
-    shipped file, with the command and the date) and how it was trained (the exact commands)."""
+    shipped file, with the command and its raw file) and how it was trained (the exact commands)."""
     return (f"# {name}\n\n{about.strip()}\n\n```python\n{usage.strip()}\n```\n\n## Measured\n\n{measured.strip()}\n\n"
             f"## How it was trained ({MACHINE})\n\n{trained.strip()}\n")
 
@@ -88,7 +88,7 @@ grid, CLS + 64 patch tokens = 65 tokens, timm pre-norm blocks. leanvit's referen
 comparing token-reduction methods (decision layers 3, 6, 9 as in the papers).""",
         usage=f'import leanvit\nmodel = leanvit.load_model("{name}")',
         measured=f"""- **Top-1 on CIFAR-10 (JPEG) test, {res.n_images} images: {res.top1:.2f}%** (these fp16 weights loaded in fp32;
-  measured {time.strftime('%Y-%m-%d')} by `tools/publish.py`, {res.skipped} images skipped),
+  measured by `tools/publish.py`, {res.skipped} images skipped),
   {res.gmacs:.4f} GMACs/image.
 - Weights: `{name}.safetensors`, fp16, {size_mb:.1f} MB. Preprocessing in `{name}.json`
   (mean {pre['mean']}, std {pre['std']}, input {pre['input_size']}).""",
@@ -143,7 +143,7 @@ def prance_card(name: str, base: str, strategy: str, res: dict, meta: dict, sel:
 `{strategy}`, trained for a GMACs budget of {budget} of dense).""",
         usage=f'import leanvit\nmodel = leanvit.load_model("{name}")\n'
               f'fast = leanvit.adapt(model, "prance", strategy="{strategy}", weights="{name}")',
-        measured=f"""Measured {time.strftime('%Y-%m-%d')} by `publish_prance` of `tools/publish.py` (`benchmarks/publish_prance.sh`) on
+        measured=f"""Measured by `publish_prance` of `tools/publish.py` (`benchmarks/publish_prance.sh`) on
 the {res['selector'].n_images:,} CIFAR-10 (JPEG) test images with these shipped files ({res['selector'].skipped} images skipped):
 
 {measured}
@@ -254,9 +254,10 @@ def rl4evit_card(name: str, run: Path, metrics: dict, held: dict, record: Option
                   "It is closer to dense than random tokens kept at its own per-image counts" if hi < 0 else
                   "It is as close to dense as random tokens kept at its own per-image counts (the interval holds 0)")
     choice = markdown_table(["run", "GMACs/image", "agreement %", "KL to dense"], "lrrr", [
-        (f"**{k}** (shipped)" if k == str(run) else k, f"{v['gmacs']:.4f}", f"{v['agreement']:.2f}",
+        (f"**{k}** (shipped)" if k == str(run) else "the policy shipped before" if k == held.get("previous") else k,
+         f"{v['gmacs']:.4f}", f"{v['agreement']:.2f}",
          f"{v['kl_to_dense']:.4f}") for k, v in held["results"].items() if k != "dense"])
-    rule = (f" among those better than the policy shipped before, \"{held['previous']}\" (no further from dense at "
+    rule = (f" among those better than the policy shipped before (no further from dense at "
             f"no more GMACs: {len(held['better_than_previous'])} of the {len(held['results']) - 2} runs)") if held.get("previous") else ""
     options = " ".join(f"--opt {k}={v if isinstance(v, str) else json.dumps(v).replace(' ', '')}"
                        for k, v in cfg["options"].items())
@@ -273,7 +274,7 @@ these options are stored in the file and load with it.""",
   difference {row['delta_top1']:+.2f} {ci(row['delta_top1_ci95'], 2)} paired 95%), agreement with dense
   {row['agreement']:.2f}%, KL to dense {row['kl_to_dense']:.4f} {ci(row['kl_to_dense_ci95'], sign="")},
   **{row['gmacs']:.4f} GMACs/image** ({row['gmacs'] / dense['gmacs']:.3f} of dense {dense['gmacs']:.4f}, the actor on
-  every live patch at each decision included); measured {sweep['date']} by the `leanvit sweep --random-floor`
+  every live patch at each decision included); measured by the `leanvit sweep --random-floor`
   of `benchmarks/rl4evit_v2.sh` (`{run}/sweep/results.json`; this file is a byte copy of
   `{run}/policy.safetensors`, sha256 {held['sha256'][:16]}...). On average it keeps {kept} tokens
   (CLS included, of {int(match['mean_tokens'][0])}) in the blocks after its decisions
@@ -282,7 +283,7 @@ these options are stored in the file and load with it.""",
   {ci(vs['kl_to_dense_ci95'])} (paired 95%; BENCHMARKS.md, "RL4EViT", on why MAPPO loses to random here).
 - Weights: fp32, {size:.2f} MB.
 
-Chosen on {held['held_out']} (`{record}`, {held['date']}); the test set played no part in the choice.
+Chosen on {held['held_out']} (`{record}`); the test set played no part in the choice.
 It is the run below closest to the dense model there (lowest mean KL){rule}:
 
 {choice}""",

@@ -4,7 +4,7 @@
 # `leanvit bench` alternating between the two models ROUNDS times; compare the efficiency
 # (speedup / GMACs ratio) medians. Raw: benchmarks/results/hf_speed/<model>_r<round>.json
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 ROUNDS=${ROUNDS:-2}
 RES=${RES:-benchmarks/results/hf_speed}
 HF_DIR=${HF_DIR:-/tmp/hf-deit-s}

@@ -10,7 +10,7 @@ same per-image token counts and widths, random tokens: ``leanvit.bench.floor_of`
 with the lines of leanvit that called the syncs, sorts and gathers. ``method - floor`` is the
 decision's own bookkeeping.
 
-    python benchmarks/decision_profile.py [--json benchmarks/results/guard/decision_profile.json]
+    python tools/decision_profile.py [--json benchmarks/results/guard/decision_profile.json]
 
 The batch: the first 32 images of the CIFAR-10 test sample shipped with leanvit (real images, so
 the decisions are the models' own).
