@@ -26,7 +26,8 @@ from leanvit.data import EMBEDDED_CIFAR10
 from leanvit.methods.base import AttentionView
 from leanvit.tokens import keep_mask
 
-torch.set_num_threads(2)
+# two pytest-xdist workers share the 2 cores of CI: one thread each instead of 2x oversubscription
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 SMALL = dict(img_size=32, patch_size=4, embed_dim=64, depth=12, num_heads=4, num_classes=10)
 N_SMALL = (32 // 4) ** 2 + 1  # 65 tokens: 64 patches + CLS
