@@ -294,7 +294,7 @@ def rl4evit_v2(prefix: str = "multi_cheap_correct"):
 
 
 def dynamicvit_v2():
-    """benchmarks/dynamicvit_v2.sh: DynamicViT (predictors and ViT fine-tuned) per seed and budget,
+    """benchmarks/finetune_method.sh: DynamicViT (predictors and ViT fine-tuned) per seed and budget,
     with fidelity to the *original* dense model, against random tokens at its counts on the same
     fine-tuned ViT; the fine-tuned ViT's own dense KL says how much of DynamicViT's is fine-tuning."""
     runs = []
@@ -461,7 +461,7 @@ def summary_cells(runs) -> str:
 
 def rl4evit_tables():
     """Tables I and II of RL4EViT on the reference model from the v2 runs (benchmarks/rl4evit_v2.sh,
-    dynamicvit_v2.sh) and the parameter-free sweeps (sweep_reference*.sh), at 0.5 and 0.7 of dense:
+    finetune_method.sh) and the parameter-free sweeps (sweep_reference*.sh), at 0.5 and 0.7 of dense:
     Table I against the other methods, at each method's measured setting nearest the budget; Table
     II the ablations (single-agent PPO, random tokens at the policy's own per-image counts)."""
     refs = [load(RES / name / "results.json") for name in REFERENCE_SWEEPS]
