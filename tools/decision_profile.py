@@ -28,9 +28,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import leanvit
-from leanvit import packing
-from leanvit.bench import floor_of
-from leanvit.data import EMBEDDED_CIFAR10, eval_transform, load_dataset
+try:
+    from leanvit import packing
+except ImportError:  # an older commit, profiled for a static method: no packed execution to count
+    packing = None
 from leanvit.zoo import ZOO_DIR
 
 KINDS = {
@@ -39,12 +40,15 @@ KINDS = {
     "gather/scatter": ("gather", "index", "index_select", "index_copy", "index_copy_", "index_put_", "scatter",
                        "scatter_", "scatter_add_", "masked_select"),
 }
-CASES = {  # label: (model, method, options)
+CASES = {  # label: (model, method, options); a model not in leanvit's zoo is built with seeded random weights
     "rl4evit": ("cifar10_vit12_w128", "rl4evit", dict(weights=str(ZOO_DIR / "cifar10_vit12_w128.rl4evit.safetensors"))),
     "ats": ("cifar10_vit12_w128", "ats", {}),
     "prance": ("cifar10_vit12_w128_prance", "prance",
                dict(weights=str(ZOO_DIR / "cifar10_vit12_w128_prance.prance.safetensors"))),
+    # a static method: no floor; compare its counts across commits (PYTHONPATH=<commit's src>)
+    "tome": ("deit_small_patch16_224", "tome", dict(r=13)),
 }
+STATIC = {"tome"}
 
 
 def kind_of(op: str) -> str:
@@ -77,18 +81,20 @@ class CountOperators(TorchDispatchMode):
 def count_forward(runner, images) -> dict:
     """One forward's operator counts by kind, its layout rebuilds, and the calling lines."""
     layouts = [0]
-    init = packing.Layout.__init__
+    init = packing.Layout.__init__ if packing else None
 
     def counted(self, state):
         layouts[0] += 1
         init(self, state)
     mode = CountOperators()
-    packing.Layout.__init__ = counted
+    if packing:
+        packing.Layout.__init__ = counted
     try:
         with torch.inference_mode(), mode:
             runner(images)
     finally:
-        packing.Layout.__init__ = init
+        if packing:
+            packing.Layout.__init__ = init
     by_kind = collections.Counter()
     for (op, _), n in mode.calls.items():
         by_kind[kind_of(op)] += n
@@ -103,6 +109,20 @@ def count_forward(runner, images) -> dict:
                 ops=dict(ops.most_common()), lines=dict(lines.most_common()))
 
 
+def model_and_images(name: str, batch: int):
+    """A zoo model and the first ``batch`` images of the shipped CIFAR-10 sample, or a timm model with
+    seeded random weights and seeded noise images (its counts do not depend on the weights)."""
+    if name in leanvit.list_models():
+        from leanvit.data import EMBEDDED_CIFAR10, eval_transform, load_dataset  # here: older commits lack them
+        model = leanvit.load_model(name)
+        ds = load_dataset(EMBEDDED_CIFAR10, split="test", transform=eval_transform(model))
+        return model, torch.stack([ds[i][0] for i in range(batch)])
+    torch.manual_seed(0)
+    model = leanvit.create_model(name, pretrained=False).eval()
+    size = model.pretrained_cfg["input_size"]
+    return model, torch.randn(batch, *size, generator=torch.Generator().manual_seed(0))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=32)
@@ -114,11 +134,12 @@ def main() -> None:
                cases={})
     for label in args.cases:
         model_name, method, opts = CASES[label]
-        model = leanvit.load_model(model_name)
-        ds = load_dataset(EMBEDDED_CIFAR10, split="test", transform=eval_transform(model))
-        images = torch.stack([ds[i][0] for i in range(args.batch)])
+        model, images = model_and_images(model_name, args.batch)
         runner = leanvit.adapt(model, method, **opts)
-        runners = {label: runner, f"{label} floor": floor_of(runner, images), "dense": leanvit.adapt(model, "none")}
+        runners = {label: runner, "dense": leanvit.adapt(model, "none")}
+        if label not in STATIC:
+            from leanvit.bench import floor_of  # imported here: older commits, compared for static methods, lack it
+            runners[f"{label} floor"] = floor_of(runner, images)
         for name, r in runners.items():
             c = count_forward(r, images)
             out["cases"][name] = c
@@ -126,6 +147,8 @@ def main() -> None:
                   + ", ".join(f"{k} {c.get(k, 0)}" for k in (*KINDS, "copy")))
             for line, n in c["lines"].items():
                 print(f"   {n:4d}  {line[:150]}")
+        if f"{label} floor" not in out["cases"]:
+            continue
         method, floor = out["cases"][label]["ops"], out["cases"][f"{label} floor"]["ops"]
         diff = {op: method.get(op, 0) - floor.get(op, 0) for op in {*method, *floor}}
         print(f"{label} - floor, by operator: " + ", ".join(
