@@ -180,3 +180,24 @@ def test_eval_and_sweep_report_the_objects(tmp_path, capsys):
     rows = json.loads((tmp_path / "sweep" / "results.json").read_text())["rows"]
     assert all("object_recall" in r["objects"] for r in rows)
     assert "which tokens each method keeps" in (tmp_path / "sweep" / "table.txt").read_text()
+
+
+def test_sweep_token_maps_frame_the_objects_boxes(tmp_path, monkeypatch):
+    from leanvit import report
+    from leanvit.cli import main
+    drawn = {}
+    draw = report.token_maps
+
+    def recording(runners, images, path, **kw):
+        drawn.update(images=images, boxes=kw.get("boxes"))
+        return draw(runners, images, path, **kw)
+
+    monkeypatch.setattr(report, "token_maps", recording)
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--model", "vit12_convstem_w128_cluttered", "--data", SAMPLE, "--split", "test",
+                 "--limit", "8", "--batch-size", "8", "--workers", "0", "--out", str(out),
+                 "--methods", "evit:keep_rate=0.5"]) == 0
+    assert (out / "token_maps.png").stat().st_size > 10_000
+    data = load_dataset(SAMPLE, split="test", limit=8)
+    assert drawn["images"].shape == (4, 3, 64, 64)  # the first four images, each with its own box
+    assert torch.equal(drawn["boxes"], torch.stack([data[i][2] for i in range(4)]))

@@ -6,10 +6,8 @@ and Pareto plot stay the measured ones.
 """
 import argparse
 
-import torch
-
 from leanvit.data import eval_transform, load_dataset, model_label_names
-from leanvit.demo import DEMO_MODEL, demo_specs
+from leanvit.demo import DEMO_MODEL, demo_specs, map_examples
 from leanvit.evaluate import adapt_spec
 from leanvit.models import load_model
 from leanvit.report import token_maps
@@ -30,10 +28,10 @@ def main() -> None:
     models: dict = {}
     runners = {f"{s.method} {s.label}": adapt_spec(model, s, models)  # the middle budget, as the demo
                for s in (specs[len(specs) // 2] for specs in by_method.values())}
-    images = torch.stack([dataset[i][0] for i in range(4)])
+    images, boxes = map_examples(dataset, 4)
     depth, cfg = len(model.blocks), model.pretrained_cfg
     print(token_maps(runners, images, args.out, layers=(depth // 4, depth // 2, 3 * depth // 4),
-                     image_mean=cfg.get("mean"), image_std=cfg.get("std")))
+                     image_mean=cfg.get("mean"), image_std=cfg.get("std"), boxes=boxes))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,18 @@ def demo_specs() -> List[Spec]:
                          and (s.model is None or s.model in list_models())]
 
 
+def map_examples(dataset, n: int):
+    """The images of the token maps, the readable ones among the first ``n`` of ``dataset``, and
+    their object boxes where the data has them (else None): ((B, C, H, W), (B, 4) or None)."""
+    # one read per item: a training split of a cluttered set draws a new placement on every read,
+    # so a box read apart from its image could frame another place
+    items = [item for item in (dataset[i] for i in range(min(n, len(dataset)))) if item[0] is not None]
+    images = torch.stack([item[0] for item in items])
+    if not getattr(dataset, "has_boxes", False):
+        return images, None
+    return images, torch.stack([torch.as_tensor(item[2]) for item in items])
+
+
 def run_comparison(model, model_name: str, dataset, specs, out_dir: str, batch_size: int = 250,
                    workers: Optional[int] = None, map_images: int = 4, provenance: Optional[dict] = None,
                    amp: str = "off", random_floor: bool = False, shuffled_floor: bool = False) -> dict:
@@ -81,12 +93,11 @@ def run_comparison(model, model_name: str, dataset, specs, out_dir: str, batch_s
     models: dict = {}
     middle = [v[len(v) // 2] for v in firsts.values()]
     runners = {f"{s.method} {s.label}": adapt_spec(model, s, models) for s in middle}
-    images = torch.stack([dataset[i][0] for i in range(min(map_images, len(dataset)))
-                          if dataset[i][0] is not None])
+    images, boxes = map_examples(dataset, map_images)
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     depth = len(model.blocks)
     token_maps(runners, images, out / "token_maps.png", layers=(depth // 4, depth // 2, 3 * depth // 4),
-               image_mean=cfg.get("mean"), image_std=cfg.get("std"))
+               image_mean=cfg.get("mean"), image_std=cfg.get("std"), boxes=boxes)
     table = format_sweep_table(result["rows"], result["dense"])
     for kind, wanted in (("random", random_floor or shuffled_floor), ("shuffled", shuffled_floor)):
         if wanted:

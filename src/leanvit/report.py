@@ -296,6 +296,25 @@ _MAP_PANEL, _MAP_LABEL, _MAP_GAP, _MAP_TITLE = 1.1, 1.3, 0.06, 0.24  # inches
 _MAP_BLOCK_GAP, _MAP_MARGIN, _MAP_DPI, _MAP_MAX_WIDTH = 0.35, 0.12, 120, 1600  # inches, dots/inch, pixels
 _MAP_CAPTION = ("dark: pruned patches  ·  same colour, outlined: patches merged into one token  ·  "
                 "untinted: patches kept as single tokens")
+_MAP_BOX_CAPTION = "  ·  white frame: object box"
+
+
+def _box_in_panel(box, W: float, H: float):
+    """(left, top, width, height) in the panel's pixels of ``box``, ``(x0, y0, x1, y1)`` as fractions
+    of the image (the data's convention, see ``ClutteredImages``), clipped to the image."""
+    x0, y0, x1, y1 = (min(max(float(v), 0.0), 1.0) for v in box)
+    return x0 * W, y0 * H, (x1 - x0) * W, (y1 - y0) * H
+
+
+def _draw_box(ax, box, W: float, H: float) -> None:
+    """The object's box as a white frame with a black rim: one patch, legible over the image and
+    over any group colour; above the token outlines so that they never hide it, and unclipped so
+    that a box along the image's edge keeps its whole frame (it spills a pixel into the gap)."""
+    from matplotlib import patheffects
+    from matplotlib.patches import Rectangle
+    left, top, width, height = _box_in_panel(box, W, H)
+    ax.add_patch(Rectangle((left, top), width, height, fill=False, edgecolor="white", linewidth=1.0, zorder=5,
+                           clip_on=False, path_effects=[patheffects.withStroke(linewidth=2.2, foreground="black")]))
 
 
 def _map_rows(runners: Mapping[str, LeanViT], images: Tensor, layers: Optional[Sequence[int]]):
@@ -352,14 +371,16 @@ def _map_geometry(n_images: int, n_rows: int, n_cols: int):
     return panel, across, block_w, block_h, width, height
 
 
-def _token_map_figure(disp: np.ndarray, g: int, rows) -> object:
+def _token_map_figure(disp: np.ndarray, g: int, rows, boxes: Optional[Tensor] = None) -> object:
     """The figure of :func:`token_maps`: for each image a block with the input on top and below it
-    one row per method, one column per decision layer; blocks side by side, then stacked."""
+    one row per method, one column per decision layer; blocks side by side, then stacked. With
+    ``boxes`` ((B, 4) fractions of the image), each panel of an image frames its object's box."""
     import textwrap
     B = disp.shape[0]
     n_cols = max([len(panels) for _, panels in rows] + [1])
     panel, across, block_w, block_h, width, height = _map_geometry(B, len(rows), n_cols)
-    caption = textwrap.wrap(_MAP_CAPTION, max(int(width * 15), 20))
+    legend = _MAP_CAPTION + (_MAP_BOX_CAPTION if boxes is not None else "")
+    caption = textwrap.wrap(legend, max(int(width * 15), 20))
     caption_h = 0.16 * len(caption) + 0.06
     height += caption_h
     fig = _new_figure(width, height)
@@ -377,6 +398,7 @@ def _token_map_figure(disp: np.ndarray, g: int, rows) -> object:
         ax.imshow(disp[b], extent=(0, W, H, 0), interpolation="nearest")
         ax.set_title(f"image {b + 1}: input", fontsize=7, pad=2)
         ax.set_axis_off()
+        panels_of_image = [ax]
         for c, title in enumerate(shared or []):  # in the row of the input, beside it: free space
             x = x0 + _MAP_LABEL + c * (panel + _MAP_GAP) + panel / 2
             fig.text(x / width, 1 - (y0 + panel) / height, title, ha="center", va="bottom", fontsize=7)
@@ -386,14 +408,18 @@ def _token_map_figure(disp: np.ndarray, g: int, rows) -> object:
             fig.text((x0 + _MAP_LABEL - 0.08) / width, 1 - (y + panel / 2) / height, label,
                      ha="right", va="center", fontsize=7)
             for c, (title, rec) in enumerate(panels):
-                _draw_map_panel(axes(x0 + _MAP_LABEL + c * (panel + _MAP_GAP), y), disp[b], rec, b, g,
+                panels_of_image.append(axes(x0 + _MAP_LABEL + c * (panel + _MAP_GAP), y))
+                _draw_map_panel(panels_of_image[-1], disp[b], rec, b, g,
                                 seed=1000 * b + 100 * r + c, title=None if shared else title)
+        if boxes is not None:
+            for ax in panels_of_image:
+                _draw_box(ax, boxes[b], W, H)
     fig.text(0.5, 0.04 / height, "\n".join(caption), ha="center", va="bottom", fontsize=7, color="0.3")
     return fig
 
 
 def token_maps(runners: Mapping[str, LeanViT], images: Tensor, path, layers: Optional[Sequence[int]] = None,
-               image_mean=None, image_std=None, max_images: int = 4) -> str:
+               image_mean=None, image_std=None, max_images: int = 4, boxes: Optional[Tensor] = None) -> str:
     """Draw which patches each method keeps, merges and prunes, layer by layer.
 
     For each image (the first ``max_images``) a block: the input on top, then one row per runner
@@ -403,16 +429,23 @@ def token_maps(runners: Mapping[str, LeanViT], images: Tensor, path, layers: Opt
     In a panel, pruned patches (covered by no token) are dark grey, patches merged into one token
     share a colour (50% over the image), single patches are shown as they are. ``images`` are
     normalised; ``image_mean``/``image_std`` undo that for display (otherwise each image is
-    min-max scaled). Needs a square patch grid (ValueError). Each runner runs once on the images
-    in its current train/eval mode (see :func:`record_token_states`). Writes a PNG, returns ``path``.
+    min-max scaled). ``boxes``: optional (B, 4) object boxes, ``(x0, y0, x1, y1)`` as fractions of
+    the image as the data gives them (``Batch.boxes``), framed on every panel of their image.
+    Needs a square patch grid (ValueError). Each runner runs once on the images in its current
+    train/eval mode (see :func:`record_token_states`). Writes a PNG, returns ``path``.
     """
     if images.dim() != 4:
         raise ValueError(f"expected a batch of images (B, C, H, W), got {tuple(images.shape)}")
     images = images[:max(int(max_images), 1)]
+    if boxes is not None:
+        if boxes.dim() != 2 or boxes.shape[1] != 4 or boxes.shape[0] < len(images):
+            raise ValueError(f"expected a box (x0, y0, x1, y1) per image, got boxes {tuple(boxes.shape)} "
+                             f"for {len(images)} images")
+        boxes = boxes[:len(images)].detach().float().cpu()
     for runner in runners.values():
         _check_square_input(runner, images)
     g, rows = _map_rows(runners, images, layers)
-    fig = _token_map_figure(_display_images(images, image_mean, image_std), g, rows)
+    fig = _token_map_figure(_display_images(images, image_mean, image_std), g, rows, boxes=boxes)
     return _save(fig, path, dpi=_MAP_DPI)
 
 
