@@ -183,16 +183,16 @@ def test_eval_and_sweep_report_the_objects(tmp_path, capsys):
 
 
 def test_sweep_token_maps_frame_the_objects_boxes(tmp_path, monkeypatch):
-    from leanvit import report
+    import leanvit.token_maps as maps
     from leanvit.cli import main
     drawn = {}
-    draw = report.token_maps
+    draw = maps.token_maps
 
     def recording(runners, images, path, **kw):
         drawn.update(images=images, boxes=kw.get("boxes"))
         return draw(runners, images, path, **kw)
 
-    monkeypatch.setattr(report, "token_maps", recording)
+    monkeypatch.setattr(maps, "token_maps", recording)
     out = tmp_path / "sweep"
     assert main(["sweep", "--model", "vit12_convstem_w128_cluttered", "--data", SAMPLE, "--split", "test",
                  "--limit", "8", "--batch-size", "8", "--workers", "0", "--out", str(out),

@@ -19,7 +19,7 @@ LAYERS: List[List[str]] = [
     ["methods"],  # the reduction methods
     ["packing", "runtime", "adapters"],  # packed execution; the block runner and adapt; transformers / open_clip models through it
     ["measure"],  # MACs of what a runner ran
-    ["evaluate", "bench", "report", "analysis", "export", "objects"],
+    ["evaluate", "bench", "report", "token_maps", "analysis", "export", "objects"],
     ["demo", "training", "ppo", "train_policy", "train_prance", "train"],
     ["outputs", "commands", "cli", "__main__"],  # what they may write; what the commands do; their parser
     ["__init__"],  # the package face: nothing below imports it

@@ -314,7 +314,7 @@ def test_supernet_training_reports_subnetworks_before_and_after(tmp_path):
 
 def test_token_maps_and_bench_handle_per_image_paths(tmp_path):
     from leanvit.bench import benchmark, format_speed_table
-    from leanvit.report import record_token_states, token_maps
+    from leanvit.token_maps import record_token_states, token_maps
     m = small_vit(sharp=3.0)
     f = spread(leanvit.adapt(m, "prance", strategy="prune-merge"))
     x = images(3)

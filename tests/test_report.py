@@ -10,7 +10,8 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
 import leanvit
-from leanvit.report import format_sweep_table, pareto_plot, record_token_states, token_maps
+from leanvit.report import format_sweep_table, pareto_plot
+from leanvit.token_maps import record_token_states, token_maps
 
 from conftest import images, seed_all, sharpen
 
@@ -164,14 +165,14 @@ def _text_boxes(fig):
 def test_token_maps_grid_has_no_overlapping_text_and_fits_in_width(runners, x):
     """One block per image (input on top, a row per method, a column per layer), blocks side by
     side within 1,600 pixels: no title or label runs into another, or into a picture."""
-    from leanvit import report
+    import leanvit.token_maps as maps
     long_names = {"prance shipped selector, on its meta-network": runners["tome"],
                   "rl4evit shipped policy trained for 0.93 of dense": runners["ppt"], "evit keep=0.7": runners["evit"]}
     for layers, boxes in (([3, 6, 9], None), (None, torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 4))):
         imgs = images(4, 32, seed=2)
-        g, rows = report._map_rows(long_names, imgs, layers)
-        fig = report._token_map_figure(report._display_images(imgs, MEAN, STD), g, rows, boxes=boxes)
-        assert fig.get_figwidth() * report._MAP_DPI <= 1600
+        g, rows = maps._map_rows(long_names, imgs, layers)
+        fig = maps._token_map_figure(maps._display_images(imgs, MEAN, STD), g, rows, boxes=boxes)
+        assert fig.get_figwidth() * maps._MAP_DPI <= 1600
         assert len(fig.axes) == 4 * (1 + sum(len(p) for _, p in rows))  # input + one panel per method and layer
         texts, pictures = _text_boxes(fig)
         whole = fig.bbox
@@ -187,7 +188,7 @@ def _rectangles(ax):
 
 
 def test_box_in_panel_scales_fractions_to_the_displayed_pixels():
-    from leanvit.report import _box_in_panel
+    from leanvit.token_maps import _box_in_panel
     assert _box_in_panel(torch.tensor([0.25, 0.5, 0.75, 1.0]), 64, 32) == (16.0, 16.0, 32.0, 16.0)
     assert _box_in_panel([-0.1, 0.0, 1.2, 0.5], 10, 10) == (0.0, 0.0, 10.0, 5.0)  # clipped to the image
 
@@ -195,21 +196,21 @@ def test_box_in_panel_scales_fractions_to_the_displayed_pixels():
 def test_token_maps_frame_each_images_box_on_every_panel_of_it(runners, tmp_path):
     """With boxes, every panel of an image (its input and each method's layers) holds one unfilled
     rectangle at that image's box in the panel's pixels; without them, none."""
-    from leanvit import report
+    import leanvit.token_maps as maps
     imgs = images(2, 32, seed=3)
     boxes = torch.tensor([[0.25, 0.5, 0.75, 1.0], [0.0, 0.125, 0.5, 0.625]])
     sub = {k: runners[k] for k in ("tome", "evit")}
-    g, rows = report._map_rows(sub, imgs, [3, 9])
-    disp = report._display_images(imgs, MEAN, STD)
+    g, rows = maps._map_rows(sub, imgs, [3, 9])
+    disp = maps._display_images(imgs, MEAN, STD)
     per_image = 1 + sum(len(p) for _, p in rows)
-    fig = report._token_map_figure(disp, g, rows, boxes=boxes)
+    fig = maps._token_map_figure(disp, g, rows, boxes=boxes)
     assert len(fig.axes) == 2 * per_image
     for k, ax in enumerate(fig.axes):  # the axes of image 1, then of image 2
         box = boxes[k // per_image] * 32
         (rect,) = _rectangles(ax)
         assert not rect.get_fill() and rect.get_xy() == pytest.approx((float(box[0]), float(box[1])))
         assert (rect.get_width(), rect.get_height()) == pytest.approx((float(box[2] - box[0]), float(box[3] - box[1])))
-    assert not any(_rectangles(ax) for ax in report._token_map_figure(disp, g, rows).axes)
+    assert not any(_rectangles(ax) for ax in maps._token_map_figure(disp, g, rows).axes)
     assert token_maps(sub, imgs, tmp_path / "boxes.png", layers=[3, 9], boxes=boxes) == str(tmp_path / "boxes.png")
     with pytest.raises(ValueError, match="a box"):
         token_maps(sub, imgs, tmp_path / "bad.png", boxes=boxes[:1])

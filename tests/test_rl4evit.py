@@ -96,7 +96,7 @@ def test_packed_execution_equals_one_image_at_a_time_and_masked():
 
 
 def test_packed_token_maps_record_the_whole_batch():
-    from leanvit.report import record_token_states
+    from leanvit.token_maps import record_token_states
     f = _half_pruning_rl4evit()
     recs = record_token_states(f, images(5))
     assert [r.layer for r in recs] == [2, 5, 8] and all(r.source.shape[0] == 5 for r in recs)

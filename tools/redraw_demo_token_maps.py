@@ -10,7 +10,7 @@ from leanvit.data import eval_transform, load_dataset, model_label_names
 from leanvit.demo import DEMO_MODEL, demo_specs, map_examples
 from leanvit.evaluate import adapt_spec
 from leanvit.models import load_model
-from leanvit.report import token_maps
+from leanvit.token_maps import token_maps
 
 
 def main() -> None:

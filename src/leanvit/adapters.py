@@ -44,12 +44,7 @@ class DropInLeanViT(LeanViT):
         self._refuse(kwargs, images)
         del interpolate_pos_encoding  # positions were interpolated at conversion when asked (image_size)
         grid = self.last_hidden_state == "grid"
-        old = self.track_source
-        self.track_source = grid or old
-        try:
-            state = self.run_blocks(self.embed(images))
-        finally:
-            self.track_source = old
+        state = self.run_blocks_tracking(images, grid)
         c = self.conversion
         if c.outputs is None:  # open_clip: the embedding (and the tokens, if the tower returns them)
             pooled = self.finish(state)

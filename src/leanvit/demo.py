@@ -64,7 +64,8 @@ def run_comparison(model, model_name: str, dataset, specs, out_dir: str, batch_s
     from .device import init_distributed, module_device, pin_memory
     from .evaluate import adapt_spec, sweep
     from .provenance import write_json
-    from .report import format_floor_table, format_sweep_table, pareto_plot, token_maps
+    from .report import format_floor_table, format_sweep_table, pareto_plot
+    from .token_maps import token_maps
     device = module_device(model)
     rank, world = init_distributed(device)
     out = Path(out_dir)

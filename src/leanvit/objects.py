@@ -24,7 +24,7 @@ from .bench import Floor
 from .device import all_gather
 from .evaluate import adapt_spec, kl_per_image, paired_interval
 from .measure import macs_per_image
-from .report import record_token_states
+from .token_maps import record_token_states
 from .runtime import LeanViT, adapt
 from .tokens import keep_first, sort_by_score
 

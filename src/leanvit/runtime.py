@@ -107,6 +107,16 @@ class LeanViT(nn.Module):
             return self.model(images)  # nothing to decide: timm's own (empty) output
         return self.run(self.embed(images))
 
+    def run_blocks_tracking(self, images: Tensor, track_source: bool) -> TokenState:
+        """The blocks on ``images``, recording which input patches each token stands for when
+        ``track_source`` is set (or the runner tracks them anyway)."""
+        old = self.track_source
+        self.track_source = track_source or old
+        try:
+            return self.run_blocks(self.embed(images))
+        finally:
+            self.track_source = old
+
     def forward_tokens(self, images: Tensor, source: bool = False) -> "TokenOutput":
         """The encoder's final tokens, reduced by the method and normed as timm's
         ``forward_features`` returns them (with ``none``: exactly those). ``source=True`` also
@@ -116,12 +126,7 @@ class LeanViT(nn.Module):
             x = self.model.forward_features(images)
             eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device).expand(0, -1, -1) if source else None
             return TokenOutput(x, x.new_ones(x.shape[:2]), None, eye)
-        old = self.track_source
-        self.track_source = source or old
-        try:
-            state = self.run_blocks(self.embed(images))
-        finally:
-            self.track_source = old
+        state = self.run_blocks_tracking(images, source)
         if self._trace is not None:
             self.last_state = state
         x, valid, src = self.model.norm(state.x), state.valid, state.source if source else None
