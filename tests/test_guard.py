@@ -113,5 +113,8 @@ def test_tiny_run_end_to_end(tmp_path, capsys):
     assert "cifar10" in record["groups"]["ref/b1"]["images"]
     assert record["base"]["commit"] == record["work"]["commit"] and record["machine"]["cpu"]
     (row,) = record["summary"]
-    assert row["case"] == "ref/b1/none" and row["verdict"] == "same" and row["vs_ref"] > 0
-    assert status == 0 and "ref/b1/none" in capsys.readouterr().out
+    # one forward per side: its ratio is noise (2x apart under a loaded machine), so check that the
+    # verdict and the exit status follow from the ratio rather than which verdict came out
+    assert row["case"] == "ref/b1/none" and row["vs_ref"] > 0
+    assert row["verdict"] == guard.verdict(row["ratios"], 0.99)
+    assert status == int(row["verdict"] in ("slower", "slower?")) and "ref/b1/none" in capsys.readouterr().out

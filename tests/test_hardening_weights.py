@@ -79,7 +79,8 @@ def test_method_weights_nan_or_integer_are_refused(method, tmp_path):
     ints[key] = sd[key].to(torch.int8)
     for bad, message in ((nan, "NaN or infinite"), (ints, "not floating point")):
         path = tmp_path / f"{method}.safetensors"
-        save_file(bad, str(path))
+        options = getattr(runner.method, "options_metadata", dict)()  # what a trained file stores
+        save_file(bad, str(path), metadata=options or None)
         with pytest.raises(OptionError, match=f"{method}: .*{path}: tensor {key}.*{message}"):
             leanvit.adapt(small_vit(), method, weights=str(path))
 

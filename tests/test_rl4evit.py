@@ -358,28 +358,15 @@ def test_shipped_policy_loads_by_name_and_reduces_tokens():
         leanvit.adapt(model, "rl4evit", weights="no_such_model")
 
 
-def test_legacy_policy_keeps_its_logits():
-    """The policy shipped until 2026-12-06 (tests/data/rl4evit_legacy_policy.safetensors) was trained
-    with the old schedule (after blocks 3, 6, 9, ReLU MLPs) and its file carries no options: it
-    loads as such and gives the logits and token counts recorded with the code before the options
-    existed (tests/data/rl4evit_legacy_logits.json)."""
-    import json
-    from pathlib import Path
-    from leanvit.data import eval_transform, load_dataset
-    here = Path(__file__).parent / "data"
-    gold = json.loads((here / "rl4evit_legacy_logits.json").read_text())
-    model = leanvit.load_model("cifar10_vit12_w128")
-    legacy = str(here / "rl4evit_legacy_policy.safetensors")
-    f = leanvit.adapt(model, "rl4evit", weights=legacy)
-    assert (f.method.placement, f.method.activation) == ("after", "relu")
-    data = load_dataset(str(CIFAR), split="test", transform=eval_transform(model), num_classes=10, limit=16)
-    x = torch.stack([data[i][0] for i in range(16)])
-    with torch.no_grad(), f.tracing() as trace:
-        logits = f(x)
-    assert tokens_per_block(trace).tolist() == gold["tokens_per_block"]
-    torch.testing.assert_close(logits, torch.tensor(gold["logits"]), rtol=0, atol=1e-5)
-    with pytest.raises(leanvit.OptionError, match="trained with placement=after"):
-        leanvit.adapt(model, "rl4evit", weights=legacy, placement="before")
+def test_a_policy_file_without_its_options_is_refused(tmp_path):
+    """A policy file that stores none of its training options (placement, activation, ...) cannot
+    say how to run it: it is refused by name, not run with guessed options."""
+    from leanvit.training import export_weights
+    f = leanvit.adapt(small_vit(), "rl4evit", hidden=[16])
+    path = tmp_path / "bare.safetensors"
+    export_weights(f.method, path)
+    with pytest.raises(leanvit.OptionError, match=r"bare\.safetensors stores none of the options .* train it again"):
+        leanvit.adapt(small_vit(), "rl4evit", weights=str(path))
 
 
 def test_bench_times_rl4evit_with_its_per_image_floor():

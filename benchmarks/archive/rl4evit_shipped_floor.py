@@ -7,6 +7,10 @@ comparison of the two that does not depend on their different GMACs.
 
 The candidates of the choice (they fix its held-out images) are read from the record of the choice,
 benchmarks/results/rl4evit_v2/shipped.json.
+
+Not runnable as is any more: the policy it compares with (tests/data/rl4evit_legacy_policy.safetensors,
+in git history) stores no options, and leanvit now refuses such a file; kept as the record of how
+its numbers were made.
 """
 import json
 import sys

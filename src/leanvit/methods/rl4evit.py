@@ -9,8 +9,7 @@ with tanh (MAPPO's; or ``activation="relu"``) after a LayerNorm of their input (
 normalisation; ``input_norm=false``: none), hidden widths
 ``[4C, 256, 64]`` by default (the authors' for DeiT-S) or ``hidden=[64]`` for a cheap actor.
 The options a policy was trained with are stored in its weights file's metadata and are its
-defaults when it is loaded; a weights file without them is read as ``LEGACY`` (after, relu, no
-input norm): the policies written before the options were stored with the weights.
+defaults when it is loaded; a file that stores none is refused (nothing says how to run it).
 Inference is greedy and removes the pruned tokens for real: per-image counts, a ragged batch that
 the runtime runs packed (no padding in the token-wise work). Training samples actions and runs masked (``LeanViT.masked``) so the batch
 keeps its shape and every token keeps its position, which lines agents up across layers for GAE.
@@ -30,7 +29,6 @@ from .base import OptionError, Reduction, check_layers, load_weights, register
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 PLACEMENTS = ("before", "after")
-LEGACY = dict(placement="after", activation="relu", input_norm=False)  # a weights file without options
 OPTIONS = ("layers", "hidden", "agents", "placement", "activation", "input_norm")  # stored with the weights
 
 
@@ -128,7 +126,7 @@ class RL4EViT(Reduction, nn.Module):
             raise OptionError(f"rl4evit: input_norm must be true or false, got {o['input_norm']!r}")
 
     def _trained_options(self) -> Optional[Dict[str, object]]:
-        """The options stored with the weights; None when the file has none (an old policy)."""
+        """The options stored with the weights; None when the file stores none."""
         from safetensors import safe_open
         from ..zoo import method_weights_path
         try:
@@ -147,7 +145,8 @@ class RL4EViT(Reduction, nn.Module):
         defaults = dict(layers=(3, 6, 9), hidden=None, agents="multi", placement="before", activation="tanh",
                         input_norm=True)
         if trained is None:
-            trained = dict(LEGACY)
+            raise OptionError(f"rl4evit: the policy {self.weights} stores none of the options it was trained with "
+                              "(layers, placement, activation, ...), so nothing says how to run it: train it again")
         self._check({**defaults, **trained})
         opts = {k: v if v is not None else trained.get(k, defaults[k]) for k, v in self.given.items()}
         opts["layers"] = check_layers("rl4evit", opts["layers"], info.depth)
