@@ -30,7 +30,7 @@ from leanvit.data import eval_transform, make_loader
 from leanvit.evaluate import evaluate
 from leanvit.methods.base import Reduction
 from leanvit.models import create_model
-from leanvit.objects import object_report, patch_object_weights
+from leanvit.objects import boxes_as_seen, object_report, patch_object_weights
 from leanvit.training import holdout_split
 
 
@@ -61,7 +61,7 @@ def cls_attention_on_object(model, loader) -> dict:
     probe = adapt(model, AttentionProbe())
     shares, area = {}, []
     for batch in loader:
-        weights = patch_object_weights(batch.boxes, int(round(model.patch_embed.num_patches ** 0.5)))
+        weights = patch_object_weights(boxes_as_seen(batch.boxes, model), int(round(model.patch_embed.num_patches ** 0.5)))
         area.append(weights.mean(1))
         probe.method.seen = {}
         with torch.inference_mode():

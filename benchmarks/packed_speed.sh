@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Speed of per-image methods under packed execution (issue 12), each against dense and its floor
+# Speed of per-image methods under packed execution, each against dense and its floor
 # (random tokens at the same per-image counts and widths) in one run: 2 threads, median of 7 repeats
 # (warm-up 2), a batch of 32 real test images, and the same images one at a time (batch 1).
 #   1. the shipped PRANCE selector on its meta-network, and two fixed sub-networks;

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # PRANCE selectors over seeds against random tokens at their own per-image counts (and widths), on
-# the 10,000 test images (issue 19, points 3 and 4). NET picks the network:
+# the 10,000 test images. NET picks the network:
 #   original: the *original* reference model cifar10_vit12_w128 with channels off (`channels=false`):
 #             the selector picks only token keep ratios on a ViT never made channel-elastic, which
 #             separates the meta-network's effect from the selector's (default STRATEGIES "prune");
@@ -16,7 +16,9 @@
 # FLOOR=shuffled adds the shuffled floor (`sweep --shuffled-floor`): each batch's per-image counts and widths
 # dealt to its images in a random order, the control for which image gets which budget, and the only one
 # of the channel-only selectors (strategy none), whose random floor is themselves.
-# Environment: NET [original], STRATEGIES, SEEDS ["0 1 2"], LIMIT_TRAIN [6400], PPO_EPOCHS [10], FLOOR [random], DATA; for a smoke run
+# BASE [cifar10_vit12_w128] is the reference model (its meta-network is BASE_prance); the cluttered
+# testbed: BASE=cluttered_cifar10_vit12_w128 DATA=cluttered:../shared/data/cifar10-jpeg.tar.gz with RES and RUNS.
+# Environment: NET [original], BASE, STRATEGIES, SEEDS ["0 1 2"], LIMIT_TRAIN [6400], PPO_EPOCHS [10], FLOOR [random], DATA; for a smoke run
 # LIMIT_TEST (test images of the sweep, default all), RES and RUNS (where results and runs go).
 # Results: benchmarks/results/prance_<NET>/{results.json,table.txt,...}, selectors and their metrics
 # in runs/prance-<NET>/<strategy>_s<seed>/budget-<B>/.
@@ -25,10 +27,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
 NET="${NET:-original}"
+BASE="${BASE:-cifar10_vit12_w128}"
 case "$NET" in
-    original) model=cifar10_vit12_w128; net_opts=(--opt channels=false); spec_opts=:channels=false
+    original) model=$BASE; net_opts=(--opt channels=false); spec_opts=:channels=false
               fixed=(); default_strategies=prune ;;
-    meta) model=cifar10_vit12_w128_prance; net_opts=(); spec_opts=
+    meta) model=${BASE}_prance; net_opts=(); spec_opts=
           fixed=(prance:subnet=middle prance:subnet=smallest); default_strategies="prune prune-merge merge none" ;;
     *) echo "NET must be original or meta, got $NET" >&2; exit 2 ;;
 esac

@@ -11,6 +11,7 @@
     python benchmarks/tables.py finetune_ppt > benchmarks/results/finetune_ppt/tables.md
     python benchmarks/tables.py prance_seeds {original,meta} > benchmarks/results/prance_{original,meta}/tables.md
     python benchmarks/tables.py prance_channels > benchmarks/results/prance_channels_meta/tables.md
+    python benchmarks/tables.py cluttered > benchmarks/results/cluttered/tables.md
 
 packed: benchmarks/packed_speed.sh; prance: benchmarks/archive/prance_selectors.sh and prance_speed.sh;
 rl4evit_v2: benchmarks/rl4evit_v2.sh (3 seeds x 2 budgets, against the random floor and the
@@ -675,10 +676,31 @@ def finetune_ppt():
         print(f"| {title} | {dense} | " + " | ".join(cell(rows[m["method"]]) for m in methods) + " |")
 
 
+def cluttered():
+    """benchmarks/cluttered_controls.py on each checkpoint of the cluttered reference model (1,000
+    held-out training images): dense top-1; EViT (without fusion, and fused) against random tokens at
+    its own per-image counts; object recall after the first decision beside random's; where the CLS
+    token's attention falls before the first decision, beside the object's share of the area."""
+    controls = load(RES / "cluttered" / "controls.json")
+    print("| checkpoint | dense top-1 % | EViT without fusion, keep 0.5: KL - floor [95%] | fused EViT, keep 0.7: "
+          "KL - floor [95%] | object recall after block 3, keep 0.5: EViT without fusion / random | "
+          "CLS attention on the object before block 3 (area) |")
+    print("|---|---:|---|---|---|---|")
+    for name, c in controls.items():
+        res, obj = c["results"], c["objects"]
+        first = min(obj["random 0.5"]["object_recall"], key=int)
+        print(f"| {name} | {res['dense']['top1']:.1f} | {interval(res['evit nofuse 0.5']['vs_random_floor'], 'kl_to_dense', 4)} | "
+              f"{interval(res['evit 0.7']['vs_random_floor'], 'kl_to_dense', 4)} | "
+              f"{obj['evit nofuse 0.5']['object_recall'][first]:.2f} / {obj['random 0.5']['object_recall'][first]:.2f} | "
+              f"{c['cls_attention_on_object'][first]:.0%} ({c['object_area_share']:.0%}) |")
+    print("\n* the paired 95% interval excludes 0; negative: EViT closer to dense than random tokens at its counts")
+
+
 if __name__ == "__main__":
     tables = dict(packed=packed, prance=prance, rl4evit=rl4evit, rl4evit_v2=rl4evit_v2, dynamicvit_v2=dynamicvit_v2,
                   verdicts=verdicts, reference=reference, rl4evit_tables=rl4evit_tables,
-                  finetune_ppt=finetune_ppt, prance_seeds=prance_seeds, prance_channels=prance_channels)
+                  finetune_ppt=finetune_ppt, prance_seeds=prance_seeds, prance_channels=prance_channels,
+                  cluttered=cluttered)
     if len(sys.argv) < 2 or sys.argv[1] not in tables or len(sys.argv) > (3 if sys.argv[1] in ("rl4evit_v2", "prance_seeds") else 2):
         sys.exit(f"usage: python benchmarks/tables.py {{{','.join(tables)}}} (rl4evit_v2 takes a run prefix, "
                  "e.g. multi_cheap_kl; prance_seeds a network, original or meta)")

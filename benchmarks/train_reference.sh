@@ -39,3 +39,15 @@ for e in $(seq 1 15); do
         --eval-split holdout --limit-eval 1000 --max-steps $((e * STEPS_PER_EPOCH))
     cp "$OUT/final.safetensors" "$OUT/snapshots/epoch$e.safetensors"
 done
+# ship it: fp16 weights, spec and model card in src/leanvit/zoo/, top-1 of the shipped file on the test split
+python - "$OUT" "cluttered:$CIFAR" <<'PY'
+import sys
+sys.path.insert(0, "tools")
+from publish import publish
+command = ("for e in $(seq 1 15); do OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m leanvit train \\\n"
+           "    --model vit12_convstem_w128_cluttered --data cluttered:../shared/data/cifar10-jpeg.tar.gz \\\n"
+           "    --out runs/cluttered-w128 --epochs 15 --batch-size 128 --lr 2e-3 --warmup-epochs 1 --weight-decay 0.05 \\\n"
+           "    --label-smoothing 0.1 --workers 1 --save-every 50 --eval-split holdout --limit-eval 1000 \\\n"
+           "    --max-steps $((e * 382)); done")
+print(publish(sys.argv[1], "cluttered_cifar10_vit12_w128", command=command, data=sys.argv[2]))
+PY

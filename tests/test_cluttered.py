@@ -10,7 +10,8 @@ from leanvit import adapt
 from leanvit.data.cluttered import ClutterRecipe
 from leanvit.data import DataError, load_dataset, make_loader
 from leanvit.measure import count_macs
-from leanvit.objects import (background_kept, object_measures, object_recall, oracle_floor_of,
+from leanvit.data import eval_transform
+from leanvit.objects import (background_kept, boxes_as_seen, object_measures, object_recall, oracle_floor_of,
                              patch_object_weights, spearman)
 from leanvit.training import SeededAugment
 
@@ -95,6 +96,32 @@ def test_batches_carry_the_boxes(sample, model):
     assert batch.images.shape == (4, 3, 64, 64) and batch.boxes.shape == (4, 4)
     assert torch.equal(batch.to("cpu").boxes, batch.boxes)
     assert torch.equal(batch.boxes[1], sample[1][2])
+
+
+@pytest.mark.parametrize("crop_pct", [1.0, 0.875, 0.9])
+def test_boxes_follow_the_preprocessing_crop(model, crop_pct):
+    """A white box drawn on a black canvas lands, after the model's own evaluation transform,
+    where boxes_as_seen says (to a pixel of resampling blur)."""
+    cfg = dict(model.pretrained_cfg, crop_pct=crop_pct)
+    seen_model = timm.create_model("vit12_convstem_w128_cluttered")
+    seen_model.pretrained_cfg = cfg
+    for box in ([0.25, 0.125, 0.75, 0.5], [0.0, 0.5, 0.4375, 1.0]):
+        canvas = np.zeros((64, 64, 3), np.uint8)
+        x0, y0, x1, y1 = (np.array(box) * 64).astype(int)
+        canvas[y0:y1, x0:x1] = 255
+        seen = eval_transform(cfg)(Image.fromarray(canvas)).mean(0)
+        rows, cols = np.nonzero((seen > seen.min() + 0.5 * (seen.max() - seen.min())).numpy())
+        found = np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]) / 64
+        assert np.abs(boxes_as_seen(torch.tensor([box]), seen_model)[0].numpy() - found).max() <= 1.5 / 64
+    if crop_pct < 1:  # the centre crop enlarges a box, and cuts one that reaches the canvas' edge
+        assert boxes_as_seen(torch.tensor([[0.25, 0.25, 0.75, 0.75]]), seen_model)[0, 2] > 0.76
+
+
+def test_preprocessing_boxes_cannot_follow_is_refused():
+    squash = timm.create_model("vit12_convstem_w128_cluttered")
+    squash.pretrained_cfg = dict(squash.pretrained_cfg, crop_mode="squash")
+    with pytest.raises(ValueError, match="centre crop"):
+        boxes_as_seen(torch.tensor([[0.1, 0.1, 0.5, 0.5]]), squash)
 
 
 def test_patch_weights_are_the_covered_areas():

@@ -95,7 +95,7 @@ def test_predictor_weights_round_trip(tmp_path):
 def test_finetuning_depends_on_keep_rate(tmp_path):
     """`leanvit train --method dynamicvit` at keep rates 0.98 and 0.5 trains predictors that keep
     about those fractions (in training, Gumbel decisions) and ViTs that differ. Before the masked
-    softmax was made exact (issue 13, item 6), both keep rates trained the same predictors (keep
+    softmax was made exact, both keep rates trained the same predictors (keep
     fractions ~0.5/0.25/0.13) and ViTs within 2e-5 of each other."""
     from safetensors.torch import load_file
     from conftest import CIFAR

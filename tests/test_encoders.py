@@ -1,4 +1,4 @@
-"""Vision encoders (issue 15): token outputs (forward_tokens / unmerge), scoring without a CLS
+"""Vision encoders: token outputs (forward_tokens / unmerge), scoring without a CLS
 token, attention-pool (MAP) heads, and coverage over timm's encoder families."""
 from __future__ import annotations
 

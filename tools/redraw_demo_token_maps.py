@@ -28,7 +28,7 @@ def main() -> None:
     models: dict = {}
     runners = {f"{s.method} {s.label}": adapt_spec(model, s, models)  # the middle budget, as the demo
                for s in (specs[len(specs) // 2] for specs in by_method.values())}
-    images, boxes = map_examples(dataset, 4)
+    images, boxes = map_examples(dataset, 4, model)
     depth, cfg = len(model.blocks), model.pretrained_cfg
     print(token_maps(runners, images, args.out, layers=(depth // 4, depth // 2, 3 * depth // 4),
                      image_mean=cfg.get("mean"), image_std=cfg.get("std"), boxes=boxes))

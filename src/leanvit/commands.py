@@ -325,13 +325,14 @@ def cmd_match(args) -> int:
 
 def cmd_demo(args) -> int:
     from .data import EMBEDDED_CIFAR10, DataError, describe_search, download_cifar10, find_default_cifar10, resolve_data
-    from .demo import DEMO_MODEL, demo_specs
+    from .demo import TESTBEDS, demo_specs
     from .models import list_models, load_model
     device = _device(args)  # a missing device fails before anything else
     if args.threads:
         torch.set_num_threads(args.threads)
-    if DEMO_MODEL not in list_models():
-        print(f"leanvit demo: the reference model {DEMO_MODEL} is not shipped in this checkout yet.\n"
+    model_name = TESTBEDS[args.testbed]
+    if model_name not in list_models():
+        print(f"leanvit demo: the reference model {model_name} is not shipped in this checkout yet.\n"
               "Meanwhile try: leanvit eval --model deit_tiny_patch16_224 --data DIR --method ppt --opt r=50",
               file=sys.stderr)
         return 1
@@ -350,7 +351,9 @@ def cmd_demo(args) -> int:
             raise DataError("--full needs the full CIFAR-10 test set; the shipped sample has 2,000 of its images: "
                             "pass --data PATH to a local copy, or --download")
         args.limit = None
-    return _comparison(args, load_model(DEMO_MODEL).to(device), DEMO_MODEL, demo_specs(), data)
+    if args.testbed == "cluttered":
+        data = f"cluttered:{data}"
+    return _comparison(args, load_model(model_name).to(device), model_name, demo_specs(model_name), data)
 
 
 def _write_json(path: str, payload: dict) -> None:

@@ -12,6 +12,10 @@ from .options import Spec
 
 DEMO_MODEL = "cifar10_vit12_w128"
 PRANCE_MODEL = "cifar10_vit12_w128_prance"  # the demo model made channel-elastic (PRANCE's meta-network)
+# The demo's two testbeds, each with its reference model: CIFAR-10 (one object filling a 32x32
+# frame) and cluttered CIFAR-10 (the object at a random place and scale on a 64x64 textured
+# canvas, so that which tokens a method keeps matters, and can be checked against the object's box).
+TESTBEDS = {"cifar10": DEMO_MODEL, "cluttered": "cluttered_cifar10_vit12_w128"}
 
 
 # Budgets for a 65-token model (CLS + 8x8): two or three per parameter-free method.
@@ -26,31 +30,34 @@ DEMO_SPECS: List[Spec] = [Spec(*s) for s in [
     ("random", "keep=0.9", {"keep_rate": 0.9}), ("random", "keep=0.7", {"keep_rate": 0.7}),
     ("random", "keep=0.5", {"keep_rate": 0.5}),
 ]]
-# Learned methods whose weights are shipped (zoo/<model>.<method>.safetensors), each on its model.
-DEMO_LEARNED: List[Spec] = [
-    Spec("rl4evit", "shipped policy", {"weights": DEMO_MODEL}),
-    Spec("prance", "shipped selector, on its meta-network", {"weights": PRANCE_MODEL}, model=PRANCE_MODEL),
-]
+def learned_specs(model: str) -> List[Spec]:
+    """The learned methods that may be shipped for ``model`` (zoo/<model>.<method>.safetensors):
+    its RL4EViT policy, and PRANCE's selector on its meta-network ``<model>_prance``."""
+    return [Spec("rl4evit", "shipped policy", {"weights": model}),
+            Spec("prance", "shipped selector, on its meta-network", {"weights": f"{model}_prance"},
+                 model=f"{model}_prance")]
 
 
-def demo_specs() -> List[Spec]:
-    """The parameter-free methods' budgets, then every learned method shipped for the demo model."""
+def demo_specs(model: str = DEMO_MODEL) -> List[Spec]:
+    """The parameter-free methods' budgets, then every learned method shipped for ``model``."""
     from .models import list_models
     from .zoo import list_method_weights
-    return DEMO_SPECS + [s for s in DEMO_LEARNED if (s.model or DEMO_MODEL) in list_method_weights(s.method)
+    return DEMO_SPECS + [s for s in learned_specs(model) if s.options["weights"] in list_method_weights(s.method)
                          and (s.model is None or s.model in list_models())]
 
 
-def map_examples(dataset, n: int):
+def map_examples(dataset, n: int, model):
     """The images of the token maps, the readable ones among the first ``n`` of ``dataset``, and
-    their object boxes where the data has them (else None): ((B, C, H, W), (B, 4) or None)."""
+    their object boxes as ``model`` sees them, where the data has boxes (else None):
+    ((B, C, H, W), (B, 4) or None)."""
     # one read per item: a training split of a cluttered set draws a new placement on every read,
     # so a box read apart from its image could frame another place
     items = [item for item in (dataset[i] for i in range(min(n, len(dataset)))) if item[0] is not None]
     images = torch.stack([item[0] for item in items])
     if not getattr(dataset, "has_boxes", False):
         return images, None
-    return images, torch.stack([torch.as_tensor(item[2]) for item in items])
+    from .objects import boxes_as_seen
+    return images, boxes_as_seen(torch.stack([torch.as_tensor(item[2]) for item in items]), model)
 
 
 def run_comparison(model, model_name: str, dataset, specs, out_dir: str, batch_size: int = 250,
@@ -94,7 +101,7 @@ def run_comparison(model, model_name: str, dataset, specs, out_dir: str, batch_s
     models: dict = {}
     middle = [v[len(v) // 2] for v in firsts.values()]
     runners = {f"{s.method} {s.label}": adapt_spec(model, s, models) for s in middle}
-    images, boxes = map_examples(dataset, map_images)
+    images, boxes = map_examples(dataset, map_images, model)
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     depth = len(model.blocks)
     token_maps(runners, images, out / "token_maps.png", layers=(depth // 4, depth // 2, 3 * depth // 4),

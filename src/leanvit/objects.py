@@ -14,6 +14,7 @@ exact areas, not a threshold.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
@@ -28,8 +29,24 @@ from .token_maps import record_token_states
 from .runtime import LeanViT, adapt
 from .tokens import keep_first, sort_by_score
 
-__all__ = ["patch_object_weights", "object_recall", "background_kept", "spearman", "OracleFloor",
+__all__ = ["boxes_as_seen", "patch_object_weights", "object_recall", "background_kept", "spearman", "OracleFloor",
            "oracle_floor_of", "object_measures", "object_report", "attach_object_measures", "format_object_table"]
+
+
+def boxes_as_seen(boxes: Tensor, model) -> Tensor:
+    """``boxes`` (fractions of the square canvas the data composed) as fractions of the input
+    ``model`` sees after its evaluation preprocessing (:func:`leanvit.data.eval_transform`): timm
+    resizes the canvas to ``floor(size / crop_pct)`` and crops the centre, so a ``crop_pct`` below 1
+    enlarges the box and cuts what falls outside. Raises for preprocessing it cannot follow."""
+    from timm.data import resolve_data_config
+    cfg = resolve_data_config(model=getattr(model, "model", model))
+    _, h, w = cfg["input_size"]
+    if cfg.get("crop_mode", "center") != "center" or h != w:
+        raise ValueError(f"object boxes follow a centre crop of a square input; this model's preprocessing is "
+                         f"crop_mode={cfg.get('crop_mode')!r} at {h}x{w}")
+    scaled = math.floor(h / cfg["crop_pct"])
+    offset = int(round((scaled - h) / 2.0))  # torchvision's CenterCrop
+    return ((boxes.float() * scaled - offset) / h).clamp(0.0, 1.0)
 
 
 def patch_object_weights(boxes: Tensor, grid: int) -> Tensor:
@@ -117,7 +134,7 @@ def oracle_floor_of(runner: LeanViT, trace: List[dict], weights: Tensor) -> Lean
 
 
 def object_measures(runner: LeanViT, images: Tensor, boxes: Tensor) -> Dict[str, object]:
-    """Per image, for one batch: object recall and background kept at each decision layer, the
+    """Per image, for one batch (``boxes`` as the model sees them: :func:`boxes_as_seen`): object recall and background kept at each decision layer, the
     tokens and MACs the image got, and its object's area (the adaptivity correlation is taken over
     all images: :func:`spearman` of ``tokens`` or ``macs`` against ``area``)."""
     weights = patch_object_weights(boxes, _grid(runner))
@@ -143,7 +160,8 @@ def _oracle_kl(runner: LeanViT, images: Tensor, weights: Tensor, dense_logits: T
 
 
 def object_report(runners: Dict[str, LeanViT], loader: Iterable, reference: str = "dense") -> Dict[str, dict]:
-    """For every runner but ``reference``, over the images of ``loader`` (batches with boxes):
+    """For every runner but ``reference``, over the images of ``loader`` (batches with boxes, as
+    the data composed them; the images preprocessed by :func:`leanvit.data.eval_transform`):
     mean object recall and background kept at each decision layer; the adaptivity (Spearman of
     the tokens and of the MACs an image gets against its object's area); and its oracle floor: KL
     to the reference of the object kept first at the method's own per-image counts, with the
@@ -155,10 +173,10 @@ def object_report(runners: Dict[str, LeanViT], loader: Iterable, reference: str 
                              "(--data cluttered-cifar10 or cluttered-cifar10-sample)")
         with torch.inference_mode():
             dense = runners[reference](batch.images)
+        boxes = boxes_as_seen(batch.boxes, runners[reference].model)
         for name, acc in parts.items():
-            got = object_measures(runners[name], batch.images, batch.boxes)
-            kl, oracle = _oracle_kl(runners[name], batch.images,
-                                    patch_object_weights(batch.boxes, _grid(runners[name])), dense)
+            got = object_measures(runners[name], batch.images, boxes)
+            kl, oracle = _oracle_kl(runners[name], batch.images, patch_object_weights(boxes, _grid(runners[name])), dense)
             for key, value in (("tokens", got["tokens"]), ("macs", got["macs"]), ("area", got["area"]),
                                ("kl", kl), ("oracle", oracle)):
                 acc.setdefault(key, []).append(value.double().cpu())
@@ -219,4 +237,7 @@ def format_object_table(rows) -> str:
                      f"{num(o['adaptivity_tokens']):>10}{num(o['adaptivity_gmacs']):>12}{r.get('kl_to_dense', 0):>8.4f}"
                      f"{o['oracle_floor_kl']:>10.4f}  {vs['kl_to_dense']:+.4f} "
                      f"[{vs['kl_to_dense_ci95'][0]:+.4f}, {vs['kl_to_dense_ci95'][1]:+.4f}]")
-    return "\n".join(lines)
+    return "\n".join(lines + [
+        "recall: share of the object's area a token still stands for, at the first and last decision; a merging method "
+        "(ToMe, EViT's fused token) stands for every patch, so there only bg kept tells what it kept apart",
+        "oracle KL: the object's patches kept first at the method's own per-image counts"])
