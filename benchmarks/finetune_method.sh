@@ -16,7 +16,7 @@
 # RES [benchmarks/results/<METHOD>_v2], RUNS [runs/<METHOD>_v2]
 # (smoke: LIMIT_TRAIN=256 LIMIT_TEST=250 RES=/tmp/r RUNS=/tmp/runs SEEDS=0 BUDGETS=0.5).
 # Results: $RES/match_b<B>.json, $RES/b<B>_s<seed>/{train_metrics.json,sweep/}; runs in
-# $RUNS/b<B>_s<seed>/ (resumable: re-running the script continues them).
+# $RUNS/b<B>_s<seed>/ (resumable: re-running the script continues them; a run already measured is skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 METHOD="${METHOD:-dynamicvit}"
@@ -37,8 +37,8 @@ esac
 run() { if [ -n "${LOCK:-}" ]; then flock "$LOCK" "$@"; else "$@"; fi; }
 for budget in $BUDGETS; do
     mkdir -p "$RES"
-    leanvit match --model "$MODEL" "${start[@]}" --of-dense "$budget" --methods "$METHOD" --threads 2 \
-        --json "$RES/match_b$budget.json" < /dev/null
+    [ -f "$RES/match_b$budget.json" ] || leanvit match --model "$MODEL" "${start[@]}" --of-dense "$budget" \
+        --methods "$METHOD" --threads 2 --json "$RES/match_b$budget.json" < /dev/null
     rho=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['matched'][sys.argv[2]]['spec'].split('=')[1])" \
         "$RES/match_b$budget.json" "$METHOD")
     for seed in $SEEDS; do
@@ -50,6 +50,7 @@ for budget in $BUDGETS; do
                 --limit-train "$LIMIT_TRAIN" --eval-split holdout --limit-eval 1000 --batch-size 128 --min-lr 1e-5 \
                 --warmup-epochs 0 --weight-decay 0.05 --label-smoothing 0.1 --workers 1 --seed "$seed" --out "$out" < /dev/null
         fi
+        [ -f "$RES/$name/sweep/results.json" ] && continue  # measured already
         mkdir -p "$RES/$name"
         cp "$out/metrics.json" "$RES/$name/train_metrics.json"
         weights=""; [ -f "$out/method.safetensors" ] && weights=":weights=$out/method.safetensors"

@@ -16,7 +16,8 @@
 # FLOOR=shuffled adds the shuffled floor (`sweep --shuffled-floor`): each batch's per-image counts and widths
 # dealt to its images in a random order, the control for which image gets which budget, and the only one
 # of the channel-only selectors (strategy none), whose random floor is themselves.
-# BASE [cifar10_vit12_w128] is the reference model (its meta-network is BASE_prance); the cluttered
+# BASE [cifar10_vit12_w128] is the reference model (its meta-network is BASE_prance, or META_CKPT:
+# the final.safetensors of a `leanvit train-supernet` run from BASE); the cluttered
 # testbed: BASE=cluttered_cifar10_vit12_w128 DATA=cluttered:../shared/data/cifar10-jpeg.tar.gz with RES and RUNS.
 # Environment: NET [original], BASE, STRATEGIES, SEEDS ["0 1 2"], LIMIT_TRAIN [6400], PPO_EPOCHS [10], FLOOR [random], DATA; for a smoke run
 # LIMIT_TEST (test images of the sweep, default all), RES and RUNS (where results and runs go).
@@ -27,11 +28,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
 NET="${NET:-original}"
+ckpt=()
 BASE="${BASE:-cifar10_vit12_w128}"
 case "$NET" in
     original) model=$BASE; net_opts=(--opt channels=false); spec_opts=:channels=false
               fixed=(); default_strategies=prune ;;
     meta) model=${BASE}_prance; net_opts=(); spec_opts=
+          # a meta-network not in the zoo: BASE's architecture with the weights of a train-supernet run
+          [ -n "${META_CKPT:-}" ] && model=$BASE && ckpt=(--checkpoint "$META_CKPT")
           fixed=(prance:subnet=middle prance:subnet=smallest); default_strategies="prune prune-merge merge none" ;;
     *) echo "NET must be original or meta, got $NET" >&2; exit 2 ;;
 esac
@@ -48,7 +52,7 @@ for seed in $SEEDS; do  # seed-major: an interrupted run has every strategy at t
 for strategy in $STRATEGIES; do
     out=$RUNS/${strategy}_s$seed
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m leanvit train-selector \
-        --model "$model" --data "$DATA" --opt "strategy=$strategy" "${net_opts[@]}" --out "$out" \
+        --model "$model" "${ckpt[@]}" --data "$DATA" --opt "strategy=$strategy" "${net_opts[@]}" --out "$out" \
         --budget 0.5 0.7 --epochs 1 --max-epochs 3 --batch-size 64 --limit-train "$LIMIT_TRAIN" --limit-eval 1000 \
         --workers 1 --lr-actor 1e-3 --ppo-epochs "$PPO_EPOCHS" --seed "$seed" < /dev/null
     for budget in 0.5 0.7; do
@@ -58,5 +62,5 @@ for strategy in $STRATEGIES; do
     done
 done
 done
-leanvit sweep --model "$model" --data "$DATA" --threads 2 --batch-size 250 --out "$RES" "$floor" \
+leanvit sweep --model "$model" "${ckpt[@]}" --data "$DATA" --threads 2 --batch-size 250 --out "$RES" "$floor" \
     ${LIMIT_TEST:+--limit "$LIMIT_TEST"} --methods "${fixed[@]}" "${specs[@]}" < /dev/null

@@ -52,6 +52,7 @@ for budget in $BUDGETS; do
 for seed in $SEEDS; do
     name=${agents}_${ACTOR}${ln}_${REWARD}_b${budget}_s${seed}
     out=$RUNS/$name
+    [ -f "$RES/$name/sweep/results.json" ] && continue  # measured already
     leanvit train-policy --model "$MODEL" --data "$DATA" --threads 2 --opt agents=$agents \
         --opt input_norm=$INPUT_NORM "${actor_opts[@]}" --budget "$budget" --reward "$REWARD" --r2-to "$R2_TO" --seed "$seed" --epochs "$EPOCHS" \
         --batch-size 64 --limit-train "$LIMIT_TRAIN" --limit-eval 1000 --out "$out" < /dev/null

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Every learned method on the cluttered testbed (cluttered_cifar10_vit12_w128, cluttered CIFAR-10
+# from DATA's CIFAR-10), with the recipes the CIFAR-10 testbed's verdicts used, stage by stage:
+#   controls    the positive controls first: DynamicViT (predictors and ViT, distillation) and EViT
+#               fine-tuned under its own reduction, at 0.5 of dense, seed 0, with training-free EViT
+#               beside them (finetune_method.sh); each against random tokens at its own counts;
+#   dynamicvit  DynamicViT, 3 seeds x 0.5 / 0.7;
+#   evit        fine-tuned EViT, 3 seeds x 0.5 / 0.7;
+#   mappo       RL4EViT, MAPPO with the authors' actor widths [4C, 256, 64] (rl4evit_v2.sh defaults);
+#   mappo-cheap RL4EViT, MAPPO with the cheap actor (hidden=[64]) of the CIFAR-10 verdicts;
+#   single      RL4EViT, single-agent PPO (cheap actor);
+#   supernet    PRANCE's meta-network from the cluttered model: heads and neurons reordered, 2 epochs
+#               of weight sharing (the flags of benchmarks/archive/prance_supernet.sh);
+#   prance      PRANCE selectors on that meta-network, strategies prune, merge and prune-merge, and
+#               prune on the original model with channels off (prance_seeds.sh).
+# Each stage resumes where it stopped (finished runs and measurements are skipped). Results go to
+# benchmarks/results/cluttered/<stage>/, runs to runs/cluttered/<stage>/.
+#   STAGES="controls" bash benchmarks/cluttered_learned.sh     (default: every stage, in this order)
+# Environment: STAGES, SEEDS ["0 1 2"], CIFAR [../shared/data/cifar10-jpeg.tar.gz].
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export MODEL=cluttered_cifar10_vit12_w128 DATA="cluttered:${CIFAR:-../shared/data/cifar10-jpeg.tar.gz}"
+SEEDS="${SEEDS:-0 1 2}"
+RES=benchmarks/results/cluttered
+RUNS=runs/cluttered
+
+finetune() {  # METHOD SEEDS BUDGETS [EVIT_OFF_THE_SHELF]
+    METHOD=$1 SEEDS=$2 BUDGETS=$3 EVIT_OFF_THE_SHELF=${4:-0} RES=$RES/$1 RUNS=$RUNS/$1 \
+        bash benchmarks/finetune_method.sh
+}
+rl4evit() {  # NAME AGENTS ACTOR
+    AGENTS=$2 ACTOR=$3 SEEDS=$SEEDS RES=$RES/$1 RUNS=$RUNS/$1 bash benchmarks/rl4evit_v2.sh
+}
+for stage in ${STAGES:-controls dynamicvit evit mappo mappo-cheap single supernet prance}; do
+    echo "== $stage"
+    case "$stage" in
+        controls) finetune dynamicvit 0 0.5; finetune evit 0 0.5 1 ;;
+        dynamicvit) finetune dynamicvit "$SEEDS" "0.5 0.7" ;;
+        evit) finetune evit "$SEEDS" "0.5 0.7" 1 ;;
+        mappo) rl4evit mappo multi default ;;
+        mappo-cheap) rl4evit mappo-cheap multi cheap ;;
+        single) rl4evit single single cheap ;;
+        supernet)
+            [ -f "$RUNS/supernet/final.safetensors" ] || OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m leanvit train-supernet \
+                --model "$MODEL" --data "$DATA" --out "$RUNS/supernet" \
+                --epochs 2 --batch-size 128 --lr 5e-4 --min-lr 1e-5 --warmup-epochs 0.2 --weight-decay 0.05 \
+                --label-smoothing 0.1 --sandwich 2 --workers 1 --save-every 50 < /dev/null
+            mkdir -p "$RES/supernet" && cp "$RUNS/supernet/metrics.json" "$RES/supernet/train_metrics.json" ;;
+        prance)
+            NET=meta BASE=$MODEL META_CKPT=$RUNS/supernet/final.safetensors STRATEGIES="prune merge prune-merge" \
+                SEEDS=$SEEDS RES=$RES/prance_meta RUNS=$RUNS/prance_meta bash benchmarks/prance_seeds.sh
+            NET=original BASE=$MODEL SEEDS=$SEEDS RES=$RES/prance_original RUNS=$RUNS/prance_original \
+                bash benchmarks/prance_seeds.sh ;;
+        *) echo "unknown stage $stage (controls dynamicvit evit mappo mappo-cheap single supernet prance)" >&2; exit 2 ;;
+    esac
+done
