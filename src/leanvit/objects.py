@@ -25,7 +25,7 @@ from .bench import Floor
 from .device import all_gather
 from .evaluate import adapt_spec, kl_per_image, paired_interval
 from .measure import macs_per_image
-from .token_maps import record_token_states
+from .token_maps import token_states_of
 from .runtime import LeanViT, adapt
 from .tokens import keep_first, sort_by_score
 
@@ -133,30 +133,29 @@ def oracle_floor_of(runner: LeanViT, trace: List[dict], weights: Tensor) -> Lean
     return oracle
 
 
-def object_measures(runner: LeanViT, images: Tensor, boxes: Tensor) -> Dict[str, object]:
-    """Per image, for one batch (``boxes`` as the model sees them: :func:`boxes_as_seen`): object recall and background kept at each decision layer, the
-    tokens and MACs the image got, and its object's area (the adaptivity correlation is taken over
-    all images: :func:`spearman` of ``tokens`` or ``macs`` against ``area``)."""
+def object_measures(runner: LeanViT, images: Tensor, boxes: Tensor,
+                    dense_logits: Optional[Tensor] = None) -> Dict[str, object]:
+    """Per image, for one batch (``boxes`` as the model sees them: :func:`boxes_as_seen`), from one
+    traced forward: object recall and background kept at each decision layer, the tokens and MACs
+    the image got, and its object's area (the adaptivity correlation is taken over all images:
+    :func:`spearman` of ``tokens`` or ``macs`` against ``area``). With ``dense_logits`` also ``kl``
+    and ``oracle``: the KL to dense of this forward and of its oracle floor (one more forward)."""
     weights = patch_object_weights(boxes, _grid(runner))
-    states = record_token_states(runner, images)
-    with torch.inference_mode(), runner.tracing() as trace:
-        runner(images)
+    with torch.inference_mode(), runner.tracing(track_source=True) as trace:
+        logits = runner(images)
+    states = token_states_of(trace, runner.n_prefix)
     blocks = [rec for rec in trace if rec.get("layer") is not None]
     tokens = torch.stack([rec["mlp_tokens"].float().cpu() for rec in blocks]).mean(0)
-    return dict(
+    got = dict(
         layers=[s.layer for s in states],
         recall=[object_recall(s.source, s.valid, s.n_prefix, weights) for s in states],
         background=[background_kept(s.source, s.valid, s.n_prefix, weights) for s in states],
         tokens=tokens, macs=macs_per_image(runner, trace, images), area=weights.sum(1) / weights.shape[1])
-
-
-def _oracle_kl(runner: LeanViT, images: Tensor, weights: Tensor, dense_logits: Tensor) -> Tuple[Tensor, Tensor]:
-    """(method's KL to dense, its oracle floor's KL to dense) per image, on one batch."""
-    with torch.inference_mode(), runner.tracing() as trace:
-        logits = runner(images)
-    with torch.inference_mode():
-        oracle = oracle_floor_of(runner, trace, weights)(images)
-    return kl_per_image(dense_logits, logits), kl_per_image(dense_logits, oracle)
+    if dense_logits is not None:
+        with torch.inference_mode():
+            oracle = oracle_floor_of(runner, trace, weights)(images)
+        got.update(kl=kl_per_image(dense_logits, logits), oracle=kl_per_image(dense_logits, oracle))
+    return got
 
 
 def object_report(runners: Dict[str, LeanViT], loader: Iterable, reference: str = "dense") -> Dict[str, dict]:
@@ -175,11 +174,9 @@ def object_report(runners: Dict[str, LeanViT], loader: Iterable, reference: str 
             dense = runners[reference](batch.images)
         boxes = boxes_as_seen(batch.boxes, runners[reference].model)
         for name, acc in parts.items():
-            got = object_measures(runners[name], batch.images, boxes)
-            kl, oracle = _oracle_kl(runners[name], batch.images, patch_object_weights(boxes, _grid(runners[name])), dense)
-            for key, value in (("tokens", got["tokens"]), ("macs", got["macs"]), ("area", got["area"]),
-                               ("kl", kl), ("oracle", oracle)):
-                acc.setdefault(key, []).append(value.double().cpu())
+            got = object_measures(runners[name], batch.images, boxes, dense_logits=dense)
+            for key in ("tokens", "macs", "area", "kl", "oracle"):
+                acc.setdefault(key, []).append(got[key].double().cpu())
             for layer, recall, background in zip(got["layers"], got["recall"], got["background"]):
                 acc.setdefault(f"recall {layer}", []).append(recall)
                 acc.setdefault(f"background {layer}", []).append(background)

@@ -60,7 +60,13 @@ def record_token_states(runner: LeanViT, images: Tensor) -> List[LayerTokens]:
             runner(images.to(module_device(runner)))
     finally:
         runner.last_state = last_state
-    return [LayerTokens(layer=rec["layer"], n_prefix=runner.n_prefix,  # on the host, where figures are drawn
+    return token_states_of(trace, runner.n_prefix)
+
+
+def token_states_of(trace: List[dict], n_prefix: int) -> List[LayerTokens]:
+    """The token state after each decision recorded in ``trace`` (a :meth:`LeanViT.tracing` with
+    token sources), in order, on the host."""
+    return [LayerTokens(layer=rec["layer"], n_prefix=n_prefix,  # on the host, where figures are drawn
                         **{k: None if v is None else v.cpu() for k, v in rec["tokens"].items()})
             for rec in trace if rec.get("tokens") is not None]
 
