@@ -250,8 +250,9 @@ def _match(command) -> None:
 
 def _demo(command) -> None:
     p = command("demo", help="the shipped reference model against every parameter-free method")
-    p.add_argument("--testbed", choices=("cifar10", "cluttered"), default="cifar10",
-                   help="cifar10: CIFAR-10's test images as they are (default); cluttered: each object at a random "
+    p.add_argument("--testbed", choices=("cifar10", "cluttered"),
+                   help="cifar10: CIFAR-10's test images as they are (the default, unless --data names a cluttered "
+                        "set); cluttered: each object at a random "
                         "place and scale on a 64x64 textured canvas, with its box: adds which tokens each method "
                         "keeps (object recall, background kept, adaptivity, the oracle floor)")
     _add_data(p, help="CIFAR-10 (default: $LEANVIT_DATA, ./data, ../shared/data or ~/.cache/leanvit; "

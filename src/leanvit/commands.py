@@ -330,7 +330,12 @@ def cmd_demo(args) -> int:
     device = _device(args)  # a missing device fails before anything else
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_name = TESTBEDS[args.testbed]
+    from .data.cluttered import is_cluttered_spec
+    testbed = args.testbed or ("cluttered" if is_cluttered_spec(args.data) else "cifar10")
+    if testbed == "cifar10" and is_cluttered_spec(args.data):
+        raise DataError(f"--data {args.data} is cluttered CIFAR-10, which the CIFAR-10 model was not trained on: "
+                        "use --testbed cluttered")
+    model_name = TESTBEDS[testbed]
     if model_name not in list_models():
         print(f"leanvit demo: the reference model {model_name} is not shipped in this checkout yet.\n"
               "Meanwhile try: leanvit eval --model deit_tiny_patch16_224 --data DIR --method ppt --opt r=50",
@@ -351,7 +356,7 @@ def cmd_demo(args) -> int:
             raise DataError("--full needs the full CIFAR-10 test set; the shipped sample has 2,000 of its images: "
                             "pass --data PATH to a local copy, or --download")
         args.limit = None
-    if args.testbed == "cluttered":
+    if testbed == "cluttered" and not is_cluttered_spec(data):
         data = f"cluttered:{data}"
     return _comparison(args, load_model(model_name).to(device), model_name, demo_specs(model_name), data)
 
