@@ -10,7 +10,7 @@ import torch
 import leanvit
 from conftest import CIFAR
 from leanvit.cli import main
-from leanvit.demo import DEMO_MODEL, PRANCE_MODEL
+from leanvit.demo import DEMO_MODEL, PRANCE_MODEL, TESTBEDS
 from leanvit.zoo import ZOO_DIR, list_method_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +66,36 @@ def test_demo_on_the_reference_model(tmp_path, capsys, monkeypatch):
         assert r["gmacs"] < result["dense"]["gmacs"] * 1.001
     assert (out / "pareto.png").stat().st_size > 10_000 and (out / "token_maps.png").stat().st_size > 10_000
     assert "ppt" in printed and "vs dense" in printed
+
+
+def test_demo_on_the_cluttered_testbed(tmp_path, capsys, monkeypatch):
+    """`--testbed cluttered`: the cluttered reference model on cluttered images composed from the
+    shipped sample, with the table of which tokens each method keeps."""
+    monkeypatch.setattr("leanvit.data.find_default_cifar10", lambda: None)
+    out = tmp_path / "demo"
+    code = main(["demo", "--testbed", "cluttered", "--limit", "60", "--batch-size", "30", "--workers", "0",
+                 "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["model"] == TESTBEDS["cluttered"] and result["n_images"] == 60
+    assert result["data"].startswith("cluttered(") and "cifar10-test-2000" in result["data"]
+    assert result["dense"]["top1"] > 30.0  # a trained model, not chance (10%)
+    random = [r for r in result["rows"] if r["method"] == "random" and r["label"] == "keep=0.5"][0]
+    recall = random["objects"]["object_recall"]
+    assert 0.35 < recall[min(recall, key=int)] < 0.65  # random keeps about half of the object
+    assert "which tokens each method keeps (object boxes)" in printed
+
+
+
+def test_demo_testbed_follows_cluttered_data(tmp_path, capsys):
+    """A cluttered --data runs the cluttered testbed; naming the CIFAR-10 testbed with it is refused."""
+    assert main(["demo", "--testbed", "cifar10", "--data", "cluttered-cifar10-sample", "--out", str(tmp_path / "a")]) == 2
+    assert "use --testbed cluttered" in capsys.readouterr().err
+    out = tmp_path / "b"
+    assert main(["demo", "--data", "cluttered-cifar10-sample", "--limit", "20", "--workers", "0", "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["model"] == TESTBEDS["cluttered"] and result["data"].startswith("cluttered(")
 
 
 def test_demo_full_and_download_need_the_full_set(tmp_path, capsys, monkeypatch):
