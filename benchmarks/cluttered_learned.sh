@@ -4,6 +4,9 @@
 #   controls    the positive controls first: DynamicViT (predictors and ViT, distillation) and EViT
 #               fine-tuned under its own reduction, at 0.5 of dense, seed 0, with training-free EViT
 #               beside them (finetune_method.sh); each against random tokens at its own counts;
+#   fixed       the parameter-free rules (ToMe, EViT fused and not, PPT, ATS at the paper's stages and at one
+#               layer, random) from about 0.4 to 0.75 of dense: the best fixed rule at a learned
+#               method's GMACs, and the static methods' object recall beside the per-image methods'.
 #   dynamicvit  DynamicViT, 3 seeds x 0.5 / 0.7;
 #   evit        fine-tuned EViT, 3 seeds x 0.5 / 0.7;
 #   mappo       RL4EViT, MAPPO with the authors' actor widths [4C, 256, 64] (rl4evit_v2.sh defaults);
@@ -31,10 +34,15 @@ finetune() {  # METHOD SEEDS BUDGETS [EVIT_OFF_THE_SHELF]
 rl4evit() {  # NAME AGENTS ACTOR
     AGENTS=$2 ACTOR=$3 SEEDS=$SEEDS RES=$RES/$1 RUNS=$RUNS/$1 bash benchmarks/rl4evit_v2.sh
 }
-for stage in ${STAGES:-controls dynamicvit evit mappo mappo-cheap single supernet prance}; do
+for stage in ${STAGES:-controls fixed dynamicvit evit mappo mappo-cheap single supernet prance}; do
     echo "== $stage"
     case "$stage" in
         controls) finetune dynamicvit 0 0.5; finetune evit 0 0.5 1 ;;
+        fixed)
+            [ -f "$RES/fixed/results.json" ] || leanvit sweep --model "$MODEL" --data "$DATA" --threads 2 --batch-size 250 \
+                --out "$RES/fixed" --methods tome:r={3,5,6} evit:keep_rate=0.{7,5,4} evit:keep_rate=0.{7,5,4}:fuse=false \
+                ppt:r={14,24}:threshold=scaled ppt:r=12:layers=1,3,5,7,9:threshold=scaled \
+                ats:tokens=1.0 ats:tokens=1.0:layers={4,7} random:keep_rate=0.{7,5} < /dev/null ;;
         dynamicvit) finetune dynamicvit "$SEEDS" "0.5 0.7" ;;
         evit) finetune evit "$SEEDS" "0.5 0.7" 1 ;;
         mappo) rl4evit mappo multi default ;;
@@ -51,6 +59,6 @@ for stage in ${STAGES:-controls dynamicvit evit mappo mappo-cheap single superne
                 SEEDS=$SEEDS RES=$RES/prance_meta RUNS=$RUNS/prance_meta bash benchmarks/prance_seeds.sh
             NET=original BASE=$MODEL SEEDS=$SEEDS RES=$RES/prance_original RUNS=$RUNS/prance_original \
                 bash benchmarks/prance_seeds.sh ;;
-        *) echo "unknown stage $stage (controls dynamicvit evit mappo mappo-cheap single supernet prance)" >&2; exit 2 ;;
+        *) echo "unknown stage $stage (controls fixed dynamicvit evit mappo mappo-cheap single supernet prance)" >&2; exit 2 ;;
     esac
 done

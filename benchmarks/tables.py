@@ -28,6 +28,7 @@ from pathlib import Path
 
 RES = Path(__file__).parent / "results"
 RL = RES / "rl4evit"
+REFERENCE_SWEEPS = ("sweep_reference", "sweep_reference_aggressive")
 PRANCE_RUNS = Path("runs/prance-sel")
 
 
@@ -379,67 +380,138 @@ def learned_vs_floor(title: str, runs: list, whose: str, decision: str, rule=Non
 
 
 def seeds_of(glob_root: Path, pattern: str, method: str):
-    """[(row, sweep)] of ``method`` in every finished sweep of the runs matching ``pattern``."""
+    """[(row, sweep)] of ``method`` in every finished sweep of the runs matching ``pattern``; where
+    the sweep also ran it off the shelf, its row on the ViT fine-tuned with it (a ``checkpoint``)."""
     out = []
     for p in sorted(glob_root.glob(pattern)):
         if (p / "sweep" / "results.json").exists():
             x = load(p / "sweep" / "results.json")
-            out.append((next(r for r in x["rows"] if r["method"] == method), x))
+            rows = [r for r in x["rows"] if r["method"] == method]
+            out.append((max(rows, key=lambda r: "checkpoint" in r["options"]), x))
     return out
 
 
-VERDICT_POLICIES = (("MAPPO, reward correct", "multi_cheap_correct"),
-                    ("MAPPO, reward kl", "multi_cheap_kl"),
-                    ("MAPPO, input LayerNorm, r2 to kept", "multi_cheap-ln-kept_correct"),
-                    ("single-agent PPO, input LayerNorm, r2 to kept", "single_cheap-ln-kept_correct"))
+# The learned methods judged on both testbeds: label -> {testbed: (results folder, run prefix)},
+# with the method's name in the sweep rows (the folder's runs are <prefix>_b<budget>_s<seed>/sweep/).
+VERDICT_METHODS = (
+    ("RL4EViT MAPPO, authors' actor [4C, 256, 64]", "rl4evit",
+     {"cluttered": ("cluttered/mappo", "multi_default-ln-kept_correct_")}),
+    ("RL4EViT MAPPO, cheap actor [64] (the CIFAR-10 default)", "rl4evit",
+     {"CIFAR-10": ("rl4evit_v2", "multi_cheap-ln-kept_correct_"),
+      "cluttered": ("cluttered/mappo-cheap", "multi_cheap-ln-kept_correct_")}),
+    ("RL4EViT MAPPO, cheap actor, no input LayerNorm, r2 to every agent", "rl4evit",
+     {"CIFAR-10": ("rl4evit_v2", "multi_cheap_correct_")}),
+    ("RL4EViT MAPPO, same, reward kl", "rl4evit", {"CIFAR-10": ("rl4evit_v2", "multi_cheap_kl_")}),
+    ("RL4EViT single-agent PPO, cheap actor", "rl4evit",
+     {"CIFAR-10": ("rl4evit_v2", "single_cheap-ln-kept_correct_"),
+      "cluttered": ("cluttered/single", "single_cheap-ln-kept_correct_")}),
+    ("DynamicViT (ViT fine-tuned with it; KL to the original dense)", "dynamicvit",
+     {"CIFAR-10": ("dynamicvit_v2", ""), "cluttered": ("cluttered/dynamicvit", "")}),
+    ("EViT, ViT fine-tuned with it (KL to the original dense)", "evit", {"cluttered": ("cluttered/evit", "")}),
+)
+# where each testbed's PRANCE sweeps and fixed-rule sweeps are, under benchmarks/results
+TESTBED_SWEEPS = {
+    "CIFAR-10": dict(prance="", fixed=REFERENCE_SWEEPS, meta_fixed=("prance_reference",),
+                     shipped="prance_reference/shipped_floor"),
+    "cluttered": dict(prance="cluttered/", fixed=("cluttered/fixed",), meta_fixed=(), shipped=None),
+}
 
 
-def verdicts():
-    """Issue 19's verdicts: every learned method at 0.5 and 0.7 of dense against random tokens at
-    its own per-image counts (and widths) and against the best fixed rule at equal GMACs, in KL."""
-    groups = []  # (label, budget, [(row, dense)], fixed-rule lookup)
-    for label, prefix in VERDICT_POLICIES:
-        for budget in (0.5, 0.7):
-            runs = seeds_of(RES / "rl4evit_v2", f"{prefix}_b{budget}_s*", "rl4evit")
-            groups.append((label, budget, [(r, x["dense"]) for r, x in runs], best_fixed_rule))
-    for budget in (0.5, 0.7):
-        runs = seeds_of(RES / "dynamicvit_v2", f"b{budget}_s*", "dynamicvit")
-        groups.append(("DynamicViT (ViT fine-tuned with it; KL to the original dense)", budget,
-                       [(r, x["dense"]) for r, x in runs], best_fixed_rule))
-    meta_rule = fixed_rule([load(p) for p in (RES / "prance_reference" / "results.json",) if p.exists()])
-    shipped = RES / "prance_reference" / "shipped_floor" / "results.json"
-    if shipped.exists():
+def verdict_groups(testbed: str):
+    """[(label, budget, [(row, dense)], fixed-rule lookup)] of every learned method run on ``testbed``."""
+    where = TESTBED_SWEEPS[testbed]
+    rule = fixed_rule([load(RES / n / "results.json") for n in where["fixed"] if (RES / n / "results.json").exists()])
+    groups = []
+    for label, method, folders in VERDICT_METHODS:
+        if testbed in folders:
+            folder, prefix = folders[testbed]
+            for budget in (0.5, 0.7):
+                runs = seeds_of(RES / folder, f"{prefix}b{budget}_s*", method)
+                groups.append((label, budget, [(r, x["dense"]) for r, x in runs], rule))
+    meta = prance_sweeps("meta", where["prance"])
+    # the meta-network's own fixed rules: its fixed sub-networks (in its sweeps) and the shipped one's sweep
+    meta_rule = fixed_rule([load(RES / n / "results.json") for n in where["meta_fixed"]] + [x for _, x in meta])
+    shipped = where["shipped"] and RES / where["shipped"] / "results.json"
+    if shipped and shipped.exists():
         x = load(shipped)
         groups.append(("PRANCE shipped selector (meta-network)", 0.5,
                        [(next(r for r in x["rows"] if "weights" in r["options"]), x["dense"])], meta_rule))
-    for net, title, rule in (("original", "channels off, original reference model", best_fixed_rule),
-                             ("meta", "meta-network", meta_rule)):
+    for net, title, net_rule in (("original", "original model, channels off", rule), ("meta", "meta-network", meta_rule)):
         selectors = {}
-        for _, x in prance_sweeps(net):
+        for _, x in prance_sweeps(net, where["prance"]):
             for r in x["rows"]:  # benchmarks/prance_seeds.sh: .../<strategy>_s<seed>/budget-<B>/selector.safetensors
                 m = re.search(r"/([\w-]+)_s\d+/budget-([\d.]+)/", r["options"].get("weights", ""))
                 if m:
                     selectors.setdefault((m.group(1), float(m.group(2))), []).append((r, x["dense"]))
         for (strategy, budget), rows in sorted(selectors.items()):
-            groups.append((f"PRANCE {strategy} ({title})", budget, rows, rule))
-    print("| budget | method | seeds | GMACs ratio | KL to dense | floor KL | KL - floor (mean; seeds whose interval "
-          "excludes 0: below / above) | beats random at its counts | best fixed rule at equal GMACs: KL | "
-          "beats it |")
-    print("|---:|---|---:|---:|---:|---:|---|---|---|---|")
-    for label, budget, rows, fixed in sorted(groups, key=lambda g: g[1]):
-        if not rows:
-            continue
-        kl = [r["kl_to_dense"] for r, _ in rows]
-        diff = [r["vs_random_floor"]["kl_to_dense"] for r, _ in rows]
-        below = sum(r["vs_random_floor"]["kl_to_dense_ci95"][1] < 0 for r, _ in rows)
-        above = sum(r["vs_random_floor"]["kl_to_dense_ci95"][0] > 0 for r, _ in rows)
-        gm = statistics.mean(r["gmacs"] for r, _ in rows)
-        best = fixed(gm)
-        beats_floor = "yes" if below == len(rows) else "no" if above else "within noise"
-        print(f"| {budget} | {label} | {len(rows)} | {mean_std([r['gmacs'] / d['gmacs'] for r, d in rows], 3)} | "
-              f"{mean_std(kl, 4)} | {mean_std([r['random_floor']['kl_to_dense'] for r, _ in rows], 4)} | "
-              f"{statistics.mean(diff):+.4f} ({below} / {above}) | {beats_floor} | "
-              + (f"{best[0]} {best[1]:.4f} | {'yes' if max(kl) < best[1] else 'no'} |" if best else "- | - |"))
+            strategy = "channels only" if strategy == "none" else strategy
+            groups.append((f"PRANCE {strategy} ({title})", budget, rows, net_rule))
+    return [g for g in groups if g[2]]
+
+
+def verdict_cells(rows, fixed) -> dict:
+    """The verdict of one method at one budget over its seeds: against its random floor (KL - floor,
+    seeds whose interval excludes 0 below / above) and against the best fixed rule at its GMACs."""
+    kl = [r["kl_to_dense"] for r, _ in rows]
+    ci = [r["vs_random_floor"]["kl_to_dense_ci95"] for r, _ in rows]
+    below, above = sum(hi < 0 for _, hi in ci), sum(lo > 0 for lo, _ in ci)
+    best = fixed(statistics.mean(r["gmacs"] for r, _ in rows))
+    return dict(seeds=len(rows), ratio=mean_std([r["gmacs"] / d["gmacs"] for r, d in rows], 3), kl=mean_std(kl, 4),
+                floor=mean_std([r["random_floor"]["kl_to_dense"] for r, _ in rows], 4),
+                diff=f"{statistics.mean(r['vs_random_floor']['kl_to_dense'] for r, _ in rows):+.4f} ({below} / {above})",
+                beats_floor="yes" if below == len(rows) else "no" if above else "within noise",
+                fixed=f"{best[0]} {best[1]:.4f}" if best else "-",
+                beats_fixed="-" if not best else "yes" if max(kl) < best[1] else "no")
+
+
+def object_cells(rows) -> str:
+    """Object recall at the first decision (the method / random tokens at its counts) and the
+    adaptivity (Spearman of the tokens an image gets against its object's area), mean over seeds."""
+    objs = [r["objects"] for r, _ in rows if r.get("objects")]
+    if not objs:
+        return "- | -"
+    first = [o["object_recall"][min(o["object_recall"], key=int)] for o in objs if o["object_recall"]]
+    floor = [o["floor_object_recall"][min(o["floor_object_recall"], key=int)] for o in objs if o.get("floor_object_recall")]
+    adapt = [o["adaptivity_tokens"] for o in objs if o["adaptivity_tokens"] is not None]
+    recall = (f"{statistics.mean(first):.2f}" if first else "-") + (f" / {statistics.mean(floor):.2f}" if floor else "")
+    return f"{recall} | {statistics.mean(adapt):+.2f}" if adapt else f"{recall} | -"
+
+
+def verdicts():
+    """Every learned method at 0.5 and 0.7 of dense on both testbeds, side by side: against random
+    tokens at its own per-image counts (and widths) and against the best fixed rule at equal GMACs,
+    in KL; on the cluttered testbed also what it keeps (object recall) and how it adapts. Then each
+    testbed's full table."""
+    by_testbed = {t: {(g[0], g[1]): g for g in verdict_groups(t)} for t in TESTBED_SWEEPS}
+    keys = sorted({k for groups in by_testbed.values() for k in groups}, key=lambda k: (k[1], k[0]))
+    print("Side by side: KL - floor (mean over seeds; seeds whose paired 95% interval excludes 0: below / above); "
+          "beats the best fixed rule at equal GMACs; on the cluttered testbed object recall at the first decision "
+          "(method / random tokens at its counts) and adaptivity (Spearman, tokens vs object area)\n")
+    print("| budget | method | CIFAR-10: KL - floor | beats fixed | cluttered: KL - floor | beats fixed | "
+          "object recall | adaptivity |")
+    print("|---:|---|---|---|---|---|---|---|")
+    for label, budget in keys:
+        cells = []
+        for testbed in TESTBED_SWEEPS:
+            g = by_testbed[testbed].get((label, budget))
+            c = verdict_cells(g[2], g[3]) if g else None
+            seeds = c and f"{c['seeds']} seed" + "s" * (c["seeds"] > 1)
+            cells += [f"{c['diff']}, {seeds}" if c else "not run", c["beats_fixed"] if c else "-"]
+        g = by_testbed["cluttered"].get((label, budget))
+        print(f"| {budget} | {label} | " + " | ".join(cells) + f" | {object_cells(g[2]) if g else '- | -'} |")
+    for testbed, groups in by_testbed.items():
+        print(f"\n{testbed} testbed\n")
+        print("| budget | method | seeds | GMACs ratio | KL to dense | floor KL | KL - floor (mean; seeds whose interval "
+              "excludes 0: below / above) | beats random at its counts | best fixed rule at equal GMACs: KL | "
+              "beats it |")
+        print("|---:|---|---:|---:|---:|---:|---|---|---|---|")
+        for (label, budget), (_, _, rows, fixed) in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            c = verdict_cells(rows, fixed)
+            print(f"| {budget} | {label} | {c['seeds']} | {c['ratio']} | {c['kl']} | {c['floor']} | {c['diff']} | "
+                  f"{c['beats_floor']} | {c['fixed']} | {c['beats_fixed']} |")
+    print("\nfloor: random tokens at the method's own per-image counts (and widths), same images; a fixed rule "
+          "(ToMe, EViT, PPT, ATS; on a meta-network also its fixed sub-networks) counts at the method's mean GMACs, "
+          "linear between its measured settings, or any cheaper setting that is closer")
 
 
 TABLE_POLICIES = (("MAPPO", "multi_cheap_correct"), ("MAPPO, input LayerNorm, r2 to kept", "multi_cheap-ln-kept_correct"),
@@ -512,7 +584,6 @@ def rl4evit_tables():
                   f"{mean_std([next(r for r in x['rows'] if r['method'] == 'random')['kl_to_dense'] for _, x in runs], 4)} |")
 
 
-REFERENCE_SWEEPS = ("sweep_reference", "sweep_reference_aggressive")
 EQUAL_GMACS = (0.089, 0.095, 0.105, 0.115, 0.125, 0.14, 0.155)
 
 
@@ -564,10 +635,10 @@ def reference():
 PRANCE_NETS = {"original": "channels off, the original reference model", "meta": "the shipped meta-network"}
 
 
-def prance_sweeps(net: str):
-    """[(folder, sweep)] of benchmarks/prance_seeds.sh for NET=net: benchmarks/results/prance_<net>, and
-    prance_<net>_s<seed> for seeds swept on their own (SEEDS=2 RES=...), which hold no selector twice."""
-    dirs = [RES / f"prance_{net}"] + sorted(RES.glob(f"prance_{net}_s*"))
+def prance_sweeps(net: str, under: str = ""):
+    """[(folder, sweep)] of benchmarks/prance_seeds.sh for NET=net: benchmarks/results/<under>prance_<net>,
+    and prance_<net>_s<seed> for seeds swept on their own (SEEDS=2 RES=...), which hold no selector twice."""
+    dirs = [RES / f"{under}prance_{net}"] + sorted((RES / under).glob(f"prance_{net}_s*"))
     return [(d, load(d / "results.json")) for d in dirs if (d / "results.json").exists()]
 
 
@@ -694,6 +765,46 @@ def cluttered():
               f"{obj['evit nofuse 0.5']['object_recall'][first]:.2f} / {obj['random 0.5']['object_recall'][first]:.2f} | "
               f"{c['cls_attention_on_object'][first]:.0%} ({c['object_area_share']:.0%}) |")
     print("\n* the paired 95% interval excludes 0; negative: EViT closer to dense than random tokens at its counts")
+    fixed = RES / "cluttered" / "fixed" / "results.json"
+    if fixed.exists():
+        print("\nWhat each method keeps on the 10,000 cluttered test images (benchmarks/cluttered_learned.sh: the fixed "
+              "rules, and each learned run's sweep; learned methods: mean over seeds)\n")
+        object_table(fixed)
+
+
+def object_table(fixed: Path):
+    """Object recall, background kept, adaptivity and the oracle floor of the fixed rules of
+    ``fixed`` (a sweep on the cluttered test set) and of every learned method run there, by GMACs."""
+    sweep = load(fixed)
+    entries = [(f"{r['method']} {r['label']}", r["gmacs"] / sweep["dense"]["gmacs"], [r])
+               for r in sweep["rows"]]
+    for label, budget, rows, _ in verdict_groups("cluttered"):
+        entries.append((f"{label}, budget {budget}", statistics.mean(r["gmacs"] / d["gmacs"] for r, d in rows),
+                        [r for r, _ in rows]))
+    print("| method | GMACs ratio | KL to dense | object recall, first decision: method / random at its counts | "
+          "object recall, last decision | background kept, last | adaptivity: tokens / GMACs | oracle floor KL | "
+          "KL - oracle |")
+    print("|---|---:|---:|---|---:|---:|---|---:|---:|")
+
+    def mean(key_of, rows, digits=2, sign=""):
+        vals = [v for v in map(key_of, rows) if v is not None]
+        return f"{statistics.mean(vals):{sign}.{digits}f}" if vals else "-"
+
+    def at(recall, pick):
+        return recall[pick(recall, key=int)] if recall else None
+    for label, ratio, rows in sorted(entries, key=lambda e: -e[1]):
+        obj = [r["objects"] for r in rows]
+        print(f"| {label} | {ratio:.3f} | {mean(lambda r: r['kl_to_dense'], rows, 4)} | "
+              f"{mean(lambda o: at(o['object_recall'], min), obj)} / "
+              f"{mean(lambda o: at(o.get('floor_object_recall'), min), obj)} | "
+              f"{mean(lambda o: at(o['object_recall'], max), obj)} | {mean(lambda o: at(o['background_kept'], max), obj)} | "
+              f"{mean(lambda o: o['adaptivity_tokens'], obj, sign='+')} / {mean(lambda o: o['adaptivity_gmacs'], obj, sign='+')} | "
+              f"{mean(lambda o: o['oracle_floor_kl'], obj, 4)} | "
+              f"{mean(lambda o: o['vs_oracle_floor']['kl_to_dense'], obj, 4, '+')} |")
+    print("\nrecall: share of the object's area its kept tokens stand for (a merged token stands for all its patches, so "
+          "ToMe's and fused EViT's recall is 1 and only background kept tells); random at its counts: the method's own "
+          "per-image counts, tokens drawn at random; adaptivity: Spearman over images against the object's area (- where "
+          "every image gets the same); oracle: the object's patches kept first at the method's counts")
 
 
 if __name__ == "__main__":

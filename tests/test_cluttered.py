@@ -185,6 +185,10 @@ def test_the_object_report_reads_every_method_against_its_oracle(sample, model):
     rnd = report["random"]
     assert set(rnd["object_recall"]) == {"3", "6", "9"} and rnd["adaptivity_tokens"] is not None
     assert report["evit"]["adaptivity_tokens"] is None  # the same tokens for every image
+    # random tokens at a method's own counts recall about the share kept: random's floor is random again
+    assert set(rnd["floor_object_recall"]) == {"3", "6", "9"}
+    assert abs(rnd["floor_object_recall"]["3"] - rnd["object_recall"]["3"]) < 0.1
+    assert rnd["floor_object_recall"]["9"] < rnd["floor_object_recall"]["3"] < 0.65
     assert rnd["oracle_floor_kl"] >= 0 and len(rnd["vs_oracle_floor"]["kl_to_dense_ci95"]) == 2
     plain = make_loader(load_dataset("cifar10-sample", split="test", limit=4, transform=eval_transform(model)),
                         batch_size=4, num_workers=0)

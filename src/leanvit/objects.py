@@ -20,9 +20,10 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from .bench import Floor
-from .device import all_gather
+from .device import all_gather, is_main
 from .evaluate import adapt_spec, kl_per_image, paired_interval
 from .measure import macs_per_image
 from .token_maps import token_states_of
@@ -154,8 +155,20 @@ def object_measures(runner: LeanViT, images: Tensor, boxes: Tensor,
     if dense_logits is not None:
         with torch.inference_mode():
             oracle = oracle_floor_of(runner, trace, weights)(images)
-        got.update(kl=kl_per_image(dense_logits, logits), oracle=kl_per_image(dense_logits, oracle))
+        got.update(kl=kl_per_image(dense_logits, logits), oracle=kl_per_image(dense_logits, oracle),
+                   floor_recall=_floor_recall(runner, trace, images, weights))
     return got
+
+
+def _floor_recall(runner: LeanViT, trace: List[dict], images: Tensor, weights: Tensor) -> Dict[int, Tensor]:
+    """Per decision layer, the object recall of random tokens at the per-image counts of ``trace``:
+    what a method's recall is worth against the same budget spent blindly (about the share of
+    tokens kept, by construction)."""
+    floor = LeanViT(runner.model, Floor(trace, runner.method.position))
+    with torch.inference_mode(), floor.tracing(track_source=True) as floor_trace:
+        floor(images)
+    return {s.layer: object_recall(s.source, s.valid, s.n_prefix, weights)
+            for s in token_states_of(floor_trace, runner.n_prefix)}
 
 
 def object_report(runners: Dict[str, LeanViT], loader: Iterable, reference: str = "dense") -> Dict[str, dict]:
@@ -166,7 +179,8 @@ def object_report(runners: Dict[str, LeanViT], loader: Iterable, reference: str 
     to the reference of the object kept first at the method's own per-image counts, with the
     paired difference method - oracle (positive: the oracle is closer to dense)."""
     parts: Dict[str, Dict[str, list]] = {name: {} for name in runners if name != reference}
-    for batch in loader:
+    bar = tqdm(loader, desc="object measures", unit="batch", dynamic_ncols=True, disable=not is_main())
+    for batch in bar:
         if batch.boxes is None:
             raise ValueError("object measures need the objects' boxes: use a cluttered data set "
                              "(--data cluttered-cifar10 or cluttered-cifar10-sample)")
@@ -180,6 +194,8 @@ def object_report(runners: Dict[str, LeanViT], loader: Iterable, reference: str 
             for layer, recall, background in zip(got["layers"], got["recall"], got["background"]):
                 acc.setdefault(f"recall {layer}", []).append(recall)
                 acc.setdefault(f"background {layer}", []).append(background)
+            for layer, recall in got["floor_recall"].items():
+                acc.setdefault(f"floor {layer}", []).append(recall)
     # under torchrun every process measured its shard: every image, in rank order
     parts = {name: {k: [t for part in all_gather(v) for t in part] for k, v in acc.items()}
              for name, acc in parts.items()}
@@ -196,6 +212,7 @@ def _summarise(acc: Dict[str, list]) -> dict:
     delta, ci = paired_interval(cat["kl"] - cat["oracle"])
     return dict(
         object_recall={str(l): float(cat[f"recall {l}"].mean()) for l in layers},
+        floor_object_recall={k.split()[1]: float(v.mean()) for k, v in cat.items() if k.startswith("floor ")},
         background_kept={str(l): float(cat[f"background {l}"].mean()) for l in layers},
         adaptivity_tokens=spearman(cat["tokens"], cat["area"]),
         adaptivity_gmacs=spearman(cat["macs"], cat["area"]),
@@ -220,21 +237,25 @@ def format_object_table(rows) -> str:
     def num(v, digits=2):
         return "-" if v is None else f"{v:+.{digits}f}" if digits == 2 else f"{v:.{digits}f}"
 
-    lines = [f"{'method':<14}{'budget':<26}{'recall first>last':>18}{'bg kept':>8}{'adapt tok':>10}"
+    def first_last(recall):
+        return f"{recall[min(recall, key=int)]:.2f}>{recall[max(recall, key=int)]:.2f}" if recall else "-"
+
+    lines = [f"{'method':<14}{'budget':<26}{'recall first>last':>18}{'random':>10}{'bg kept':>8}{'adapt tok':>10}"
              f"{'adapt GMACs':>12}{'KL':>8}{'oracle KL':>10}  KL - oracle [95%]"]
     for r in rows:
         o = r.get("objects")
         if not o:
             continue
         layers = list(o["object_recall"])
-        recall = (f"{o['object_recall'][layers[0]]:.2f}>{o['object_recall'][layers[-1]]:.2f}" if layers else "-")
         bg = f"{o['background_kept'][layers[-1]]:.2f}" if layers else "-"
         vs = o["vs_oracle_floor"]
-        lines.append(f"{r['method']:<14}{str(r.get('label', ''))[:25]:<26}{recall:>18}{bg:>8}"
+        lines.append(f"{r['method']:<14}{str(r.get('label', ''))[:25]:<26}{first_last(o['object_recall']):>18}"
+                     f"{first_last(o.get('floor_object_recall')):>10}{bg:>8}"
                      f"{num(o['adaptivity_tokens']):>10}{num(o['adaptivity_gmacs']):>12}{r.get('kl_to_dense', 0):>8.4f}"
                      f"{o['oracle_floor_kl']:>10.4f}  {vs['kl_to_dense']:+.4f} "
                      f"[{vs['kl_to_dense_ci95'][0]:+.4f}, {vs['kl_to_dense_ci95'][1]:+.4f}]")
     return "\n".join(lines + [
         "recall: share of the object's area a token still stands for, at the first and last decision; a merging method "
-        "(ToMe, EViT's fused token) stands for every patch, so there only bg kept tells what it kept apart",
+        "(ToMe, EViT's fused token) stands for every patch, so there only bg kept tells what it kept apart; "
+        "random: the recall of random tokens at the method's own per-image counts",
         "oracle KL: the object's patches kept first at the method's own per-image counts"])
