@@ -12,6 +12,10 @@
 #   mappo       RL4EViT, MAPPO with the authors' actor widths [4C, 256, 64] (rl4evit_v2.sh defaults);
 #   mappo-cheap RL4EViT, MAPPO with the cheap actor (hidden=[64]) of the CIFAR-10 verdicts;
 #   single      RL4EViT, single-agent PPO (cheap actor);
+#   ship-rl4evit  ships the cluttered model's RL4EViT policy: of the mappo-cheap runs at 0.5 of dense (the
+#               cheap actor, so that the policy runs faster than dense), the one closest to dense on
+#               2,000 training images no run read (publish_rl4evit of tools/publish.py; the test set
+#               plays no part); the choice in $RES/mappo-cheap/shipped.json;
 #   supernet    PRANCE's meta-network from the cluttered model: heads and neurons reordered, 2 epochs
 #               of weight sharing (the flags of benchmarks/archive/prance_supernet.sh);
 #   prance      PRANCE selectors on that meta-network, strategies prune, merge and prune-merge, and
@@ -34,7 +38,7 @@ finetune() {  # METHOD SEEDS BUDGETS [EVIT_OFF_THE_SHELF]
 rl4evit() {  # NAME AGENTS ACTOR
     AGENTS=$2 ACTOR=$3 SEEDS=$SEEDS RES=$RES/$1 RUNS=$RUNS/$1 bash benchmarks/rl4evit_v2.sh
 }
-for stage in ${STAGES:-controls fixed dynamicvit evit mappo mappo-cheap single supernet prance}; do
+for stage in ${STAGES:-controls fixed dynamicvit evit mappo mappo-cheap single ship-rl4evit supernet prance}; do
     echo "== $stage"
     case "$stage" in
         controls) finetune dynamicvit 0 0.5; finetune evit 0 0.5 1 ;;
@@ -48,7 +52,23 @@ for stage in ${STAGES:-controls fixed dynamicvit evit mappo mappo-cheap single s
         mappo) rl4evit mappo multi default ;;
         mappo-cheap) rl4evit mappo-cheap multi cheap ;;
         single) rl4evit single single cheap ;;
-        supernet)
+        ship-rl4evit)
+            python - "$RES/mappo-cheap" <<'PY'
+import sys
+from pathlib import Path
+sys.path.insert(0, "tools")  # tools/publish.py
+from publish import publish_rl4evit
+res = Path(sys.argv[1])
+runs = sorted(str(p.parent.parent) for p in res.glob("multi_cheap-ln-kept_correct_b0.5_s*/sweep/results.json"))
+out = publish_rl4evit(runs, name="cluttered_cifar10_vit12_w128", record=str(res / "shipped.json"),
+                      shipped_by="STAGES=ship-rl4evit bash benchmarks/cluttered_learned.sh")
+print("shipped", out["chosen"], out["sha256"])
+PY
+            ;;
+        supernet)  # a session that ends mid-run commits its state (tools/checkpoint_pack.py pack
+            # runs/cluttered/supernet benchmarks/results/cluttered/supernet/resume); any machine resumes from it
+            [ -f "$RUNS/supernet/last.pt" ] || [ ! -f "$RES/supernet/resume/state.json" ] ||
+                python tools/checkpoint_pack.py unpack "$RES/supernet/resume" "$RUNS/supernet"
             [ -f "$RUNS/supernet/final.safetensors" ] || OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m leanvit train-supernet \
                 --model "$MODEL" --data "$DATA" --out "$RUNS/supernet" \
                 --epochs 2 --batch-size 128 --lr 5e-4 --min-lr 1e-5 --warmup-epochs 0.2 --weight-decay 0.05 \
@@ -59,6 +79,6 @@ for stage in ${STAGES:-controls fixed dynamicvit evit mappo mappo-cheap single s
                 SEEDS=$SEEDS RES=$RES/prance_meta RUNS=$RUNS/prance_meta bash benchmarks/prance_seeds.sh
             NET=original BASE=$MODEL SEEDS=$SEEDS RES=$RES/prance_original RUNS=$RUNS/prance_original \
                 bash benchmarks/prance_seeds.sh ;;
-        *) echo "unknown stage $stage (controls fixed dynamicvit evit mappo mappo-cheap single supernet prance)" >&2; exit 2 ;;
+        *) echo "unknown stage $stage (controls fixed dynamicvit evit mappo mappo-cheap single ship-rl4evit supernet prance)" >&2; exit 2 ;;
     esac
 done

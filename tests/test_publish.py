@@ -75,7 +75,9 @@ def test_rl4evit_policy_is_chosen_on_training_images_no_run_read(tmp_path):
     assert len(trained_on(configs[0])) == 300 and sorted(set(held.targets)) == list(range(10))
     assert all(held.targets.count(c) == 10 for c in range(10))
     card = (zoo / "cifar10_vit12_w128.rl4evit.md").read_text()
-    assert "**Top-1 on CIFAR-10 (JPEG) test, 10000 images: 75.00%** (dense 75.47%" in card
+    from conftest import CIFAR
+    assert f"**Top-1 on the test split of `{CIFAR}`, 10000 images: 75.00%** (dense 75.47%" in card
+    assert "Chosen and shipped by `benchmarks/archive/rl4evit_publish.sh`" in card
     assert "Random tokens kept at its own per-image counts, on the same images, are closer" in card
     assert "KL - floor +0.0300\n  [+0.0280, +0.0320]" in card and "(0.703 of dense 0.1777" in card
     assert "--opt agents=multi --opt hidden=[16]" in card and "--budget 0.7" in card and f"**{keeps}** (shipped)" in card

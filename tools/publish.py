@@ -210,7 +210,7 @@ def untouched_images(data: str, configs: Sequence[dict], n: int, transform, seed
 
 def publish_rl4evit(candidates: Sequence[str], name: str = "cifar10_vit12_w128", zoo: Path = ZOO_DIR,
                     holdout_images: int = 2000, previous: Optional[tuple] = None,
-                    record: Optional[str] = None) -> dict:
+                    record: Optional[str] = None, shipped_by: str = "benchmarks/archive/rl4evit_publish.sh") -> dict:
     """Ship one of ``candidates`` (result folders of `benchmarks/rl4evit_v2.sh`: ``policy.safetensors``,
     ``train_metrics.json``, ``match.json``, ``sweep/results.json``) as ``zoo/<name>.rl4evit.safetensors``
     with its model card: the one closest to the dense model (lowest mean KL) on ``holdout_images``
@@ -219,7 +219,8 @@ def publish_rl4evit(candidates: Sequence[str], name: str = "cifar10_vit12_w128",
     measured on the same images: only a candidate better than it there competes, i.e. one no further
     from dense (KL) at no more GMACs, and strictly better in one; without such a candidate nothing is
     shipped and a ValueError says why. The held-out results go to ``record`` (JSON, written either
-    way) and are returned; the card's test numbers are the chosen run's sweep."""
+    way) and are returned; the card's test numbers are the chosen run's sweep; ``shipped_by``: the
+    command that shipped it, for the card."""
     from leanvit.provenance import file_sha256, write_json
     runs = [Path(c) for c in candidates]
     metrics = [json.loads((r / "train_metrics.json").read_text()) for r in runs]
@@ -251,11 +252,13 @@ def publish_rl4evit(candidates: Sequence[str], name: str = "cifar10_vit12_w128",
         raise ValueError(f"no candidate is better than {previous[0]} on the held-out images (no further from dense "
                          f"than its KL {kl:.4f} at no more than its {gmacs:.4f} GMACs): nothing shipped")
     shutil.copyfile(chosen / "policy.safetensors", Path(zoo) / f"{name}.rl4evit.safetensors")
-    write_card(f"{name}.rl4evit", rl4evit_card(name, chosen, metrics[runs.index(chosen)], out, record, zoo), zoo)
+    card = rl4evit_card(name, chosen, metrics[runs.index(chosen)], out, record, zoo, shipped_by)
+    write_card(f"{name}.rl4evit", card, zoo)
     return out
 
 
-def rl4evit_card(name: str, run: Path, metrics: dict, held: dict, record: Optional[str], zoo: Path) -> str:
+def rl4evit_card(name: str, run: Path, metrics: dict, held: dict, record: Optional[str], zoo: Path,
+                 shipped_by: str) -> str:
     """The model card of a policy shipped by :func:`publish_rl4evit`."""
     cfg, ppo = metrics["config"], metrics["config"]["ppo"]
     sweep = json.loads((run / "sweep" / "results.json").read_text())
@@ -269,7 +272,8 @@ def rl4evit_card(name: str, run: Path, metrics: dict, held: dict, record: Option
     size = (Path(zoo) / f"{name}.rl4evit.safetensors").stat().st_size / 2 ** 20
     ci = lambda v, d=4, sign="+": f"[{v[0]:{sign}.{d}f}, {v[1]:{sign}.{d}f}]"  # noqa: E731
     lo, hi = vs["kl_to_dense_ci95"]
-    than_floor = ("Random tokens kept at its own per-image counts, on the same images, are closer to dense" if lo > 0 else
+    than_floor = ("Random tokens kept at its own per-image counts, on the same images, are closer to dense (BENCHMARKS.md, "
+                  '"Do the learned methods choose better than random tokens?", on why)' if lo > 0 else
                   "It is closer to dense than random tokens kept at its own per-image counts" if hi < 0 else
                   "It is as close to dense as random tokens kept at its own per-image counts (the interval holds 0)")
     choice = markdown_table(["run", "GMACs/image", "agreement %", "KL to dense"], "lrrr", [
@@ -289,7 +293,7 @@ placement), actor {f.agents}-agent with hidden layers {list(f.hidden)}, input La
 these options are stored in the file and load with it.""",
         usage=f'import leanvit\nfast = leanvit.adapt(leanvit.load_model("{name}"), "rl4evit", weights="{name}")\n'
               f'# CLI: --method rl4evit --opt weights={name}',
-        measured=f"""- **Top-1 on CIFAR-10 (JPEG) test, {row['n_images']} images: {row['top1']:.2f}%** (dense {dense['top1']:.2f}%,
+        measured=f"""- **Top-1 on the test split of `{cfg['data']}`, {row['n_images']} images: {row['top1']:.2f}%** (dense {dense['top1']:.2f}%,
   difference {row['delta_top1']:+.2f} {ci(row['delta_top1_ci95'], 2)} paired 95%), agreement with dense
   {row['agreement']:.2f}%, KL to dense {row['kl_to_dense']:.4f} {ci(row['kl_to_dense_ci95'], sign="")},
   **{row['gmacs']:.4f} GMACs/image** ({row['gmacs'] / dense['gmacs']:.3f} of dense {dense['gmacs']:.4f}, the actor on
@@ -299,7 +303,7 @@ these options are stored in the file and load with it.""",
   (CLS included, of {int(match['mean_tokens'][0])}) in the blocks after its decisions
   ({match['n_images']} test images, `{run}/match.json`).
 - {than_floor}: floor KL {floor['kl_to_dense']:.4f}, KL - floor {vs['kl_to_dense']:+.4f}
-  {ci(vs['kl_to_dense_ci95'])} (paired 95%; BENCHMARKS.md, "RL4EViT", on why MAPPO loses to random here).
+  {ci(vs['kl_to_dense_ci95'])} (paired 95%).
 - Weights: fp32, {size:.2f} MB.
 
 Chosen on {held['held_out']} (`{record}`); the test set played no part in the choice.
@@ -310,7 +314,7 @@ It is the run below closest to the dense model there (lowest mean KL){rule}:
 calibrated on {cfg['limit_eval']} held-out training images, never trained on (GMACs ratio {metrics['gmacs_ratio']:.3f}
 there); beta = {cfg['beta']:g}, reward `{cfg['reward']}`, r2 to the `{cfg['r2_to']}` agents; {metrics['steps']} PPO
 rollouts of {cfg['batch_size']} images ({cfg['epochs']} epochs of a class-balanced {cfg['limit_train']:,}-image subset
-of the CIFAR-10 training set), K = {ppo['epochs']} PPO iterations per rollout, Adam {ppo['lr_actor']:g} (actor) and
+of the training split of `{cfg['data']}`), K = {ppo['epochs']} PPO iterations per rollout, Adam {ppo['lr_actor']:g} (actor) and
 {ppo['lr_critic']:g} (critic), clip {ppo['clip']:g}, entropy {ppo['entropy_coef']:g}, gamma {ppo['gamma']:g},
 lambda {ppo['lam']:g}; 1 process with 2 threads, {metrics['history'][-1]['elapsed_s'] / 60:.0f} min. Command (one run
 of `benchmarks/rl4evit_v2.sh`):
@@ -321,4 +325,4 @@ leanvit train-policy --model {name} --data {cfg['data']} --threads 2 {options} \
     --batch-size {cfg['batch_size']} --limit-train {cfg['limit_train']} --limit-eval {cfg['limit_eval']} --out {cfg['out']}
 ```
 
-Chosen and shipped by `bash benchmarks/rl4evit_publish.sh`.""")
+Chosen and shipped by `{shipped_by}`.""")
