@@ -5,7 +5,7 @@
     python benchmarks/tables.py rl4evit > benchmarks/results/rl4evit/tables.md
     python benchmarks/tables.py rl4evit_v2 [RUN PREFIX, default multi_cheap_correct] > benchmarks/results/rl4evit_v2/tables.md
     python benchmarks/tables.py dynamicvit_v2 > benchmarks/results/dynamicvit_v2/tables.md
-    python benchmarks/tables.py verdicts > benchmarks/results/rl4evit_v2/verdicts.md
+    python benchmarks/tables.py verdicts > benchmarks/results/verdicts.md
     python benchmarks/tables.py rl4evit_tables > benchmarks/results/rl4evit_v2/tables_I_II.md
     python benchmarks/tables.py reference > benchmarks/results/sweep_reference/tables.md
     python benchmarks/tables.py finetune_ppt > benchmarks/results/finetune_ppt/tables.md
