@@ -117,3 +117,52 @@ def test_rl4evit_policy_replaces_the_previous_only_if_better_on_held_out(tmp_pat
     out = json.loads(record.read_text())
     assert out["better_than_previous"] == [] and out["chosen"] is None
     assert shipped.read_bytes() == (small / "policy.safetensors").read_bytes()  # untouched
+
+
+def _selector_run(tmp_path, model, seed: int, keep_bias: float):
+    """A train-selector folder: an untrained prune selector biased toward keeping (``keep_bias`` > 0)
+    or pruning, and its metrics with the training config on the tests' CIFAR split."""
+    from conftest import CIFAR
+    run = tmp_path / f"selector{seed}"
+    run.mkdir()
+    torch.manual_seed(seed)
+    options = {"strategy": "prune", "channels": False}
+    f = leanvit.adapt(model, "prance", **options)
+    with torch.no_grad():
+        f.method.selector.actor[-1].weight.mul_(0.01)
+        f.method.selector.actor[-1].bias.fill_(keep_bias)
+    export_weights(f.method, run / "selector.safetensors", metadata=f.method.options_metadata())
+    config = dict(model="cifar10_vit12_w128", data=str(CIFAR), train_split="train", eval_split="holdout",
+                  limit_train=200, limit_eval=100, seed=seed, options=options, budget=0.5)
+    (run / "metrics.json").write_text(json.dumps(dict(config=config, steps=100, gmacs_ratio=0.51, budget_met=True,
+                                                      cost_weight=0.01, history=[dict(elapsed_s=600)])))
+    return run
+
+
+def test_prance_ships_the_meta_network_and_the_selector_chosen_on_held_out_training_images(tmp_path):
+    """publish_prance writes the meta-network (fp16) and, of the candidate selectors, the one
+    closest to dense on training images no selector read, with the choice recorded and the card's
+    numbers measured on the shipped files."""
+    from conftest import CIFAR
+    from publish import publish_prance
+    model = leanvit.load_model("cifar10_vit12_w128")
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    export_weights(model, meta / "final.safetensors")
+    (meta / "metrics.json").write_text(json.dumps(dict(epochs_done=2, history=[
+        dict(epoch=e, top1_smallest=70.0, top1_middle=74.0, top1=75.0, elapsed_s=60.0 * e) for e in (0, 1, 2)])))
+    prunes, keeps = _selector_run(tmp_path, model, 0, -4.0), _selector_run(tmp_path, model, 1, 4.0)
+    zoo, record = tmp_path / "zoo", tmp_path / "ship.json"
+    out = publish_prance(str(meta), [str(prunes), str(keeps)], str(CIFAR), name="m_prance", zoo=zoo,
+                         holdout_images=100, record=str(record), shipped_by="the test")
+    kl = {k: v["kl_to_dense"] for k, v in out["results"].items() if k != "dense"}
+    assert kl[str(keeps)] < kl[str(prunes)] and out["chosen"] == str(keeps)  # keeping more: closer to dense
+    assert (zoo / "m_prance.prance.safetensors").read_bytes() == (keeps / "selector.safetensors").read_bytes()
+    assert json.loads(record.read_text())["chosen"] == str(keeps)
+    assert out["test"]["smallest"]["gmacs"] < out["test"]["middle"]["gmacs"] < out["test"]["largest (dense)"]["gmacs"]
+    card = (zoo / "m_prance.md").read_text()
+    assert f"**{keeps}** (shipped)" in card and "`strategy=prune channels=False`" in card
+    assert "Shipped by `the test`" in card and "1,000 test images" in card
+    # the fp16 meta-network, as users load it, is the model it was made from
+    shipped = leanvit.create_model("cifar10_vit12_w128", checkpoint=str(zoo / "m_prance.safetensors"))
+    assert torch.allclose(shipped.head.weight, model.head.weight.half().float())

@@ -49,14 +49,15 @@ def write_card(name: str, text: str, zoo: Path = ZOO_DIR) -> Path:
     return path
 
 
-def ship_model(model: torch.nn.Module, name: str, timm_model: str) -> dict:
+def ship_model(model: torch.nn.Module, name: str, timm_model: str, zoo: Path = ZOO_DIR) -> dict:
     """Write ``zoo/<name>.safetensors`` (fp16) and ``zoo/<name>.json``; returns the preprocessing."""
-    ZOO_DIR.mkdir(exist_ok=True)
-    export_weights(model, ZOO_DIR / f"{name}.safetensors", half=True)
+    zoo = Path(zoo)
+    zoo.mkdir(exist_ok=True)
+    export_weights(model, zoo / f"{name}.safetensors", half=True)
     pre = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.pretrained_cfg.items()
            if k in ("input_size", "mean", "std", "crop_pct", "interpolation", "num_classes", "label_names")}
     spec = dict(timm_model=timm_model, kwargs={"num_classes": model.num_classes}, pretrained_cfg=pre)
-    (ZOO_DIR / f"{name}.json").write_text(json.dumps(spec, indent=2) + "\n")
+    (zoo / f"{name}.json").write_text(json.dumps(spec, indent=2) + "\n")
     return pre
 
 
@@ -127,60 +128,97 @@ Per epoch, the fp32 weights during training ({curve}):
     return dict(top1=res.top1, gmacs=res.gmacs, n_images=res.n_images, size_mb=size_mb)
 
 
-def publish_prance(meta_run: str, selector_dir: str, strategy: str, data: str,
-                   name: str = "cifar10_vit12_w128_prance", base: str = "cifar10_vit12_w128") -> dict:
+def publish_prance(meta_run: str, candidates: Sequence[str], data: str, name: str = "cifar10_vit12_w128_prance",
+                   base: str = "cifar10_vit12_w128", zoo: Path = ZOO_DIR, holdout_images: int = 2000,
+                   record: Optional[str] = None, shipped_by: str = "benchmarks/archive/publish_prance.sh") -> dict:
     """Ship PRANCE for the reference model ``base``: the meta-network of the `train-supernet` run
-    ``meta_run`` (fp16, ``zoo/<name>.safetensors``) and the selector of the `train-selector` run
-    ``selector_dir`` (fp32, ``zoo/<name>.prance.safetensors``); the card's numbers are the shipped
-    files, loaded back, on the test split of ``data``."""
-    meta_run, sel_dir = Path(meta_run), Path(selector_dir)
-    ship_model(create_model(base, checkpoint=str(meta_run / "final.safetensors")), name, timm_architecture(base))
-    shutil.copyfile(sel_dir / "selector.safetensors", ZOO_DIR / f"{name}.prance.safetensors")
-    shipped = load_model(name)
+    ``meta_run`` (fp16, ``zoo/<name>.safetensors``) and, of the `train-selector` runs
+    ``candidates`` (folders with ``selector.safetensors`` and ``metrics.json``, each on that
+    meta-network), the one closest to dense (lowest mean KL) on ``holdout_images`` training images
+    no selector read (:func:`held_out_choice`; the test set plays no part), as
+    ``zoo/<name>.prance.safetensors`` (a byte copy). The card's numbers are the shipped files,
+    loaded back, on the test split of ``data``; the choice goes to ``record`` (JSON)."""
+    from leanvit.provenance import file_sha256, write_json
+    meta_run, runs = Path(meta_run), [Path(c) for c in candidates]
+    metrics = [json.loads((r / "metrics.json").read_text()) for r in runs]
+    ship_model(create_model(base, checkpoint=str(meta_run / "final.safetensors")), name, timm_architecture(base), zoo)
+    shipped = create_model(base, checkpoint=str(Path(zoo) / f"{name}.safetensors")).eval()  # as users load it
+    selectors = {str(r): adapt(shipped, "prance", weights=str(r / "selector.safetensors"), **m["config"]["options"])
+                 for r, m in zip(runs, metrics)}
+    held, res = held_out_choice(shipped, data, [m["config"] for m in metrics], selectors, holdout_images)
+    chosen = min(runs, key=lambda r: res[str(r)].kl_to_dense)
+    cfg = metrics[runs.index(chosen)]["config"]
+    shutil.copyfile(chosen / "selector.safetensors", Path(zoo) / f"{name}.prance.safetensors")
+    out = dict(chosen=str(chosen), date=time.strftime("%Y-%m-%d"), sha256=file_sha256(chosen / "selector.safetensors"),
+               held_out=held, results={k: dict(top1=v.top1, gmacs=v.gmacs, agreement=v.agreement,
+                                               kl_to_dense=v.kl_to_dense) for k, v in res.items()})
+    if record:
+        write_json(Path(record), out)
     ds = load_dataset(data, split="test", transform=eval_transform(shipped), num_classes=shipped.num_classes)
     runners = {"largest (dense)": adapt(shipped, "none"),
                "middle": adapt(shipped, "prance", subnet="middle"),
                "smallest": adapt(shipped, "prance", subnet="smallest"),
-               "selector": adapt(shipped, "prance", strategy=strategy, weights=name)}
-    res = evaluate(runners, make_loader(ds, batch_size=250), desc=f"publish {name}")
-    card = prance_card(name, base, strategy, res, json.loads((meta_run / "metrics.json").read_text()),
-                       json.loads((sel_dir / "metrics.json").read_text()))
-    write_card(name, card)
-    return {k: dict(top1=r.top1, gmacs=r.gmacs) for k, r in res.items()}
+               "selector": selectors[str(chosen)]}
+    test = evaluate(runners, make_loader(ds, batch_size=250), desc=f"publish {name}")
+    card = prance_card(name, base, data, test, json.loads((meta_run / "metrics.json").read_text()),
+                       metrics[runs.index(chosen)], out, record, shipped_by)
+    write_card(name, card, zoo)
+    return dict(out, test={k: dict(top1=r.top1, gmacs=r.gmacs) for k, r in test.items()}, strategy=cfg["options"])
 
 
-def prance_card(name: str, base: str, strategy: str, res: dict, meta: dict, sel: dict) -> str:
-    budget = sel["config"]["budget"]
+def held_out_choice(model, data: str, configs: Sequence[dict], runners: dict, n: int):
+    """(description, results) of ``runners`` and the dense ``model`` on ``n`` class-balanced
+    training images of ``data`` that none of the runs of ``configs`` read: where trained
+    candidates are compared without the test set."""
+    held = untouched_images(data, configs, n, eval_transform(model))
+    res = evaluate({"dense": adapt(model, "none"), **runners}, make_loader(held, batch_size=250, num_workers=0),
+                   desc="held-out choice")
+    return f"{len(held)} class-balanced training images of {data} that no run read", res
+
+
+def prance_card(name: str, base: str, data: str, res: dict, meta: dict, sel: dict, held: dict,
+                record: Optional[str], shipped_by: str) -> str:
+    cfg = sel["config"]
+    options = " ".join(f"{k}={v}" for k, v in cfg["options"].items())
     measured = markdown_table(["configuration", "top-1 %", "GMACs/image"], "lrr",
                               [(k, f"{r.top1:.2f}", f"{r.gmacs:.4f}") for k, r in res.items()])
     history = markdown_table(["epoch", "smallest", "middle", "largest"], "rrrr", [
         (h["epoch"], f"{h['top1_smallest']:.2f}", f"{h['top1_middle']:.2f}", f"{h['top1']:.2f}") for h in meta["history"]])
+    choice = markdown_table(["selector run", "GMACs/image", "agreement %", "KL to dense"], "lrrr", [
+        (f"**{k}** (shipped)" if k == held["chosen"] else k, f"{v['gmacs']:.4f}", f"{v['agreement']:.2f}",
+         f"{v['kl_to_dense']:.4f}") for k, v in held["results"].items() if k != "dense"])
     return model_card(
         name,
         about=f"""PRANCE for leanvit's reference model `{base}`: the channel-elastic meta-network (fp16,
-`{name}.safetensors`) and a per-image selector (`{name}.prance.safetensors`, fp32, strategy
-`{strategy}`, trained for a GMACs budget of {budget} of dense).""",
+`{name}.safetensors`) and a per-image selector (`{name}.prance.safetensors`, fp32, `{options}`,
+trained for a GMACs budget of {cfg['budget']} of dense; these options are stored in the file).""",
         usage=f'import leanvit\nmodel = leanvit.load_model("{name}")\n'
-              f'fast = leanvit.adapt(model, "prance", strategy="{strategy}", weights="{name}")',
-        measured=f"""Measured by `publish_prance` of `tools/publish.py` (`benchmarks/publish_prance.sh`) on
-the {res['selector'].n_images:,} CIFAR-10 (JPEG) test images with these shipped files ({res['selector'].skipped} images skipped):
+              f'fast = leanvit.adapt(model, "prance", weights="{name}")',
+        measured=f"""Measured by `publish_prance` of `tools/publish.py` on the {res['selector'].n_images:,} test images of
+`{data}` with these shipped files ({res['selector'].skipped} images skipped):
 
 {measured}
 
 The selector's GMACs include its own MLP. Sub-networks: largest = all heads and MLP neurons per
 block; middle = half and smallest = a quarter of them in the blocks after the first stage (the
-first stage always runs at full width).""",
-        trained=f"""1. Meta-network, `bash benchmarks/prance_supernet.sh` (from the shipped `{base}`, heads and
-   neurons reordered by importance, {meta['epochs_done']:.0f} epochs of weight-sharing fine-tuning,
-   {meta['history'][-1]['elapsed_s'] / 60:.0f} min). Top-1 on the test set of the sub-networks (epoch 0 = after
-   reordering, before this training):
+first stage always runs at full width).
+
+The selector was chosen on {held['held_out']} (`{record}`); the test set played no part in the
+choice. It is the run below closest to the dense model there (lowest mean KL):
+
+{choice}""",
+        trained=f"""1. Meta-network, `leanvit train-supernet` from the shipped `{base}` (heads and neurons reordered by
+   importance, {meta['epochs_done']:.0f} epochs of weight-sharing fine-tuning, {meta['history'][-1]['elapsed_s'] / 60:.0f} min).
+   Top-1 of the sub-networks per epoch (epoch 0 = after reordering, before this training):
 
 {history}
 
-2. Selector, `bash benchmarks/prance_selectors.sh` (strategy `{strategy}`, budget {budget}, the cost weight
-   PI-controlled during training; {sel['steps']} PPO batches, {sel['history'][-1]['elapsed_s'] / 60:.0f} min): GMACs ratio
-   {sel['gmacs_ratio']:.3f} on the held-out training images it was checked on (within 5% of the budget:
-   {sel['budget_met']}), final cost weight {sel['cost_weight']:.4g}.""")
+2. Selector, `leanvit train-selector` (`{options}`, budget {cfg['budget']}, the cost weight PI-controlled during
+   training; {sel['steps']} PPO batches, {sel['history'][-1]['elapsed_s'] / 60:.0f} min): GMACs ratio {sel['gmacs_ratio']:.3f} on the
+   held-out training images it was checked on (within 5% of the budget: {sel['budget_met']}), final cost weight
+   {sel['cost_weight']:.4g}.
+
+Shipped by `{shipped_by}`.""")
 
 
 def trained_on(config: dict) -> set:
@@ -226,13 +264,11 @@ def publish_rl4evit(candidates: Sequence[str], name: str = "cifar10_vit12_w128",
     metrics = [json.loads((r / "train_metrics.json").read_text()) for r in runs]
     model = load_model(name)
     data = metrics[0]["config"]["data"]
-    held = untouched_images(data, [m["config"] for m in metrics] + ([previous[2]] if previous else []),
-                            holdout_images, eval_transform(model))
-    runners = {"dense": adapt(model, "none")}
-    runners.update({str(r): adapt(model, "rl4evit", weights=str(r / "policy.safetensors")) for r in runs})
+    runners = {str(r): adapt(model, "rl4evit", weights=str(r / "policy.safetensors")) for r in runs}
     if previous:
         runners[previous[0]] = adapt(model, "rl4evit", weights=str(previous[1]))
-    res = evaluate(runners, make_loader(held, batch_size=250, num_workers=0), desc="held-out choice")
+    held, res = held_out_choice(model, data, [m["config"] for m in metrics] + ([previous[2]] if previous else []),
+                                runners, holdout_images)
     cost = {k: (v.kl_to_dense, v.gmacs) for k, v in res.items()}
     # better: no worse in KL and GMACs, and not equal in both
     better = [r for r in runs if not previous or
@@ -240,7 +276,7 @@ def publish_rl4evit(candidates: Sequence[str], name: str = "cifar10_vit12_w128",
     chosen = min(better, key=lambda r: cost[str(r)][0]) if better else None
     out = dict(chosen=str(chosen) if chosen else None, date=time.strftime("%Y-%m-%d"),
                sha256=file_sha256(chosen / "policy.safetensors") if chosen else None,
-               held_out=f"{len(held)} class-balanced training images of {data} that no run read",
+               held_out=held,
                previous=previous[0] if previous else None,
                better_than_previous=[str(r) for r in better] if previous else None,
                results={k: dict(top1=v.top1, gmacs=v.gmacs, agreement=v.agreement, kl_to_dense=v.kl_to_dense,
