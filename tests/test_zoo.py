@@ -84,6 +84,8 @@ def test_demo_on_the_cluttered_testbed(tmp_path, capsys, monkeypatch):
     random = [r for r in result["rows"] if r["method"] == "random" and r["label"] == "keep=0.5"][0]
     recall = random["objects"]["object_recall"]
     assert 0.35 < recall[min(recall, key=int)] < 0.65  # random keeps about half of the object
+    policy = [r for r in result["rows"] if r["method"] == "rl4evit"]  # the policy shipped for this model
+    assert len(policy) == 1 and policy[0]["gmacs"] < 0.6 * result["dense"]["gmacs"]
     assert "which tokens each method keeps (object boxes)" in printed
 
 
