@@ -19,7 +19,8 @@
 #   supernet    PRANCE's meta-network from the cluttered model: heads and neurons reordered, 2 epochs
 #               of weight sharing (the flags of benchmarks/archive/prance_supernet.sh);
 #   prance      PRANCE selectors on that meta-network, strategies prune, merge and prune-merge, and
-#               prune on the original model with channels off (prance_seeds.sh).
+#               prune on the original model with channels off (prance_seeds.sh), one seed and sweep
+#               at a time into prance_meta_s<seed>/ and prance_original_s<seed>/.
 # Each stage resumes where it stopped (finished runs and measurements are skipped). Results go to
 # benchmarks/results/cluttered/<stage>/, runs to runs/cluttered/<stage>/.
 #   STAGES="controls" bash benchmarks/cluttered_learned.sh     (default: every stage, in this order)
@@ -73,12 +74,19 @@ PY
                 --model "$MODEL" --data "$DATA" --out "$RUNS/supernet" \
                 --epochs 2 --batch-size 128 --lr 5e-4 --min-lr 1e-5 --warmup-epochs 0.2 --weight-decay 0.05 \
                 --label-smoothing 0.1 --sandwich 2 --workers 1 --save-every 50 < /dev/null
-            mkdir -p "$RES/supernet" && cp "$RUNS/supernet/metrics.json" "$RES/supernet/train_metrics.json" ;;
-        prance)
-            NET=meta BASE=$MODEL META_CKPT=$RUNS/supernet/final.safetensors STRATEGIES="prune merge prune-merge" \
-                SEEDS=$SEEDS RES=$RES/prance_meta RUNS=$RUNS/prance_meta bash benchmarks/prance_seeds.sh
-            NET=original BASE=$MODEL SEEDS=$SEEDS RES=$RES/prance_original RUNS=$RUNS/prance_original \
-                bash benchmarks/prance_seeds.sh ;;
+            mkdir -p "$RES/supernet" && cp "$RUNS/supernet/metrics.json" "$RES/supernet/train_metrics.json"
+            # the meta-network itself (fp32, about 10 MB), so that `prance` runs on any machine
+            cp "$RUNS/supernet/final.safetensors" "$RES/supernet/final.safetensors" ;;
+        prance)  # one sweep per seed, so that each finished seed can be committed before a session ends
+            for seed in $SEEDS; do
+                [ -f "$RES/prance_meta_s$seed/results.json" ] || NET=meta BASE=$MODEL \
+                    META_CKPT=$RES/supernet/final.safetensors STRATEGIES="prune merge prune-merge" \
+                    SEEDS=$seed RES=$RES/prance_meta_s$seed RUNS=$RUNS/prance_meta bash benchmarks/prance_seeds.sh
+            done
+            for seed in $SEEDS; do
+                [ -f "$RES/prance_original_s$seed/results.json" ] || NET=original BASE=$MODEL SEEDS=$seed \
+                    RES=$RES/prance_original_s$seed RUNS=$RUNS/prance_original bash benchmarks/prance_seeds.sh
+            done ;;
         *) echo "unknown stage $stage (controls fixed dynamicvit evit mappo mappo-cheap single ship-rl4evit supernet prance)" >&2; exit 2 ;;
     esac
 done
