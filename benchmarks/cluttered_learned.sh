@@ -20,7 +20,12 @@
 #               of weight sharing (the flags of benchmarks/archive/prance_supernet.sh);
 #   prance      PRANCE selectors on that meta-network, strategies prune, merge and prune-merge, and
 #               prune on the original model with channels off (prance_seeds.sh), one seed and sweep
-#               at a time into prance_meta_s<seed>/ and prance_original_s<seed>/.
+#               at a time into prance_meta_s<seed>/ and prance_original_s<seed>/ (with the meta-network's
+#               selectors for 0.5 of dense, the candidates of ship-prance);
+#   ship-prance ships the meta-network and, of its selectors for 0.5 of dense (every strategy and
+#               seed run so far), the one closest to dense on 2,000 training images no selector read
+#               (publish_prance of tools/publish.py) as cluttered_cifar10_vit12_w128_prance; the
+#               choice in $RES/prance_meta_shipped.json.
 # Each stage resumes where it stopped (finished runs and measurements are skipped). Results go to
 # benchmarks/results/cluttered/<stage>/, runs to runs/cluttered/<stage>/.
 #   STAGES="controls" bash benchmarks/cluttered_learned.sh     (default: every stage, in this order)
@@ -39,7 +44,7 @@ finetune() {  # METHOD SEEDS BUDGETS [EVIT_OFF_THE_SHELF]
 rl4evit() {  # NAME AGENTS ACTOR
     AGENTS=$2 ACTOR=$3 SEEDS=$SEEDS RES=$RES/$1 RUNS=$RUNS/$1 bash benchmarks/rl4evit_v2.sh
 }
-for stage in ${STAGES:-controls fixed dynamicvit evit mappo mappo-cheap single ship-rl4evit supernet prance}; do
+for stage in ${STAGES:-controls fixed dynamicvit evit mappo mappo-cheap single ship-rl4evit supernet prance ship-prance}; do
     echo "== $stage"
     case "$stage" in
         controls) finetune dynamicvit 0 0.5; finetune evit 0 0.5 1 ;;
@@ -82,11 +87,28 @@ PY
                 [ -f "$RES/prance_meta_s$seed/results.json" ] || NET=meta BASE=$MODEL \
                     META_CKPT=$RES/supernet/final.safetensors STRATEGIES="prune merge prune-merge" \
                     SEEDS=$seed RES=$RES/prance_meta_s$seed RUNS=$RUNS/prance_meta bash benchmarks/prance_seeds.sh
+                for run in "$RUNS"/prance_meta/*_s"$seed"/budget-0.5; do  # ship-prance's candidates, on any machine
+                    cp "$run/selector.safetensors" "$RES/prance_meta_s$seed/$(basename "$(dirname "$run")")/budget-0.5/"
+                done
             done
             for seed in $SEEDS; do
                 [ -f "$RES/prance_original_s$seed/results.json" ] || NET=original BASE=$MODEL SEEDS=$seed \
                     RES=$RES/prance_original_s$seed RUNS=$RUNS/prance_original bash benchmarks/prance_seeds.sh
             done ;;
-        *) echo "unknown stage $stage (controls fixed dynamicvit evit mappo mappo-cheap single ship-rl4evit supernet prance)" >&2; exit 2 ;;
+        ship-prance)
+            python - "$RES" "$DATA" <<'PY'
+import sys
+from pathlib import Path
+sys.path.insert(0, "tools")  # tools/publish.py
+from publish import publish_prance
+res, data = Path(sys.argv[1]), sys.argv[2]
+candidates = sorted(str(p.parent) for p in res.glob("prance_meta_s*/*/budget-0.5/selector.safetensors"))
+out = publish_prance(str(res / "supernet"), candidates, data, name="cluttered_cifar10_vit12_w128_prance",
+                     base="cluttered_cifar10_vit12_w128", record=str(res / "prance_meta_shipped.json"),
+                     shipped_by="STAGES=ship-prance bash benchmarks/cluttered_learned.sh")
+print("shipped", out["chosen"], out["sha256"])
+PY
+            ;;
+        *) echo "unknown stage $stage (controls fixed dynamicvit evit mappo mappo-cheap single ship-rl4evit supernet prance ship-prance)" >&2; exit 2 ;;
     esac
 done

@@ -91,7 +91,7 @@ def publish(run_dir: str, name: str, command: str, data: Optional[str] = None) -
     weights measured on the test split of ``data``, default the run's). Returns the measured result.
     """
     run = Path(run_dir)
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = run_metrics(run)
     cfg = metrics["config"]
     model = create_model(cfg["model"], checkpoint=str(run / "final.safetensors"))
     pre = ship_model(model, name, cfg["model"])
@@ -133,14 +133,14 @@ def publish_prance(meta_run: str, candidates: Sequence[str], data: str, name: st
                    record: Optional[str] = None, shipped_by: str = "benchmarks/archive/publish_prance.sh") -> dict:
     """Ship PRANCE for the reference model ``base``: the meta-network of the `train-supernet` run
     ``meta_run`` (fp16, ``zoo/<name>.safetensors``) and, of the `train-selector` runs
-    ``candidates`` (folders with ``selector.safetensors`` and ``metrics.json``, each on that
+    ``candidates`` (folders with ``selector.safetensors`` and metrics (:func:`run_metrics`), each on that
     meta-network), the one closest to dense (lowest mean KL) on ``holdout_images`` training images
     no selector read (:func:`held_out_choice`; the test set plays no part), as
     ``zoo/<name>.prance.safetensors`` (a byte copy). The card's numbers are the shipped files,
     loaded back, on the test split of ``data``; the choice goes to ``record`` (JSON)."""
     from leanvit.provenance import file_sha256, write_json
     meta_run, runs = Path(meta_run), [Path(c) for c in candidates]
-    metrics = [json.loads((r / "metrics.json").read_text()) for r in runs]
+    metrics = [run_metrics(r) for r in runs]
     ship_model(create_model(base, checkpoint=str(meta_run / "final.safetensors")), name, timm_architecture(base), zoo)
     shipped = create_model(base, checkpoint=str(Path(zoo) / f"{name}.safetensors")).eval()  # as users load it
     selectors = {str(r): adapt(shipped, "prance", weights=str(r / "selector.safetensors"), **m["config"]["options"])
@@ -160,10 +160,19 @@ def publish_prance(meta_run: str, candidates: Sequence[str], data: str, name: st
                "smallest": adapt(shipped, "prance", subnet="smallest"),
                "selector": selectors[str(chosen)]}
     test = evaluate(runners, make_loader(ds, batch_size=250), desc=f"publish {name}")
-    card = prance_card(name, base, data, test, json.loads((meta_run / "metrics.json").read_text()),
+    card = prance_card(name, base, data, test, run_metrics(meta_run),
                        metrics[runs.index(chosen)], out, record, shipped_by)
     write_card(name, card, zoo)
     return dict(out, test={k: dict(top1=r.top1, gmacs=r.gmacs) for k, r in test.items()}, strategy=cfg["options"])
+
+
+def run_metrics(folder: Path) -> dict:
+    """A training run's ``metrics.json``, or the ``train_metrics.json`` copy that the benchmark
+    scripts commit beside its results (the run folders themselves are not committed)."""
+    for name in ("metrics.json", "train_metrics.json"):
+        if (folder / name).exists():
+            return json.loads((folder / name).read_text())
+    raise FileNotFoundError(f"no metrics.json or train_metrics.json in {folder}")
 
 
 def held_out_choice(model, data: str, configs: Sequence[dict], runners: dict, n: int):
@@ -261,7 +270,7 @@ def publish_rl4evit(candidates: Sequence[str], name: str = "cifar10_vit12_w128",
     command that shipped it, for the card."""
     from leanvit.provenance import file_sha256, write_json
     runs = [Path(c) for c in candidates]
-    metrics = [json.loads((r / "train_metrics.json").read_text()) for r in runs]
+    metrics = [run_metrics(r) for r in runs]
     model = load_model(name)
     data = metrics[0]["config"]["data"]
     runners = {str(r): adapt(model, "rl4evit", weights=str(r / "policy.safetensors")) for r in runs}
