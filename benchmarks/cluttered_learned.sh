@@ -22,6 +22,10 @@
 #               prune on the original model with channels off (prance_seeds.sh), one seed and sweep
 #               at a time into prance_meta_s<seed>/ and prance_original_s<seed>/ (with the meta-network's
 #               selectors for 0.5 of dense, the candidates of ship-prance);
+#   prance-authors  a careful reproducer's try: the prance stage with the authors' fixed cost penalty in
+#               place of the budget (no controller, no calibration; 3 epochs): their 0.008*10 per GMAC on
+#               DeiT-S (4.6 GMACs) is 0.37 per unit of GMACs ratio, their 0.1 per kept ratio 0.27 of
+#               that; into prance_authors_s<seed>/, where the reward puts each selector's GMACs;
 #   ship-prance ships the meta-network and, of its selectors for 0.5 of dense (every strategy and
 #               seed run so far), the one closest to dense on 2,000 training images no selector read
 #               (publish_prance of tools/publish.py) as cluttered_cifar10_vit12_w128_prance; the
@@ -44,7 +48,7 @@ finetune() {  # METHOD SEEDS BUDGETS [EVIT_OFF_THE_SHELF]
 rl4evit() {  # NAME AGENTS ACTOR
     AGENTS=$2 ACTOR=$3 SEEDS=$SEEDS RES=$RES/$1 RUNS=$RUNS/$1 bash benchmarks/rl4evit_v2.sh
 }
-for stage in ${STAGES:-controls fixed dynamicvit evit mappo mappo-cheap single ship-rl4evit supernet prance ship-prance}; do
+for stage in ${STAGES:-controls fixed dynamicvit evit mappo mappo-cheap single ship-rl4evit supernet prance prance-authors ship-prance}; do
     echo "== $stage"
     case "$stage" in
         controls) finetune dynamicvit 0 0.5; finetune evit 0 0.5 1 ;;
@@ -95,6 +99,13 @@ PY
                 [ -f "$RES/prance_original_s$seed/results.json" ] || NET=original BASE=$MODEL SEEDS=$seed \
                     RES=$RES/prance_original_s$seed RUNS=$RUNS/prance_original bash benchmarks/prance_seeds.sh
             done ;;
+        prance-authors)
+            for seed in $SEEDS; do
+                [ -f "$RES/prance_authors_s$seed/results.json" ] || NET=meta BASE=$MODEL \
+                    META_CKPT=$RES/supernet/final.safetensors STRATEGIES="prune merge prune-merge" \
+                    COST_WEIGHT=0.37 TOKEN_WEIGHT=0.27 EPOCHS=3 SEEDS=$seed RES=$RES/prance_authors_s$seed \
+                    RUNS=$RUNS/prance_authors bash benchmarks/prance_seeds.sh
+            done ;;
         ship-prance)
             python - "$RES" "$DATA" <<'PY'
 import sys
@@ -109,6 +120,6 @@ out = publish_prance(str(res / "supernet"), candidates, data, name="cluttered_ci
 print("shipped", out["chosen"], out["sha256"])
 PY
             ;;
-        *) echo "unknown stage $stage (controls fixed dynamicvit evit mappo mappo-cheap single ship-rl4evit supernet prance ship-prance)" >&2; exit 2 ;;
+        *) echo "unknown stage $stage (controls fixed dynamicvit evit mappo mappo-cheap single ship-rl4evit supernet prance prance-authors ship-prance)" >&2; exit 2 ;;
     esac
 done

@@ -19,7 +19,11 @@
 # BASE [cifar10_vit12_w128] is the reference model (its meta-network is BASE_prance, or META_CKPT:
 # the final.safetensors of a `leanvit train-supernet` run from BASE); the cluttered
 # testbed: BASE=cluttered_cifar10_vit12_w128 DATA=cluttered:../shared/data/cifar10-jpeg.tar.gz with RES and RUNS.
-# Environment: NET [original], BASE, STRATEGIES, SEEDS ["0 1 2"], LIMIT_TRAIN [6400], PPO_EPOCHS [10], FLOOR [random], DATA; for a smoke run
+# COST_WEIGHT replaces the budget by a fixed cost weight, as the authors train (no controller, no
+# calibration): one selector per strategy x seed, trained for EPOCHS [3] epochs, wherever that
+# reward puts its GMACs; TOKEN_WEIGHT [0.25] with it.
+# Environment: NET [original], BASE, STRATEGIES, SEEDS ["0 1 2"], LIMIT_TRAIN [6400], PPO_EPOCHS [10], FLOOR [random], DATA,
+# COST_WEIGHT, TOKEN_WEIGHT, EPOCHS; for a smoke run
 # LIMIT_TEST (test images of the sweep, default all), RES and RUNS (where results and runs go).
 # Results: benchmarks/results/prance_<NET>/{results.json,table.txt,...}, selectors and their metrics
 # in runs/prance-<NET>/<strategy>_s<seed>/budget-<B>/.
@@ -47,18 +51,24 @@ case "${FLOOR:-random}" in random) floor=--random-floor ;; shuffled) floor=--shu
     *) echo "FLOOR must be random or shuffled, got $FLOOR" >&2; exit 2 ;; esac
 RES="${RES:-benchmarks/results/prance_$NET}"
 RUNS="${RUNS:-runs/prance-$NET}"
+if [ -n "${COST_WEIGHT:-}" ]; then
+    train_opts=(--cost-weight "$COST_WEIGHT" --token-weight "${TOKEN_WEIGHT:-0.25}" --epochs "${EPOCHS:-3}")
+    subs=(cost-$COST_WEIGHT); sub_out=/cost-$COST_WEIGHT  # out/cost-<W>/selector.safetensors
+else  # out/budget-<B>/selector.safetensors
+    train_opts=(--budget 0.5 0.7 --epochs 1 --max-epochs 3); subs=(budget-0.5 budget-0.7); sub_out=
+fi
 specs=()
 for seed in $SEEDS; do  # seed-major: an interrupted run has every strategy at the first seeds
 for strategy in $STRATEGIES; do
     out=$RUNS/${strategy}_s$seed
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m leanvit train-selector \
-        --model "$model" "${ckpt[@]}" --data "$DATA" --opt "strategy=$strategy" "${net_opts[@]}" --out "$out" \
-        --budget 0.5 0.7 --epochs 1 --max-epochs 3 --batch-size 64 --limit-train "$LIMIT_TRAIN" --limit-eval 1000 \
+        --model "$model" "${ckpt[@]}" --data "$DATA" --opt "strategy=$strategy" "${net_opts[@]}" --out "$out$sub_out" \
+        "${train_opts[@]}" --batch-size 64 --limit-train "$LIMIT_TRAIN" --limit-eval 1000 \
         --workers 1 --lr-actor 1e-3 --ppo-epochs "$PPO_EPOCHS" --seed "$seed" < /dev/null
-    for budget in 0.5 0.7; do
-        mkdir -p "$RES/${strategy}_s$seed/budget-$budget"
-        cp "$out/budget-$budget/metrics.json" "$RES/${strategy}_s$seed/budget-$budget/train_metrics.json"
-        specs+=("prance:strategy=$strategy$spec_opts:weights=$out/budget-$budget/selector.safetensors")
+    for sub in "${subs[@]}"; do
+        mkdir -p "$RES/${strategy}_s$seed/$sub"
+        cp "$out/$sub/metrics.json" "$RES/${strategy}_s$seed/$sub/train_metrics.json"
+        specs+=("prance:strategy=$strategy$spec_opts:weights=$out/$sub/selector.safetensors")
     done
 done
 done
