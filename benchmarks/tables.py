@@ -436,14 +436,17 @@ def verdict_groups(testbed: str):
         x = load(shipped)
         groups.append(("PRANCE shipped selector (meta-network)", 0.5,
                        [(next(r for r in x["rows"] if "weights" in r["options"]), x["dense"])], meta_rule))
-    for net, title, net_rule in (("original", "original model, channels off", rule), ("meta", "meta-network", meta_rule)):
+    for net, title, net_rule in (("original", "original model, channels off", rule), ("meta", "meta-network", meta_rule),
+                                 ("authors", "meta-network", meta_rule)):
         selectors = {}
         for _, x in prance_sweeps(net, where["prance"]):
-            for r in x["rows"]:  # benchmarks/prance_seeds.sh: .../<strategy>_s<seed>/budget-<B>/selector.safetensors
-                m = re.search(r"/([\w-]+)_s\d+/budget-([\d.]+)/", r["options"].get("weights", ""))
+            for r in x["rows"]:  # benchmarks/prance_seeds.sh: .../<strategy>_s<seed>/budget-<B>/selector.safetensors,
+                # or cost-<W>/ for a fixed cost weight (COST_WEIGHT), the "budget" then being "fixed cost <W>"
+                m = re.search(r"/([\w-]+)_s\d+/(budget|cost)-([\d.]+)/", r["options"].get("weights", ""))
                 if m:
-                    selectors.setdefault((m.group(1), float(m.group(2))), []).append((r, x["dense"]))
-        for (strategy, budget), rows in sorted(selectors.items()):
+                    budget = float(m.group(3)) if m.group(2) == "budget" else f"fixed cost {m.group(3)}"
+                    selectors.setdefault((m.group(1), budget), []).append((r, x["dense"]))
+        for (strategy, budget), rows in sorted(selectors.items(), key=str):
             strategy = "channels only" if strategy == "none" else strategy
             groups.append((f"PRANCE {strategy} ({title})", budget, rows, net_rule))
     return [g for g in groups if g[2]]
@@ -483,7 +486,7 @@ def verdicts():
     in KL; on the cluttered testbed also what it keeps (object recall) and how it adapts. Then each
     testbed's full table."""
     by_testbed = {t: {(g[0], g[1]): g for g in verdict_groups(t)} for t in TESTBED_SWEEPS}
-    keys = sorted({k for groups in by_testbed.values() for k in groups}, key=lambda k: (k[1], k[0]))
+    keys = sorted({k for groups in by_testbed.values() for k in groups}, key=lambda k: (str(k[1]), k[0]))
     print("Side by side: KL - floor (mean over seeds; seeds whose paired 95% interval excludes 0: below / above); "
           "beats the best fixed rule at equal GMACs; on the cluttered testbed object recall at the first decision "
           "(method / random tokens at its counts) and adaptivity (Spearman, tokens vs object area)\n")
@@ -505,7 +508,7 @@ def verdicts():
               "excludes 0: below / above) | beats random at its counts | best fixed rule at equal GMACs: KL | "
               "beats it |")
         print("|---:|---|---:|---:|---:|---:|---|---|---|---|")
-        for (label, budget), (_, _, rows, fixed) in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        for (label, budget), (_, _, rows, fixed) in sorted(groups.items(), key=lambda kv: (str(kv[0][1]), kv[0][0])):
             c = verdict_cells(rows, fixed)
             print(f"| {budget} | {label} | {c['seeds']} | {c['ratio']} | {c['kl']} | {c['floor']} | {c['diff']} | "
                   f"{c['beats_floor']} | {c['fixed']} | {c['beats_fixed']} |")
@@ -779,7 +782,7 @@ def object_table(fixed: Path):
     entries = [(f"{r['method']} {r['label']}", r["gmacs"] / sweep["dense"]["gmacs"], [r])
                for r in sweep["rows"]]
     for label, budget, rows, _ in verdict_groups("cluttered"):
-        entries.append((f"{label}, budget {budget}", statistics.mean(r["gmacs"] / d["gmacs"] for r, d in rows),
+        entries.append((f"{label}, " + (budget if isinstance(budget, str) else f"budget {budget}"), statistics.mean(r["gmacs"] / d["gmacs"] for r, d in rows),
                         [r for r, _ in rows]))
     print("| method | GMACs ratio | KL to dense | object recall, first decision: method / random at its counts | "
           "object recall, last decision | background kept, last | adaptivity: tokens / GMACs | oracle floor KL | "
