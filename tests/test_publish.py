@@ -83,6 +83,17 @@ def test_rl4evit_policy_is_chosen_on_training_images_no_run_read(tmp_path):
     assert "--opt agents=multi --opt hidden=[16]" in card and "--budget 0.7" in card and f"**{keeps}** (shipped)" in card
 
 
+def test_held_out_images_are_the_same_on_every_read():
+    """A cluttered training split draws new placements on every read; the images where candidates
+    are compared must not, so that the choice can be repeated."""
+    from conftest import CIFAR
+    held = untouched_images(f"cluttered:{CIFAR}", [], 20, None)
+    first = [held[i] for i in range(len(held))]
+    for (img, label, box), (again, label2, box2) in zip(first, (held[i] for i in range(len(held)))):
+        assert label == label2 and torch.equal(box, box2) and list(img.getdata()) == list(again.getdata())
+    assert len({tuple(b.tolist()) for _, _, b in first}) > 1
+
+
 def test_rl4evit_policy_replaces_the_previous_only_if_better_on_held_out(tmp_path):
     """With the previously shipped policy given, only candidates better than it on the held-out
     images compete: no further from dense at no more GMACs (strictly better in one). Without one,

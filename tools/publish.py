@@ -252,7 +252,8 @@ def untouched_images(data: str, configs: Sequence[dict], n: int, transform, seed
     if len(free) < n:
         raise ValueError(f"only {len(free)} images of the {split} split are untouched by the runs, fewer than {n}")
     pick = balanced_subset([every.targets[i] for i in free], n, seed)
-    return every.subset([free[i] for i in pick], transform)
+    # fixed images: a cluttered training split would otherwise draw new placements on every read
+    return every.subset([free[i] for i in pick], transform).for_evaluation()
 
 
 def publish_rl4evit(candidates: Sequence[str], name: str = "cifar10_vit12_w128", zoo: Path = ZOO_DIR,
